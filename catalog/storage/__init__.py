@@ -1,0 +1,5 @@
+"""Durable-tier backends behind one small ABC, opened by URL scheme."""
+
+from catalog.storage.base import BlobStore
+
+__all__ = ["BlobStore"]
