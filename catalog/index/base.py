@@ -1,0 +1,122 @@
+"""The index abstraction: every adapter, revision, alias and alias move, queryable fast.
+
+The index is derived state. It changes only by :meth:`RevisionIndex.apply` of durable log events
+(``catalog.events``), in each adapter's sequence order, so replaying the log into an empty index
+(``reindex``) reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from catalog.digest import Digest
+from catalog.events import Event
+from catalog.model import AdapterName, AdapterSummary, AliasMove, Page, Ref, Revision
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterState:
+    """What a writer must know before it appends the next event for an adapter."""
+
+    adapter: AdapterName
+    next_seq: int  # the seq the next event must carry; 1 for an adapter with no events
+    next_revision: int  # the number the next push receives; numbers are never reused
+    latest: int  # highest live revision, 0 when none
+    live_revisions: int
+    aliases: dict[str, int] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class RevisionIndex(ABC):
+    """Query and update the catalog's metadata. Implementations must be thread-safe."""
+
+    @abstractmethod
+    def adapter_state(self, adapter: AdapterName) -> AdapterState | None:
+        """Current state of ``adapter``, or ``None`` if it has never had an event."""
+
+    @abstractmethod
+    def apply(self, event: Event) -> None:
+        """Apply one event atomically and clear any intent recorded for it.
+
+        Raises ``Conflict`` when ``event.seq`` is not the adapter's ``next_seq`` (a lost race),
+        ``FailedPrecondition``/``InvalidArgument`` when the event contradicts the state (an alias
+        whose ``previous`` is not its current target, a push whose number is not
+        ``next_revision``, a delete of a missing revision, an alias to a missing revision).
+        """
+
+    def apply_many(self, events: Iterable[Event]) -> int:
+        """Apply events in order (used by reindex; backends batch them into few transactions)."""
+        count = 0
+        for event in events:
+            self.apply(event)
+            count += 1
+        return count
+
+    @abstractmethod
+    def get_revision(self, adapter: AdapterName, number: int) -> Revision | None:
+        """A live revision, or ``None`` when it never existed or was deleted."""
+
+    @abstractmethod
+    def resolve(self, ref: Ref) -> Revision:
+        """The live revision ``ref`` names.
+
+        Raises ``NotFound`` naming what is missing (adapter, revision, alias, digest) and
+        ``InvalidReference`` for a digest prefix that matches more than one revision.
+        """
+
+    @abstractmethod
+    def list_adapters(
+        self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> Page[AdapterSummary]:
+        """Adapters in ``(tenant, name)`` order.
+
+        ``prefix`` is ``""`` (all), ``"tenant"`` (one tenant's adapters) or ``"tenant/name"``
+        (that one adapter). ``page_token`` is the opaque ``next_token`` of the previous page.
+        """
+
+    @abstractmethod
+    def list_revisions(
+        self, adapter: AdapterName, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> Page[Revision]:
+        """Live revisions of ``adapter`` in increasing number; ``NotFound`` for an unknown adapter."""
+
+    @abstractmethod
+    def alias_history(self, adapter: AdapterName, alias: str | None = None) -> list[AliasMove]:
+        """Every move of ``alias`` (or of all aliases) of ``adapter``, oldest first."""
+
+    @abstractmethod
+    def referenced_digests(self) -> Iterator[tuple[Digest, int]]:
+        """Every digest that live revisions point at, with how many revisions share it."""
+
+    @abstractmethod
+    def digest_refcount(self, digest: Digest) -> int:
+        """How many live revisions point at ``digest``."""
+
+    # -- crash recovery: an intent is recorded before an event is written durably --------------
+
+    @abstractmethod
+    def add_intent(self, event: Event) -> None:
+        """Remember that ``event`` is about to be written to the durable log."""
+
+    @abstractmethod
+    def drop_intent(self, adapter: AdapterName, seq: int) -> None:
+        """Forget an intent whose durable write failed (``apply`` clears it on success)."""
+
+    @abstractmethod
+    def intents(self) -> list[Event]:
+        """Intents left behind, e.g. by a crash between the durable write and ``apply``."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, Any]:
+        """``adapters``, ``revisions`` (live), ``aliases``, ``bytes_on_disk`` and the like."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release the index; it is unusable afterwards."""
