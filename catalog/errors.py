@@ -52,7 +52,7 @@ class AlreadyExists(CatalogError):
 
 
 class FailedPrecondition(CatalogError):
-    """The system is not in a state that allows the operation (e.g. deleting an aliased revision)."""
+    """The state does not allow the operation (e.g. deleting an aliased revision)."""
 
     grpc_code = "FAILED_PRECONDITION"
 

@@ -95,7 +95,7 @@ class Event:
             "revision": self.revision,
         }
         if self.op == "push":
-            assert self.digest is not None  # noqa: S101 - internal invariant, not input
+            assert self.digest is not None
             doc.update(
                 digest=str(self.digest),
                 size_bytes=self.size_bytes,

@@ -23,9 +23,7 @@ def check_part(kind: str, value: str) -> str:
     """Validate one name part (tenant, name or alias) against ``[a-z0-9][a-z0-9._-]{0,62}``."""
     if not isinstance(value, str) or not NAME_PART.match(value):
         shown = value if isinstance(value, str) else type(value).__name__
-        raise InvalidName(
-            f"invalid {kind} {shown[:80]!r}: must match [a-z0-9][a-z0-9._-]{{0,62}}"
-        )
+        raise InvalidName(f"invalid {kind} {shown[:80]!r}: must match [a-z0-9][a-z0-9._-]{{0,62}}")
     return value
 
 

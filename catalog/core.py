@@ -1,0 +1,796 @@
+"""The catalog core: push, resolve, list, aliases, delete, fetch, GC, verify, reindex.
+
+It composes a durable :class:`~catalog.storage.BlobStore` (the source of truth) with a
+:class:`~catalog.index.base.RevisionIndex` (derived state). Every change follows one path,
+:meth:`Catalog._append`: record an intent in the index, write the event to the durable log with a
+conditional put, then apply it to the index. A crash between any two steps leaves either nothing
+visible or an event that :meth:`Catalog.recover` (run at start) applies; packs are written before
+the event that names them, so no visible revision ever lacks its bytes.
+
+The core knows nothing of gRPC or protobuf; the service is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
+from catalog.errors import (
+    CatalogError,
+    Conflict,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidName,
+    NotFound,
+    ResourceExhausted,
+)
+from catalog.events import (
+    BLOB_PREFIX,
+    LOG_PREFIX,
+    Event,
+    blob_key,
+    log_key,
+    parse_blob_key,
+    parse_log_key,
+)
+from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
+from catalog.locks import KeyedLocks, ReadWriteLock
+from catalog.model import (
+    LATEST,
+    AdapterName,
+    AdapterSummary,
+    AliasMove,
+    Page,
+    Ref,
+    Revision,
+    Selector,
+    check_part,
+)
+from catalog.pack import read_pack
+from catalog.storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+
+IndexOpener = Callable[[Path], RevisionIndex]
+REPLAY_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask of the catalog."""
+
+    max_pack_bytes: int = 16 << 30
+    max_metadata_entries: int = 64
+    max_metadata_key: int = 128
+    max_metadata_value: int = 64 << 10
+    max_aliases_per_push: int = 16
+
+
+def check_alias_name(alias: str) -> str:
+    """An alias a user may move: a valid name part, not ``latest``, not all digits."""
+    check_part("alias", alias)
+    if alias == LATEST:
+        raise InvalidName(
+            "alias 'latest' is managed by the catalog: it always names the newest revision"
+        )
+    if alias.isdigit():
+        raise InvalidName(
+            f"invalid alias {alias!r}: an all-digit alias would read as a revision number"
+        )
+    return alias
+
+
+def check_metadata(metadata: dict[str, str], limits: Limits) -> dict[str, str]:
+    if len(metadata) > limits.max_metadata_entries:
+        raise InvalidArgument(
+            f"{len(metadata)} metadata entries; at most {limits.max_metadata_entries} are allowed"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key or len(key) > limits.max_metadata_key:
+            raise InvalidArgument(
+                f"metadata key {str(key)[:40]!r} must be 1-{limits.max_metadata_key} chars"
+            )
+        if not isinstance(value, str) or len(value) > limits.max_metadata_value:
+            raise InvalidArgument(
+                f"metadata value of {key!r} exceeds {limits.max_metadata_value} chars"
+            )
+    return dict(metadata)
+
+
+@dataclass
+class EngineRecord:
+    """What an engine told the catalog about itself and its residency."""
+
+    engine_id: str
+    base_id: str
+    num_slots: int
+    max_rank: int
+    host_bytes: int
+    gpu: frozenset[str] = frozenset()
+    host: frozenset[str] = frozenset()
+    registered_at: float = field(default_factory=time.time)
+    last_report: float = 0.0
+
+
+class PushUpload:
+    """One push in progress: bytes are spooled to local disk and hashed as they arrive.
+
+    Use as a context manager; leaving it without :meth:`commit` discards the spool file.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        adapter: AdapterName,
+        *,
+        size_bytes: int,
+        base_id: str,
+        aliases: tuple[str, ...],
+        metadata: dict[str, str],
+        expected_digest: Digest | None,
+    ) -> None:
+        self._catalog = catalog
+        self.adapter = adapter
+        self.size_bytes = size_bytes
+        self.base_id = base_id
+        self.aliases = aliases
+        self.metadata = metadata
+        self.expected_digest = expected_digest
+        self._hasher = new_hasher(DEFAULT_ALGORITHM)
+        self.received = 0
+        fd, name = tempfile.mkstemp(prefix="push-", suffix=".pack", dir=catalog.spool_dir)
+        self._file = os.fdopen(fd, "wb")
+        self.path = Path(name)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self.received + len(chunk) > self.size_bytes:
+            raise InvalidArgument(
+                f"push of {self.adapter}: more bytes than the declared {self.size_bytes}"
+            )
+        self._file.write(chunk)
+        self._hasher.update(chunk)
+        self.received += len(chunk)
+
+    def commit(self) -> tuple[Revision, bool]:
+        """Validate the pack and commit it as a new revision.
+
+        Returns ``(revision, created)``; ``created`` is False when a live revision of the adapter
+        already has these exact bytes (a retried push), which is returned instead.
+        Raises ``InvalidArgument`` (truncated transfer), ``DataLoss`` (bytes hash differently from
+        ``expected_digest``), ``InvalidPack`` (malformed pack), ``Conflict`` (another writer).
+        """
+        self._file.close()
+        if self.received != self.size_bytes:
+            raise InvalidArgument(
+                f"push of {self.adapter} truncated: received {self.received} of "
+                f"{self.size_bytes} declared bytes"
+            )
+        digest = Digest(DEFAULT_ALGORITHM, self._hasher.hexdigest())
+        if self.expected_digest is not None and digest != self.expected_digest:
+            raise DataLoss(
+                f"push of {self.adapter}: bytes hash to {digest}, expected {self.expected_digest}"
+            )
+        manifest = self._validate_pack()
+        return self._catalog._commit_push(self, digest, manifest)
+
+    def _validate_pack(self) -> dict[str, Any]:
+        if self.size_bytes == 0:
+            from catalog.errors import InvalidPack
+
+            raise InvalidPack(f"push of {self.adapter}: the pack is empty")
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                pack = read_pack(view)
+                manifest = pack.manifest
+                del pack
+            finally:
+                view.release()
+        if not manifest.base_id:
+            raise InvalidArgument(f"push of {self.adapter}: the pack names no base_id")
+        if self.base_id and self.base_id != manifest.base_id:
+            raise InvalidArgument(
+                f"push of {self.adapter}: base_id {self.base_id!r} given, but the pack was built "
+                f"for {manifest.base_id!r}"
+            )
+        return manifest.to_json()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> PushUpload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Catalog:
+    """The catalog over one durable store and one index. Thread-safe.
+
+    Every public method documents what it raises; all errors derive from ``CatalogError``.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        index_path: Path,
+        open_index: IndexOpener,
+        *,
+        spool_dir: Path | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.store = store
+        self.index_path = Path(index_path)
+        self._open_index = open_index
+        self.limits = limits or Limits()
+        self.spool_dir = Path(spool_dir) if spool_dir else self.index_path.parent / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._swap = ReadWriteLock()
+        self._adapter_locks = KeyedLocks()
+        # Digests whose blob a push is writing right now; GC must not delete them.
+        self._blob_guard = threading.Lock()
+        self._inflight: Counter[Digest] = Counter()
+        self._engines: dict[str, EngineRecord] = {}
+        self._engines_lock = threading.Lock()
+        self._restore_interrupted_swap()
+        self.index = open_index(self.index_path)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Finish or forget events left behind by a crash; returns how many were applied."""
+        applied = 0
+        with self._swap.shared():
+            for intent in self.index.intents():
+                data = self.store.get(log_key(intent.adapter, intent.seq))
+                if data is None:
+                    self.index.drop_intent(intent.adapter, intent.seq)
+                    continue
+                event = Event.decode(data, key=log_key(intent.adapter, intent.seq))
+                state = self.index.adapter_state(event.adapter)
+                if state is not None and state.next_seq > event.seq:
+                    self.index.drop_intent(intent.adapter, intent.seq)
+                    continue
+                self.index.apply(event)
+                applied += 1
+        if applied:
+            log.warning("recovered %d event(s) written durably before a crash", applied)
+        return applied
+
+    def index_is_empty(self) -> bool:
+        return int(self.index.counts().get("adapters", 0)) == 0
+
+    def store_has_log(self) -> bool:
+        return next(iter(self.store.list(LOG_PREFIX)), None) is not None
+
+    def close(self) -> None:
+        with self._swap.exclusive():
+            self.index.close()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def resolve(self, ref: Ref | str) -> Revision:
+        """The live revision ``ref`` names. Raises ``InvalidReference``, ``NotFound``."""
+        parsed = Ref.parse(ref) if isinstance(ref, str) else ref
+        with self._swap.shared():
+            return self.index.resolve(parsed)
+
+    def list_adapters(
+        self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> Page[AdapterSummary]:
+        """A page of adapters. Raises ``InvalidName`` (bad prefix), ``InvalidArgument`` (token)."""
+        if prefix:
+            tenant, _, name = prefix.partition("/")
+            check_part("tenant", tenant)
+            if name:
+                check_part("name", name)
+        with self._swap.shared():
+            return self.index.list_adapters(prefix, page_size, page_token)
+
+    def list_revisions(
+        self, adapter: AdapterName, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> Page[Revision]:
+        """A page of live revisions. Raises ``NotFound``, ``InvalidArgument`` (token)."""
+        with self._swap.shared():
+            return self.index.list_revisions(adapter, page_size, page_token)
+
+    def alias_history(self, adapter: AdapterName, alias: str | None = None) -> list[AliasMove]:
+        """Every move of ``alias`` (or of all aliases), oldest first. Raises ``NotFound``."""
+        with self._swap.shared():
+            if self.index.adapter_state(adapter) is None:
+                raise NotFound(f"adapter {adapter} not found")
+            return self.index.alias_history(adapter, alias or None)
+
+    def read_pack_bytes(self, revision: Revision) -> bytes:
+        """The verified pack bytes of ``revision``.
+
+        Raises ``DataLoss`` naming the revision when the blob is missing or its bytes do not
+        hash to the revision's digest.
+        """
+        data = self.store.get(blob_key(revision.digest))
+        if data is None:
+            raise DataLoss(
+                f"pack of {revision.adapter}@{revision.number} ({revision.digest}) is missing "
+                f"from the durable store {self.store.url}"
+            )
+        actual = Digest.of(data, revision.digest.algorithm)
+        if actual != revision.digest:
+            raise DataLoss(
+                f"pack of {revision.adapter}@{revision.number} is corrupt in the durable store: "
+                f"expected {revision.digest}, bytes hash to {actual}"
+            )
+        return data
+
+    def fetch(self, ref: Ref | str) -> tuple[Revision, bytes]:
+        """Resolve ``ref`` and return its verified pack. Raises as resolve and read_pack_bytes."""
+        revision = self.resolve(ref)
+        return revision, self.read_pack_bytes(revision)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def open_push(
+        self,
+        adapter: AdapterName,
+        *,
+        size_bytes: int,
+        base_id: str = "",
+        aliases: tuple[str, ...] | list[str] = (),
+        metadata: dict[str, str] | None = None,
+        expected_digest: str = "",
+    ) -> PushUpload:
+        """Start a push of ``size_bytes`` pack bytes. Raises ``InvalidArgument``/``InvalidName``
+        for a bad header and ``ResourceExhausted`` for a pack over the size limit."""
+        if size_bytes <= 0:
+            raise InvalidArgument(f"push of {adapter}: size_bytes must be positive")
+        if size_bytes > self.limits.max_pack_bytes:
+            raise ResourceExhausted(
+                f"push of {adapter}: {size_bytes} bytes exceeds the "
+                f"{self.limits.max_pack_bytes}-byte pack limit"
+            )
+        if len(aliases) > self.limits.max_aliases_per_push:
+            raise InvalidArgument(f"at most {self.limits.max_aliases_per_push} aliases per push")
+        clean_aliases = tuple(dict.fromkeys(check_alias_name(a) for a in aliases))
+        clean_metadata = check_metadata(metadata or {}, self.limits)
+        expected = Digest.parse(expected_digest) if expected_digest else None
+        return PushUpload(
+            self,
+            adapter,
+            size_bytes=size_bytes,
+            base_id=base_id,
+            aliases=clean_aliases,
+            metadata=clean_metadata,
+            expected_digest=expected,
+        )
+
+    def push_bytes(
+        self, adapter: AdapterName, data: bytes, **options: Any
+    ) -> tuple[Revision, bool]:
+        """Push a whole pack held in memory; see :meth:`open_push` and :meth:`PushUpload.commit`."""
+        with self.open_push(adapter, size_bytes=len(data), **options) as upload:
+            upload.write(data)
+            return upload.commit()
+
+    def _commit_push(
+        self, upload: PushUpload, digest: Digest, manifest: dict[str, Any]
+    ) -> tuple[Revision, bool]:
+        adapter = upload.adapter
+        with self._swap.shared(), self._adapter_locks.hold(adapter):
+            existing = self._live_revision_with_digest(adapter, digest)
+            if existing is not None:
+                created = False
+                number = existing.number
+            else:
+                created = True
+                number = self._write_new_revision(upload, digest, manifest)
+            for alias in upload.aliases:
+                self._move_alias_locked(adapter, alias, number, expected=None)
+            revision = self.index.get_revision(adapter, number)
+        if revision is None:  # pragma: no cover - deleted concurrently right after commit
+            raise NotFound(f"revision {adapter}@{number} was deleted right after the push")
+        return revision, created
+
+    def _live_revision_with_digest(self, adapter: AdapterName, digest: Digest) -> Revision | None:
+        try:
+            return self.index.resolve(Ref(adapter, Selector.DIGEST, str(digest)))
+        except NotFound:
+            return None
+
+    def _write_new_revision(
+        self, upload: PushUpload, digest: Digest, manifest: dict[str, Any]
+    ) -> int:
+        adapter = upload.adapter
+        state = self.index.adapter_state(adapter)
+        seq = state.next_seq if state else 1
+        number = state.next_revision if state else 1
+        with self._blob_guard:
+            self._inflight[digest] += 1
+        try:
+            key = blob_key(digest)
+            stored = self.store.size(key)
+            if stored is None:
+                self.store.put_file(key, upload.path, if_absent=True)
+            elif stored != upload.size_bytes:
+                raise DataLoss(
+                    f"blob {digest} exists in {self.store.url} with {stored} bytes, "
+                    f"but its pack has {upload.size_bytes}"
+                )
+            event = Event(
+                adapter=adapter,
+                seq=seq,
+                op="push",
+                at=time.time(),
+                revision=number,
+                digest=digest,
+                size_bytes=upload.size_bytes,
+                manifest=manifest,
+                metadata=upload.metadata,
+            )
+            self._append(event)
+        finally:
+            with self._blob_guard:
+                self._inflight[digest] -= 1
+                if not self._inflight[digest]:
+                    del self._inflight[digest]
+        return number
+
+    def _append(self, event: Event) -> None:
+        """Intent, durable log write (conditional), index apply: the one write path."""
+        self.index.add_intent(event)
+        try:
+            written = self.store.put(
+                log_key(event.adapter, event.seq), event.encode(), if_absent=True
+            )
+        except BaseException:
+            self.index.drop_intent(event.adapter, event.seq)
+            raise
+        if not written:
+            self.index.drop_intent(event.adapter, event.seq)
+            raise Conflict(
+                f"event {event.seq} of {event.adapter} exists in the durable log already: another "
+                f"writer is using {self.store.url}; retry"
+            )
+        self.index.apply(event)
+
+    def set_alias(
+        self, adapter: AdapterName, alias: str, revision: int, *, expected: int | None = None
+    ) -> AliasMove:
+        """Point ``alias`` at ``revision`` (0 removes it) if it currently points at ``expected``.
+
+        ``expected=None`` skips the check; ``expected=0`` requires the alias to be unset.
+        Raises ``InvalidName``, ``NotFound`` (adapter or revision), ``Conflict`` (lost CAS).
+        """
+        check_alias_name(alias)
+        if revision < 0:
+            raise InvalidArgument(f"revision must be >= 0, got {revision}")
+        with self._swap.shared(), self._adapter_locks.hold(adapter):
+            return self._move_alias_locked(adapter, alias, revision, expected=expected)
+
+    def _move_alias_locked(
+        self, adapter: AdapterName, alias: str, revision: int, *, expected: int | None
+    ) -> AliasMove:
+        state = self.index.adapter_state(adapter)
+        if state is None:
+            raise NotFound(f"adapter {adapter} not found")
+        current = state.aliases.get(alias, 0)
+        if expected is not None and expected != current:
+            now = f"revision {current}" if current else "nothing"
+            raise Conflict(
+                f"alias {adapter}@{alias} points at {now}, expected {expected or 'unset'}"
+            )
+        if revision and self.index.get_revision(adapter, revision) is None:
+            raise NotFound(f"revision {adapter}@{revision} not found")
+        if not revision and not current:
+            raise NotFound(f"alias {adapter}@{alias} not found")
+        now = time.time()
+        if revision == current:
+            return AliasMove(adapter, alias, current, revision, now, 0)
+        event = Event(
+            adapter=adapter,
+            seq=state.next_seq,
+            op="alias",
+            at=now,
+            revision=revision,
+            alias=alias,
+            previous=current,
+        )
+        self._append(event)
+        return AliasMove(adapter, alias, current, revision, now, event.seq)
+
+    def rollback(
+        self, adapter: AdapterName, alias: str, *, expected: int | None = None
+    ) -> AliasMove:
+        """Move ``alias`` back to where it pointed before its last move.
+
+        Raises ``NotFound`` (no such alias history), ``FailedPrecondition`` (nothing earlier to
+        return to, or that revision was deleted), ``Conflict`` (lost CAS).
+        """
+        check_alias_name(alias)
+        with self._swap.shared(), self._adapter_locks.hold(adapter):
+            if self.index.adapter_state(adapter) is None:
+                raise NotFound(f"adapter {adapter} not found")
+            history = self.index.alias_history(adapter, alias)
+            if not history:
+                raise NotFound(f"alias {adapter}@{alias} has never been set")
+            last = history[-1]
+            if last.previous == 0:
+                raise FailedPrecondition(
+                    f"alias {adapter}@{alias} has no earlier revision to roll back to"
+                )
+            if self.index.get_revision(adapter, last.previous) is None:
+                raise FailedPrecondition(
+                    f"cannot roll back {adapter}@{alias}: revision {last.previous} was deleted"
+                )
+            return self._move_alias_locked(
+                adapter,
+                alias,
+                last.previous,
+                expected=last.revision if expected is None else expected,
+            )
+
+    def set_metadata(self, ref: Ref | str, metadata: dict[str, str]) -> Revision:
+        """Merge ``metadata`` into a revision's (e.g. eval results). Raises ``NotFound``."""
+        parsed = Ref.parse(ref) if isinstance(ref, str) else ref
+        clean = check_metadata(metadata, self.limits)
+        with self._swap.shared(), self._adapter_locks.hold(parsed.adapter):
+            revision = self.index.resolve(parsed)
+            state = self.index.adapter_state(parsed.adapter)
+            assert state is not None
+            self._append(
+                Event(
+                    adapter=parsed.adapter,
+                    seq=state.next_seq,
+                    op="metadata",
+                    at=time.time(),
+                    revision=revision.number,
+                    metadata=clean,
+                )
+            )
+            updated = self.index.get_revision(parsed.adapter, revision.number)
+        assert updated is not None
+        return updated
+
+    def delete(self, ref: Ref | str, *, all_revisions: bool = False) -> list[int]:
+        """Delete the revision ``ref`` names, or with ``all_revisions`` the whole adapter.
+
+        Deleting one revision that an alias points at raises ``FailedPrecondition`` naming the
+        alias; deleting all revisions removes the aliases first. Numbers are never reused.
+        Pack bytes stay in the durable store until ``gc``. Raises ``NotFound``.
+        """
+        parsed = Ref.parse(ref) if isinstance(ref, str) else ref
+        adapter = parsed.adapter
+        with self._swap.shared(), self._adapter_locks.hold(adapter):
+            state = self.index.adapter_state(adapter)
+            if state is None:
+                raise NotFound(f"adapter {adapter} not found")
+            if all_revisions:
+                for alias in sorted(state.aliases):
+                    if alias != LATEST:
+                        self._move_alias_locked(adapter, alias, 0, expected=None)
+                numbers = [r.number for r in self._all_live_revisions(adapter)]
+                if not numbers:
+                    raise NotFound(f"adapter {adapter} has no live revisions")
+            else:
+                revision = self.index.resolve(parsed)
+                held = sorted(
+                    a for a, n in state.aliases.items() if n == revision.number and a != LATEST
+                )
+                if held:
+                    raise FailedPrecondition(
+                        f"revision {adapter}@{revision.number} is aliased as {', '.join(held)}; "
+                        "move or remove the alias first"
+                    )
+                numbers = [revision.number]
+            for number in numbers:
+                current = self.index.adapter_state(adapter)
+                assert current is not None
+                self._append(
+                    Event(
+                        adapter=adapter,
+                        seq=current.next_seq,
+                        op="delete",
+                        at=time.time(),
+                        revision=number,
+                    )
+                )
+        return numbers
+
+    def _all_live_revisions(self, adapter: AdapterName) -> Iterator[Revision]:
+        token = ""
+        while True:
+            page = self.index.list_revisions(adapter, 1000, token)
+            yield from page.items
+            if not page.next_token:
+                return
+            token = page.next_token
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def gc(self, *, dry_run: bool = False) -> tuple[list[Digest], int, int]:
+        """Delete pack blobs no live revision references.
+
+        Returns ``(deleted digests, freed bytes, kept blobs)``. Blobs of pushes in flight and of
+        recorded intents are kept. Holding the blob guard while deciding and deleting means a
+        concurrent push either registered its digest first (kept) or starts after the delete and
+        writes the blob again.
+        """
+        deleted: list[Digest] = []
+        freed = 0
+        kept = 0
+        with self._swap.shared(), self._blob_guard:
+            protected = set(self._inflight)
+            protected.update(e.digest for e in self.index.intents() if e.digest is not None)
+            for key in list(self.store.list(BLOB_PREFIX)):
+                digest = parse_blob_key(key)
+                if digest in protected or self.index.digest_refcount(digest) > 0:
+                    kept += 1
+                    continue
+                size = self.store.size(key) or 0
+                if not dry_run:
+                    self.store.delete(key)
+                deleted.append(digest)
+                freed += size
+        return deleted, freed, kept
+
+    def verify(self) -> tuple[int, int, list[str]]:
+        """Check every log event decodes and every referenced blob exists and hashes right.
+
+        Returns ``(blobs checked, events checked, problems)``; each problem is one line.
+        """
+        problems: list[str] = []
+        events = 0
+        for key, data in self._iter_log_objects():
+            events += 1
+            if data is None:
+                problems.append(f"log object {key} vanished while verifying")
+                continue
+            try:
+                Event.decode(data, key=key)
+            except DataLoss as exc:
+                problems.append(str(exc))
+        blobs = 0
+        with self._swap.shared():
+            digests = [d for d, _ in self.index.referenced_digests()]
+        for digest in digests:
+            blobs += 1
+            data = self.store.get(blob_key(digest))
+            if data is None:
+                problems.append(f"blob {digest} is referenced but missing from {self.store.url}")
+            elif Digest.of(data, digest.algorithm) != digest:
+                problems.append(f"blob {digest} is corrupt in {self.store.url}")
+        return blobs, events, problems
+
+    def _iter_log_objects(self) -> Iterator[tuple[str, bytes | None]]:
+        keys = sorted(self.store.list(LOG_PREFIX))
+        for start in range(0, len(keys), REPLAY_BATCH):
+            batch = keys[start : start + REPLAY_BATCH]
+            fetched = self.store.get_many(batch)
+            for key in batch:
+                yield key, fetched.get(key)
+
+    def replay_into(self, index: RevisionIndex) -> int:
+        """Apply the whole durable log to ``index`` (empty) in each adapter's order."""
+        per_adapter: dict[AdapterName, list[Event]] = {}
+        for key, data in self._iter_log_objects():
+            if data is None:
+                raise DataLoss(f"log object {key} vanished during replay")
+            adapter, seq = parse_log_key(key)
+            event = Event.decode(data, key=key)
+            if event.adapter != adapter or event.seq != seq:
+                raise DataLoss(f"log object {key} holds event {event.adapter}#{event.seq}")
+            per_adapter.setdefault(adapter, []).append(event)
+        ordered: list[Event] = []
+        for adapter in sorted(per_adapter):
+            events = sorted(per_adapter[adapter], key=lambda e: e.seq)
+            for expected, event in enumerate(events, start=1):
+                if event.seq != expected:
+                    raise DataLoss(
+                        f"durable log of {adapter} has a gap: event {expected} is missing"
+                    )
+            ordered.extend(events)
+        return index.apply_many(ordered)
+
+    def reindex(self) -> tuple[int, int, int, float]:
+        """Rebuild the index from the durable tier alone and swap it in.
+
+        Returns ``(adapters, revisions, events, seconds)``. Writers wait during the swap only.
+        """
+        started = time.perf_counter()
+        fresh_path = self.index_path.with_name(self.index_path.name + ".reindex")
+        shutil.rmtree(fresh_path, ignore_errors=True)
+        fresh = self._open_index(fresh_path)
+        try:
+            events = self.replay_into(fresh)
+        except BaseException:
+            fresh.close()
+            shutil.rmtree(fresh_path, ignore_errors=True)
+            raise
+        fresh.close()
+        old_path = self.index_path.with_name(self.index_path.name + ".old")
+        with self._swap.exclusive():
+            self.index.close()
+            shutil.rmtree(old_path, ignore_errors=True)
+            os.replace(self.index_path, old_path)
+            os.replace(fresh_path, self.index_path)
+            self.index = self._open_index(self.index_path)
+            shutil.rmtree(old_path, ignore_errors=True)
+            counts = self.index.counts()
+        return (
+            int(counts.get("adapters", 0)),
+            int(counts.get("revisions", 0)),
+            events,
+            time.perf_counter() - started,
+        )
+
+    def _restore_interrupted_swap(self) -> None:
+        old_path = self.index_path.with_name(self.index_path.name + ".old")
+        if not self.index_path.exists() and old_path.exists():
+            os.replace(old_path, self.index_path)
+        shutil.rmtree(
+            self.index_path.with_name(self.index_path.name + ".reindex"), ignore_errors=True
+        )
+
+    # -- engines ----------------------------------------------------------------------------
+
+    def register_engine(
+        self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int
+    ) -> None:
+        """Record an engine (re-registering replaces its record). Raises ``InvalidArgument``."""
+        if not engine_id or len(engine_id) > 128:
+            raise InvalidArgument("engine_id must be 1-128 characters")
+        with self._engines_lock:
+            self._engines[engine_id] = EngineRecord(
+                engine_id, base_id, num_slots, max_rank, host_bytes
+            )
+
+    def report_residency(self, engine_id: str, gpu: list[str], host: list[str]) -> None:
+        """Replace what an engine holds in GPU slots and host memory. Raises ``NotFound``."""
+        for text in (*gpu, *host):
+            Digest.parse(text)
+        with self._engines_lock:
+            record = self._engines.get(engine_id)
+            if record is None:
+                raise NotFound(f"engine {engine_id!r} is not registered")
+            record.gpu = frozenset(gpu)
+            record.host = frozenset(host)
+            record.last_report = time.time()
+
+    def engines(self) -> list[EngineRecord]:
+        with self._engines_lock:
+            return list(self._engines.values())
+
+    def stats(self) -> dict[str, Any]:
+        with self._swap.shared():
+            counts = dict(self.index.counts())
+        engines = self.engines()
+        gpu = set().union(*(e.gpu for e in engines)) if engines else set()
+        host = set().union(*(e.host for e in engines)) if engines else set()
+        return {
+            "adapters": int(counts.get("adapters", 0)),
+            "revisions": int(counts.get("revisions", 0)),
+            "aliases": int(counts.get("aliases", 0)),
+            "index_bytes": int(counts.get("bytes_on_disk", 0)),
+            "store_url": self.store.url,
+            "engines": len(engines),
+            "tiers": [
+                {"tier": "gpu", "entries": len(gpu)},
+                {"tier": "host", "entries": len(host)},
+            ],
+        }
+
+
+__all__ = ["Catalog", "CatalogError", "EngineRecord", "Limits", "PushUpload"]
