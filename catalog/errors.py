@@ -118,3 +118,13 @@ def all_error_classes() -> dict[str, type[CatalogError]]:
         found[cls.__name__] = cls
         stack.extend(cls.__subclasses__())
     return found
+
+
+def error_for_code(code_name: str) -> type[CatalogError]:
+    """The most general catalog error that travels as gRPC status ``code_name``."""
+    for cls in all_error_classes().values():
+        if cls.grpc_code == code_name and all(
+            getattr(base, "grpc_code", None) != code_name for base in cls.__mro__[1:]
+        ):
+            return cls
+    return Internal

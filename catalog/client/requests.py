@@ -1,0 +1,140 @@
+"""Request building and response decoding shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog._proto.loracat.v1 import catalog_pb2 as pb
+from catalog.convert import revision_from_pb
+from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
+from catalog.errors import DataLoss, InvalidArgument
+from catalog.model import AdapterName, Ref, Revision
+
+PUSH_CHUNK_BYTES = 1 << 20
+MAX_CHANNEL_MESSAGE = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_CHANNEL_MESSAGE),
+    ("grpc.max_send_message_length", MAX_CHANNEL_MESSAGE),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    revision: Revision
+    created: bool  # False: an identical live revision existed and is returned
+
+
+PackSource = bytes | bytearray | memoryview | Path
+ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def source_size_and_digest(source: PackSource) -> tuple[int, Digest]:
+    hasher = new_hasher(DEFAULT_ALGORITHM)
+    if isinstance(source, Path):
+        size = 0
+        with open(source, "rb") as f:
+            while block := f.read(8 << 20):
+                hasher.update(block)
+                size += len(block)
+    else:
+        hasher.update(source)
+        size = len(source)
+    return size, Digest(DEFAULT_ALGORITHM, hasher.hexdigest())
+
+
+def push_requests(
+    source: PackSource,
+    header: pb.PushHeader,
+    chunk_bytes: int = PUSH_CHUNK_BYTES,
+    progress: ProgressCallback | None = None,
+) -> Iterator[pb.PushRequest]:
+    yield pb.PushRequest(header=header)
+    sent = 0
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            while block := f.read(chunk_bytes):
+                yield pb.PushRequest(chunk=block)
+                sent += len(block)
+                if progress:
+                    progress(sent, header.size_bytes)
+        return
+    view = memoryview(source)
+    for start in range(0, len(view), chunk_bytes):
+        block = bytes(view[start : start + chunk_bytes])
+        yield pb.PushRequest(chunk=block)
+        sent += len(block)
+        if progress:
+            progress(sent, header.size_bytes)
+
+
+def push_header(
+    name: AdapterName | str,
+    size: int,
+    digest: Digest,
+    base_id: str,
+    aliases: list[str] | tuple[str, ...],
+    metadata: dict[str, str] | None,
+) -> pb.PushHeader:
+    adapter = AdapterName.parse(name) if isinstance(name, str) else name
+    return pb.PushHeader(
+        name=str(adapter),
+        base_id=base_id,
+        aliases=list(aliases),
+        metadata=dict(metadata or {}),
+        size_bytes=size,
+        expected_digest=str(digest),
+    )
+
+
+def ref_text(ref: Ref | Revision | str) -> str:
+    if isinstance(ref, Revision):
+        return str(ref.ref)
+    if isinstance(ref, Ref):
+        return str(ref)
+    return str(Ref.parse(ref))  # validate locally: a bad reference never costs a round trip
+
+
+class PackAssembler:
+    """Collects streamed chunks into one buffer and checks the result against the digest."""
+
+    def __init__(self, ref: str, offset: int, length: int) -> None:
+        self.ref = ref
+        self.offset = offset
+        self.length = length
+        self.revision: Revision | None = None
+        self._buffer = bytearray()
+
+    def add(self, chunk: pb.PackChunk) -> None:
+        if chunk.HasField("revision"):
+            self.revision = revision_from_pb(chunk.revision)
+            end = (
+                self.revision.size_bytes
+                if not self.length
+                else min(self.revision.size_bytes, self.offset + self.length)
+            )
+            self._buffer = bytearray(max(0, end - self.offset))
+        position = chunk.offset - self.offset
+        if position < 0 or position + len(chunk.data) > len(self._buffer):
+            raise DataLoss(f"fetch of {self.ref}: chunk at {chunk.offset} lies outside the request")
+        self._buffer[position : position + len(chunk.data)] = chunk.data
+
+    def result(self, verify: bool = True) -> tuple[Revision, bytes]:
+        if self.revision is None:
+            raise DataLoss(f"fetch of {self.ref}: the server sent no revision")
+        data = bytes(self._buffer)
+        whole = self.offset == 0 and len(data) == self.revision.size_bytes
+        if verify and whole:
+            actual = Digest.of(data, self.revision.digest.algorithm)
+            if actual != self.revision.digest:
+                raise DataLoss(
+                    f"fetch of {self.ref}: received bytes hash to {actual}, "
+                    f"expected {self.revision.digest}"
+                )
+        return self.revision, data
+
+
+def check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise InvalidArgument("offset and length must be >= 0")

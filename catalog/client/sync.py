@@ -1,0 +1,336 @@
+"""The synchronous catalog client.
+
+Every method returns catalog model types and raises ``CatalogError`` subclasses (never a raw
+``grpc.RpcError``); every call carries a deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from catalog._proto.loracat.v1 import catalog_pb2 as pb
+from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+from catalog.client.errors import translated
+from catalog.client.requests import (
+    CHANNEL_OPTIONS,
+    PackAssembler,
+    PackSource,
+    ProgressCallback,
+    PushResult,
+    check_range,
+    push_header,
+    push_requests,
+    ref_text,
+    source_size_and_digest,
+)
+from catalog.convert import (
+    move_from_pb,
+    revision_from_pb,
+    summary_from_pb,
+)
+from catalog.digest import Digest
+from catalog.model import AdapterName, AdapterSummary, AliasMove, Page, Ref, Revision
+
+DEFAULT_TIMEOUT = 30.0
+TRANSFER_TIMEOUT = 3600.0
+
+
+def _name(adapter: AdapterName | str) -> str:
+    return str(AdapterName.parse(adapter) if isinstance(adapter, str) else adapter)
+
+
+class CatalogClient:
+    """A connection to a loracat catalog server, e.g. ``CatalogClient("127.0.0.1:7070")``."""
+
+    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CatalogStub(self._channel)
+
+    # -- revisions --------------------------------------------------------------------------
+
+    def push(
+        self,
+        name: AdapterName | str,
+        pack: PackSource,
+        *,
+        base_id: str = "",
+        aliases: list[str] | tuple[str, ...] = (),
+        metadata: dict[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> PushResult:
+        """Push pack bytes (or a pack file) as a new revision of ``name``.
+
+        The digest is computed locally first and sent ahead, so a corrupted transfer is refused.
+        Raises ``InvalidPack``, ``InvalidName``, ``ResourceExhausted``, ``Conflict``.
+        """
+        size, digest = source_size_and_digest(pack)
+        header = push_header(name, size, digest, base_id, aliases, metadata)
+        with translated(self.target):
+            response = self._stub.Push(
+                push_requests(pack, header, progress=progress), timeout=timeout
+            )
+        return PushResult(revision_from_pb(response.revision), response.created)
+
+    def resolve(self, ref: Ref | str) -> Revision:
+        """The live revision ``ref`` names. Raises ``InvalidReference``, ``NotFound``."""
+        with translated(self.target):
+            return revision_from_pb(
+                self._stub.Resolve(pb.ResolveRequest(ref=ref_text(ref)), timeout=self.timeout)
+            )
+
+    def list_adapters(
+        self, prefix: str = "", *, page_size: int = 100, page_token: str = ""
+    ) -> Page[AdapterSummary]:
+        with translated(self.target):
+            response = self._stub.ListAdapters(
+                pb.ListAdaptersRequest(prefix=prefix, page_size=page_size, page_token=page_token),
+                timeout=self.timeout,
+            )
+        return Page(tuple(summary_from_pb(s) for s in response.adapters), response.next_page_token)
+
+    def iter_adapters(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[AdapterSummary]:
+        token = ""
+        while True:
+            page = self.list_adapters(prefix, page_size=page_size, page_token=token)
+            yield from page.items
+            if not page.next_token:
+                return
+            token = page.next_token
+
+    def list_revisions(
+        self, name: AdapterName | str, *, page_size: int = 100, page_token: str = ""
+    ) -> Page[Revision]:
+        with translated(self.target):
+            response = self._stub.ListRevisions(
+                pb.ListRevisionsRequest(
+                    name=_name(name), page_size=page_size, page_token=page_token
+                ),
+                timeout=self.timeout,
+            )
+        return Page(
+            tuple(revision_from_pb(r) for r in response.revisions), response.next_page_token
+        )
+
+    def iter_revisions(
+        self, name: AdapterName | str, *, page_size: int = 1000
+    ) -> Iterator[Revision]:
+        token = ""
+        while True:
+            page = self.list_revisions(name, page_size=page_size, page_token=token)
+            yield from page.items
+            if not page.next_token:
+                return
+            token = page.next_token
+
+    # -- aliases ----------------------------------------------------------------------------
+
+    def set_alias(
+        self, name: AdapterName | str, alias: str, revision: int, *, expected: int | None = None
+    ) -> AliasMove:
+        """Move ``alias`` to ``revision`` (0 removes it) if it points at ``expected`` now.
+
+        Raises ``Conflict`` when it does not (a lost compare-and-swap), ``NotFound``.
+        """
+        request = pb.SetAliasRequest(name=_name(name), alias=alias, revision=revision)
+        if expected is not None:
+            request.expected_revision = expected
+        with translated(self.target):
+            return move_from_pb(self._stub.SetAlias(request, timeout=self.timeout))
+
+    def rollback(
+        self, name: AdapterName | str, alias: str, *, expected: int | None = None
+    ) -> AliasMove:
+        """Move ``alias`` back to its previous revision; ``FailedPrecondition``, ``Conflict``."""
+        request = pb.RollbackRequest(name=_name(name), alias=alias)
+        if expected is not None:
+            request.expected_revision = expected
+        with translated(self.target):
+            return move_from_pb(self._stub.Rollback(request, timeout=self.timeout))
+
+    def alias_history(self, name: AdapterName | str, alias: str = "") -> list[AliasMove]:
+        with translated(self.target):
+            response = self._stub.AliasHistory(
+                pb.AliasHistoryRequest(name=_name(name), alias=alias), timeout=self.timeout
+            )
+        return [move_from_pb(m) for m in response.moves]
+
+    def set_metadata(self, ref: Ref | str, metadata: dict[str, str]) -> Revision:
+        """Merge ``metadata`` (e.g. eval results) into a revision's metadata."""
+        with translated(self.target):
+            return revision_from_pb(
+                self._stub.SetMetadata(
+                    pb.SetMetadataRequest(ref=ref_text(ref), metadata=metadata),
+                    timeout=self.timeout,
+                )
+            )
+
+    def delete(self, ref: Ref | str, *, all_revisions: bool = False) -> list[int]:
+        """Delete a revision (or every revision of the adapter); returns the deleted numbers."""
+        with translated(self.target):
+            response = self._stub.Delete(
+                pb.DeleteRequest(ref=ref_text(ref), all_revisions=all_revisions),
+                timeout=self.timeout,
+            )
+        return list(response.deleted)
+
+    # -- packs ------------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        ref: Ref | Revision | str,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        verify: bool = True,
+        progress: ProgressCallback | None = None,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> bytes:
+        """The pack bytes of ``ref`` (or a range of them). A whole pack is checked against its
+        digest (``DataLoss`` if it does not match)."""
+        return self.fetch_with_revision(
+            ref, offset=offset, length=length, verify=verify, progress=progress, timeout=timeout
+        )[1]
+
+    def fetch_with_revision(
+        self,
+        ref: Ref | Revision | str,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        verify: bool = True,
+        progress: ProgressCallback | None = None,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> tuple[Revision, bytes]:
+        """Like :meth:`fetch`, also returning the revision the server resolved."""
+        check_range(offset, length)
+        text = ref_text(ref)
+        assembler = PackAssembler(text, offset, length)
+        received = 0
+        with translated(self.target):
+            for chunk in self._stub.FetchPack(
+                pb.FetchPackRequest(ref=text, offset=offset, length=length), timeout=timeout
+            ):
+                assembler.add(chunk)
+                received += len(chunk.data)
+                if progress and assembler.revision is not None:
+                    progress(received, assembler.revision.size_bytes - offset)
+        return assembler.result(verify)
+
+    def fetch_to(self, ref: Ref | Revision | str, dest: Path, **options: Any) -> Revision:
+        """Write the verified pack to ``dest`` (via a temporary name, renamed into place)."""
+        revision, data = self.fetch_with_revision(ref, **options)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+        return revision
+
+    # -- administration ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with translated(self.target):
+            response = self._stub.Stats(pb.StatsRequest(), timeout=self.timeout)
+        return {
+            "adapters": response.adapters,
+            "revisions": response.revisions,
+            "aliases": response.aliases,
+            "index_bytes": response.index_bytes,
+            "store_url": response.store_url,
+            "engines": response.engines,
+            "tiers": [
+                {
+                    "tier": t.tier,
+                    "bytes": t.bytes,
+                    "entries": t.entries,
+                    "hits": t.hits,
+                    "misses": t.misses,
+                    "evictions": t.evictions,
+                    "capacity_bytes": t.capacity_bytes,
+                }
+                for t in response.tiers
+            ],
+            "counters": dict(response.counters),
+        }
+
+    def gc(self, *, dry_run: bool = False, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        with translated(self.target):
+            response = self._stub.GarbageCollect(
+                pb.GarbageCollectRequest(dry_run=dry_run), timeout=timeout
+            )
+        return {
+            "deleted": list(response.deleted),
+            "freed_bytes": response.freed_bytes,
+            "kept": response.kept,
+            "dry_run": dry_run,
+        }
+
+    def verify(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        with translated(self.target):
+            response = self._stub.Verify(pb.VerifyRequest(), timeout=timeout)
+        return {
+            "checked_blobs": response.checked_blobs,
+            "checked_events": response.checked_events,
+            "problems": list(response.problems),
+        }
+
+    def reindex(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        with translated(self.target):
+            response = self._stub.Reindex(pb.ReindexRequest(), timeout=timeout)
+        return {
+            "adapters": response.adapters,
+            "revisions": response.revisions,
+            "events": response.events,
+            "seconds": response.seconds,
+        }
+
+    # -- engines ----------------------------------------------------------------------------
+
+    def register_engine(
+        self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int = 0
+    ) -> None:
+        with translated(self.target):
+            self._stub.RegisterEngine(
+                pb.RegisterEngineRequest(
+                    engine_id=engine_id,
+                    base_id=base_id,
+                    num_slots=num_slots,
+                    max_rank=max_rank,
+                    host_bytes=host_bytes,
+                ),
+                timeout=self.timeout,
+            )
+
+    def report_residency(self, engine_id: str, gpu: list[str], host: list[str]) -> None:
+        for text in (*gpu, *host):
+            Digest.parse(text)
+        with translated(self.target):
+            self._stub.ReportResidency(
+                pb.ReportResidencyRequest(engine_id=engine_id, gpu=gpu, host=host),
+                timeout=self.timeout,
+            )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected (``Unavailable`` after ``timeout``)."""
+        from catalog.errors import Unavailable
+
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"catalog at {self.target} is unavailable") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CatalogClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

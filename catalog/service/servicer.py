@@ -1,0 +1,190 @@
+"""The gRPC servicer: decode the request, call the catalog core, encode the answer.
+
+No business logic lives here; errors are raised as ``CatalogError`` and mapped to status codes by
+``catalog.service.errors.ErrorMappingInterceptor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from catalog._proto.loracat.v1 import catalog_pb2 as pb
+from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
+from catalog.core import Catalog
+from catalog.errors import InvalidArgument
+from catalog.model import AdapterName, Ref
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+#: The largest push chunk the servicer accepts; the channel limit sits above it so an oversized
+#: chunk gets a precise INVALID_ARGUMENT rather than a transport error.
+MAX_CHUNK_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
+    return msg.expected_revision if msg.HasField("expected_revision") else None
+
+
+class CatalogServicer(pb_grpc.CatalogServicer):  # type: ignore[misc]
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def Push(
+        self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
+    ) -> pb.PushResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("a push must start with a header message")
+        header = first.header
+        adapter = AdapterName.parse(header.name)
+        with self.catalog.open_push(
+            adapter,
+            size_bytes=header.size_bytes,
+            base_id=header.base_id,
+            aliases=list(header.aliases),
+            metadata=dict(header.metadata),
+            expected_digest=header.expected_digest,
+        ) as upload:
+            for message in request_iterator:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("a push carries one header followed only by chunks")
+                if len(message.chunk) > MAX_CHUNK_BYTES:
+                    raise InvalidArgument(
+                        f"push chunk of {len(message.chunk)} bytes exceeds the "
+                        f"{MAX_CHUNK_BYTES}-byte chunk limit"
+                    )
+                upload.write(message.chunk)
+            revision, created = upload.commit()
+        return pb.PushResponse(revision=revision_to_pb(revision), created=created)
+
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.Revision:
+        return revision_to_pb(self.catalog.resolve(request.ref))
+
+    def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        page = self.catalog.list_adapters(
+            request.prefix, request.page_size or 100, request.page_token
+        )
+        return pb.ListAdaptersResponse(
+            adapters=[summary_to_pb(s) for s in page.items], next_page_token=page.next_token
+        )
+
+    def ListRevisions(
+        self, request: pb.ListRevisionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRevisionsResponse:
+        page = self.catalog.list_revisions(
+            AdapterName.parse(request.name), request.page_size or 100, request.page_token
+        )
+        return pb.ListRevisionsResponse(
+            revisions=[revision_to_pb(r) for r in page.items], next_page_token=page.next_token
+        )
+
+    def SetAlias(self, request: pb.SetAliasRequest, context: grpc.ServicerContext) -> pb.AliasMove:
+        move = self.catalog.set_alias(
+            AdapterName.parse(request.name),
+            request.alias,
+            request.revision,
+            expected=_expected(request),
+        )
+        return move_to_pb(move)
+
+    def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.AliasMove:
+        move = self.catalog.rollback(
+            AdapterName.parse(request.name), request.alias, expected=_expected(request)
+        )
+        return move_to_pb(move)
+
+    def AliasHistory(
+        self, request: pb.AliasHistoryRequest, context: grpc.ServicerContext
+    ) -> pb.AliasHistoryResponse:
+        moves = self.catalog.alias_history(AdapterName.parse(request.name), request.alias or None)
+        return pb.AliasHistoryResponse(moves=[move_to_pb(m) for m in moves])
+
+    def SetMetadata(
+        self, request: pb.SetMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.Revision:
+        return revision_to_pb(self.catalog.set_metadata(request.ref, dict(request.metadata)))
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        deleted = self.catalog.delete(request.ref, all_revisions=request.all_revisions)
+        return pb.DeleteResponse(deleted=deleted)
+
+    def FetchPack(
+        self, request: pb.FetchPackRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.PackChunk]:
+        revision = self.catalog.resolve(Ref.parse(request.ref))
+        data = memoryview(self.catalog.read_pack_bytes(revision))
+        size = len(data)
+        if request.offset > size:
+            raise InvalidArgument(f"offset {request.offset} is beyond the {size}-byte pack")
+        end = size if request.length == 0 else min(size, request.offset + request.length)
+        chunk = min(request.chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        offset = request.offset
+        first = pb.PackChunk(offset=offset, revision=revision_to_pb(revision))
+        if offset == end:
+            yield first
+            return
+        while offset < end:
+            stop = min(end, offset + chunk)
+            if first is not None:
+                first.data = bytes(data[offset:stop])
+                yield first
+                first = None
+            else:
+                yield pb.PackChunk(offset=offset, data=bytes(data[offset:stop]))
+            offset = stop
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        stats = self.catalog.stats()
+        return pb.StatsResponse(
+            adapters=stats["adapters"],
+            revisions=stats["revisions"],
+            aliases=stats["aliases"],
+            index_bytes=stats["index_bytes"],
+            store_url=stats["store_url"],
+            engines=stats["engines"],
+            tiers=[pb.TierStats(**tier) for tier in stats["tiers"]],
+            counters={k: float(v) for k, v in stats.get("counters", {}).items()},
+        )
+
+    def GarbageCollect(
+        self, request: pb.GarbageCollectRequest, context: grpc.ServicerContext
+    ) -> pb.GarbageCollectResponse:
+        deleted, freed, kept = self.catalog.gc(dry_run=request.dry_run)
+        return pb.GarbageCollectResponse(
+            deleted=[str(d) for d in deleted], freed_bytes=freed, kept=kept
+        )
+
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        blobs, events, problems = self.catalog.verify()
+        return pb.VerifyResponse(checked_blobs=blobs, checked_events=events, problems=problems)
+
+    def Reindex(
+        self, request: pb.ReindexRequest, context: grpc.ServicerContext
+    ) -> pb.ReindexResponse:
+        adapters, revisions, events, seconds = self.catalog.reindex()
+        return pb.ReindexResponse(
+            adapters=adapters, revisions=revisions, events=events, seconds=seconds
+        )
+
+    def RegisterEngine(
+        self, request: pb.RegisterEngineRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterEngineResponse:
+        self.catalog.register_engine(
+            request.engine_id,
+            request.base_id,
+            request.num_slots,
+            request.max_rank,
+            request.host_bytes,
+        )
+        return pb.RegisterEngineResponse()
+
+    def ReportResidency(
+        self, request: pb.ReportResidencyRequest, context: grpc.ServicerContext
+    ) -> pb.ReportResidencyResponse:
+        self.catalog.report_residency(request.engine_id, list(request.gpu), list(request.host))
+        return pb.ReportResidencyResponse()
