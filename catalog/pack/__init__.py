@@ -1,0 +1,69 @@
+"""The pack format: one safetensors file per adapter revision, LoRA tensors stacked per module.
+
+``read_pack`` validates and views a pack without copying; ``write_pack`` builds one;
+``import_peft_dir`` / ``export_peft_dir`` convert from and to the PEFT adapter directory layout.
+Nothing here imports torch: stacking and splitting are byte concatenation and slicing.
+"""
+
+from catalog.pack.container import DTYPE_ITEMSIZE, TensorBytes
+from catalog.pack.format import (
+    MAX_PACK_HEADER_BYTES,
+    Pack,
+    expected_tensors,
+    lora_a_name,
+    lora_b_name,
+    pack_header_nbytes,
+    read_pack,
+    read_pack_header,
+    write_pack,
+)
+from catalog.pack.manifest import (
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_RANK,
+    PACK_DTYPES,
+    PACK_FORMAT,
+    PACK_FORMAT_VERSION,
+    ModuleSpec,
+    PackManifest,
+)
+from catalog.pack.peft import (
+    DEFAULT_KEY_PREFIX,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    SOURCE_KIND_PEFT,
+    export_peft_dir,
+    import_peft_dir,
+    pack_from_peft_tensors,
+    synthesize_peft_config,
+)
+
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "DTYPE_ITEMSIZE",
+    "MAX_EXPERTS",
+    "MAX_LAYERS",
+    "MAX_PACK_HEADER_BYTES",
+    "MAX_RANK",
+    "PACK_DTYPES",
+    "PACK_FORMAT",
+    "PACK_FORMAT_VERSION",
+    "PEFT_CONFIG_FILE",
+    "PEFT_WEIGHTS_FILE",
+    "SOURCE_KIND_PEFT",
+    "ModuleSpec",
+    "Pack",
+    "PackManifest",
+    "TensorBytes",
+    "expected_tensors",
+    "export_peft_dir",
+    "import_peft_dir",
+    "lora_a_name",
+    "lora_b_name",
+    "pack_from_peft_tensors",
+    "pack_header_nbytes",
+    "read_pack",
+    "read_pack_header",
+    "synthesize_peft_config",
+    "write_pack",
+]
