@@ -1,7 +1,7 @@
 """The catalog's vocabulary as frozen dataclasses: names, references, revisions, aliases.
 
 These types are what the core, the client SDK and the CLI exchange; the gRPC layer converts them
-to and from protobuf in ``catalog.service.convert`` and nowhere else.
+to and from protobuf in ``catalog.convert`` and nowhere else.
 """
 
 from __future__ import annotations
