@@ -190,14 +190,16 @@ class PushUpload:
             from catalog.errors import InvalidPack
 
             raise InvalidPack(f"push of {self.adapter}: the pack is empty")
+        failure: CatalogError | None = None
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
             try:
-                pack = read_pack(view)
-                manifest = pack.manifest
-                del pack
-            finally:
-                view.release()
+                manifest = read_pack(memoryview(mm)).manifest
+            except CatalogError as exc:
+                # Re-raised below as a fresh exception: the traceback's frames hold views into
+                # the mapping, which must be gone before it can close.
+                failure = type(exc)(exc.message)
+        if failure is not None:
+            raise failure
         if not manifest.base_id:
             raise InvalidArgument(f"push of {self.adapter}: the pack names no base_id")
         if self.base_id and self.base_id != manifest.base_id:
