@@ -163,7 +163,7 @@ def main() -> None:
         results["index_bytes"] = stats["index_bytes"]
         results["index_bytes_per_revision"] = stats["index_bytes"] / max(1, stats["revisions"])
         print_table(
-            f"catalog over gRPC with {stats['revisions']:,} revisions in {stats['adapters']:,} adapters "
+            f"catalog over gRPC: {stats['revisions']:,} revisions, {stats['adapters']:,} adapters "
             f"(index {stats['index_bytes'] / 2**20:.1f} MiB)",
             ["rpc", "callers", "ops/s", "p50 us", "p99 us", "echo ops/s", "ratio"],
             rows,

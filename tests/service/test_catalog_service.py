@@ -1,4 +1,4 @@
-"""The catalog end to end through real gRPC on port 0: push, resolve, list, aliases, fetch, admin."""
+"""The catalog end to end through real gRPC on port 0: push, resolve, aliases, fetch, admin."""
 
 from __future__ import annotations
 
