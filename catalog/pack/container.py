@@ -214,14 +214,19 @@ def parse_header(
         isinstance(v, str) for v in metadata_obj.values()
     ):
         _fail("__metadata__ is not a map of strings to strings")
+    available = None if file_nbytes is None else file_nbytes - end
     specs: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, spec in header.items():
         specs[name] = _parse_tensor_spec(name, spec)
+        if available is not None and specs[name][3] > available:
+            _fail(
+                f"tensor {name!r}: data_offsets {list(specs[name][2:])} run past the end of "
+                f"the data section ({available} bytes)"
+            )
     data_nbytes = _check_offsets(specs)
     total = end + data_nbytes
-    if file_nbytes is not None and file_nbytes != total:
-        if file_nbytes < total:
-            _fail(f"file is truncated: {file_nbytes} bytes, header describes {total}")
+    # A short file was refused above (some tensor ran past the end); only a long one is left.
+    if file_nbytes is not None and file_nbytes > total:
         _fail(f"file has {file_nbytes - total} trailing bytes after the data section")
     return HeaderLayout(dict(metadata_obj), specs, end, total)
 

@@ -211,6 +211,7 @@ _KEY_PROBLEMS = (
     ("lora_magnitude_vector", "DoRA magnitude vectors are not supported"),
     ("lora_embedding_", "embedding LoRA is not supported"),
     (".bias", "bias tensors are not supported"),
+    (".base_layer.", "full base-layer weights (e.g. saved embedding layers) are not supported"),
 )
 
 

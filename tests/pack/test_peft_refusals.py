@@ -1,0 +1,333 @@
+"""PEFT adapters a pack cannot carry are refused by name; nothing is dropped silently."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from catalog.errors import InvalidPack
+from catalog.pack import TensorBytes, import_peft_dir, pack_from_peft_tensors, read_pack
+from catalog.pack.container import parse_safetensors
+from tests.pack.conftest import AdapterCase, make_adapter
+
+PREFIX = "base_model.model.model.layers"
+
+
+def _refused(path: Path, message: str, **kwargs: object) -> None:
+    with pytest.raises(InvalidPack) as info:
+        import_peft_dir(path, **kwargs)  # type: ignore[arg-type]
+    assert re.fullmatch(message, str(info.value)), str(info.value)
+
+
+def _copy(case: AdapterCase, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(case.path, target)
+    return target
+
+
+def _edit_config(path: Path, **changes: object) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _peft_parts(case: AdapterCase) -> tuple[dict[str, object], dict[str, TensorBytes]]:
+    config = json.loads((case.path / "adapter_config.json").read_text())
+    data = (case.path / "adapter_model.safetensors").read_bytes()
+    return config, dict(parse_safetensors(data).tensors)
+
+
+def _refused_tensors(
+    config: dict[str, object], tensors: dict[str, TensorBytes], message: str
+) -> None:
+    with pytest.raises(InvalidPack) as info:
+        pack_from_peft_tensors(config, tensors, "base")
+    assert re.fullmatch(message, str(info.value)), str(info.value)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    _refused(tmp_path / "nope", rf"PEFT adapter directory '{tmp_path}/nope' does not exist")
+
+
+def test_missing_config(adapter_cases: dict[str, AdapterCase], tmp_path: Path) -> None:
+    path = _copy(adapter_cases["llama-f32-qv-r8"], tmp_path)
+    (path / "adapter_config.json").unlink()
+    _refused(path, rf"PEFT adapter directory '{path}' has no adapter_config.json", base_id="b")
+
+
+def test_missing_weights(adapter_cases: dict[str, AdapterCase], tmp_path: Path) -> None:
+    path = _copy(adapter_cases["llama-f32-qv-r8"], tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    _refused(
+        path, rf"PEFT adapter directory '{path}' has no adapter_model.safetensors", base_id="b"
+    )
+    (path / "adapter_model.bin").write_bytes(b"pickle")
+    _refused(
+        path,
+        rf"PEFT adapter directory '{path}' has no adapter_model.safetensors "
+        r"\(adapter_model.bin pickles are not read\)",
+        base_id="b",
+    )
+
+
+def test_no_base_id(adapter_cases: dict[str, AdapterCase]) -> None:
+    _refused(
+        adapter_cases["llama-f32-qv-r8"].path,
+        r"no base_id: pass one, or set base_model_name_or_path in adapter_config.json",
+    )
+
+
+def test_corrupt_weights_file(adapter_cases: dict[str, AdapterCase], tmp_path: Path) -> None:
+    path = _copy(adapter_cases["llama-f32-qv-r8"], tmp_path)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[:-3])
+    _refused(
+        path,
+        r"adapter_model.safetensors: tensor '.*': data_offsets .* run past the end .*",
+        base_id="b",
+    )
+
+
+def test_config_not_json(adapter_cases: dict[str, AdapterCase], tmp_path: Path) -> None:
+    path = _copy(adapter_cases["llama-f32-qv-r8"], tmp_path)
+    (path / "adapter_config.json").write_text("{")
+    _refused(path, r"adapter_config.json is not valid JSON: .*", base_id="b")
+
+
+def test_dora_adapter(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), use_dora=True)
+    _refused(
+        path,
+        r"adapter_config.json: DoRA \(use_dora\) is not supported by the pack format",
+        base_id="b",
+    )
+    # Even when the config lies, the magnitude vectors themselves are refused.
+    _edit_config(path, use_dora=False)
+    _refused(
+        path,
+        rf"unsupported key '{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector': "
+        r"DoRA magnitude vectors are not supported",
+        base_id="b",
+    )
+
+
+def test_embedding_lora(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path, rank=4, target_modules=("embed_tokens", "q_proj"))
+    _refused(
+        path,
+        r"unsupported key 'base_model.model.model.embed_tokens.lora_embedding_A': "
+        r"embedding LoRA is not supported",
+        base_id="b",
+    )
+
+
+def test_modules_to_save(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), modules_to_save=["lm_head"])
+    _refused(
+        path,
+        r"adapter_config.json: modules_to_save is not supported by the pack format",
+        base_id="b",
+    )
+    _edit_config(path, modules_to_save=None)
+    _refused(
+        path,
+        r"unsupported key 'base_model.model.lm_head.weight': "
+        r"not a lora_A/lora_B weight of a decoder-layer module",
+        base_id="b",
+    )
+
+
+def test_lora_bias(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), lora_bias=True)
+    _refused(
+        path,
+        r"adapter_config.json: LoRA bias \(lora_bias\) is not supported by the pack format",
+        base_id="b",
+    )
+    _edit_config(path, lora_bias=False)
+    _refused(
+        path,
+        rf"unsupported key '{PREFIX}.0.self_attn.q_proj.lora_B.bias': "
+        r"bias tensors are not supported",
+        base_id="b",
+    )
+
+
+def test_lm_head_lora_is_outside_decoder_layers(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj", "lm_head"))
+    _refused(
+        path,
+        r"unsupported key 'base_model.model.lm_head.base_layer.weight': full base-layer weights "
+        r"\(e.g. saved embedding layers\) are not supported",
+        base_id="b",
+    )
+
+
+def test_rank_differs_across_layers(tmp_path: Path) -> None:
+    path = make_adapter(
+        tmp_path,
+        rank=4,
+        target_modules=("q_proj",),
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2},
+    )
+    _refused(
+        path,
+        r"module 'self_attn.q_proj' layer 1: lora_A \[2, 64\] / lora_B \[64, 2\] differ from "
+        r"layer 0's \[4, 64\] / \[64, 4\]; a pack holds one rank and shape per module",
+        base_id="b",
+    )
+
+
+def test_alpha_differs_across_layers(tmp_path: Path) -> None:
+    path = make_adapter(
+        tmp_path,
+        rank=4,
+        target_modules=("q_proj",),
+        alpha_pattern={"model.layers.1.self_attn.q_proj": 2},
+    )
+    _refused(
+        path,
+        r"module 'self_attn.q_proj' layer 1: lora_alpha 2.0 differs from layer 0's 16.0; "
+        r"a pack holds one alpha per module",
+        base_id="b",
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"peft_type": "IA3"}, r"adapter_config.json: peft_type is 'IA3', expected 'LORA'"),
+        ({"r": 0}, r"adapter_config.json: r must be a positive integer, got 0"),
+        ({"lora_alpha": "x"}, r"adapter_config.json: lora_alpha must be a number, got 'x'"),
+        ({"use_rslora": "yes"}, r"adapter_config.json: use_rslora must be a boolean"),
+        (
+            {"layer_replication": [[0, 2]]},
+            r"adapter_config.json: layer_replication is not supported by the pack format",
+        ),
+        (
+            {"target_parameters": ["experts.gate_up_proj"]},
+            r"adapter_config.json: target_parameters \(parameter LoRA, e.g. fused MoE experts\) is "
+            r"not supported by the pack format",
+        ),
+        (
+            {"r": 3},
+            r"module 'self_attn.q_proj' layer 0: tensors have rank 8 but "
+            r"adapter_config.json says 3",
+        ),
+        (
+            {"rank_pattern": {"q_proj": 2}},
+            r"module 'self_attn.q_proj' layer 0: tensors have rank 8 "
+            r"but adapter_config.json says 2",
+        ),
+        (
+            {"rank_pattern": {"(": 2}},
+            r"adapter_config.json: rank_pattern pattern '\(' is not a "
+            r"regex: .*",
+        ),
+        (
+            {"alpha_pattern": {"q_proj": "x"}},
+            r"adapter_config.json: alpha_pattern entry 'q_proj': "
+            r"'x' is invalid",
+        ),
+    ],
+)
+def test_config_refused(
+    adapter_cases: dict[str, AdapterCase], changes: dict[str, object], message: str
+) -> None:
+    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    config.update(changes)
+    _refused_tensors(config, tensors, message)
+
+
+def test_mixed_dtypes(adapter_cases: dict[str, AdapterCase]) -> None:
+    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    key = f"{PREFIX}.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = TensorBytes("F16", (32, 8), memoryview(bytes(32 * 8 * 2)))
+    _refused_tensors(
+        config,
+        tensors,
+        rf"mixed dtypes: '{re.escape(key)}' is F16 but '.*' is F32",
+    )
+
+
+def test_integer_tensors(adapter_cases: dict[str, AdapterCase]) -> None:
+    config, _ = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    tensors = {
+        f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": TensorBytes(
+            "I32", (8, 64), memoryview(bytes(2048))
+        ),
+        f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": TensorBytes(
+            "I32", (64, 8), memoryview(bytes(2048))
+        ),
+    }
+    _refused_tensors(
+        config,
+        tensors,
+        rf"dtype I32 of '{PREFIX}.0.self_attn.q_proj.lora_A.weight' is not one of F32, BF16, F16",
+    )
+
+
+def test_unpaired_lora_a(adapter_cases: dict[str, AdapterCase]) -> None:
+    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    del tensors[f"{PREFIX}.1.self_attn.v_proj.lora_B.weight"]
+    _refused_tensors(
+        config,
+        tensors,
+        rf"key {PREFIX}.1.self_attn.v_proj.lora_A.weight has no matching lora_B.weight",
+    )
+
+
+def test_unknown_keys(adapter_cases: dict[str, AdapterCase]) -> None:
+    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    some = next(iter(tensors.values()))
+    for key, message in [
+        (
+            "base_model.model.model.norm.weight",
+            "not a lora_A/lora_B weight of a decoder-layer module",
+        ),
+        (
+            f"{PREFIX}.0.self_attn.q_proj.lora_A.default.weight",
+            "not a lora_A/lora_B weight of a decoder-layer module",
+        ),
+        ("base_model.model.lm_head.lora_A.weight", "outside the decoder layers"),
+        (f"{PREFIX}.00.self_attn.q_proj.lora_A.weight", "layer index '00' is not canonical"),
+        (
+            f"{PREFIX}.0.mlp.experts.3.gate_proj.lora_A.weight",
+            "module 'mlp.experts.3.gate_proj' has an index inside the layer "
+            r"\(MoE expert LoRA import is not supported yet\)",
+        ),
+        (
+            "base_model.model.vision.blocks.0.attn.lora_A.weight",
+            "its layers live under 'base_model.model.vision.blocks' but other keys under "
+            f"'{PREFIX}'; a pack holds one stack of decoder layers",
+        ),
+    ]:
+        _refused_tensors(
+            config, {**tensors, key: some}, rf"unsupported key '{re.escape(key)}': {message}"
+        )
+
+
+def test_no_tensors(adapter_cases: dict[str, AdapterCase]) -> None:
+    config, _ = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    _refused_tensors(config, {}, r"adapter has no LoRA weights")
+
+
+def test_pack_from_peft_tensors_builds_synthetic_adapters() -> None:
+    """The import core works on tensors made without PEFT (how other tests build adapters)."""
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    tensors = {
+        f"{PREFIX}.{layer}.self_attn.q_proj.lora_{ab}.weight": TensorBytes(
+            "BF16", shape, memoryview(bytes([layer + 1]) * (2 * shape[0] * shape[1]))
+        )
+        for layer in (1, 3)
+        for ab, shape in (("A", (2, 8)), ("B", (8, 2)))
+    }
+    pack = read_pack(pack_from_peft_tensors(config, tensors, "base", num_layers=6))
+    assert pack.manifest.num_layers == 6
+    a, b = pack.module_tensors("self_attn.q_proj")
+    assert a.shape == (2, 2, 8) and b.shape == (2, 8, 2)
+    assert a.tobytes() == bytes([2]) * 32 + bytes([4]) * 32
