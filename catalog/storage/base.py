@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from catalog.errors import InvalidArgument
+
 
 class BlobStore(ABC):
     """A durable object store.
@@ -45,8 +47,16 @@ class BlobStore(ABC):
         """
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
-        """Like :meth:`put`, from a local file (backends may stream or use multipart)."""
-        return self.put(key, path.read_bytes(), if_absent=if_absent)
+        """Like :meth:`put`, from a local file (backends may stream or use multipart).
+
+        Raises:
+            InvalidArgument: ``path`` cannot be read.
+        """
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read {path} to store it as {key!r}: {exc}") from exc
+        return self.put(key, data, if_absent=if_absent)
 
     @abstractmethod
     def size(self, key: str) -> int | None:

@@ -59,13 +59,15 @@ class LocalDirStore(BlobStore):
         self.root = Path(root).expanduser().absolute()
         self.url = self.root.as_uri()
         self._fsync = fsync
+        if self.root.exists() and not self.root.is_dir():
+            raise Unavailable(f"local store {self.url}: {self.root} is not a directory")
         try:
             if create:
                 self.root.mkdir(parents=True, exist_ok=True)
-            if not self.root.is_dir():
-                raise Unavailable(f"local store {self.url}: {self.root} is not a directory")
+            elif not self.root.is_dir():
+                raise Unavailable(f"local store {self.url}: {self.root} does not exist")
         except OSError as exc:
-            raise Unavailable(f"local store {self.url}: cannot open {self.root}: {exc}") from exc
+            raise Unavailable(f"local store {self.url}: cannot create {self.root}: {exc}") from exc
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class LocalDirStore(BlobStore):
         except OSError as exc:
             raise self._unavailable("write", key, exc) from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):  # renamed into place, or never made
+            with contextlib.suppress(*_MISSING):  # renamed into place, or never made
                 os.unlink(temp)
 
     def _walk(self, directory: Path, key_prefix: str, leaf_prefix: str) -> Iterator[str]:
