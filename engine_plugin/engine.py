@@ -1,0 +1,812 @@
+"""``ResidentEngine``: one resident base model, adapters attached live into preallocated slots.
+
+How a reference becomes a slot
+------------------------------
+The engine keeps *bindings* from alias references (``t/a``, which means alias ``latest``, and
+``t/a@serving``) to the revision it serves for them, so the forward path never waits on the
+catalog for an adapter it already holds. ``attach(ref)`` always asks the catalog, loads the
+revision and binds both ``ref`` and the plain name to it; that is a hot swap when the name was
+bound to another revision: calls already running keep the old slot (they hold leases on it),
+new calls get the new one, and the old slot is zeroed and freed when its last lease ends.
+A reference the engine has not seen is resolved through the catalog on first use and bound.
+Exact references (``t/a@3``, ``t/a@sha256:...``) name immutable revisions and are cached.
+
+Slots and leases
+----------------
+Every running ``forward``/``generate`` holds a lease on each slot its rows use; leased and
+pinned slots are never evicted. When every slot is leased or pinned, attaching raises
+``ResourceExhausted`` (after waiting up to ``slot_wait_s`` for a slot to come free). An
+evicted or released slot is zeroed before anyone else can use it.
+
+CUDA
+----
+Slot writes (copies from pinned host buffers, zeroing) run on a side stream. Each write waits
+for the compute work that last read the slot (an event recorded when its lease ended), and each
+forward makes the compute stream wait for every write issued before it, so copies never race
+compute in either direction. On CPU the same code runs synchronously.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+from torch import nn
+
+from catalog.errors import IncompatibleAdapter, InvalidArgument, NotFound, ResourceExhausted
+from catalog.model import AdapterName, Ref, Revision, Selector
+from catalog.pack import PackManifest, read_pack
+from engine_plugin.layers import (
+    BatchContext,
+    BatchPlan,
+    MultiLoRALinear,
+    find_decoder_layers,
+    linear_targets,
+    plan_batch,
+    replace_module,
+)
+from engine_plugin.prefetch import Prefetcher, ResidencyReporter
+from engine_plugin.residency import (
+    EvictionPolicy,
+    HostTier,
+    SlotEntry,
+    SlotsExhausted,
+    SlotState,
+    SlotTable,
+)
+from engine_plugin.slots import SlotPool, TargetModule
+from engine_plugin.sources import PackSource, ResidencySink
+from engine_plugin.staging import StagedAdapter, stage_pack
+
+DEFAULT_HOST_BUDGET = 1 << 30
+_PLAN_CACHE_SIZE = 64
+_REF_CACHE_SIZE = 65536
+
+
+class ResidentEngine:
+    """A resident causal LM whose target linears carry ``num_slots`` live LoRA slots.
+
+    ``catalog`` is anything with ``resolve(ref)`` and ``fetch(revision)`` (a
+    ``catalog.client.CatalogClient``, or ``engine_plugin.LocalPackSource``); when it can also
+    ``register_engine``/``report_residency``, the engine registers at construction and reports
+    what it holds after every change.
+
+    Args:
+        model: a transformers causal LM; moved to ``device``. Its decoder-layer linears are
+            replaced by multi-LoRA layers in place.
+        num_slots: adapters resident at once. max_rank: the largest rank a slot holds.
+        base_id: the base this engine serves; packs trained for another base are refused.
+            Defaults to the model config's ``name_or_path``; when empty, only shapes are checked.
+        target_modules: module paths inside a decoder layer to make adaptable (``q_proj`` or
+            ``self_attn.q_proj``); default every linear in the layer.
+        host_budget_bytes: bytes of staged packs kept in host memory.
+        slot_wait_s: how long an attach waits for a busy slot to come free before refusing.
+
+    Raises:
+        ValueError: ``num_slots``/``max_rank`` below 1, no decoder layers, or a target module
+            that the model lacks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        catalog: PackSource,
+        *,
+        num_slots: int = 8,
+        max_rank: int = 16,
+        device: str | torch.device = "cpu",
+        base_id: str | None = None,
+        target_modules: Sequence[str] | None = None,
+        host_budget_bytes: int = DEFAULT_HOST_BUDGET,
+        slot_wait_s: float = 0.0,
+        engine_id: str | None = None,
+        prefetch_workers: int = 2,
+        slot_policy: EvictionPolicy[str] | None = None,
+        host_policy: EvictionPolicy[str] | None = None,
+    ) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError(f"num_slots and max_rank must be >= 1, got {num_slots}, {max_rank}")
+        self.catalog = catalog
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        config = getattr(model, "config", None)
+        self.base_id = base_id if base_id is not None else (
+            getattr(config, "name_or_path", "") or None
+        )
+        self.engine_id = engine_id or f"engine-{uuid.uuid4().hex[:12]}"
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.slot_wait_s = slot_wait_s
+
+        self._layers = find_decoder_layers(self.model)
+        targets = self._find_targets(target_modules)
+        first_weight = next(iter(targets.values()))[1]
+        self.dtype = first_weight.dtype
+        self.pool = SlotPool(
+            {name: t for name, (t, _) in targets.items()},
+            num_slots,
+            max_rank,
+            self.dtype,
+            self.device,
+        )
+        self._context = BatchContext()
+        for index, layer in enumerate(self._layers):
+            for name, base in linear_targets(layer).items():
+                if name in self.pool.modules:
+                    wrapped = MultiLoRALinear(base, self.pool.modules[name], index, self._context)
+                    replace_module(layer, name, wrapped)
+
+        self._cond = threading.Condition(threading.RLock())
+        self.slots = SlotTable(num_slots, slot_policy)
+        self.host = HostTier(host_budget_bytes, host_policy)
+        self._bindings: dict[str, Revision] = {}
+        self._exact: dict[str, Revision] = {}
+        self._pins: set[str] = set()
+        self._refs: dict[str, Ref] = {}
+        self._staging: dict[str, Future[StagedAdapter]] = {}
+        self._plans: dict[tuple[tuple[int, ...], int], BatchPlan] = {}
+        self.counters = {
+            "hits": 0,
+            "misses": 0,
+            "evictions": 0,
+            "bytes_moved": 0,
+            "attaches": 0,
+            "detaches": 0,
+            "released": 0,
+        }
+
+        self._cuda = self.device.type == "cuda"
+        self._pin_host = self._cuda
+        self._copy_stream: torch.cuda.Stream | None = None
+        if self._cuda:
+            self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self._last_write: Any = None  # torch.cuda.Event of the latest slot write
+        self._slot_last_read: dict[int, Any] = {}  # slot -> torch.cuda.Event
+
+        self._prefetcher = Prefetcher(self._stage_ref, workers=prefetch_workers)
+        self._sink = catalog if isinstance(catalog, ResidencySink) else None
+        self._reporter: ResidencyReporter | None = None
+        if self._sink is not None:
+            self._sink.register_engine(
+                self.engine_id, self.base_id or "", num_slots, max_rank, host_budget_bytes
+            )
+            sink = self._sink
+            self._reporter = ResidencyReporter(
+                self._residency_snapshot,
+                lambda gpu, host: sink.report_residency(self.engine_id, gpu, host),
+            )
+
+    # ------------------------------------------------------------------ public API
+
+    def attach(self, ref: str) -> Revision:
+        """Resolve ``ref`` through the catalog now and make that revision resident.
+
+        Binds ``ref`` and the adapter's plain name to it, so later calls naming either get it;
+        when they were bound to another revision this is a hot swap (see the module docstring).
+
+        Raises:
+            InvalidReference, NotFound: from the catalog.
+            IncompatibleAdapter: the adapter does not fit this base or this engine's slots.
+            ResourceExhausted: every slot is busy or pinned.
+            InvalidPack, DataLoss: the pack is malformed or corrupt.
+        """
+        parsed = self._parse(ref)
+        revision = self.catalog.resolve(parsed)
+        entry = self._load(revision)
+        with self._cond:
+            self.counters["attaches"] += 1
+            self._bind(parsed, revision, name_too=True)
+            self._unlease(entry)
+        self._report()
+        return revision
+
+    def detach(self, ref: str) -> list[Revision]:
+        """Stop serving an adapter: ``t/a`` detaches every revision of the name, ``t/a@3`` or
+        ``t/a@serving`` the one revision it names. Bindings and pins on it go; its slot is
+        zeroed and freed once no running call uses it. Returns the detached revisions.
+
+        Raises:
+            InvalidReference: ``ref`` cannot be parsed.
+            NotFound: nothing attached matches ``ref``.
+        """
+        parsed = self._parse(ref)
+        whole_name = "@" not in ref
+        with self._cond:
+            if whole_name:
+                victims = [e for e in self.slots if e.revision.adapter == parsed.adapter]
+                digests = {e.digest for e in victims}
+                for key in [k for k in self._bindings if self._refs_adapter(k) == parsed.adapter]:
+                    digests.add(str(self._bindings.pop(key).digest))
+                self._pins = {k for k in self._pins if self._refs_adapter(k) != parsed.adapter}
+            else:
+                known = self._known(parsed)
+                if known is None:
+                    raise NotFound(f"{ref} is not attached to engine {self.engine_id}")
+                digests = {str(known.digest)}
+                for key in [k for k, r in self._bindings.items() if str(r.digest) in digests]:
+                    del self._bindings[key]
+                self._pins = {k for k in self._pins if self._pin_digest(k) not in digests}
+            victims = [e for d in digests if (e := self.slots.get(d)) is not None]
+            if not victims:
+                raise NotFound(f"{ref} is not attached to engine {self.engine_id}")
+            self.counters["detaches"] += 1
+            self._refresh_pins()
+            for entry in victims:
+                entry.retired = True
+                self._release_if_done(entry)
+            detached = [e.revision for e in victims]
+        self._report()
+        return detached
+
+    def pin(self, ref: str) -> Revision:
+        """Keep what ``ref`` names resident (attaching it if needed) until ``unpin``.
+
+        A pin on an alias reference (``t/a``, ``t/a@serving``) follows its binding: after a hot
+        swap the new revision is pinned and the old one released.
+
+        Raises: as :meth:`attach`.
+        """
+        parsed = self._parse(ref)
+        entry = self._lease_ref(parsed)
+        with self._cond:
+            self._pins.add(str(parsed))
+            if parsed.selector is not Selector.ALIAS:
+                self._exact[str(parsed)] = entry.revision
+            self._refresh_pins()
+            self._unlease(entry)
+            return entry.revision
+
+    def unpin(self, ref: str) -> None:
+        """Remove a pin made with the same reference.
+
+        Raises:
+            NotFound: ``ref`` is not pinned.
+        """
+        key = str(self._parse(ref))
+        with self._cond:
+            if key not in self._pins:
+                raise NotFound(f"{ref} is not pinned on engine {self.engine_id}")
+            self._pins.discard(key)
+            self._refresh_pins()
+            for entry in list(self.slots):
+                self._release_if_done(entry)
+
+    def prefetch(self, refs: Sequence[str]) -> list[Future[Revision]]:
+        """Resolve and stage ``refs`` in host memory on background threads (no slot is taken).
+
+        Returns one future per reference; it raises what ``attach`` would (``NotFound``,
+        ``IncompatibleAdapter``, ...).
+        """
+        for ref in refs:
+            self._parse(ref)
+        return self._prefetcher.submit(refs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        adapters: Sequence[str | None],
+        **model_kwargs: Any,
+    ) -> Any:
+        """Run the model on a batch whose row ``i`` uses adapter ``adapters[i]`` (None: base).
+
+        Adapters not resident are attached first. Extra keyword arguments go to the model
+        (``attention_mask``, ``past_key_values``, ``use_cache``...). Returns the model's output
+        (``.logits`` ``[rows, tokens, vocab]``).
+
+        Raises:
+            InvalidArgument: ``adapters`` does not have one entry per row.
+            ResourceExhausted: the batch names more adapters than fit, or every slot is busy.
+            Anything :meth:`attach` raises.
+        """
+        with self._batch(input_ids, adapters), torch.inference_mode():
+            return self.model(input_ids=input_ids, **model_kwargs)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        adapters: Sequence[str | None],
+        max_new_tokens: int = 32,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy generation (unless ``generate_kwargs`` say otherwise), row ``i`` with adapter
+        ``adapters[i]`` for every step. Returns ``[rows, prompt + new]`` token ids.
+
+        The adapters stay leased for the whole call, so a hot swap during generation does not
+        change the revision a running row uses.
+
+        Raises: as :meth:`forward`.
+        """
+        kwargs: dict[str, Any] = {"do_sample": False, **generate_kwargs}
+        if "attention_mask" not in kwargs:
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
+        config = getattr(self.model, "generation_config", None)
+        if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None:
+            eos = getattr(config, "eos_token_id", None)
+            kwargs["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) or 0
+        with self._batch(input_ids, adapters), torch.inference_mode():
+            output = self.model.generate(  # type: ignore[operator]
+                input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs
+            )
+        return output if isinstance(output, torch.Tensor) else output.sequences
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and what is where: ``num_slots``, ``resident`` (each with its digest),
+        ``hits``, ``misses``, ``evictions``, ``bytes_moved``, the host tier and prefetcher."""
+        with self._cond:
+            resident = [
+                {
+                    "ref": f"{e.revision.adapter}@{e.revision.number}",
+                    "name": str(e.revision.adapter),
+                    "revision": e.revision.number,
+                    "digest": e.digest,
+                    "slot": e.slot,
+                    "rank": e.revision.rank,
+                    "state": e.state.value,
+                    "in_flight": e.leases,
+                    "pinned": e.pinned,
+                    "retired": e.retired,
+                }
+                for e in self.slots
+            ]
+            host = {
+                "bytes": self.host.nbytes,
+                "budget_bytes": self.host.budget_bytes,
+                "entries": len(self.host),
+                "hits": self.host.counters.hits,
+                "misses": self.host.counters.misses,
+                "evictions": self.host.counters.evictions,
+                "bytes_in": self.host.counters.bytes_in,
+            }
+            stats: dict[str, Any] = {
+                "engine_id": self.engine_id,
+                "base_id": self.base_id,
+                "device": str(self.device),
+                "num_slots": self.num_slots,
+                "max_rank": self.max_rank,
+                "free_slots": self.slots.free_slots,
+                "slot_bytes": self.pool.nbytes,
+                "resident": resident,
+                "bindings": {
+                    k: f"{r.adapter}@{r.number}" for k, r in sorted(self._bindings.items())
+                },
+                "pins": sorted(self._pins),
+                **self.counters,
+                "host": host,
+                "prefetch": vars(self._prefetcher.counters).copy(),
+            }
+        if self._reporter is not None:
+            stats["residency_reports"] = {
+                "sent": self._reporter.sent,
+                "failed": self._reporter.failed,
+                "last_error": self._reporter.last_error,
+            }
+        return stats
+
+    def close(self) -> None:
+        """Stop background threads (the model and its slots stay usable)."""
+        self._prefetcher.close()
+        if self._reporter is not None:
+            self._reporter.close()
+
+    def __enter__(self) -> ResidentEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush_reports(self, timeout: float | None = 10.0) -> None:
+        """Wait until the catalog has been told the current residency (tests, shutdown)."""
+        if self._reporter is not None:
+            self._reporter.flush(timeout)
+
+    # ------------------------------------------------------------------ batches
+
+    @contextlib.contextmanager
+    def _batch(
+        self, input_ids: torch.Tensor, adapters: Sequence[str | None]
+    ) -> Iterator[BatchPlan]:
+        rows = int(input_ids.shape[0])
+        if len(adapters) != rows:
+            raise InvalidArgument(
+                f"adapters has {len(adapters)} entries but the batch has {rows} rows"
+            )
+        distinct = list(dict.fromkeys(a for a in adapters if a is not None))
+        if len(distinct) > self.num_slots:
+            raise ResourceExhausted(
+                f"the batch names {len(distinct)} adapters but engine {self.engine_id} has "
+                f"{self.num_slots} slots; split the batch"
+            )
+        leases: dict[str, SlotEntry] = {}
+        try:
+            for ref in distinct:
+                leases[ref] = self._lease_ref(self._parse(ref))
+            row_slots = tuple(
+                self.pool.zero_slot if a is None else leases[a].slot for a in adapters
+            )
+            plan = self._plan(row_slots)
+            if self._cuda and self._last_write is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._last_write)
+            previous = self._context.plan
+            self._context.plan = plan
+            try:
+                yield plan
+            finally:
+                self._context.plan = previous
+        finally:
+            if leases:
+                with self._cond:
+                    for entry in leases.values():
+                        self._unlease(entry)
+
+    def _plan(self, row_slots: tuple[int, ...]) -> BatchPlan:
+        key = (row_slots, self.pool.generation)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_batch(self.pool, row_slots)
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    # ------------------------------------------------------------------ references
+
+    def _parse(self, ref: str) -> Ref:
+        parsed = self._refs.get(ref)
+        if parsed is None:
+            parsed = Ref.parse(ref)
+            if len(self._refs) >= _REF_CACHE_SIZE:
+                self._refs.clear()
+            self._refs[ref] = parsed
+        return parsed
+
+    def _refs_adapter(self, key: str) -> AdapterName:
+        return self._parse(key).adapter
+
+    def _known(self, ref: Ref) -> Revision | None:
+        """The revision ``ref`` means on this engine without asking the catalog (lock held)."""
+        key = str(ref)
+        if ref.selector is Selector.ALIAS:
+            return self._bindings.get(key)
+        known = self._exact.get(key)
+        if known is not None:
+            return known
+        for entry in self.slots:
+            revision = entry.revision
+            if revision.adapter != ref.adapter:
+                continue
+            if (ref.selector is Selector.REVISION and revision.number == int(ref.value)) or (
+                ref.selector is Selector.DIGEST and str(revision.digest).startswith(ref.value)
+            ):
+                self._exact[key] = revision
+                return revision
+        return None
+
+    def _pin_digest(self, key: str) -> str | None:
+        known = self._known(self._parse(key))
+        return str(known.digest) if known is not None else None
+
+    def _bind(self, ref: Ref, revision: Revision, *, name_too: bool) -> None:
+        """Point ``ref`` (and with ``name_too`` the plain name) at ``revision``; retire
+        revisions that thereby lose their last binding (lock held)."""
+        keys = []
+        if ref.selector is Selector.ALIAS:
+            keys.append(str(ref))
+        else:
+            self._exact[str(ref)] = revision
+        if name_too:
+            keys.append(str(ref.adapter))
+        displaced = set()
+        for key in keys:
+            old = self._bindings.get(key)
+            self._bindings[key] = revision
+            if old is not None and old.digest != revision.digest:
+                displaced.add(str(old.digest))
+        self._refresh_pins()
+        bound = {str(r.digest) for r in self._bindings.values()}
+        for digest in displaced - bound:
+            entry = self.slots.get(digest)
+            if entry is not None:
+                entry.retired = True
+                self._release_if_done(entry)
+
+    def _refresh_pins(self) -> None:
+        pinned = {d for k in self._pins if (d := self._pin_digest(k)) is not None}
+        for entry in self.slots:
+            entry.pinned = entry.digest in pinned
+
+    # ------------------------------------------------------------------ leases and loading
+
+    def _lease_ref(self, ref: Ref) -> SlotEntry:
+        """A lease on the slot holding what ``ref`` names, loading it first if needed."""
+        revision: Revision | None = None
+        with self._cond:
+            while True:
+                revision = self._known(ref)
+                if revision is None:
+                    break
+                entry = self.slots.get(str(revision.digest))
+                if entry is None:
+                    break
+                if entry.state is SlotState.LOADING:
+                    self._cond.wait()
+                    continue
+                self.slots.lease(entry)
+                entry.retired = False
+                self.counters["hits"] += 1
+                return entry
+        if revision is None:
+            revision = self.catalog.resolve(ref)
+        entry = self._load(revision)
+        with self._cond:
+            if ref.selector is Selector.ALIAS:
+                if str(ref) not in self._bindings:
+                    self._bind(ref, revision, name_too=False)
+            else:
+                self._exact[str(ref)] = revision
+        return entry
+
+    def _load(self, revision: Revision) -> SlotEntry:
+        """Make ``revision`` resident and return a lease on its slot."""
+        self._check_revision(revision)
+        digest = str(revision.digest)
+        deadline = time.monotonic() + self.slot_wait_s
+        with self._cond:
+            entry = self._lease_resident(digest)
+            if entry is not None:
+                return entry
+        staged = self._staged(revision)
+        evicted: SlotEntry | None = None
+        with self._cond:
+            while True:
+                entry = self._lease_resident(digest)
+                if entry is not None:
+                    return entry
+                try:
+                    entry, evicted = self.slots.claim(revision)
+                    break
+                except SlotsExhausted:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise
+                    self._cond.wait(remaining)
+            if evicted is not None:
+                self.counters["evictions"] += 1
+        try:
+            moved = self._write_slot(entry.slot, staged, clear_first=evicted is not None)
+        except BaseException:
+            with self._cond:
+                self._clear_slot(entry.slot)
+                self.slots.release(entry)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            entry.state = SlotState.READY
+            self.counters["misses"] += 1
+            self.counters["bytes_moved"] += moved
+            self._refresh_pins()
+            self._cond.notify_all()
+        self._report()
+        return entry
+
+    def _lease_resident(self, digest: str) -> SlotEntry | None:
+        """Lease ``digest``'s slot if resident, waiting out a load in progress (lock held)."""
+        while True:
+            entry = self.slots.get(digest)
+            if entry is None:
+                return None
+            if entry.state is SlotState.READY:
+                self.slots.lease(entry)
+                entry.retired = False
+                self.counters["hits"] += 1
+                return entry
+            self._cond.wait()
+
+    def _unlease(self, entry: SlotEntry) -> None:
+        """End one lease (lock held); frees the slot if it was retired meanwhile."""
+        self.slots.unlease(entry)
+        if self._cuda:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(torch.cuda.current_stream(self.device))
+            self._slot_last_read[entry.slot] = event
+        self._release_if_done(entry)
+        self._cond.notify_all()
+
+    def _release_if_done(self, entry: SlotEntry) -> None:
+        if entry.retired and entry.idle and not entry.pinned:
+            self._clear_slot(entry.slot)
+            self.slots.release(entry)
+            self.counters["released"] += 1
+            self._cond.notify_all()
+            self._report()
+
+    # ------------------------------------------------------------------ slot writes
+
+    def _write_slot(self, slot: int, staged: StagedAdapter, *, clear_first: bool) -> int:
+        if self._copy_stream is None:
+            if clear_first:
+                self.pool.clear(slot)
+            return self.pool.write(slot, staged)
+        with torch.cuda.stream(self._copy_stream):
+            self._wait_for_readers(slot)
+            if clear_first:
+                self.pool.clear(slot)
+            moved = self.pool.write(slot, staged, non_blocking=staged.pinned)
+            self._record_write()
+        return moved
+
+    def _clear_slot(self, slot: int) -> None:
+        if self._copy_stream is None:
+            self.pool.clear(slot)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self._wait_for_readers(slot)
+            self.pool.clear(slot)
+            self._record_write()
+
+    def _wait_for_readers(self, slot: int) -> None:
+        event = self._slot_last_read.pop(slot, None)
+        if event is not None and self._copy_stream is not None:
+            self._copy_stream.wait_event(event)
+
+    def _record_write(self) -> None:
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(self._copy_stream)
+        self._last_write = event
+
+    # ------------------------------------------------------------------ host tier
+
+    def _stage_ref(self, ref: str) -> Revision:
+        """Prefetch worker: resolve ``ref`` and stage its pack in host memory."""
+        parsed = self._parse(ref)
+        with self._cond:
+            revision = self._known(parsed)
+        if revision is None:
+            revision = self.catalog.resolve(parsed)
+        self._check_revision(revision)
+        self._staged(revision)
+        return revision
+
+    def _staged(self, revision: Revision) -> StagedAdapter:
+        """The staged pack of ``revision``: from the host tier, or fetched, checked and staged
+        (one fetch per digest however many callers ask at once)."""
+        digest = str(revision.digest)
+        with self._cond:
+            staged = self.host.get(digest)
+            if staged is not None:
+                return staged
+            future = self._staging.get(digest)
+            owner = future is None
+            if future is None:
+                future = Future()
+                self._staging[digest] = future
+        if not owner:
+            return future.result()
+        try:
+            data = self.catalog.fetch(revision)
+            pack = read_pack(data)
+            self._check_manifest(revision, pack.manifest)
+            staged = stage_pack(revision, pack, dtype=self.dtype, pin_memory=self._pin_host)
+        except BaseException as exc:
+            with self._cond:
+                del self._staging[digest]
+            future.set_exception(exc)
+            raise
+        with self._cond:
+            self.host.put(staged)
+            del self._staging[digest]
+        future.set_result(staged)
+        self._report()
+        return staged
+
+    # ------------------------------------------------------------------ compatibility
+
+    def _check_revision(self, revision: Revision) -> None:
+        """Refuse from catalog metadata alone, before fetching anything."""
+        where = f"{revision.adapter}@{revision.number}"
+        if self.base_id and revision.base_id and revision.base_id != self.base_id:
+            raise IncompatibleAdapter(
+                f"{where} was trained for base {revision.base_id!r}, "
+                f"but engine {self.engine_id} serves {self.base_id!r}"
+            )
+        if revision.rank > self.max_rank:
+            raise IncompatibleAdapter(
+                f"{where} has rank {revision.rank}, above this engine's max_rank {self.max_rank}"
+            )
+        if revision.num_experts:
+            raise IncompatibleAdapter(
+                f"{where} is an expert (MoE) adapter; this engine serves dense adapters only"
+            )
+        if revision.num_layers > len(self._layers):
+            raise IncompatibleAdapter(
+                f"{where} is for a base with {revision.num_layers} layers; "
+                f"this base has {len(self._layers)}"
+            )
+        unknown = [m for m in revision.target_modules if m not in self.pool.modules]
+        if unknown:
+            raise IncompatibleAdapter(self._unknown_modules_message(where, unknown))
+
+    def _check_manifest(self, revision: Revision, manifest: PackManifest) -> None:
+        """Refuse a pack whose manifest does not fit the base's modules, shapes and slots."""
+        where = f"{revision.adapter}@{revision.number}"
+        if self.base_id and manifest.base_id != self.base_id:
+            raise IncompatibleAdapter(
+                f"{where} was trained for base {manifest.base_id!r}, "
+                f"but engine {self.engine_id} serves {self.base_id!r}"
+            )
+        if manifest.num_experts:
+            raise IncompatibleAdapter(
+                f"{where} is an expert (MoE) adapter; this engine serves dense adapters only"
+            )
+        num_layers = len(self._layers)
+        for spec in manifest.modules:
+            slots = self.pool.modules.get(spec.name)
+            if slots is None:
+                raise IncompatibleAdapter(self._unknown_modules_message(where, [spec.name]))
+            target = slots.target
+            if (spec.in_features, spec.out_features) != (target.in_features, target.out_features):
+                raise IncompatibleAdapter(
+                    f"{where} module {spec.name!r} is {spec.in_features}->{spec.out_features} "
+                    f"but the base's is {target.in_features}->{target.out_features}"
+                )
+            if spec.layers[-1] >= num_layers:
+                raise IncompatibleAdapter(
+                    f"{where} module {spec.name!r} adapts layer {spec.layers[-1]} "
+                    f"but the base has {num_layers} layers"
+                )
+            if spec.rank > self.max_rank:
+                raise IncompatibleAdapter(
+                    f"{where} module {spec.name!r} has rank {spec.rank}, "
+                    f"above this engine's max_rank {self.max_rank}"
+                )
+
+    def _unknown_modules_message(self, where: str, unknown: Sequence[str]) -> str:
+        return (
+            f"{where} adapts {', '.join(map(repr, unknown))}, which this engine does not "
+            f"serve (its target modules: {', '.join(sorted(self.pool.modules))})"
+        )
+
+    def _find_targets(
+        self, wanted: Sequence[str] | None
+    ) -> Mapping[str, tuple[TargetModule, torch.Tensor]]:
+        first = linear_targets(self._layers[0])
+        if wanted is None:
+            names = list(first)
+        else:
+            names = []
+            for want in wanted:
+                found = [n for n in first if n == want or n.endswith("." + want)]
+                if len(found) != 1:
+                    raise ValueError(
+                        f"target module {want!r} matches {found or 'nothing'} in a decoder layer "
+                        f"(linears: {', '.join(first)})"
+                    )
+                names.append(found[0])
+        if not names:
+            raise ValueError("the decoder layers have no linear modules to adapt")
+        targets: dict[str, tuple[TargetModule, torch.Tensor]] = {}
+        for name in names:
+            base = first[name]
+            for index, layer in enumerate(self._layers):
+                other = linear_targets(layer).get(name)
+                if other is None or other.weight.shape != base.weight.shape:
+                    raise ValueError(f"layer {index} has no linear {name!r} shaped like layer 0's")
+            target = TargetModule(name, base.in_features, base.out_features, len(self._layers))
+            targets[name] = (target, base.weight)
+        return targets
+
+    # ------------------------------------------------------------------ residency reports
+
+    def _residency_snapshot(self) -> tuple[list[str], list[str]]:
+        with self._cond:
+            gpu = [e.digest for e in self.slots if e.state is SlotState.READY]
+            return gpu, self.host.digests()
+
+    def _report(self) -> None:
+        if self._reporter is not None:
+            self._reporter.changed()
