@@ -319,6 +319,19 @@ def serialize(
     Raises:
         InvalidPack: a tensor's parts do not add up to ``prod(shape) * itemsize``.
     """
+    return b"".join(serialize_parts(metadata, tensors))
+
+
+def serialize_parts(
+    metadata: Mapping[str, str] | None,
+    tensors: Iterable[tuple[str, str, Sequence[int], Sequence[bytes | memoryview]]],
+) -> list[bytes | memoryview]:
+    """Like :func:`serialize` but returns the file as a list of chunks (length field, header,
+    then the tensor parts), for writing to a file without assembling it in memory first.
+
+    Raises:
+        InvalidPack: a tensor's parts do not add up to ``prod(shape) * itemsize``.
+    """
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -340,7 +353,7 @@ def serialize(
         chunks.extend(parts)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     text += b" " * (-len(text) % _HEADER_ALIGN)
-    return b"".join([_HEADER_LEN.pack(len(text)), text, *chunks])
+    return [_HEADER_LEN.pack(len(text)), text, *chunks]
 
 
 def library_order(

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,7 +25,7 @@ from catalog.pack.container import (
     library_order,
     loads_strict_json,
     parse_safetensors,
-    serialize,
+    serialize_parts,
 )
 from catalog.pack.format import (
     Pack,
@@ -407,7 +407,7 @@ def export_peft_dir(
         for i, layer in enumerate(module.layers):
             tensors[f"{prefix}.{layer}.{module.name}.lora_A.weight"] = stacked_a.index(i)
             tensors[f"{prefix}.{layer}.{module.name}.lora_B.weight"] = stacked_b.index(i)
-    weights = serialize(metadata, library_order(tensors))
+    weights = serialize_parts(metadata, library_order(tensors))
     config_text = json.dumps(config, indent=2, sort_keys=True).encode()
     directory = Path(dest)
     directory.mkdir(parents=True, exist_ok=True)
@@ -459,13 +459,17 @@ def synthesize_peft_config(manifest: PackManifest) -> dict[str, Any]:
     }
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it into place."""
+def write_atomically(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or chunks written in order) to a temporary file beside ``path``,
+    fsync it, and rename it into place."""
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the adapter from other readers
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                handle.writelines(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)

@@ -177,9 +177,5 @@ def test_import_is_deterministic_and_header_streams(adapter: AdapterCase) -> Non
 
 
 def test_catalog_pack_does_not_import_torch() -> None:
-    code = (
-        "import sys, catalog.pack; "
-        "assert 'torch' not in sys.modules, 'torch imported'; "
-        "assert 'numpy' not in sys.modules, 'numpy imported'"
-    )
+    code = "import sys, catalog.pack; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
