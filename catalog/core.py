@@ -490,9 +490,9 @@ class Catalog:
             raise NotFound(f"adapter {adapter} not found")
         current = state.aliases.get(alias, 0)
         if expected is not None and expected != current:
-            now = f"revision {current}" if current else "nothing"
+            pointed = f"revision {current}" if current else "nothing"
             raise Conflict(
-                f"alias {adapter}@{alias} points at {now}, expected {expected or 'unset'}"
+                f"alias {adapter}@{alias} points at {pointed}, expected {expected or 'unset'}"
             )
         if revision and self.index.get_revision(adapter, revision) is None:
             raise NotFound(f"revision {adapter}@{revision} not found")

@@ -16,7 +16,7 @@ from catalog.errors import InvalidReference
 
 
 class Hasher(Protocol):
-    def update(self, data: bytes | memoryview, /) -> object: ...
+    def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
 
     def hexdigest(self) -> str: ...
 
@@ -24,7 +24,7 @@ class Hasher(Protocol):
 def _blake3() -> Hasher:
     import blake3
 
-    return blake3.blake3(max_threads=blake3.blake3.AUTO)  # type: ignore[no-any-return]
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
 
 
 HASHERS: dict[str, tuple[Callable[[], Hasher], int]] = {

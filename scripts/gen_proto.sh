@@ -6,7 +6,7 @@ PY=${PYTHON:-python}
 out=catalog/_proto
 rm -rf "$out/loracat"
 "$PY" -m grpc_tools.protoc -Iproto --python_out="$out" --grpc_python_out="$out" \
-  --mypy_out="$out" proto/loracat/v1/*.proto
+  --mypy_out="$out" --mypy_grpc_out="$out" proto/loracat/v1/*.proto
 # protoc emits absolute imports (`from loracat.v1 import ...`); make them package-relative.
 find "$out/loracat" -name '*_pb2_grpc.py' -exec sed -i 's/^from loracat\.v1 import/from catalog._proto.loracat.v1 import/' {} +
 touch "$out/__init__.py" "$out/loracat/__init__.py" "$out/loracat/v1/__init__.py"

@@ -28,7 +28,7 @@ def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
     return msg.expected_revision if msg.HasField("expected_revision") else None
 
 
-class CatalogServicer(pb_grpc.CatalogServicer):  # type: ignore[misc]
+class CatalogServicer(pb_grpc.CatalogServicer):
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
@@ -123,20 +123,14 @@ class CatalogServicer(pb_grpc.CatalogServicer):  # type: ignore[misc]
             raise InvalidArgument(f"offset {request.offset} is beyond the {size}-byte pack")
         end = size if request.length == 0 else min(size, request.offset + request.length)
         chunk = min(request.chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
-        offset = request.offset
-        first = pb.PackChunk(offset=offset, revision=revision_to_pb(revision))
-        if offset == end:
-            yield first
-            return
-        while offset < end:
-            stop = min(end, offset + chunk)
-            if first is not None:
-                first.data = bytes(data[offset:stop])
-                yield first
-                first = None
-            else:
-                yield pb.PackChunk(offset=offset, data=bytes(data[offset:stop]))
-            offset = stop
+        # The first chunk carries the revision, even for an empty range.
+        yield pb.PackChunk(
+            offset=request.offset,
+            data=bytes(data[request.offset : min(end, request.offset + chunk)]),
+            revision=revision_to_pb(revision),
+        )
+        for offset in range(request.offset + chunk, end, chunk):
+            yield pb.PackChunk(offset=offset, data=bytes(data[offset : min(end, offset + chunk)]))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats = self.catalog.stats()
