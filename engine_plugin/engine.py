@@ -116,8 +116,8 @@ class ResidentEngine:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         config = getattr(model, "config", None)
-        self.base_id = base_id if base_id is not None else (
-            getattr(config, "name_or_path", "") or None
+        self.base_id = (
+            base_id if base_id is not None else (getattr(config, "name_or_path", "") or None)
         )
         self.engine_id = engine_id or f"engine-{uuid.uuid4().hex[:12]}"
         self.num_slots = num_slots
@@ -159,6 +159,7 @@ class ResidentEngine:
             "attaches": 0,
             "detaches": 0,
             "released": 0,
+            "slot_waits": 0,
         }
 
         self._cuda = self.device.type == "cuda"
@@ -574,6 +575,7 @@ class ResidentEngine:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise
+                    self.counters["slot_waits"] += 1
                     self._cond.wait(remaining)
             if evicted is not None:
                 self.counters["evictions"] += 1

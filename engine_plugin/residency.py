@@ -257,8 +257,10 @@ class SlotTable:
     def _exhausted_message(self) -> str:
         busy = [e for e in self if e.leases]
         pinned = [e for e in self if e.pinned and not e.leases]
+
         def names(entries: list[SlotEntry]) -> str:
             return ", ".join(f"{e.revision.adapter}@{e.revision.number}" for e in entries) or "-"
+
         return (
             f"all {self.num_slots} adapter slots are busy or pinned "
             f"(in use by running batches: {names(busy)}; pinned: {names(pinned)}); "

@@ -55,9 +55,7 @@ class LocalPackSource:
         self.registrations: list[tuple[str, str, int, int]] = []
         self.reports: list[tuple[str, list[str], list[str]]] = []
 
-    def publish(
-        self, name: str, pack: bytes, *, aliases: tuple[str, ...] = ()
-    ) -> Revision:
+    def publish(self, name: str, pack: bytes, *, aliases: tuple[str, ...] = ()) -> Revision:
         """Add ``pack`` as the next revision of ``name``; moves ``latest`` and ``aliases``.
 
         Raises:
