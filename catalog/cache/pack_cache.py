@@ -1,0 +1,1045 @@
+"""The NVMe tier: a byte-bounded cache of pack bytes in an LMDB environment on local disk.
+
+>>> cache = PackCache(Path("/var/cache/loracat"), capacity_bytes=64 << 30)
+>>> data = cache.read_through(digest, lambda: durable_read(digest), name_for_errors="acme/x@3")
+
+Reads go through the cache: a hit returns verified cached bytes, a miss calls the loader (one
+call per cold digest however many threads ask at once), stores what it returns under the byte
+budget, evicting what the eviction policy (:mod:`catalog.cache.policies`) chooses, and returns it.
+
+Layout (one LMDB environment per directory, owned by one process at a time)::
+
+    chunks   entry key + u32 big-endian chunk index -> chunk bytes (``chunk_bytes`` each, the
+             last one shorter)
+    entries  entry key -> meta: format, codec, size, chunk_bytes, chunk count, insert time
+             (unix ns), pin count, then one 32-byte BLAKE3 checksum per chunk
+    info     b"schema" -> schema version
+
+An entry key is ``algorithm:`` followed by the raw digest bytes (``sha256:`` + 32 bytes), so
+every chunk key of a pack starts with its entry key and no other pack's key does, and chunks
+sort in index order. The bytes are stored uncompressed: ``bench/bench_pack_cache.py`` measured
+zstd on bf16 LoRA weights at ~1.3x smaller and several times slower to decode than a cache hit
+is to read, so on the local tier compression only costs time.
+
+Integrity. A whole-pack read is hashed and compared with the digest (sha256 of the
+uncompressed pack). A ranged read checks only the chunks it touches, against the BLAKE3
+checksums recorded when the pack was written: those were computed from the very bytes the
+loader returned, which the caller had verified against the digest, so a chunk that matches its
+checksum holds the verified bytes (BLAKE3 is collision resistant), at ~7 GB/s instead of
+sha256's ~1 GB/s. A cached copy that fails either check is dropped (``corrupt_dropped`` in
+:meth:`PackCache.stats`) and the read falls through to the loader as a miss; a pinned copy
+keeps its pins through the refetch.
+
+Crash safety. Each fill writes all of a pack's chunks, its meta and the deletion of its
+victims in one LMDB write transaction, so after a SIGKILL (or a power loss, with
+``sync=True``) a pack is either wholly present or absent. Opening a directory still scans for
+chunks without a valid meta (and metas that cannot be decoded) and deletes them, so nothing a
+future writer or a damaged file leaves behind can be served or counted.
+
+Restart. Opening a directory rebuilds the policy from the entries on disk in insertion order
+(pinned entries first, so they keep their room), with their pins; if the capacity shrank, the
+oldest unpinned entries are evicted until the rest fit.
+
+Locking. ``_lock`` guards the in-memory state (policy, counters, single-flight table) and is
+held only for bookkeeping, never across LMDB I/O, hashing or a loader call. ``_write_lock``
+serialises the writers (LMDB allows one write transaction at a time anyway) so that the policy
+and the environment change in the same order; hits never take it. Every transaction holds
+``_gate`` shared; growing the map takes it exclusively, as ``mdb_env_set_mapsize`` requires.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import blake3
+import lmdb
+
+from catalog.cache.policies import DEFAULT_POLICY, EvictionPolicy, make_policy
+from catalog.digest import Digest
+from catalog.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from catalog.locks import ReadWriteLock
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "CacheEntry",
+    "CacheVerifyReport",
+    "Loader",
+    "PackCache",
+    "chunk_key",
+    "entry_key",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes per stored chunk: the unit a ranged read fetches and checks.
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 256
+MAX_CHUNK_BYTES = 1 << 30
+SCHEMA_VERSION = 1
+
+#: A loader returns the pack's bytes, already verified against its digest, or raises.
+Loader = Callable[[], bytes]
+
+_FORMAT = 1
+_CODEC_RAW = 0  # room for a compressed codec later without a schema change
+_META = struct.Struct(">BBQIIQI")  # format, codec, size, chunk_bytes, count, inserted_ns, pins
+_CHECKSUM_BYTES = 32
+_INDEX_BYTES = 4
+_MAX_INDEX = (1 << (8 * _INDEX_BYTES)) - 1
+_SCHEMA_KEY = b"schema"
+_LOCK_FILE = "cache.lock"
+_MIN_MAP_SIZE = 64 << 20
+_MAP_ALIGN = 1 << 20
+
+T = TypeVar("T")
+if TYPE_CHECKING:
+    _Txn = lmdb.Transaction[Any]  # reads use buffers=True: values are memoryviews
+
+
+def entry_key(digest: Digest) -> bytes:
+    """The key of ``digest``'s meta, and the prefix of every one of its chunk keys."""
+    return digest.algorithm.encode() + b":" + bytes.fromhex(digest.hex)
+
+
+def chunk_key(digest: Digest, index: int) -> bytes:
+    """The key of chunk ``index`` (from 0) of ``digest``'s pack."""
+    return entry_key(digest) + index.to_bytes(_INDEX_BYTES, "big")
+
+
+def _digest_of_key(key: bytes) -> Digest:
+    """Inverse of :func:`entry_key`; raises ``InvalidReference`` for a key that is not one."""
+    algorithm, _, raw = key.partition(b":")
+    return Digest(algorithm.decode(errors="replace"), raw.hex())
+
+
+def _checksum(chunk: bytes | memoryview) -> bytes:
+    return blake3.blake3(chunk).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One cached pack, as :meth:`PackCache.entries` lists it."""
+
+    digest: Digest
+    size: int
+    pins: int
+    #: When the pack was written into the cache (unix seconds).
+    inserted_at: float
+
+    @property
+    def pinned(self) -> bool:
+        return self.pins > 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheVerifyReport:
+    """What :meth:`PackCache.verify` checked and dropped."""
+
+    checked: int
+    checked_bytes: int
+    corrupt: tuple[Digest, ...]
+
+
+class _CorruptEntry(Exception):
+    """A cached copy failed a check; ``seen_meta`` is its meta as read (to drop only that)."""
+
+    def __init__(self, why: str, seen_meta: bytes) -> None:
+        super().__init__(why)
+        self.seen_meta = seen_meta
+
+
+@dataclass(frozen=True, slots=True)
+class _EntryMeta:
+    size: int
+    chunk_bytes: int
+    inserted_ns: int
+    pins: int
+    checksums: bytes  # _CHECKSUM_BYTES per chunk
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.checksums) // _CHECKSUM_BYTES
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
+
+    def checksum(self, index: int) -> bytes:
+        return self.checksums[index * _CHECKSUM_BYTES : (index + 1) * _CHECKSUM_BYTES]
+
+    def encode(self) -> bytes:
+        header = _META.pack(
+            _FORMAT,
+            _CODEC_RAW,
+            self.size,
+            self.chunk_bytes,
+            self.chunk_count,
+            self.inserted_ns,
+            self.pins,
+        )
+        return header + self.checksums
+
+    def with_pins(self, pins: int) -> _EntryMeta:
+        return _EntryMeta(self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums)
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview) -> _EntryMeta:
+        """Raises ``ValueError`` naming what is wrong with ``raw``."""
+        if len(raw) < _META.size:
+            raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
+        fmt, codec, size, chunk_bytes, count, inserted_ns, pins = _META.unpack_from(raw)
+        if fmt != _FORMAT or codec != _CODEC_RAW:
+            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1/0")
+        if size <= 0 or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"meta has size {size}, chunk_bytes {chunk_bytes}")
+        if count != -(-size // chunk_bytes):
+            raise ValueError(f"meta has {count} chunks for {size} bytes of {chunk_bytes}")
+        if len(raw) != _META.size + count * _CHECKSUM_BYTES:
+            raise ValueError(f"meta is {len(raw)} bytes, expected {count} checksums")
+        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size :]))
+
+    @classmethod
+    def for_data(cls, data: bytes, chunk_bytes: int) -> _EntryMeta:
+        view = memoryview(data)
+        checksums = b"".join(
+            _checksum(view[start : start + chunk_bytes])
+            for start in range(0, len(data), chunk_bytes)
+        )
+        return cls(len(data), chunk_bytes, time.time_ns(), 0, checksums)
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0  # misses that waited for another caller's load instead of loading
+    loads: int = 0
+    fills: int = 0
+    not_admitted: int = 0
+    fill_failures: int = 0
+    evictions: int = 0
+    evicted_on_request: int = 0
+    bytes_read: int = 0
+    bytes_filled: int = 0
+    corrupt_dropped: int = 0
+    read_errors: int = 0
+    orphan_chunks_removed: int = 0
+    dropped_on_open: int = 0
+
+
+def _initial_map_size(capacity_bytes: int, chunk_bytes: int) -> int:
+    # Each chunk is an overflow run that wastes up to a page, freed pages are reused only after
+    # the readers that could see them finish, and metas and branch pages need a little more.
+    chunk_overhead = capacity_bytes // max(1, chunk_bytes // 4096)
+    wanted = capacity_bytes + capacity_bytes // 4 + chunk_overhead + _MIN_MAP_SIZE
+    return -(-wanted // _MAP_ALIGN) * _MAP_ALIGN
+
+
+class PackCache:
+    """A byte-bounded, crash-safe cache of verified pack bytes in LMDB (see the module doc).
+
+    Thread safe. One process at a time may open a directory.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity_bytes: int,
+        policy: str = DEFAULT_POLICY,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        sync: bool = True,
+        max_map_size: int | None = None,
+    ) -> None:
+        """Open (creating if missing) the cache in directory ``path``.
+
+        Args:
+            capacity_bytes: the budget of pack bytes (LMDB's page overhead, under 1% with 1 MiB
+                chunks, is not counted; :meth:`stats` reports the file's size beside it).
+            policy: an eviction policy name from ``POLICIES``, or ``"default"``.
+            chunk_bytes: bytes per stored chunk for packs written from now on (packs already
+                cached keep the chunk size they were written with).
+            sync: fsync each commit. Without it a SIGKILL still loses nothing that was
+                committed, but a power loss may lose recent fills or damage the file.
+            max_map_size: the most the LMDB map may grow to (default 4x the initial map, which
+                is about 1.25x the capacity); beyond it fills are served without caching.
+
+        Raises:
+            InvalidArgument: bad capacity, policy name, chunk size or map size.
+            FailedPrecondition: another process (or another ``PackCache`` in this one) has the
+                directory open, or it holds a cache of another schema version.
+            Unavailable: the directory or its LMDB environment cannot be opened.
+        """
+        if type(chunk_bytes) is not int or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise InvalidArgument(
+                f"chunk_bytes must be an integer in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], "
+                f"got {chunk_bytes!r}"
+            )
+        self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)
+        self.path = Path(path)
+        self.chunk_bytes = chunk_bytes
+        initial = _initial_map_size(capacity_bytes, chunk_bytes)
+        self._max_map_size = 4 * initial if max_map_size is None else max_map_size
+        if type(self._max_map_size) is not int or self._max_map_size < _MIN_MAP_SIZE:
+            raise InvalidArgument(f"max_map_size must be at least {_MIN_MAP_SIZE} bytes")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Unavailable(f"cannot create pack cache directory {self.path}: {exc}") from exc
+        self._lock_file = self._lock_directory()
+        try:
+            data_file = self.path / "data.mdb"
+            existing = data_file.stat().st_size if data_file.exists() else 0
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=max(min(initial, self._max_map_size), existing),
+                max_dbs=4,
+                max_readers=1024,
+                sync=sync,
+                metasync=sync,
+                meminit=False,
+            )
+        except lmdb.Error as exc:
+            self._lock_file.close()
+            raise Unavailable(f"cannot open the pack cache LMDB in {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._gate = ReadWriteLock()
+        self._counters = _Counters()
+        self._pins: dict[str, int] = {}  # pin counts of resident entries (also in their meta)
+        self._pending_pins: dict[str, int] = {}  # pins to apply when the key is next filled
+        self._inflight: dict[str, Future[bytes]] = {}
+        self._closed = False
+        try:
+            self._chunks = self._env.open_db(b"chunks")
+            self._entries = self._env.open_db(b"entries")
+            self._info = self._env.open_db(b"info")
+            self._check_schema()
+            self._restore()
+        except BaseException:
+            self._env.close()
+            self._lock_file.close()
+            raise
+
+    def _lock_directory(self) -> IO[bytes]:
+        lock_file = open(self.path / _LOCK_FILE, "a+b")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise FailedPrecondition(
+                f"pack cache directory {self.path} is already open (in this or another process)"
+            ) from None
+        return lock_file
+
+    def _check_schema(self) -> None:
+        with self._env.begin(write=True) as txn:
+            found = txn.get(_SCHEMA_KEY, db=self._info)
+            if found is None:
+                txn.put(_SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self._info)
+            elif found != str(SCHEMA_VERSION).encode():
+                raise FailedPrecondition(
+                    f"pack cache at {self.path} has schema {found.decode(errors='replace')!r}, "
+                    f"this version reads {SCHEMA_VERSION}; delete the directory to start empty"
+                )
+
+    def _restore(self) -> None:
+        """Rebuild the policy from disk; delete orphan chunks, bad metas and what no longer fits."""
+        metas: dict[bytes, _EntryMeta] = {}
+        doomed: list[bytes] = []  # entry keys to delete with all their chunks
+        orphans: list[bytes] = []  # single chunk keys to delete
+        with self._env.begin() as txn:
+            for key, raw in txn.cursor(db=self._entries):
+                try:
+                    _digest_of_key(key)
+                    metas[key] = _EntryMeta.decode(raw)
+                except (ValueError, LookupError) as exc:
+                    log.warning("pack cache %s: dropping entry %r: %s", self.path, key[:80], exc)
+                    doomed.append(key)
+            for key in txn.cursor(db=self._chunks).iternext(keys=True, values=False):
+                meta = metas.get(key[:-_INDEX_BYTES])
+                index = int.from_bytes(key[-_INDEX_BYTES:], "big")
+                if meta is None or index >= meta.chunk_count:
+                    orphans.append(key)
+        policy = self._policy
+        # Pinned entries first so they keep their room, then the rest oldest first.
+        order = sorted(metas.items(), key=lambda item: (item[1].pins == 0, item[1].inserted_ns))
+        for key, meta in order:
+            name = str(_digest_of_key(key))
+            if meta.size > policy.capacity_bytes - policy.pinned_bytes:
+                log.warning(
+                    "pack cache %s: %s (%d bytes, %d pins) does not fit the capacity %d beside "
+                    "%d pinned bytes; dropped",
+                    self.path, name, meta.size, meta.pins, policy.capacity_bytes,
+                    policy.pinned_bytes,
+                )  # fmt: skip
+                doomed.append(key)
+                continue
+            doomed.extend(entry_key(Digest.parse(v)) for v in policy.victims(meta.size))
+            policy.record_insert(name, meta.size)
+            for _ in range(meta.pins):
+                policy.pin(name)
+            if meta.pins:
+                self._pins[name] = meta.pins
+        self._counters.dropped_on_open = len(doomed)
+        self._counters.orphan_chunks_removed = len(orphans)
+        if doomed or orphans:
+
+            def delete(txn: _Txn) -> None:
+                for key in doomed:
+                    self._txn_delete_entry(txn, key)
+                for key in orphans:
+                    txn.delete(key, db=self._chunks)
+
+            with self._write_lock:
+                self._write(delete)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def read_through(self, digest: Digest, loader: Loader, *, name_for_errors: str) -> bytes:
+        """The verified bytes of ``digest``'s pack, from the cache or else from ``loader``.
+
+        On a miss, ``loader()`` is called once however many threads ask for the same digest at
+        the same time (the others wait for its bytes or its exception), and what it returns is
+        cached if the policy admits it. ``loader`` must return bytes already verified against
+        ``digest``: they are checksummed per chunk, not hashed again. A cached copy that fails
+        verification is dropped and the read continues as a miss. ``name_for_errors`` (e.g.
+        ``acme/x@3``) names the pack in logs and errors.
+
+        Raises:
+            Whatever ``loader`` raises (e.g. ``DataLoss`` for a corrupt durable copy).
+            Internal: ``loader`` returned something that is not bytes.
+            FailedPrecondition: the cache is closed.
+        """
+        self._check_open()
+        key = str(digest)
+        for attempt in range(2):
+            data = self._cached(digest, self._read_whole, name_for_errors)
+            if data is not None:
+                self._count_hit(key, len(data))
+                return data
+            loaded = self._load(digest, loader, name_for_errors, recheck=attempt == 0)
+            if loaded is not None:
+                return loaded
+        raise Internal(f"pack cache: {name_for_errors} ({digest}) vanished twice while reading")
+
+    def read_range(
+        self, digest: Digest, offset: int, length: int, loader: Loader, *, name_for_errors: str
+    ) -> bytes:
+        """``length`` bytes of ``digest``'s pack from ``offset`` (fewer at its end).
+
+        A hit reads and checks only the chunks the range touches (against their fill-time
+        checksums); a miss loads and caches the whole pack as :meth:`read_through` does.
+
+        Raises:
+            InvalidArgument: negative ``offset`` or ``length``, or ``offset`` past the end.
+            As :meth:`read_through` otherwise.
+        """
+        self._check_open()
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise InvalidArgument(
+                f"range of {name_for_errors}: offset and length must be non-negative integers, "
+                f"got {offset!r}, {length!r}"
+            )
+        key = str(digest)
+
+        def read_span(target: Digest, name: str) -> bytes | None:
+            return self._read_span(target, offset, length, name)
+
+        for attempt in range(2):
+            data = self._cached(digest, read_span, name_for_errors)
+            if data is not None:
+                self._count_hit(key, len(data))
+                return data
+            loaded = self._load(digest, loader, name_for_errors, recheck=attempt == 0)
+            if loaded is not None:
+                _check_offset(offset, len(loaded), name_for_errors)
+                return loaded[offset : offset + length]
+        raise Internal(f"pack cache: {name_for_errors} ({digest}) vanished twice while reading")
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether ``digest``'s pack is cached (not counted as a request)."""
+        with self._lock:
+            return str(digest) in self._policy
+
+    def entries(self) -> Iterator[CacheEntry]:
+        """Every cached pack, in digest order (a snapshot taken when called).
+
+        Raises:
+            FailedPrecondition: the cache is closed.
+        """
+        self._check_open()
+
+        def collect(txn: _Txn) -> list[CacheEntry]:
+            found = []
+            for key, raw in txn.cursor(db=self._entries):
+                try:
+                    meta = _EntryMeta.decode(raw)
+                    digest = _digest_of_key(bytes(key))
+                except (ValueError, LookupError):
+                    continue  # a damaged meta; reading it drops it
+                found.append(CacheEntry(digest, meta.size, meta.pins, meta.inserted_ns / 1e9))
+            return found
+
+        return iter(self._read(collect))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since open and the current occupancy.
+
+        Keys: ``bytes`` (cached pack bytes), ``entries``, ``capacity_bytes``, ``pinned``
+        (entries), ``pinned_bytes``, ``hits``, ``misses`` (requests not served from the cache,
+        including ``coalesced`` ones that waited for another caller's load), ``loads`` (loader
+        calls), ``fills`` (packs written), ``not_admitted`` (loaded but not cached: refused by
+        the policy or too large), ``fill_failures``, ``evictions`` (chosen by the policy),
+        ``evicted_on_request``, ``bytes_read`` (served by hits), ``bytes_filled``,
+        ``corrupt_dropped``, ``read_errors``, ``orphan_chunks_removed`` and ``dropped_on_open``
+        (at open), ``policy``, ``chunk_bytes``, ``path``, ``file_bytes`` (the LMDB data file),
+        ``map_size``.
+        """
+        with self._lock:
+            counters = dict(vars(self._counters))
+            occupancy = {
+                "bytes": self._policy.used_bytes,
+                "entries": len(self._policy),
+                "capacity_bytes": self._policy.capacity_bytes,
+                "pinned": len(self._pins),
+                "pinned_bytes": self._policy.pinned_bytes,
+            }
+        data_file = self.path / "data.mdb"
+        return {
+            **occupancy,
+            **counters,
+            "policy": self._policy.name,
+            "chunk_bytes": self.chunk_bytes,
+            "path": str(self.path),
+            "file_bytes": data_file.stat().st_size if data_file.exists() else 0,
+            "map_size": 0 if self._closed else int(self._env.info()["map_size"]),
+        }
+
+    def verify(self) -> CacheVerifyReport:
+        """Read and verify every cached pack against its digest; drop the corrupt ones.
+
+        A dropped pinned pack keeps its pins for its next fill (in this process).
+
+        Raises:
+            FailedPrecondition: the cache is closed.
+        """
+        checked = checked_bytes = 0
+        corrupt: list[Digest] = []
+        for entry in self.entries():
+            name = str(entry.digest)
+            try:
+                data = self._read_whole(entry.digest, name)
+            except _CorruptEntry as exc:
+                if self._drop_corrupt(entry.digest, exc, name):
+                    corrupt.append(entry.digest)
+                continue
+            if data is not None:
+                checked += 1
+                checked_bytes += len(data)
+        return CacheVerifyReport(checked, checked_bytes, tuple(corrupt))
+
+    # -- pins and eviction -------------------------------------------------------------------------
+
+    def pin(
+        self, digest: Digest, loader: Loader | None = None, *, name_for_errors: str = ""
+    ) -> None:
+        """Keep ``digest``'s pack cached until as many :meth:`unpin` calls; pins persist.
+
+        A pack that is not cached is loaded through ``loader`` first (bypassing the policy's
+        admission, single flight as in :meth:`read_through`); without a loader that is an
+        error, so a pin is always on bytes that are in the cache when it returns.
+
+        Raises:
+            NotFound: the pack is not cached and no ``loader`` was given.
+            ResourceExhausted: the pack does not fit the capacity beside the pinned bytes.
+            As :meth:`read_through` for the loader.
+        """
+        self._check_open()
+        name = name_for_errors or str(digest)
+        if self._pin_resident(digest):
+            return
+        if loader is None:
+            raise NotFound(f"{name} is not in the pack cache at {self.path}; nothing to pin")
+        key = str(digest)
+        with self._lock:
+            self._pending_pins[key] = self._pending_pins.get(key, 0) + 1
+        try:
+            self.read_through(digest, loader, name_for_errors=name)
+        finally:
+            # Pins are counted, not owned: if a fill consumed one pending pin, ours is applied.
+            with self._lock:
+                pending = self._pending_pins.get(key, 0)
+                if pending > 1:
+                    self._pending_pins[key] = pending - 1
+                else:
+                    self._pending_pins.pop(key, None)
+        if pending == 0:
+            return
+        if not self._pin_resident(digest):
+            with self._lock:
+                room = self._policy.capacity_bytes - self._policy.pinned_bytes
+            raise ResourceExhausted(
+                f"{name} cannot be pinned in the pack cache at {self.path}: it does not fit "
+                f"beside the pinned packs ({room} of {self._policy.capacity_bytes} bytes free)"
+            )
+
+    def unpin(self, digest: Digest) -> None:
+        """Drop one pin of ``digest``; with the last one it can be evicted again.
+
+        Raises:
+            NotFound: the pack is not cached.
+            FailedPrecondition: it is not pinned.
+        """
+        self._check_open()
+        key = str(digest)
+        with self._write_lock:
+            with self._lock:
+                if key not in self._policy:
+                    pending = self._pending_pins.get(key, 0)
+                    if pending:  # a pinned pack dropped as corrupt, awaiting its refetch
+                        self._pending_pins[key] = pending - 1
+                        if pending == 1:
+                            del self._pending_pins[key]
+                        return
+                    raise NotFound(f"{digest} is not in the pack cache at {self.path}")
+                count = self._pins.get(key, 0)
+                if count == 0:
+                    raise FailedPrecondition(f"{digest} is not pinned in the pack cache")
+                self._policy.unpin(key)
+                self._set_pin_count(key, count - 1)
+            try:
+                self._write(lambda txn: self._txn_set_pins(txn, digest, count - 1))
+            except Exception:
+                with self._lock:
+                    self._policy.pin(key)
+                    self._set_pin_count(key, count)
+                raise
+
+    def evict(self, digest: Digest) -> None:
+        """Remove ``digest``'s pack from the cache now.
+
+        Raises:
+            NotFound: the pack is not cached.
+            FailedPrecondition: it is pinned.
+        """
+        self._check_open()
+        key = str(digest)
+        with self._write_lock:
+            with self._lock:
+                if key not in self._policy:
+                    raise NotFound(f"{digest} is not in the pack cache at {self.path}")
+                pins = self._pins.get(key, 0)
+                if pins:
+                    raise FailedPrecondition(
+                        f"{digest} is pinned {pins} time(s) in the pack cache; unpin it first"
+                    )
+                self._policy.remove(key)
+                self._counters.evicted_on_request += 1
+            # If this fails the bytes stay on disk untracked; the next fill of the digest, or
+            # the next open, deals with them.
+            ekey = entry_key(digest)
+            self._write(lambda txn: self._txn_delete_entry(txn, ekey))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the environment and release the directory; later calls raise. Idempotent."""
+        with self._write_lock, self._gate.exclusive():
+            if self._closed:
+                return
+            self._closed = True
+            self._env.close()
+            self._lock_file.close()
+
+    def __enter__(self) -> PackCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"PackCache({str(self.path)!r}, capacity_bytes={self._policy.capacity_bytes}, "
+            f"policy={self._policy.name!r})"
+        )
+
+    # -- internals: reads --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"the pack cache at {self.path} is closed")
+
+    def _read(self, work: Callable[[_Txn], T]) -> T:
+        with self._gate.shared():
+            if self._closed:
+                raise FailedPrecondition(f"the pack cache at {self.path} is closed")
+            with self._env.begin(buffers=True) as txn:
+                return work(txn)
+
+    def _cached(
+        self,
+        digest: Digest,
+        read: Callable[[Digest, str], bytes | None],
+        name: str,
+    ) -> bytes | None:
+        """``read(digest, name)``, with a corrupt copy dropped and an LMDB failure logged, both
+        turned into ``None`` (a miss) so that the caller falls back to its loader."""
+        try:
+            return read(digest, name)
+        except _CorruptEntry as exc:
+            self._drop_corrupt(digest, exc, name)
+        except lmdb.Error as exc:
+            log.warning("pack cache %s: reading %s (%s) failed: %s", self.path, name, digest, exc)
+            with self._lock:
+                self._counters.read_errors += 1
+        return None
+
+    def _read_whole(self, digest: Digest, name: str) -> bytes | None:
+        """The cached pack verified against its digest; ``None`` when not cached.
+
+        Raises ``_CorruptEntry`` when it is cached but fails verification.
+        """
+        ekey = entry_key(digest)
+
+        def gather(txn: _Txn) -> tuple[bytes, bytes] | None:
+            raw = txn.get(ekey, db=self._entries)
+            if raw is None:
+                return None
+            seen = bytes(raw)
+            meta = _decode_meta(seen, name)
+            views = []
+            for index in range(meta.chunk_count):
+                view = txn.get(ekey + index.to_bytes(_INDEX_BYTES, "big"), db=self._chunks)
+                if view is None or len(view) != meta.chunk_length(index):
+                    got = "missing" if view is None else f"{len(view)} bytes"
+                    raise _CorruptEntry(f"chunk {index} of {name} is {got}", seen)
+                views.append(view)
+            # The one copy out of the map; hashing happens after the transaction ends.
+            return b"".join(views), seen
+
+        found = self._read(gather)
+        if found is None:
+            return None
+        data, seen = found
+        actual = Digest.of(data, digest.algorithm)
+        if actual != digest:
+            raise _CorruptEntry(f"cached bytes of {name} hash to {actual}, not {digest}", seen)
+        return data
+
+    def _read_span(self, digest: Digest, offset: int, length: int, name: str) -> bytes | None:
+        """Bytes ``[offset, offset + length)`` of a cached pack, each touched chunk checked
+        against its fill-time checksum; ``None`` when not cached. Raises ``_CorruptEntry`` and
+        ``InvalidArgument`` (offset past the end)."""
+        ekey = entry_key(digest)
+
+        def gather(txn: _Txn) -> bytes | None:
+            raw = txn.get(ekey, db=self._entries)
+            if raw is None:
+                return None
+            seen = bytes(raw)
+            meta = _decode_meta(seen, name)
+            _check_offset(offset, meta.size, name)
+            end = min(meta.size, offset + length)
+            if end <= offset:
+                return b""
+            size = meta.chunk_bytes
+            pieces = []
+            for index in range(offset // size, (end - 1) // size + 1):
+                view = txn.get(ekey + index.to_bytes(_INDEX_BYTES, "big"), db=self._chunks)
+                if view is None or len(view) != meta.chunk_length(index):
+                    got = "missing" if view is None else f"{len(view)} bytes"
+                    raise _CorruptEntry(f"chunk {index} of {name} is {got}", seen)
+                if _checksum(view) != meta.checksum(index):
+                    raise _CorruptEntry(f"chunk {index} of {name} fails its checksum", seen)
+                start = index * size
+                pieces.append(view[max(offset, start) - start : min(end, start + size) - start])
+            return b"".join(pieces)
+
+        return self._read(gather)
+
+    def _count_hit(self, key: str, size: int) -> None:
+        with self._lock:
+            self._counters.hits += 1
+            self._counters.bytes_read += size
+            # Not in the policy: evicted after the read's snapshot; the bytes were still good.
+            if key in self._policy:
+                self._policy.record_hit(key)
+
+    # -- internals: misses and fills ---------------------------------------------------------------
+
+    def _load(self, digest: Digest, loader: Loader, name: str, *, recheck: bool) -> bytes | None:
+        """Load through ``loader`` once per digest at a time; ``None`` when, with ``recheck``,
+        the pack was cached since the caller looked (the caller reads it again)."""
+        key = str(digest)
+        with self._lock:
+            flight = self._inflight.get(key)
+            if flight is None and recheck and key in self._policy:
+                return None  # a fill committed between the caller's read and now
+            self._counters.misses += 1
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[key] = Future()
+                self._counters.loads += 1
+            else:
+                self._counters.coalesced += 1
+        if not leader:
+            return flight.result()
+        try:
+            data = _as_bytes(loader(), name)
+            self._fill(digest, data, name)
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[key]
+            flight.set_exception(exc)
+            raise
+        with self._lock:
+            del self._inflight[key]
+        flight.set_result(data)
+        return data
+
+    def _fill(self, digest: Digest, data: bytes, name: str) -> None:
+        """Cache ``data`` if it is admitted; a failure to write is logged, never raised."""
+        if not data:
+            return
+        meta = _EntryMeta.for_data(data, self.chunk_bytes)
+        try:
+            self._install(digest, data, meta)
+        except (lmdb.Error, ResourceExhausted, Internal) as exc:
+            log.warning("pack cache %s: caching %s (%s) failed: %s", self.path, name, digest, exc)
+            with self._lock:
+                self._counters.fill_failures += 1
+
+    def _install(self, digest: Digest, data: bytes, meta: _EntryMeta) -> None:
+        key, size = str(digest), len(data)
+        policy = self._policy
+        with self._write_lock:
+            with self._lock:
+                pins = self._pending_pins.pop(key, 0)
+                resident = key in policy
+                victims: list[str] = []
+                if resident:
+                    # Tracked but unreadable (an LMDB read error): rewrite it in place.
+                    for _ in range(pins):
+                        policy.pin(key)
+                    self._set_pin_count(key, self._pins.get(key, 0) + pins)
+                else:
+                    fits = (
+                        size <= policy.capacity_bytes - policy.pinned_bytes
+                        if pins
+                        else policy.admit(key, size)
+                    )
+                    if not fits:
+                        if pins:
+                            self._pending_pins[key] = pins
+                        self._counters.not_admitted += 1
+                        return
+                    victims = policy.victims(size)
+                    policy.record_insert(key, size)
+                    for _ in range(pins):
+                        policy.pin(key)
+                    self._set_pin_count(key, pins)
+                    self._counters.evictions += len(victims)
+                meta = meta.with_pins(self._pins.get(key, 0))
+            try:
+                self._write(lambda txn: self._txn_install(txn, digest, data, meta, victims))
+            except BaseException:
+                if not resident:
+                    with self._lock:
+                        for _ in range(self._pins.pop(key, 0)):
+                            policy.unpin(key)
+                        policy.remove(key)
+                    self._delete_quietly([*victims, key])
+                raise
+            with self._lock:
+                self._counters.fills += 1
+                self._counters.bytes_filled += size
+
+    def _pin_resident(self, digest: Digest) -> bool:
+        """Add a pin to a cached pack; ``False`` (nothing done) when it is not cached."""
+        key = str(digest)
+        with self._write_lock:
+            with self._lock:
+                if key not in self._policy:
+                    return False
+                self._policy.pin(key)
+                count = self._pins.get(key, 0) + 1
+                self._set_pin_count(key, count)
+            try:
+                self._write(lambda txn: self._txn_set_pins(txn, digest, count))
+            except Exception:
+                with self._lock:
+                    self._policy.unpin(key)
+                    self._set_pin_count(key, count - 1)
+                raise
+        return True
+
+    def _set_pin_count(self, key: str, count: int) -> None:
+        if count:
+            self._pins[key] = count
+        else:
+            self._pins.pop(key, None)
+
+    def _drop_corrupt(self, digest: Digest, corrupt: _CorruptEntry, name: str) -> bool:
+        """Delete the copy that failed verification, unless it was replaced meanwhile.
+
+        Its pins wait for the next fill. Returns whether this call dropped it.
+        """
+        key, ekey = str(digest), entry_key(digest)
+        with self._write_lock:
+
+            def drop(txn: _Txn) -> bool:
+                if txn.get(ekey, db=self._entries) != corrupt.seen_meta:
+                    return False  # already dropped, or refilled with a good copy
+                self._txn_delete_entry(txn, ekey)
+                return True
+
+            try:
+                dropped = self._write(drop)
+            except (lmdb.Error, ResourceExhausted) as exc:
+                log.warning("pack cache %s: dropping corrupt %s failed: %s", self.path, name, exc)
+                dropped = True  # forget it anyway; a later fill overwrites what is on disk
+            if not dropped:
+                return False
+            with self._lock:
+                if key in self._policy:
+                    pins = self._pins.pop(key, 0)
+                    for _ in range(pins):
+                        self._policy.unpin(key)
+                    self._policy.remove(key)
+                    if pins:
+                        self._pending_pins[key] = self._pending_pins.get(key, 0) + pins
+                self._counters.corrupt_dropped += 1
+        log.warning(
+            "pack cache %s: dropped the corrupt cached copy of %s (%s): %s; refetching",
+            self.path, name, digest, corrupt,
+        )  # fmt: skip
+        return True
+
+    def _delete_quietly(self, keys: list[str]) -> None:
+        """Best effort after a failed fill: the policy already forgot these keys."""
+        try:
+            ekeys = [entry_key(Digest.parse(key)) for key in keys]
+
+            def delete(txn: _Txn) -> None:
+                for ekey in ekeys:
+                    self._txn_delete_entry(txn, ekey)
+
+            self._write(delete)
+        except Exception as exc:  # the original failure is what the caller reports
+            log.warning("pack cache %s: cleanup after a failed fill failed: %s", self.path, exc)
+
+    # -- internals: write transactions -------------------------------------------------------------
+
+    def _write(self, work: Callable[[_Txn], T]) -> T:
+        """Run ``work`` in one write transaction, growing the map when it is full.
+
+        The caller holds ``_write_lock``. Raises ``ResourceExhausted`` at ``max_map_size``.
+        """
+        while True:
+            with self._gate.shared():
+                if self._closed:
+                    raise FailedPrecondition(f"the pack cache at {self.path} is closed")
+                try:
+                    with self._env.begin(write=True) as txn:
+                        return work(txn)
+                except lmdb.MapFullError:
+                    pass
+            self._grow_map()
+
+    def _grow_map(self) -> None:
+        with self._gate.exclusive():
+            current = int(self._env.info()["map_size"])
+            if current >= self._max_map_size:
+                raise ResourceExhausted(
+                    f"pack cache at {self.path} is full at its {current}-byte LMDB map "
+                    "(max_map_size)"
+                )
+            self._env.set_mapsize(min(current * 2, self._max_map_size))
+
+    def _txn_install(
+        self,
+        txn: _Txn,
+        digest: Digest,
+        data: bytes,
+        meta: _EntryMeta,
+        victims: list[str],
+    ) -> None:
+        for victim in victims:
+            self._txn_delete_entry(txn, entry_key(Digest.parse(victim)))
+        ekey = entry_key(digest)
+        self._txn_delete_entry(txn, ekey)  # leftovers of an untracked copy
+        view = memoryview(data)
+        size = meta.chunk_bytes
+        if meta.chunk_count - 1 > _MAX_INDEX:
+            raise ResourceExhausted(f"{digest} has more than {_MAX_INDEX} chunks")
+        for index in range(meta.chunk_count):
+            txn.put(
+                ekey + index.to_bytes(_INDEX_BYTES, "big"),
+                view[index * size : (index + 1) * size],
+                db=self._chunks,
+            )
+        # The meta goes last: within the one transaction this is only tidiness, but it keeps
+        # the invariant "a meta implies all its chunks" true of every prefix of the writes.
+        txn.put(ekey, meta.encode(), db=self._entries)
+
+    def _txn_set_pins(self, txn: _Txn, digest: Digest, pins: int) -> None:
+        ekey = entry_key(digest)
+        raw = txn.get(ekey, db=self._entries)
+        if raw is None:
+            raise Internal(f"pack cache {self.path}: {digest} is tracked but has no meta on disk")
+        txn.put(ekey, _EntryMeta.decode(raw).with_pins(pins).encode(), db=self._entries)
+
+    def _txn_delete_entry(self, txn: _Txn, ekey: bytes) -> None:
+        txn.delete(ekey, db=self._entries)
+        cursor = txn.cursor(db=self._chunks)
+        if not cursor.set_range(ekey):
+            return
+        width = len(ekey) + _INDEX_BYTES
+        while True:
+            found = cursor.key()
+            if len(found) != width or not found.startswith(ekey):
+                return
+            cursor.delete()
+
+
+def _decode_meta(raw: bytes, name: str) -> _EntryMeta:
+    try:
+        return _EntryMeta.decode(raw)
+    except ValueError as exc:
+        raise _CorruptEntry(f"meta of {name}: {exc}", raw) from None
+
+
+def _check_offset(offset: int, size: int, name: str) -> None:
+    if offset > size:
+        raise InvalidArgument(f"offset {offset} is past the end of {name} ({size} bytes)")
+
+
+def _as_bytes(data: object, name: str) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise Internal(f"the loader for {name} returned {type(data).__name__}, not bytes")
