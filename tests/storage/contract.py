@@ -28,6 +28,9 @@ BAD_KEYS = ["", "/abs", "a//b", "a/", "../up", "a/../b", "a/./b", ".", "a\\b", "
 class BlobStoreContract:
     #: Whether ``open_store(store.url)`` reaches the same objects (not so for ``memory://``).
     reopenable = True
+    #: Rounds of the conditional-put race; a backend whose server is slow under contention
+    #: may run fewer.
+    race_rounds = 3
 
     @pytest.fixture
     def store(self) -> Iterator[BlobStore]:
@@ -91,7 +94,7 @@ class BlobStoreContract:
             start.wait()
             return store.put("log/t/race/000000000001.json", b"writer %d" % i, if_absent=True)
 
-        for _ in range(3):
+        for _ in range(self.race_rounds):
             store.delete("log/t/race/000000000001.json")
             with ThreadPoolExecutor(writers) as pool:
                 won = list(pool.map(claim, range(writers)))
