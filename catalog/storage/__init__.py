@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -65,9 +66,9 @@ def open_store(url: str, **options: Any) -> BlobStore:
     """
     if not isinstance(url, str) or not url:
         raise InvalidArgument(f"store URL must be a non-empty string, got {url!r}")
-    scheme, sep, location = url.partition("://")
-    if not sep:
-        scheme, location = "file", url  # a plain path
+    if "://" not in url:  # a plain path, relative to the working directory or absolute
+        url = Path(url).expanduser().absolute().as_uri()
+    scheme, _, location = url.partition("://")
     loader = STORE_LOADERS.get(scheme.lower())
     if loader is None:
         raise InvalidArgument(
