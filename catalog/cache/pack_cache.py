@@ -266,6 +266,7 @@ class PackCache:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         sync: bool = True,
+        map_size: int | None = None,
         max_map_size: int | None = None,
     ) -> None:
         """Open (creating if missing) the cache in directory ``path``.
@@ -278,8 +279,10 @@ class PackCache:
                 cached keep the chunk size they were written with).
             sync: fsync each commit. Without it a SIGKILL still loses nothing that was
                 committed, but a power loss may lose recent fills or damage the file.
-            max_map_size: the most the LMDB map may grow to (default 4x the initial map, which
-                is about 1.25x the capacity); beyond it fills are served without caching.
+            map_size: the initial LMDB map (address space, not disk; default about 1.25x the
+                capacity plus 64 MiB). It doubles whenever LMDB reports it full...
+            max_map_size: ...up to this (default 4x the initial map); beyond it fills are
+                served without caching and counted as ``fill_failures``.
 
         Raises:
             InvalidArgument: bad capacity, policy name, chunk size or map size.
@@ -295,10 +298,13 @@ class PackCache:
         self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)
         self.path = Path(path)
         self.chunk_bytes = chunk_bytes
-        initial = _initial_map_size(capacity_bytes, chunk_bytes)
+        initial = _initial_map_size(capacity_bytes, chunk_bytes) if map_size is None else map_size
         self._max_map_size = 4 * initial if max_map_size is None else max_map_size
-        if type(self._max_map_size) is not int or self._max_map_size < _MIN_MAP_SIZE:
-            raise InvalidArgument(f"max_map_size must be at least {_MIN_MAP_SIZE} bytes")
+        for label, value in (("map_size", initial), ("max_map_size", self._max_map_size)):
+            if type(value) is not int or value < _MAP_ALIGN:
+                raise InvalidArgument(f"{label} must be an integer of at least {_MAP_ALIGN} bytes")
+        if self._max_map_size < initial:
+            raise InvalidArgument(f"max_map_size {self._max_map_size} is below map_size {initial}")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -309,7 +315,7 @@ class PackCache:
             existing = data_file.stat().st_size if data_file.exists() else 0
             self._env = lmdb.open(
                 str(self.path),
-                map_size=max(min(initial, self._max_map_size), existing),
+                map_size=max(initial, existing),
                 max_dbs=4,
                 max_readers=1024,
                 sync=sync,
@@ -373,10 +379,13 @@ class PackCache:
                 except (ValueError, LookupError) as exc:
                     log.warning("pack cache %s: dropping entry %r: %s", self.path, key[:80], exc)
                     doomed.append(key)
+            dropped = set(doomed)
             for key in txn.cursor(db=self._chunks).iternext(keys=True, values=False):
-                meta = metas.get(key[:-_INDEX_BYTES])
-                index = int.from_bytes(key[-_INDEX_BYTES:], "big")
-                if meta is None or index >= meta.chunk_count:
+                owner = key[:-_INDEX_BYTES]
+                meta = metas.get(owner)
+                if meta is None and owner in dropped:
+                    continue  # deleted with its entry
+                if meta is None or int.from_bytes(key[-_INDEX_BYTES:], "big") >= meta.chunk_count:
                     orphans.append(key)
         policy = self._policy
         # Pinned entries first so they keep their room, then the rest oldest first.
