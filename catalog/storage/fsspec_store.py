@@ -143,9 +143,19 @@ class FsspecStore(BlobStore):
                 options[name] = value
         self.fs = S3FileSystem(**options)
         self._loop: asyncio.AbstractEventLoop = self.fs.loop
-        self._client: Any = self._run("connect to", "", self.fs.set_session())
-        self.endpoint_url: str = self._client.meta.endpoint_url
-        self._run("open", "", self._ensure_bucket(create_bucket))
+        self.endpoint_url: str = (
+            endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or "the AWS default endpoint"
+        )
+        self._client: Any = self._run("create a client", "", self.fs.set_session())
+        self.endpoint_url = self._client.meta.endpoint_url
+        try:
+            self._run("open", "", self._ensure_bucket(create_bucket))
+        except BaseException:
+            self.close()
+            raise
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -441,14 +451,17 @@ class FsspecStore(BlobStore):
         if isinstance(exc, CatalogError):
             return exc
         what = f"{verb} {key!r}" if key else verb
-        where = f"s3 store {self.url} at {getattr(self, 'endpoint_url', 'the default endpoint')}"
+        where = f"s3 store {self.url} at {self.endpoint_url}"
         if isinstance(exc, TimeoutError):
             return Unavailable(f"{where}: cannot {what}: timed out after {self._deadline} s")
         code, status = _error_code(exc), _http_status(exc)
         if code:
             detail = str(exc)
             return Unavailable(f"{where}: cannot {what}: {code} (HTTP {status}): {detail}")
-        return Unavailable(f"{where}: cannot {what}: {type(exc).__name__}: {exc}")
+        hint = ""
+        if "Credentials" in type(exc).__name__:
+            hint = " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        return Unavailable(f"{where}: cannot {what}: {type(exc).__name__}: {exc}{hint}")
 
 
 _botocore_models: Any = None
