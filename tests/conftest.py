@@ -31,7 +31,7 @@ def seaweedfs() -> Iterator[SeaweedFS]:
         server.create_bucket(TEST_BUCKET)
         yield server
     finally:
-        server.stop()
+        server.stop(timeout=3)  # its data is temporary: no need to wait for a slow clean exit
 
 
 @pytest.fixture

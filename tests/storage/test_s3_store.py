@@ -28,8 +28,11 @@ class TestS3Store(BlobStoreContract):
 
     @pytest.fixture
     def store(self, s3_store_url: str) -> Iterator[BlobStore]:
-        # Small parts so that the suite's 12 MiB put_file goes through a real multipart upload.
-        with open_store(s3_store_url, part_size=5 * MiB, multipart_threshold=5 * MiB) as store:
+        # Small parts so that the suite's multi-MiB objects go through a real multipart upload
+        # and are read back as concurrent ranged GETs (while being overwritten, in one test).
+        with open_store(
+            s3_store_url, part_size=5 * MiB, multipart_threshold=5 * MiB, read_part_size=1 * MiB
+        ) as store:
             assert isinstance(store, FsspecStore)
             yield store
 
@@ -136,6 +139,22 @@ def test_multipart_if_absent_skips_an_existing_object(s3_store_url: str, tmp_pat
         assert store.get("blob") == b"small original"
         assert store.put_file("blob", source) is True
         assert store.get("blob") == source.read_bytes()
+
+
+@pytest.mark.parametrize("read_concurrency", [1, 3])
+def test_reads_in_one_stream_or_in_parts(s3_store_url: str, read_concurrency: int) -> None:
+    data = os.urandom(5 * MiB + 17)
+    with open_store(
+        s3_store_url, read_part_size=1 * MiB, read_concurrency=read_concurrency
+    ) as store:
+        store.put("blob", data)
+        store.put("empty", b"")
+        store.put("one-part", data[: 1 * MiB])
+        assert store.get("blob") == data
+        assert store.get("empty") == b""
+        assert store.get("one-part") == data[: 1 * MiB]
+        assert store.get("missing") is None
+        assert store.get_many(["blob", "missing"]) == {"blob": data, "missing": None}
 
 
 def test_bad_tuning_is_invalid(s3_store_url: str) -> None:
