@@ -161,6 +161,8 @@ class ResidentEngine:
             "released": 0,
             "slot_waits": 0,
         }
+        #: Cumulative seconds spent fetching packs, staging them and copying them into slots.
+        self.timings = {"fetch_s": 0.0, "stage_s": 0.0, "copy_s": 0.0}
 
         self._cuda = self.device.type == "cuda"
         self._pin_host = self._cuda
@@ -219,29 +221,36 @@ class ResidentEngine:
         parsed = self._parse(ref)
         whole_name = "@" not in ref
         with self._cond:
+            mine = [k for k in self._bindings if self._refs_adapter(k) == parsed.adapter]
             if whole_name:
-                victims = [e for e in self.slots if e.revision.adapter == parsed.adapter]
-                digests = {e.digest for e in victims}
-                for key in [k for k in self._bindings if self._refs_adapter(k) == parsed.adapter]:
-                    digests.add(str(self._bindings.pop(key).digest))
-                self._pins = {k for k in self._pins if self._refs_adapter(k) != parsed.adapter}
+                digests = {e.digest for e in self.slots if e.revision.adapter == parsed.adapter}
             else:
                 known = self._known(parsed)
                 if known is None:
                     raise NotFound(f"{ref} is not attached to engine {self.engine_id}")
                 digests = {str(known.digest)}
-                for key in [k for k, r in self._bindings.items() if str(r.digest) in digests]:
-                    del self._bindings[key]
-                self._pins = {k for k in self._pins if self._pin_digest(k) not in digests}
-            victims = [e for d in digests if (e := self.slots.get(d)) is not None]
-            if not victims:
+                mine = [k for k in mine if str(self._bindings[k].digest) in digests]
+            digests.update(str(self._bindings[k].digest) for k in mine)
+            matched = [e for d in digests if (e := self.slots.get(d)) is not None]
+            if not matched and not mine:
                 raise NotFound(f"{ref} is not attached to engine {self.engine_id}")
+            self._pins = {
+                k
+                for k in self._pins
+                if self._refs_adapter(k) != parsed.adapter
+                or not (whole_name or self._pin_digest(k) in digests)
+            }
+            for key in mine:
+                del self._bindings[key]
             self.counters["detaches"] += 1
             self._refresh_pins()
-            for entry in victims:
-                entry.retired = True
-                self._release_if_done(entry)
-            detached = [e.revision for e in victims]
+            # Identical bytes published under another name share the slot: keep it for them.
+            still_bound = {str(r.digest) for r in self._bindings.values()}
+            for entry in matched:
+                if entry.digest not in still_bound:
+                    entry.retired = True
+                    self._release_if_done(entry)
+            detached = [e.revision for e in matched]
         self._report()
         return detached
 
@@ -380,6 +389,7 @@ class ResidentEngine:
                 **self.counters,
                 "host": host,
                 "prefetch": vars(self._prefetcher.counters).copy(),
+                "time_s": dict(self.timings),
             }
         if self._reporter is not None:
             stats["residency_reports"] = {
@@ -579,6 +589,7 @@ class ResidentEngine:
                     self._cond.wait(remaining)
             if evicted is not None:
                 self.counters["evictions"] += 1
+        started = time.perf_counter()
         try:
             moved = self._write_slot(entry.slot, staged, clear_first=evicted is not None)
         except BaseException:
@@ -588,6 +599,7 @@ class ResidentEngine:
                 self._cond.notify_all()
             raise
         with self._cond:
+            self.timings["copy_s"] += time.perf_counter() - started
             entry.state = SlotState.READY
             self.counters["misses"] += 1
             self.counters["bytes_moved"] += moved
@@ -690,16 +702,21 @@ class ResidentEngine:
         if not owner:
             return future.result()
         try:
+            started = time.perf_counter()
             data = self.catalog.fetch(revision)
+            fetched = time.perf_counter()
             pack = read_pack(data)
             self._check_manifest(revision, pack.manifest)
             staged = stage_pack(revision, pack, dtype=self.dtype, pin_memory=self._pin_host)
+            staged_at = time.perf_counter()
         except BaseException as exc:
             with self._cond:
                 del self._staging[digest]
             future.set_exception(exc)
             raise
         with self._cond:
+            self.timings["fetch_s"] += fetched - started
+            self.timings["stage_s"] += staged_at - fetched
             self.host.put(staged)
             del self._staging[digest]
         future.set_result(staged)

@@ -87,9 +87,11 @@ class ModuleSlots:
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` (weights, scale, rank)."""
-        if self.ranks[slot]:
-            self.lora_a[:, slot].zero_()
-            self.lora_bt[:, slot].zero_()
+        rank = self.ranks[slot]
+        if rank:
+            # Rows beyond the tenant's rank were never written: they are still zero.
+            self.lora_a[:, slot, :rank].zero_()
+            self.lora_bt[:, slot, :rank].zero_()
             self.scale[slot : slot + 1].zero_()
         self.ranks[slot] = 0
         self.scalings[slot] = 0.0

@@ -305,3 +305,18 @@ def test_alias_binding_is_served_without_asking_the_catalog(llama: Arch) -> None
     assert rel_err(logits[0], llama.reference_logits("t/all-r4", ids)[0]) <= 1e-4
     stats = engine.stats()
     assert stats["bindings"] == {"t/qv-r8": "t/qv-r8@2", "t/qv-r8@serving": "t/qv-r8@2"}
+
+
+def test_same_bytes_under_two_names_share_a_slot(llama: Arch) -> None:
+    source = llama.source()
+    source.publish("u/twin", llama.packs["t/qv-r8"])
+    engine = llama.engine(source, num_slots=2)
+    engine.attach("t/qv-r8")
+    engine.attach("u/twin")
+    assert engine.stats()["free_slots"] == 1  # one digest, one slot
+    engine.detach("u/twin")
+    misses = engine.stats()["misses"]
+    ids = make_ids(1, 3)
+    logits = engine.forward(ids, ["t/qv-r8"]).logits
+    assert engine.stats()["misses"] == misses  # t/qv-r8 kept its slot
+    assert rel_err(logits[0], llama.reference_logits("t/qv-r8", ids)[0]) <= 1e-4

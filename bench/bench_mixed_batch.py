@@ -1,0 +1,348 @@
+"""What does serving 8 different adapters in one batch cost, against the base alone and PEFT?
+
+A Qwen2-0.5B-shaped base (24 layers, hidden 896, bf16, random weights: nothing is downloaded)
+and 8 PEFT LoRA adapters (rank 16 by default) on the attention projections q/v or on all seven
+linear modules. One batch of 8 rows, each row a different adapter, timed three ways in the same
+run, interleaved round by round so that machine noise hits all three alike:
+
+- ``base``: the unwrapped base model, no adapters at all;
+- ``engine``: ``ResidentEngine.forward`` with 8 adapters resident (one batched LoRA op per
+  module: gather path for prefill, wide path for decode);
+- ``peft``: one ``PeftModel`` holding the 8 adapters, ``forward(..., adapter_names=[...])``
+  (PEFT's mixed-batch inference, which loops over adapters), adapters kept in bf16
+  (``autocast_adapter_dtype=False``) like the base.
+
+Two phases: prefill (128 tokens per row, no cache) and decode (one token per row on top of a
+128-token KV cache, cropped back after every step). Reports medians, tokens/s, the engine's and
+PEFT's cost relative to the base, and engine speedup over PEFT. Floors (issue 3): engine <= 1.25x
+base in both phases, >= 2x faster than PEFT in decode. Also times the engine with each LoRA path
+forced, to show why prefill gathers and decode goes wide.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mixed_batch.py [--targets all|qv] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.common import print_table, write_results
+
+ATTN_QV = ("q_proj", "v_proj")
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_ID = "bench/qwen2-0.5b-shaped"
+
+
+def qwen2_05b_config(small: bool = False) -> Any:
+    """Qwen2-0.5B's shapes (or a much smaller stand-in for a quick check)."""
+    from transformers import Qwen2Config
+
+    if small:
+        return Qwen2Config(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+
+
+def build_base(config: Any, dtype: torch.dtype = torch.bfloat16) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def linear_shapes(model: Any, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Module path inside a decoder layer -> (in, out), for the targeted linears."""
+    layer = model.model.layers[0]
+    shapes = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            shapes[name] = (module.in_features, module.out_features)
+    return shapes
+
+
+def write_peft_adapter(
+    directory: Path,
+    shapes: dict[str, tuple[int, int]],
+    num_layers: int,
+    *,
+    rank: int,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """A PEFT LoRA adapter directory (PEFT's own config file, PEFT's key names), random non-zero
+    weights; what ``save_pretrained`` writes, without building a PEFT model of the base."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in shapes})
+    LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0
+    ).save_pretrained(str(directory))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for name, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            a = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+            b = torch.randn(fan_out, rank, generator=gen) * 0.02
+            tensors[f"{key}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{key}.lora_B.weight"] = b.to(dtype)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def median_time(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run each variant ``warmup`` times, then ``repeats`` rounds of one run each, in turn."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            samples[name].append(median_time(fn))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", choices=["all", "qv"], default="all")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--prefill-repeats", type=int, default=5)
+    parser.add_argument("--decode-repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--small", action="store_true", help="a tiny model, for a quick check")
+    parser.add_argument("--no-forced-paths", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from peft import PeftModel
+
+    from catalog.pack import import_peft_dir
+    from engine_plugin import LocalPackSource, ResidentEngine
+    from engine_plugin import layers as lora_layers
+
+    targets = ALL_LINEARS if args.targets == "all" else ATTN_QV
+    config = qwen2_05b_config(args.small)
+    print(f"building the base ({config.num_hidden_layers} layers, bf16) ...", flush=True)
+    base = build_base(config)
+    shapes = linear_shapes(base, targets)
+    names = [f"bench/a{i}" for i in range(args.rows)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    dirs = {
+        name: write_peft_adapter(
+            tmp / f"a{i}", shapes, config.num_hidden_layers, rank=args.rank, seed=i
+        )
+        for i, name in enumerate(names)
+    }
+
+    source = LocalPackSource()
+    for name, directory in dirs.items():
+        source.publish(name, import_peft_dir(directory, base_id=BASE_ID))
+    engine = ResidentEngine(
+        copy.deepcopy(base),
+        catalog=source,
+        num_slots=args.rows,
+        max_rank=args.rank,
+        base_id=BASE_ID,
+        target_modules=targets,
+    )
+    for name in names:
+        engine.attach(name)
+
+    peft = PeftModel.from_pretrained(
+        copy.deepcopy(base),
+        str(dirs[names[0]]),
+        adapter_name=names[0],
+        autocast_adapter_dtype=False,
+    )
+    for name in names[1:]:
+        peft.load_adapter(str(dirs[name]), adapter_name=name, autocast_adapter_dtype=False)
+    peft.eval()
+
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (args.rows, args.prompt), generator=gen)
+    step = torch.randint(0, config.vocab_size, (args.rows, 1), generator=gen)
+
+    def base_prefill() -> Any:
+        with torch.inference_mode():
+            return base(input_ids=prompt, use_cache=False)
+
+    def engine_prefill() -> Any:
+        return engine.forward(prompt, names, use_cache=False)
+
+    def peft_prefill() -> Any:
+        with torch.inference_mode():
+            return peft(input_ids=prompt, adapter_names=names, use_cache=False)
+
+    # Correctness on the benchmark's own shapes before timing anything.
+    with torch.inference_mode():
+        got = engine_prefill().logits[:, -1].float()
+        want = peft_prefill().logits[:, -1].float()
+    agreement = float((got - want).norm() / want.norm())
+    print(f"engine vs PEFT on the last prefill position: relative difference {agreement:.2e}")
+
+    caches: dict[str, Any] = {}
+    with torch.inference_mode():
+        caches["base"] = base(input_ids=prompt, use_cache=True).past_key_values
+        caches["engine"] = engine.forward(prompt, names, use_cache=True).past_key_values
+        caches["peft"] = peft(input_ids=prompt, adapter_names=names, use_cache=True).past_key_values
+
+    def decode(kind: str, run: Callable[[Any], Any]) -> Callable[[], Any]:
+        def once() -> Any:
+            cache = caches[kind]
+            out = run(cache)
+            cache.crop(-1)  # back to the prompt: every step sees the same context length
+            return out
+
+        return once
+
+    def base_step(cache: Any) -> Any:
+        with torch.inference_mode():
+            return base(input_ids=step, past_key_values=cache, use_cache=True)
+
+    def engine_step(cache: Any) -> Any:
+        return engine.forward(step, names, past_key_values=cache, use_cache=True)
+
+    def peft_step(cache: Any) -> Any:
+        with torch.inference_mode():
+            return peft(input_ids=step, adapter_names=names, past_key_values=cache, use_cache=True)
+
+    results: dict[str, Any] = {
+        "config": {
+            "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size,
+            "vocab": config.vocab_size,
+            "dtype": "bf16",
+            "rows": args.rows,
+            "prompt_tokens": args.prompt,
+            "rank": args.rank,
+            "targets": list(targets),
+            "threads": args.threads,
+            "adapter_bytes": engine.host.nbytes // args.rows,
+            "base_params": sum(p.numel() for p in base.parameters()),
+        },
+        "engine_vs_peft_rel_diff": agreement,
+    }
+    phases = {
+        "prefill": (
+            {"base": base_prefill, "engine": engine_prefill, "peft": peft_prefill},
+            args.prefill_repeats,
+            args.rows * args.prompt,
+        ),
+        "decode": (
+            {
+                "base": decode("base", base_step),
+                "engine": decode("engine", engine_step),
+                "peft": decode("peft", peft_step),
+            },
+            args.decode_repeats,
+            args.rows,
+        ),
+    }
+    table = []
+    for phase, (variants, repeats, tokens) in phases.items():
+        print(f"timing {phase} ({repeats} rounds) ...", flush=True)
+        samples = interleaved(variants, repeats)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        results[phase] = {
+            "median_s": med,
+            "samples_s": samples,
+            "tokens_per_s": {k: tokens / v for k, v in med.items()},
+            "engine_over_base": med["engine"] / med["base"],
+            "peft_over_base": med["peft"] / med["base"],
+            "engine_speedup_over_peft": med["peft"] / med["engine"],
+        }
+        for kind in ("base", "engine", "peft"):
+            table.append(
+                [
+                    phase,
+                    kind,
+                    med[kind] * 1e3,
+                    tokens / med[kind],
+                    med[kind] / med["base"],
+                    med["peft"] / med[kind],
+                ]
+            )
+
+    if not args.no_forced_paths:
+        # The same engine with each LoRA path forced, to show why the split is where it is.
+        forced: dict[str, dict[str, float]] = {}
+        default_wide = lora_layers.WIDE_MAX_TOKENS_PER_ROW
+        for path, limit in (("gather", 0), ("wide", 1 << 30)):
+            lora_layers.WIDE_MAX_TOKENS_PER_ROW = limit
+            try:
+                samples = interleaved(
+                    {"prefill": engine_prefill, "decode": decode("engine", engine_step)},
+                    max(3, args.prefill_repeats // 2),
+                )
+            finally:
+                lora_layers.WIDE_MAX_TOKENS_PER_ROW = default_wide
+            forced[path] = {k: statistics.median(v) for k, v in samples.items()}
+        results["forced_paths_median_s"] = forced
+        for phase in ("prefill", "decode"):
+            base_med = results[phase]["median_s"]["base"]
+            for path in ("gather", "wide"):
+                t = forced[path][phase]
+                table.append([phase, f"engine, {path} forced", t * 1e3, 0.0, t / base_med, 0.0])
+
+    print_table(
+        f"8-adapter mixed batch, {args.targets} modules, rank {args.rank}, "
+        f"{config.num_hidden_layers} layers, {args.threads} thread(s)",
+        ["phase", "variant", "median ms", "tokens/s", "x base", "PEFT / this"],
+        table,
+    )
+    floors = {
+        "prefill_engine_over_base_le_1.25": results["prefill"]["engine_over_base"] <= 1.25,
+        "decode_engine_over_base_le_1.25": results["decode"]["engine_over_base"] <= 1.25,
+        "decode_speedup_over_peft_ge_2": results["decode"]["engine_speedup_over_peft"] >= 2.0,
+    }
+    results["floors_met"] = floors
+    print("\nfloors:", json.dumps(floors))
+    suffix = "" if args.targets == "all" else f"_{args.targets}"
+    write_results(f"mixed_batch{suffix}{'_small' if args.small else ''}", results)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
