@@ -55,8 +55,15 @@ def fsspec_view(store: BlobStore) -> tuple[Any, Callable[[str], str]]:
 
 
 def bench_backend(
-    name: str, store: BlobStore, sizes: list[int], reps: int, small: int, scratch: Path
+    name: str,
+    store: BlobStore,
+    sizes: list[int],
+    reps: int,
+    small: int,
+    scratch: Path,
+    one_stream: BlobStore | None = None,
 ) -> list[dict[str, Any]]:
+    """Time ``store``; ``one_stream`` is the same objects read as a single GET stream."""
     rows: list[dict[str, Any]] = []
     fs, path_of = fsspec_view(store)
 
@@ -84,6 +91,9 @@ def bench_backend(
         record("put_file", size, 1, median_seconds(lambda: store.put_file(key, source), n))  # noqa: B023
         assert store.get(key) == data
         record("get", size, 1, median_seconds(lambda: store.get(key), n))  # noqa: B023
+        if one_stream is not None:
+            assert one_stream.get(key) == data
+            record("get (one stream)", size, 1, median_seconds(lambda: one_stream.get(key), n))  # noqa: B023
         assert fs.cat_file(path_of(key)) == data
         record("fsspec cat_file", size, 1, median_seconds(lambda: fs.cat_file(path_of(key)), n))  # noqa: B023
         store.delete(key)
@@ -117,10 +127,10 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     by = {(r["backend"], r["op"], r["object_bytes"]): r["mib_per_s"] for r in rows}
     out = {}
     for (backend, op, size), speed in by.items():
-        if op == "get":
+        if op in ("get", "get (one stream)"):
             base = by.get((backend, "fsspec cat_file", size))
             if base:
-                out[f"{backend} get / cat_file @ {size // MiB} MiB"] = speed / base
+                out[f"{backend} {op} / cat_file @ {size // MiB} MiB"] = speed / base
         if op == "get_many":
             base = by.get((backend, "fsspec cat (batched)", size))
             if base:
@@ -143,8 +153,14 @@ def main() -> None:
         server.create_bucket("bench")
         with open_store((scratch / "local").as_uri()) as local:
             rows += bench_backend("file", local, sizes, args.reps, args.small, scratch)
-        with open_store("s3://bench/run", **server.store_options()) as s3:
-            rows += bench_backend("s3", s3, sizes, args.reps, args.small, scratch)
+        options = server.store_options()
+        with (
+            open_store("s3://bench/run", **options) as s3,
+            open_store("s3://bench/run", read_concurrency=1, **options) as s3_one_stream,
+        ):
+            rows += bench_backend(
+                "s3", s3, sizes, args.reps, args.small, scratch, one_stream=s3_one_stream
+            )
 
     print_table(rows)
     summary = ratios(rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -72,7 +73,7 @@ class SeaweedFS:
         self,
         *,
         access_key: str = "loracat",
-        secret_key: str = "loracat-secret",
+        secret_key: str | None = None,
         region: str = "us-east-1",
         data_dir: Path | None = None,
         weed: Path | None = None,
@@ -83,7 +84,9 @@ class SeaweedFS:
         """Configure (not start) a server.
 
         Args:
-            access_key, secret_key: the only credentials the server accepts (SigV4).
+            access_key, secret_key: the only credentials the server accepts (SigV4). The
+                secret is random by default, so that a client can never reach another
+                instance that happens to hold the port it expects.
             region: what clients should sign for (``AWS_DEFAULT_REGION`` in :meth:`env`).
             data_dir: where the data lives; a temporary directory (removed on stop) if omitted.
             weed: the binary; :func:`find_weed` if omitted.
@@ -92,7 +95,7 @@ class SeaweedFS:
             attempts: base ports tried before giving up.
         """
         self.access_key = access_key
-        self.secret_key = secret_key
+        self.secret_key = secret_key or secrets.token_hex(16)
         self.region = region
         self._weed = weed
         self._memory_limit = memory_limit
@@ -290,7 +293,8 @@ class SeaweedFS:
                 with contextlib.suppress(ClientError):  # exists already, or not ready: put says
                     client.create_bucket(Bucket=_PROBE_BUCKET)
                 client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=b"ready")
-                return
+                if process.poll() is None:  # and it was our process that answered
+                    return
             except (BotoCoreError, ClientError) as exc:
                 last_error = str(exc)
             time.sleep(0.05)  # poll interval, not a readiness guess
