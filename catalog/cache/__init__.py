@@ -1,0 +1,19 @@
+"""The NVMe tier's cache and the tools to choose its eviction policy.
+
+- :mod:`catalog.cache.policies`: ``EvictionPolicy`` and its implementations, ``POLICIES``,
+  ``DEFAULT_POLICY``, ``make_policy``.
+- :mod:`catalog.cache.pack_cache`: ``PackCache``, pack bytes in LMDB under a byte budget.
+- :mod:`catalog.cache.traces`: the request-trace file format and synthetic workloads.
+- :mod:`catalog.cache.replay`: ``simulate`` a trace through a policy, LRU and Belady
+  (``loracat cache simulate``), and ``format_simulation``.
+"""
+
+from catalog.cache.policies import (
+    DEFAULT_POLICY,
+    POLICIES,
+    EvictionPolicy,
+    make_policy,
+    resolve_policy_name,
+)
+
+__all__ = ["DEFAULT_POLICY", "POLICIES", "EvictionPolicy", "make_policy", "resolve_policy_name"]
