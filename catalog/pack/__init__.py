@@ -37,10 +37,17 @@ from catalog.pack.peft import (
     pack_from_peft_tensors,
     synthesize_peft_config,
 )
+from catalog.pack.peft_experts import (
+    LAYOUT_PEFT_PARAMETER,
+    LAYOUT_PER_EXPERT,
+    ExpertLayout,
+)
 
 __all__ = [
     "DEFAULT_KEY_PREFIX",
     "DTYPE_ITEMSIZE",
+    "LAYOUT_PEFT_PARAMETER",
+    "LAYOUT_PER_EXPERT",
     "MAX_EXPERTS",
     "MAX_LAYERS",
     "MAX_PACK_HEADER_BYTES",
@@ -51,6 +58,7 @@ __all__ = [
     "PEFT_CONFIG_FILE",
     "PEFT_WEIGHTS_FILE",
     "SOURCE_KIND_PEFT",
+    "ExpertLayout",
     "ModuleSpec",
     "Pack",
     "PackManifest",

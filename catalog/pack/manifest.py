@@ -76,7 +76,12 @@ class ModuleSpec:
 
     ``name`` is the path inside a decoder layer (``self_attn.q_proj``). Its tensors are
     ``lora_A [len(layers), rank, in_features]`` and ``lora_B [len(layers), out_features, rank]``,
-    or with ``num_experts`` E > 0 ``[L, E, rank, in]`` and ``[L, E, out, rank]``.
+    or with ``num_experts`` E > 0 ``[L, E, rank, in]`` and ``[L, E, out, rank]``. Either way
+    the delta a layer's module (expert ``e``) adds to its output for input ``x`` is
+    ``scaling * x @ A.T @ B.T`` with ``A = lora_A[l(, e)]``, ``B = lora_B[l(, e)]``: ``in`` and
+    ``out`` are the projection's real features, whatever order the base stores its weights in.
+    Expert module names are paths without the expert index: ``mlp.experts.gate_up_proj`` (a
+    fused parameter), ``block_sparse_moe.experts.w1`` (one linear layer per expert).
 
     Raises:
         InvalidPack: any field out of range or of the wrong type.
@@ -173,7 +178,9 @@ class PackManifest:
     ``rank`` is the largest module rank (what a slot must hold); ``alpha`` is the adapter-wide
     ``lora_alpha`` (a module may override it). ``num_layers`` is the base's layer count,
     ``num_experts`` 0 for a dense adapter. ``source`` records provenance (for a PEFT import the
-    verbatim ``adapter_config.json`` and the key prefix). Modules are kept sorted by name.
+    verbatim ``adapter_config.json``, the key prefix and, for expert modules, ``expert_modules``:
+    where each one's keys were, see :mod:`catalog.pack.peft_experts`). Modules are kept sorted
+    by name.
 
     Raises:
         InvalidPack: a field is out of range, modules repeat or contradict the totals.

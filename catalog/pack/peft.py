@@ -3,9 +3,11 @@
 PEFT saves ``adapter_config.json`` and ``adapter_model.safetensors`` with one tensor per layer and
 module (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``). Import stacks them
 per module into a pack; export slices them back out under the original key names, so a round trip
-is bit-exact. Whatever import does not understand (DoRA, embedding LoRA, biases,
-``modules_to_save``, keys outside the decoder layers, mixed dtypes) is refused by name: a pack
-never silently drops a weight.
+is bit-exact. MoE expert LoRA comes in two PEFT layouts (one pair per expert, or PEFT's
+``target_parameters`` on fused 3-D experts), both stacked to ``[L, E, r, in]`` / ``[L, E, out, r]``
+and written back where they came from (see :mod:`catalog.pack.peft_experts`). Whatever import
+does not understand (DoRA, embedding LoRA, biases, ``modules_to_save``, keys outside the decoder
+layers, mixed dtypes, a missing expert) is refused by name: a pack never silently drops a weight.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,10 +39,25 @@ from catalog.pack.format import (
     read_pack,
 )
 from catalog.pack.manifest import (
+    MAX_EXPERTS,
     MAX_LAYERS,
     PACK_DTYPES,
     ModuleSpec,
     PackManifest,
+)
+from catalog.pack.peft_experts import (
+    BASE_LAYER,
+    FUSED_PARAMETER_ORDER,
+    LAYOUT_PEFT_PARAMETER,
+    LAYOUT_PER_EXPERT,
+    ExpertLayout,
+    TargetParameters,
+    check_parameter_nesting,
+    experts_a_to_peft,
+    experts_b_from_peft,
+    experts_b_to_peft,
+    layouts_from_source,
+    parse_layer_key,
 )
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -63,7 +81,6 @@ _UNSUPPORTED_FEATURES = {
     "fan_in_fan_out": "fan_in_fan_out (Conv1D bases)",
     "layer_replication": "layer_replication",
     "modules_to_save": "modules_to_save",
-    "target_parameters": "target_parameters (parameter LoRA, e.g. fused MoE experts)",
     "trainable_token_indices": "trainable_token_indices",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "arrow_config": "Arrow routing (arrow_config)",
@@ -88,12 +105,18 @@ def _is_number(value: object) -> bool:
 
 
 def import_peft_dir(
-    path: str | os.PathLike[str], *, base_id: str | None = None, num_layers: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    base_id: str | None = None,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
 ) -> bytes:
     """Read a PEFT LoRA adapter directory and return the bytes of its pack.
 
     ``base_id`` defaults to the config's ``base_model_name_or_path``; ``num_layers`` (the base's
-    layer count) to the highest adapted layer + 1.
+    layer count) to the highest adapted layer + 1; ``num_experts`` (the base's experts per MoE
+    layer) to what the expert tensors show. Pass ``num_experts`` for a per-expert adapter: only
+    then can import tell that the last experts are missing everywhere.
 
     Raises:
         InvalidPack: a file is missing or malformed, or the adapter holds anything a pack cannot
@@ -123,7 +146,12 @@ def import_peft_dir(
     except InvalidPack as exc:
         raise InvalidPack(f"{PEFT_WEIGHTS_FILE}: {exc.message}") from None
     return pack_from_peft_tensors(
-        config, weights.tensors, base_id, num_layers=num_layers, metadata=weights.metadata
+        config,
+        weights.tensors,
+        base_id,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        metadata=weights.metadata,
     )
 
 
@@ -133,16 +161,19 @@ def pack_from_peft_tensors(
     base_id: str | None,
     *,
     num_layers: int | None = None,
+    num_experts: int | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
     """Build a pack from a PEFT LoRA config and its state dict (PEFT key names -> tensors).
 
     ``metadata`` is the PEFT file's safetensors ``__metadata__`` (``{"format": "pt"}`` when not
-    given), kept so export reproduces the file exactly.
+    given), kept so export reproduces the file exactly. Expert modules are recorded in the
+    manifest source under ``expert_modules`` (module -> :class:`ExpertLayout` JSON).
 
     Raises:
         InvalidPack: naming the config field or key that a pack cannot carry, a module whose
-            rank, alpha or shape differs across layers, mixed dtypes, or no base_id.
+            rank, alpha or shape differs across layers or experts, a missing expert, mixed
+            dtypes, or no base_id.
     """
     config = dict(config)
     _check_config(config)
@@ -150,29 +181,41 @@ def pack_from_peft_tensors(
         base_id = config.get("base_model_name_or_path")
         if not isinstance(base_id, str) or not base_id:
             _fail(f"no base_id: pass one, or set base_model_name_or_path in {PEFT_CONFIG_FILE}")
+    if num_experts is not None and (
+        not _is_int(num_experts) or not 1 <= num_experts <= MAX_EXPERTS
+    ):
+        _fail(f"num_experts must be an integer in [1, {MAX_EXPERTS}], got {num_experts!r}")
     if not tensors:
         _fail("adapter has no LoRA weights")
-    prefix, grouped = _group_keys(tensors)
-    dtype = _common_dtype(tensors)
+    targets = TargetParameters(config, PEFT_CONFIG_FILE)
     patterns = _Patterns(config)
+    prefix, groups = _group_keys(tensors, targets, patterns)
+    dtype = _common_dtype(tensors)
     model_prefix = prefix.removeprefix(_PEFT_MODEL_PREFIX)
+    experts = num_experts or _count_experts(groups, patterns, model_prefix)
     modules: list[ModuleSpec] = []
     parts: list[TensorParts] = []
-    for name in sorted(grouped):
-        by_layer = grouped[name]
-        layers = tuple(sorted(by_layer))
-        module = _module_spec(name, layers, by_layer, patterns, model_prefix)
+    for name in sorted(groups):
+        group = groups[name]
+        stack = _STACKERS[group.layout.kind if group.layout else _DENSE]
+        module, a_parts, b_parts = stack(name, group, patterns, model_prefix, experts)
         modules.append(module)
         # Stacking is concatenation: the parts are views into the PEFT file, copied once.
-        parts.append(
-            (lora_a_name(name), dtype, module.shape_a, [by_layer[i][0].data for i in layers])
-        )
-        parts.append(
-            (lora_b_name(name), dtype, module.shape_b, [by_layer[i][1].data for i in layers])
-        )
+        parts.append((lora_a_name(name), dtype, module.shape_a, a_parts))
+        parts.append((lora_b_name(name), dtype, module.shape_b, b_parts))
+    layouts = {name: g.layout for name, g in groups.items() if g.layout is not None}
+    check_parameter_nesting({m.name: (m.in_features, m.out_features) for m in modules}, layouts)
     highest = max(m.layers[-1] for m in modules)
     if num_layers is None:
         num_layers = highest + 1
+    source: dict[str, Any] = {
+        "kind": SOURCE_KIND_PEFT,
+        "adapter_config": config,
+        "key_prefix": prefix,
+        "safetensors_metadata": dict(metadata or _PEFT_SAFETENSORS_METADATA),
+    }
+    if layouts:
+        source["expert_modules"] = {name: layouts[name].to_json() for name in sorted(layouts)}
     manifest = PackManifest(
         base_id=base_id,
         rank=max(m.rank for m in modules),
@@ -180,14 +223,9 @@ def pack_from_peft_tensors(
         dtype=dtype,
         use_rslora=bool(config.get("use_rslora", False)),
         num_layers=num_layers,
-        num_experts=0,
+        num_experts=experts if layouts else 0,
         modules=tuple(modules),
-        source={
-            "kind": SOURCE_KIND_PEFT,
-            "adapter_config": config,
-            "key_prefix": prefix,
-            "safetensors_metadata": dict(metadata or _PEFT_SAFETENSORS_METADATA),
-        },
+        source=source,
     )
     return assemble_pack(manifest, parts)
 
@@ -226,12 +264,33 @@ def _refuse_non_lora_keys(keys: list[str]) -> None:
         _fail(f"unsupported key {bad[0]!r}: not a lora_A/lora_B weight of a decoder-layer module")
 
 
+_DENSE = "dense"
+
+
+@dataclass
+class _Group:
+    """The PEFT tensors of one pack module: ``{layer: {expert: {"A"|"B": tensor}}}``, where the
+    expert is ``None`` unless the layout is per-expert."""
+
+    layout: ExpertLayout | None
+    tensors: dict[int, dict[int | None, dict[str, TensorBytes]]] = field(default_factory=dict)
+
+    def key(self, prefix: str, name: str, layer: int, expert: int | None, side: str) -> str:
+        """The PEFT key a tensor of this module had."""
+        path = self.layout.key_module_of(expert) if self.layout else name
+        return f"{prefix}.{layer}.{path}.lora_{side}.weight"
+
+
+def _describe(layout: ExpertLayout | None) -> str:
+    return "a dense module" if layout is None else f"{layout.kind} under {layout.key_module!r}"
+
+
 def _group_keys(
-    tensors: Mapping[str, TensorBytes],
-) -> tuple[str, dict[str, dict[int, tuple[TensorBytes, TensorBytes]]]]:
-    """Split PEFT keys into (layer prefix, {module: {layer: (A, B)}})."""
+    tensors: Mapping[str, TensorBytes], targets: TargetParameters, patterns: _Patterns
+) -> tuple[str, dict[str, _Group]]:
+    """Split PEFT keys into (layer prefix, {pack module: its tensors})."""
     prefix: str | None = None
-    found: dict[tuple[str, int], dict[str, TensorBytes]] = {}
+    groups: dict[str, _Group] = {}
     _refuse_non_lora_keys(list(tensors))
     for key, tensor in tensors.items():
         suffix = next(s for s in _LORA_SUFFIXES if key.endswith(s))
@@ -242,12 +301,6 @@ def _group_keys(
         if not is_decimal(parts[index]) or int(parts[index]) >= MAX_LAYERS:
             _fail(f"unsupported key {key!r}: layer index {parts[index]!r} is not canonical")
         key_prefix = ".".join(parts[:index])
-        module = ".".join(parts[index + 1 :])
-        if any(p.isdigit() for p in parts[index + 1 :]):
-            _fail(
-                f"unsupported key {key!r}: module {module!r} has an index inside the layer "
-                "(MoE expert LoRA import is not supported yet)"
-            )
         if prefix is None:
             prefix = key_prefix
         elif key_prefix != prefix:
@@ -255,18 +308,30 @@ def _group_keys(
                 f"unsupported key {key!r}: its layers live under {key_prefix!r} but other keys "
                 f"under {prefix!r}; a pack holds one stack of decoder layers"
             )
-        found.setdefault((module, int(parts[index])), {})[_LORA_SUFFIXES[suffix]] = tensor
+        layer = int(parts[index])
+        layer_key = f"{key_prefix.removeprefix(_PEFT_MODEL_PREFIX)}.{layer}"
+        side = _LORA_SUFFIXES[suffix]
+        width = (tensor.shape[0] if side == "A" else tensor.shape[-1]) if tensor.shape else 0
+        parsed = parse_layer_key(key, parts[index + 1 :], layer_key, targets, width, patterns.rank)
+        group = groups.setdefault(parsed.module, _Group(parsed.layout))
+        if group.layout != parsed.layout:
+            _fail(
+                f"unsupported key {key!r}: module {parsed.module!r} is saved as "
+                f"{_describe(parsed.layout)} here but as {_describe(group.layout)} elsewhere; "
+                "a pack records one layout per module"
+            )
+        group.tensors.setdefault(layer, {}).setdefault(parsed.expert, {})[side] = tensor
     assert prefix is not None  # tensors was checked non-empty
-    grouped: dict[str, dict[int, tuple[TensorBytes, TensorBytes]]] = {}
-    for (module, layer), pair in found.items():
-        for side, other in (("A", "B"), ("B", "A")):
-            if side not in pair:
-                _fail(
-                    f"key {prefix}.{layer}.{module}.lora_{other}.weight has no matching "
-                    f"lora_{side}.weight"
-                )
-        grouped.setdefault(module, {})[layer] = (pair["A"], pair["B"])
-    return prefix, grouped
+    for name, group in groups.items():
+        for layer, by_expert in group.tensors.items():
+            for expert, pair in by_expert.items():
+                for side, other in (("A", "B"), ("B", "A")):
+                    if side not in pair:
+                        _fail(
+                            f"key {group.key(prefix, name, layer, expert, other)} has no "
+                            f"matching lora_{side}.weight"
+                        )
+    return prefix, groups
 
 
 def _common_dtype(tensors: Mapping[str, TensorBytes]) -> str:
@@ -322,47 +387,176 @@ class _Patterns:
         return float(self._lookup(self.alphas, key, self.alpha))
 
 
-def _module_spec(
-    name: str,
-    layers: tuple[int, ...],
-    by_layer: Mapping[int, tuple[TensorBytes, TensorBytes]],
-    patterns: _Patterns,
-    model_prefix: str,
-) -> ModuleSpec:
-    """One module's spec; every layer must agree on shapes, rank and alpha."""
-    first_a, first_b = by_layer[layers[0]]
+#: Stacks one module: (name, group, patterns, model prefix, experts) ->
+#: (spec, lora_A byte parts, lora_B byte parts).
+_Stacker = Callable[
+    [str, _Group, _Patterns, str, int],
+    tuple[ModuleSpec, list[bytes | memoryview], list[bytes | memoryview]],
+]
+
+
+class _ModuleChecker:
+    """Checks that every LoRA pair of one module agrees on shapes, rank and alpha."""
+
+    def __init__(self, name: str, patterns: _Patterns) -> None:
+        self.name = name
+        self.patterns = patterns
+        self.first: tuple[str, tuple[int, ...], tuple[int, ...], float] | None = None
+
+    def check(
+        self,
+        where: str,
+        pattern_key: str,
+        shape_a: tuple[int, ...],
+        shape_b: tuple[int, ...],
+        rank: int,
+    ) -> float:
+        """Check one pair (``where`` names it in messages); returns its alpha."""
+        expected_rank = self.patterns.rank(pattern_key)
+        alpha = self.patterns.alpha_of(pattern_key)
+        if self.first is None:
+            self.first = (where, shape_a, shape_b, alpha)
+        first_where, first_a, first_b, first_alpha = self.first
+        if shape_a != first_a or shape_b != first_b:
+            _fail(
+                f"module {self.name!r} {where}: lora_A {list(shape_a)} / lora_B {list(shape_b)} "
+                f"differ from {first_where}'s {list(first_a)} / {list(first_b)}; "
+                f"a pack holds one rank and shape per module"
+            )
+        if expected_rank != rank:
+            _fail(
+                f"module {self.name!r} {where}: tensors have rank {rank} but "
+                f"{PEFT_CONFIG_FILE} says {expected_rank}"
+            )
+        if alpha != first_alpha:
+            _fail(
+                f"module {self.name!r} {where}: lora_alpha {alpha} differs from "
+                f"{first_where}'s {first_alpha}; a pack holds one alpha per module"
+            )
+        return alpha
+
+
+def _stack_dense(
+    name: str, group: _Group, patterns: _Patterns, model_prefix: str, experts: int
+) -> tuple[ModuleSpec, list[bytes | memoryview], list[bytes | memoryview]]:
+    layers = tuple(sorted(group.tensors))
+    pairs = [group.tensors[layer][None] for layer in layers]
+    first_a, first_b = pairs[0]["A"], pairs[0]["B"]
     if len(first_a.shape) != 2 or len(first_b.shape) != 2:
         _fail(f"module {name!r}: lora_A/lora_B must be 2-D, got {first_a.shape}, {first_b.shape}")
+    checker = _ModuleChecker(name, patterns)
+    alpha = 0.0
+    for layer, pair in zip(layers, pairs, strict=True):
+        a, b = pair["A"], pair["B"]
+        alpha = checker.check(
+            f"layer {layer}", f"{model_prefix}.{layer}.{name}", a.shape, b.shape, a.shape[0]
+        )
     rank, in_features = first_a.shape
-    out_features = first_b.shape[0]
-    alpha = patterns.alpha_of(f"{model_prefix}.{layers[0]}.{name}")
+    spec = ModuleSpec(name, in_features, first_b.shape[0], rank, alpha, layers)
+    return spec, [p["A"].data for p in pairs], [p["B"].data for p in pairs]
+
+
+def _stack_per_expert(
+    name: str, group: _Group, patterns: _Patterns, model_prefix: str, experts: int
+) -> tuple[ModuleSpec, list[bytes | memoryview], list[bytes | memoryview]]:
+    assert group.layout is not None
+    layers = tuple(sorted(group.tensors))
+    checker = _ModuleChecker(name, patterns)
+    a_parts: list[bytes | memoryview] = []
+    b_parts: list[bytes | memoryview] = []
+    alpha = 0.0
     for layer in layers:
-        a, b = by_layer[layer]
-        where = f"module {name!r} layer {layer}"
-        if a.shape != (rank, in_features) or b.shape != (out_features, rank):
+        by_expert = group.tensors[layer]
+        found = sorted(e for e in by_expert if e is not None)
+        missing = sorted(set(range(experts)) - set(found))
+        extra = [e for e in found if e >= experts]
+        if missing:
             _fail(
-                f"{where}: lora_A {list(a.shape)} / lora_B {list(b.shape)} differ from layer "
-                f"{layers[0]}'s {[rank, in_features]} / {[out_features, rank]}; "
-                "a pack holds one rank and shape per module"
+                f"module {name!r} layer {layer}: experts {missing} are missing ({len(found)} of "
+                f"{experts} present); a pack holds every expert"
             )
-        key = f"{model_prefix}.{layer}.{name}"
-        expected_rank = patterns.rank(key)
-        if expected_rank != rank:
-            _fail(f"{where}: tensors have rank {rank} but {PEFT_CONFIG_FILE} says {expected_rank}")
-        layer_alpha = patterns.alpha_of(key)
-        if layer_alpha != alpha:
-            _fail(
-                f"{where}: lora_alpha {layer_alpha} differs from layer {layers[0]}'s {alpha}; "
-                "a pack holds one alpha per module"
+        if extra:
+            _fail(f"module {name!r} layer {layer}: expert {extra[0]} is beyond {experts} experts")
+        for expert in range(experts):
+            a, b = by_expert[expert]["A"], by_expert[expert]["B"]
+            if len(a.shape) != 2 or len(b.shape) != 2:
+                _fail(f"module {name!r} layer {layer} expert {expert}: lora_A/lora_B must be 2-D")
+            key = f"{model_prefix}.{layer}.{group.layout.key_module_of(expert)}"
+            alpha = checker.check(
+                f"layer {layer} expert {expert}", key, a.shape, b.shape, a.shape[0]
             )
-    return ModuleSpec(
-        name=name,
-        in_features=in_features,
-        out_features=out_features,
-        rank=rank,
-        alpha=alpha,
-        layers=layers,
+            a_parts.append(a.data)
+            b_parts.append(b.data)
+    first = group.tensors[layers[0]][0]
+    rank, in_features = first["A"].shape
+    spec = ModuleSpec(
+        name, in_features, first["B"].shape[0], rank, alpha, layers, num_experts=experts
     )
+    return spec, a_parts, b_parts
+
+
+def _stack_peft_parameter(
+    name: str, group: _Group, patterns: _Patterns, model_prefix: str, experts: int
+) -> tuple[ModuleSpec, list[bytes | memoryview], list[bytes | memoryview]]:
+    layers = tuple(sorted(group.tensors))
+    checker = _ModuleChecker(name, patterns)
+    a_parts: list[bytes | memoryview] = []
+    b_parts: list[bytes | memoryview] = []
+    alpha = 0.0
+    rank = in_features = out_features = 0
+    for layer in layers:
+        a, b = group.tensors[layer][None]["A"], group.tensors[layer][None]["B"]
+        where = f"module {name!r} layer {layer}"
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            _fail(f"{where}: lora_A/lora_B must be 2-D, got {list(a.shape)}, {list(b.shape)}")
+        key = f"{model_prefix}.{layer}.{name}"
+        rank = patterns.rank(key)
+        rows, in_features = a.shape
+        out_features, columns = b.shape
+        if columns != rows:
+            _fail(
+                f"{where}: lora_B has {columns} columns but lora_A has {rows} rows; both must "
+                "be experts x rank"
+            )
+        if rows != experts * rank:
+            _fail(
+                f"{where}: lora_A has {rows} rows, not {experts} experts x rank {rank} "
+                f"(rank from {PEFT_CONFIG_FILE})"
+            )
+        if experts < 2:
+            _fail(
+                f"{where}: one expert: target_parameters on a 2-D parameter is not supported "
+                "(target its module with target_modules)"
+            )
+        alpha = checker.check(f"layer {layer}", key, a.shape, b.shape, rank)
+        a_parts.append(a.data)
+        b_parts.append(experts_b_from_peft(b, experts))
+    spec = ModuleSpec(name, in_features, out_features, rank, alpha, layers, num_experts=experts)
+    return spec, a_parts, b_parts
+
+
+_STACKERS: dict[str, _Stacker] = {
+    _DENSE: _stack_dense,
+    LAYOUT_PER_EXPERT: _stack_per_expert,
+    LAYOUT_PEFT_PARAMETER: _stack_peft_parameter,
+}
+
+
+def _count_experts(groups: Mapping[str, _Group], patterns: _Patterns, model_prefix: str) -> int:
+    """Experts per layer as the tensors show them: the largest expert index + 1 of a per-expert
+    module, or lora_A rows / rank of a fused one (each module is checked against it later)."""
+    counts = [0]
+    for name, group in groups.items():
+        if group.layout is None:
+            continue
+        for layer, by_expert in group.tensors.items():
+            if group.layout.kind == LAYOUT_PER_EXPERT:
+                counts.append(max(e for e in by_expert if e is not None) + 1)
+            else:
+                rows = by_expert[None]["A"].shape[0]
+                rank = patterns.rank(f"{model_prefix}.{layer}.{name}")
+                counts.append(rows // rank if rank > 0 and rows % rank == 0 else 0)
+    return max(counts)
 
 
 # ---------------------------------------------------------------- export
@@ -373,18 +567,18 @@ def export_peft_dir(
 ) -> None:
     """Write ``pack`` as a PEFT adapter directory (created if missing).
 
-    A pack imported from PEFT gets its original config and key names back, byte for byte; any
-    other pack gets a synthesized LoRA config. Each file is written to a temporary name and
-    renamed into place.
+    A pack imported from PEFT gets its original config and key names back, byte for byte,
+    expert modules in the layout they came in; any other pack gets a synthesized LoRA config
+    (expert modules only when they name a fused parameter, written as PEFT's
+    ``target_parameters``). Each file is written to a temporary name and renamed into place.
 
     Raises:
-        InvalidPack: ``pack`` bytes are invalid, or it holds MoE experts (no PEFT layout yet).
+        InvalidPack: ``pack`` bytes are invalid, or its expert modules have no PEFT layout
+            (recorded or synthesizable).
     """
     if not isinstance(pack, Pack):
         pack = read_pack(pack)
     manifest = pack.manifest
-    if manifest.num_experts:
-        _fail("exporting MoE expert packs to PEFT is not supported yet")
     source = manifest.source
     config = source.get("adapter_config")
     prefix = source.get("key_prefix")
@@ -395,7 +589,11 @@ def export_peft_dir(
         and isinstance(prefix, str)
         and bool(prefix)
     )
-    if not from_peft:
+    layout_at: Callable[[ModuleSpec, int], ExpertLayout | None]
+    if from_peft:
+        layout_at = _recorded_layouts(manifest)
+    else:
+        layout_at = _synthesized_layouts(manifest)
         config = synthesize_peft_config(manifest)
         prefix = DEFAULT_KEY_PREFIX
     assert isinstance(config, dict) and isinstance(prefix, str)
@@ -405,8 +603,20 @@ def export_peft_dir(
     for module in manifest.modules:
         stacked_a, stacked_b = pack.module_tensors(module.name)
         for i, layer in enumerate(module.layers):
-            tensors[f"{prefix}.{layer}.{module.name}.lora_A.weight"] = stacked_a.index(i)
-            tensors[f"{prefix}.{layer}.{module.name}.lora_B.weight"] = stacked_b.index(i)
+            a, b = stacked_a.index(i), stacked_b.index(i)
+            layout = layout_at(module, layer)
+            if layout is None:
+                pairs = [(module.name, a, b)]
+            elif layout.kind == LAYOUT_PER_EXPERT:
+                pairs = [
+                    (layout.key_module_of(e), a.index(e), b.index(e))
+                    for e in range(module.num_experts)
+                ]
+            else:
+                pairs = [(layout.key_module, experts_a_to_peft(a), experts_b_to_peft(b))]
+            for path, lora_a, lora_b in pairs:
+                tensors[f"{prefix}.{layer}.{path}.lora_A.weight"] = lora_a
+                tensors[f"{prefix}.{layer}.{path}.lora_B.weight"] = lora_b
     weights = serialize_parts(metadata, library_order(tensors))
     config_text = json.dumps(config, indent=2, sort_keys=True).encode()
     directory = Path(dest)
@@ -415,26 +625,98 @@ def export_peft_dir(
     write_atomically(directory / PEFT_CONFIG_FILE, config_text)
 
 
+def _recorded_layouts(manifest: PackManifest) -> Callable[[ModuleSpec, int], ExpertLayout | None]:
+    """The expert layouts a PEFT import recorded, checked against the manifest's modules."""
+    layouts = layouts_from_source(manifest.source)
+    for name in layouts:
+        if name not in manifest.target_modules:
+            _fail(f"manifest source names expert module {name!r} that the pack does not have")
+    for module in manifest.modules:
+        if bool(module.num_experts) != (module.name in layouts):
+            _fail(
+                f"module {module.name!r} has {module.num_experts} experts but the manifest "
+                f"source {'records' if module.name in layouts else 'lacks'} an expert layout"
+            )
+    return lambda module, layer: layouts.get(module.name)
+
+
+def _synthesized_layouts(
+    manifest: PackManifest,
+) -> Callable[[ModuleSpec, int], ExpertLayout | None]:
+    """Where PEFT's ``target_parameters`` put each fused expert parameter's LoRA, layer by
+    layer: PEFT nests the parameters of one module in registration order, the last outermost.
+
+    Raises:
+        InvalidPack: an expert module names no fused parameter.
+    """
+    fused = {m.name: _fused_parameter(m) for m in manifest.modules if m.num_experts}
+
+    def layout_at(module: ModuleSpec, layer: int) -> ExpertLayout | None:
+        if module.name not in fused:
+            return None
+        owner, parameter = fused[module.name]
+        nested = sorted(
+            (
+                p
+                for name, (o, p) in fused.items()
+                if o == owner and layer in manifest.module(name).layers
+            ),
+            key=FUSED_PARAMETER_ORDER.index,
+        )
+        depth = len(nested) - 1 - nested.index(parameter)
+        return ExpertLayout(LAYOUT_PEFT_PARAMETER, ".".join([owner, *[BASE_LAYER] * depth]))
+
+    return layout_at
+
+
+def _fused_parameter(module: ModuleSpec) -> tuple[str, str]:
+    """(owner module, parameter) of an expert module that names a fused 3-D parameter.
+
+    Raises:
+        InvalidPack: the name is not a known fused parameter (no PEFT layout can be inferred).
+    """
+    owner, _, parameter = module.name.rpartition(".")
+    if not owner or parameter not in FUSED_PARAMETER_ORDER:
+        _fail(
+            f"module {module.name!r} has experts but the pack records no PEFT key layout for "
+            f"it, and it names no fused parameter ({', '.join(FUSED_PARAMETER_ORDER)})"
+        )
+    return owner, parameter
+
+
 def synthesize_peft_config(manifest: PackManifest) -> dict[str, Any]:
     """A PEFT LoRA config that makes PEFT rebuild exactly the modules, layers, ranks and alphas
-    of ``manifest`` on a causal LM whose decoder layers are ``model.layers``."""
+    of ``manifest`` on a causal LM whose decoder layers are ``model.layers``. Expert modules
+    become ``target_parameters`` (they must name fused parameters such as
+    ``mlp.experts.gate_up_proj``).
+
+    Raises:
+        InvalidPack: an expert module names no fused parameter.
+    """
     model_prefix = DEFAULT_KEY_PREFIX.removeprefix(_PEFT_MODEL_PREFIX)
+    experts = [m for m in manifest.modules if m.num_experts]
+    for module in experts:
+        _fused_parameter(module)
     layer_sets = {m.layers for m in manifest.modules}
+    every_layer = tuple(range(manifest.num_layers))
     layers_to_transform: list[int] | None = None
-    target_modules: list[str]
-    if len(layer_sets) == 1:
+    names: dict[str, list[str]]
+    # PEFT applies layers_to_transform to target_modules only, never to target_parameters.
+    if len(layer_sets) == 1 and (not experts or layer_sets == {every_layer}):
         # Module names match as suffixes of PEFT's keys; one shared layer subset fits
         # layers_to_transform.
-        target_modules = list(manifest.target_modules)
+        names = {m.name: [m.name] for m in manifest.modules}
         (layers,) = layer_sets
-        if layers != tuple(range(manifest.num_layers)):
+        if layers != every_layer:
             layers_to_transform = list(layers)
     else:
-        target_modules = [
-            f"{model_prefix}.{layer}.{m.name}" for m in manifest.modules for layer in m.layers
-        ]
+        names = {
+            m.name: [f"{model_prefix}.{layer}.{m.name}" for layer in m.layers]
+            for m in manifest.modules
+        }
+    target_modules = [n for m in manifest.modules if not m.num_experts for n in names[m.name]]
     alpha: float | int = int(manifest.alpha) if manifest.alpha.is_integer() else manifest.alpha
-    return {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": manifest.base_id,
@@ -457,6 +739,9 @@ def synthesize_peft_config(manifest: PackManifest) -> dict[str, Any]:
         "inference_mode": True,
         "modules_to_save": None,
     }
+    if experts:
+        config["target_parameters"] = [n for m in experts for n in names[m.name]]
+    return config
 
 
 def write_atomically(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:

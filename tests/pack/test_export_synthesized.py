@@ -122,7 +122,9 @@ def test_synthesized_pack_round_trips_through_peft_export(tmp_path: Path) -> Non
     )
 
 
-def test_expert_packs_validate_but_do_not_export(tmp_path: Path) -> None:
+def test_expert_packs_without_a_layout_do_not_export(tmp_path: Path) -> None:
+    """An expert module from neither PEFT layout, named like no fused parameter: export cannot
+    tell where PEFT would put its experts, so it refuses rather than guess."""
     manifest = PackManifest(
         base_id="moe",
         rank=2,
@@ -143,8 +145,13 @@ def test_expert_packs_validate_but_do_not_export(tmp_path: Path) -> None:
     a, b = pack.module_tensors("mlp.experts.gate_proj")
     assert (a.shape, b.shape) == ((2, 4, 2, 16), (2, 4, 32, 2))
     assert pack.module_tensors("self_attn.q_proj")[0].shape == (2, 2, 16)
-    with pytest.raises(InvalidPack, match=r"exporting MoE expert packs to PEFT is not supported"):
+    with pytest.raises(
+        InvalidPack,
+        match=r"module 'mlp.experts.gate_proj' has experts but the pack records no PEFT key "
+        r"layout for it, and it names no fused parameter \(gate_up_proj, up_proj, down_proj\)",
+    ):
         export_peft_dir(pack, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidPack, match=r"module 'mlp.experts.gate_proj' has 2 experts but "):
         dataclasses.replace(
             manifest,

@@ -209,9 +209,8 @@ def test_alpha_differs_across_layers(tmp_path: Path) -> None:
             r"adapter_config.json: layer_replication is not supported by the pack format",
         ),
         (
-            {"target_parameters": ["experts.gate_up_proj"]},
-            r"adapter_config.json: target_parameters \(parameter LoRA, e.g. fused MoE experts\) is "
-            r"not supported by the pack format",
+            {"target_parameters": "experts.gate_up_proj"},
+            r"adapter_config.json: target_parameters must be a list of parameter names",
         ),
         (
             {"r": 3},
@@ -296,9 +295,17 @@ def test_unknown_keys(adapter_cases: dict[str, AdapterCase]) -> None:
         ("base_model.model.lm_head.lora_A.weight", "outside the decoder layers"),
         (f"{PREFIX}.00.self_attn.q_proj.lora_A.weight", "layer index '00' is not canonical"),
         (
-            f"{PREFIX}.0.mlp.experts.3.gate_proj.lora_A.weight",
-            "module 'mlp.experts.3.gate_proj' has an index inside the layer "
-            r"\(MoE expert LoRA import is not supported yet\)",
+            f"{PREFIX}.0.mlp.experts.3.0.gate_proj.lora_A.weight",
+            "more than one index inside the layer",
+        ),
+        (
+            f"{PREFIX}.0.mlp.experts.3.lora_A.weight",
+            "an expert index must sit between module names",
+        ),
+        (
+            f"{PREFIX}.0.self_attn.q_proj.base_layer.lora_A.weight",
+            "base_layer levels but no target_parameters entry names a parameter of "
+            "'self_attn.q_proj'",
         ),
         (
             "base_model.model.vision.blocks.0.attn.lora_A.weight",
