@@ -235,8 +235,10 @@ class Catalog:
         *,
         spool_dir: Path | None = None,
         limits: Limits | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        self._on_close = on_close
         self.index_path = Path(index_path)
         self._open_index = open_index
         self.limits = limits or Limits()
@@ -281,8 +283,11 @@ class Catalog:
         return next(iter(self.store.list(LOG_PREFIX)), None) is not None
 
     def close(self) -> None:
+        """Close the index (and run ``on_close``, e.g. marking a clean shutdown)."""
         with self._swap.exclusive():
             self.index.close()
+        if self._on_close is not None:
+            self._on_close()
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -447,6 +447,24 @@ def stats(server: str, as_json: bool) -> None:
         )
 
 
+@cli.command()
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the catalog here (default: a temporary directory, removed after).",
+)
+@click.option("--adapters", default=48, show_default=True, type=click.IntRange(1))
+@click.option("--slots", "num_slots", default=8, show_default=True, type=click.IntRange(2))
+@click.option("--waves", default=4, show_default=True, type=click.IntRange(1))
+def demo(root: Path | None, adapters: int, num_slots: int, waves: int) -> None:
+    """Run the whole system end to end on this machine (catalog, gRPC, resident engine)."""
+    # The engine side needs torch; it is imported only here, so catalog/ itself never does.
+    from engine_plugin.demo import run_demo
+
+    run_demo(root=root, adapters=adapters, num_slots=num_slots, waves=waves)
+
+
 def main() -> None:
     cli(prog_name="loracat")
 

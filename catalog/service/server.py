@@ -17,6 +17,7 @@ from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.core import Catalog, Limits
 from catalog.service.errors import ErrorMappingInterceptor
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
+from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,27 @@ def open_catalog(
     """The catalog kept under ``root``: ``root/index`` (LMDB), ``root/spool`` and, unless
     ``store_url`` names another, the durable store in ``root/store`` (``file://``).
 
-    Recovers interrupted writes, and rebuilds an empty index from a non-empty durable store.
+    Recovers interrupted writes, and rebuilds the index from the durable store when it is empty
+    or may have lost writes in a machine crash (see ``catalog.shutdown``).
     """
     from catalog.index.lmdb_index import LmdbIndex
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     store = open_store(store_url or (root / "store").as_uri())
-    catalog = Catalog(store, root / "index", LmdbIndex, spool_dir=root / "spool", limits=limits)
+    marker = ShutdownMarker(root / "index.state")
+    lost_writes = marker.open()
+    catalog = Catalog(
+        store,
+        root / "index",
+        lambda path: LmdbIndex(path, sync=False),
+        spool_dir=root / "spool",
+        limits=limits,
+        on_close=marker.close,
+    )
+    if lost_writes:
+        log.warning("the index was not closed cleanly before a reboot: rebuilding it")
+        catalog.reindex()
     catalog.recover()
     if catalog.index_is_empty() and catalog.store_has_log():
         log.warning("index is empty but %s holds a log: rebuilding the index", store.url)
