@@ -699,3 +699,18 @@ def test_sigkill_during_fills_leaves_a_consistent_cache(tmp_path):
             pack = make_pack(50 << 10, seed=round_)
             assert read(cache, pack) == pack.data
     assert total_fills >= 25
+
+
+def test_packs_keep_the_chunk_size_they_were_written_with(caches):
+    old, new = make_pack(5 * CHUNK, seed=1), make_pack(5 * CHUNK, seed=2)
+    read(caches.open(chunk_bytes=CHUNK), old)
+    caches.close_all()
+    cache = caches.open(chunk_bytes=4 * CHUNK)
+    read(cache, new)
+    assert read(cache, old, refuse) == old.data
+    got = cache.read_range(old.digest, CHUNK - 1, 2 * CHUNK, refuse, name_for_errors=old.name)
+    assert got == old.data[CHUNK - 1 : 3 * CHUNK - 1]
+    cache.close()
+    _, chunks = on_disk(caches.path)
+    assert sum(key.startswith(entry_key(old.digest)) for key in chunks) == 5
+    assert sum(key.startswith(entry_key(new.digest)) for key in chunks) == 2
