@@ -4,14 +4,18 @@ stacked tensors mean what PEFT computes; anything else is refused by name."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load, load_file
 
 from catalog.errors import InvalidPack
@@ -684,3 +688,62 @@ def test_export_of_a_recorded_per_expert_layout(tmp_path: Path) -> None:
     assert torch.equal(
         exported[f"{PREFIX}.0.mlp.experts.1.w1.lora_A.weight"].flatten(), stacked_a[16:]
     )
+
+
+# ---------------------------------------------------------------- properties
+
+
+@st.composite
+def _moe_adapters(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, TensorBytes]]:
+    """Random well-formed MoE adapters, without torch: either layout, any dtype, random bytes
+    (NaN payloads and signed zeros included, which a float round trip would not keep)."""
+    dtype = draw(st.sampled_from(["F32", "BF16", "F16"]))
+    experts = draw(st.integers(2, 5))
+    rank = draw(st.integers(1, 3))
+    hidden, inter = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    layers = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
+    fused = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = random.Random(seed)
+    itemsize = {"F32": 4, "BF16": 2, "F16": 2}[dtype]
+
+    def tensor(shape: tuple[int, int]) -> TensorBytes:
+        return TensorBytes(dtype, shape, memoryview(rng.randbytes(shape[0] * shape[1] * itemsize)))
+
+    tensors: dict[str, TensorBytes] = {}
+    config: dict[str, Any] = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}
+    for layer in layers:
+        key = f"{PREFIX}.{layer}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = tensor((rank, hidden))
+        tensors[f"{key}.lora_B.weight"] = tensor((hidden, rank))
+        if fused:
+            config["target_parameters"] = list(factories.FUSED_EXPERT_PARAMETERS)
+            for path, (fin, fout) in (
+                ("mlp.experts.base_layer", (hidden, 2 * inter)),
+                ("mlp.experts", (inter, hidden)),
+            ):
+                tensors[f"{PREFIX}.{layer}.{path}.lora_A.weight"] = tensor((experts * rank, fin))
+                tensors[f"{PREFIX}.{layer}.{path}.lora_B.weight"] = tensor((fout, experts * rank))
+        else:
+            for e in range(experts):
+                for proj, (fin, fout) in (("w1", (hidden, inter)), ("w2", (inter, hidden))):
+                    key = f"{PREFIX}.{layer}.block_sparse_moe.experts.{e}.{proj}"
+                    tensors[f"{key}.lora_A.weight"] = tensor((rank, fin))
+                    tensors[f"{key}.lora_B.weight"] = tensor((fout, rank))
+    return config, tensors
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(adapter=_moe_adapters())
+def test_random_moe_adapters_round_trip_bit_exactly(
+    adapter: tuple[dict[str, Any], dict[str, TensorBytes]],
+) -> None:
+    config, tensors = adapter
+    pack = read_pack(pack_from_peft_tensors(config, tensors, "b"))
+    assert pack.manifest.num_experts >= 2
+    with tempfile.TemporaryDirectory() as tmp:
+        export_peft_dir(pack, tmp)
+        exported = parse_safetensors((Path(tmp) / "adapter_model.safetensors").read_bytes())
+    assert sorted(exported.tensors) == sorted(tensors)
+    for key, tensor in tensors.items():
+        assert exported.tensors[key] == tensor, key
