@@ -42,8 +42,10 @@ class ModulePlan:
     """How one target module adds LoRA deltas for one batch (shared by all its layers).
 
     ``index`` ``[rows]`` is each row's slot; ``row_scale`` ``[rows, 1, 1]`` its scaling (0 for
-    base rows); ``rank`` the largest rank among the rows' adapters. ``wide_slots`` (k) and
-    ``wide_mask`` ``[rows, 1, k * R]`` drive the wide path, or are 0 / None where it does not pay.
+    base rows); ``rank`` the largest rank among the rows' adapters. ``wide_slots`` (k),
+    ``wide_mask`` ``[rows, 1, k * R]`` (each row's scale on its own slot's columns, 0 elsewhere)
+    and ``wide_drop`` (where the mask is 0) drive the wide path, or are 0 / None where it does
+    not pay.
     """
 
     index: torch.Tensor
@@ -51,6 +53,7 @@ class ModulePlan:
     rank: int
     wide_slots: int
     wide_mask: torch.Tensor | None
+    wide_drop: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -96,22 +99,25 @@ def _plan_module(
     rows = len(row_slots)
     row_scale = torch.tensor([scalings[s] for s in row_slots], dtype=dtype)
     wide_slots = active[-1] + 1
-    wide_mask = None
+    wide_mask = wide_drop = None
     if wide_slots <= WIDE_MAX_SLOTS_PER_ROW * rows:
         mask = torch.zeros(rows, wide_slots, dtype=dtype)
         for row, s in enumerate(row_slots):
             if s < wide_slots and ranks[s]:
                 mask[row, s] = scalings[s]
         wide_mask = mask.repeat_interleave(slots.max_rank, dim=1).view(rows, 1, -1)
+        wide_drop = (wide_mask == 0).to(device, non_blocking=True)
         wide_mask = wide_mask.to(device, non_blocking=True)
     else:
         wide_slots = 0
+        wide_drop = None
     return ModulePlan(
         index=index,
         row_scale=row_scale.view(rows, 1, 1).to(device, non_blocking=True),
         rank=max(ranks[s] for s in active),
         wide_slots=wide_slots,
         wide_mask=wide_mask,
+        wide_drop=wide_drop,
     )
 
 
@@ -154,7 +160,7 @@ class MultiLoRALinear(nn.Module):
             return out
         rows = plan.rows
         tokens = x.numel() // (rows * self.in_features)
-        if module.wide_mask is not None and tokens <= WIDE_MAX_TOKENS_PER_ROW:
+        if module.wide_slots and tokens <= WIDE_MAX_TOKENS_PER_ROW:
             add_wide(x, out, self._lora_a, self._lora_bt, module, rows, tokens)
         else:
             add_gathered(x, out, self._lora_a, self._lora_bt, module, rows, tokens)
@@ -188,13 +194,18 @@ def add_wide(
     rows: int,
     tokens: int,
 ) -> None:
-    """The same sum through the first ``k`` slots side by side and a per-row mask, in place."""
-    assert plan.wide_mask is not None
+    """The same sum through the first ``k`` slots side by side and a per-row mask, in place.
+
+    Other rows' columns are *filled* with zeros after scaling rather than only multiplied by
+    zero: another tenant's weights may overflow to inf on this row's input, and inf * 0 is NaN.
+    """
+    if plan.wide_mask is None or plan.wide_drop is None:
+        raise ValueError("this batch plan has no wide path for the module")
     k, n = plan.wide_slots, rows * tokens
     a = lora_a[:k].view(-1, lora_a.shape[-1])  # [k * R, in]
     bt = lora_bt[:k].view(-1, lora_bt.shape[-1])  # [k * R, out]
     h = torch.mm(x.reshape(n, -1), a.t())
-    h.view(rows, tokens, -1).mul_(plan.wide_mask)
+    h.view(rows, tokens, -1).mul_(plan.wide_mask).masked_fill_(plan.wide_drop, 0.0)
     out.view(n, -1).addmm_(h, bt)
 
 

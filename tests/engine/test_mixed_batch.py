@@ -63,7 +63,7 @@ def test_many_slots_few_rows_takes_gather_path(llama: Arch) -> None:
     plan = layers.plan_batch(
         engine.pool, (engine.slots.get(digest_of(engine, "t/one-layer")).slot,)
     )
-    assert all(p is None or p.wide_mask is None for p in plan.modules.values())
+    assert all(p is None or not p.wide_slots for p in plan.modules.values())
     check_rows(llama, engine.forward(ids, ["t/one-layer"]).logits, ids, ["t/one-layer"])
 
 
@@ -119,3 +119,29 @@ def test_bf16_base_is_close_to_peft(llama: Arch) -> None:
         with torch.no_grad():
             expected = model(input_ids=ids[row : row + 1]).logits[0].float()
         assert rel_err(logits[row], expected) <= 2e-2, (row, adapter)
+
+
+def test_wide_path_isolates_rows_from_other_tenants_slots(llama: Arch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The wide path reads every slot below the highest in use; a resident adapter whose
+    weights overflow to inf on someone else's input must still not touch their rows."""
+    from peft import LoraConfig, get_peft_model
+
+    from catalog.pack import import_peft_dir
+
+    model = get_peft_model(
+        llama.fresh_base(), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"])
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.fill_(3e38)  # finite in fp32, but x @ A^T overflows
+    model.save_pretrained(str(tmp_path / "huge"))
+    source = llama.source()
+    source.publish("t/huge", import_peft_dir(tmp_path / "huge", base_id=llama.base_id))
+    engine = llama.engine(source, num_slots=3)
+    engine.attach("t/huge")  # slot 0: below the slots the batch uses
+    adapters = ["t/qv-r8", None]
+    ids = make_ids(2, 1, seed=9)
+    logits = engine.forward(ids, adapters).logits
+    assert torch.isfinite(logits).all()
+    check_rows(llama, logits, ids, adapters)
