@@ -86,7 +86,7 @@ def bench_backend(
         key = f"bench/{size_mib}MiB"
         source = scratch / f"{size_mib}MiB.bin"
         source.write_bytes(data)
-        n = reps if size_mib < 64 else max(2, reps // 2)
+        n = reps
         record("put", size, 1, median_seconds(lambda: store.put(key, data), n))  # noqa: B023
         record("put_file", size, 1, median_seconds(lambda: store.put_file(key, source), n))  # noqa: B023
         assert store.get(key) == data

@@ -253,7 +253,7 @@ class FsspecStore(BlobStore):
                 if _error_code(exc) in _MISSING_CODES:
                     return None
                 raise
-            return await _read_body(response)
+            return _joined(await _read_chunks(response))
         for _ in range(_RACE_ATTEMPTS):
             try:
                 return await self._get_in_parts(full)
@@ -279,14 +279,15 @@ class FsspecStore(BlobStore):
             if _error_code(exc) == "InvalidRange":  # an empty object has no byte 0
                 return b""
             raise
-        head = await _read_body(first)
-        total = _total_size(first.get("ContentRange"), len(head))
-        if total <= len(head):
-            return head
+        chunks = await _read_chunks(first)
+        received = sum(map(len, chunks))
+        total = _total_size(first.get("ContentRange"), received)
+        if total <= received:
+            return _joined(chunks)
         etag = first["ETag"]
         slots = asyncio.Semaphore(self._read_concurrency - 1)  # the first part used one
 
-        async def fetch(start: int) -> bytes:
+        async def fetch(start: int) -> builtins.list[bytes]:
             async with slots:
                 response = await self._client.get_object(
                     Bucket=self.bucket,
@@ -294,15 +295,16 @@ class FsspecStore(BlobStore):
                     Range=f"bytes={start}-{min(start + part, total) - 1}",
                     IfMatch=etag,
                 )
-                return await _read_body(response)
+                return await _read_chunks(response)
 
-        tasks = [asyncio.ensure_future(fetch(start)) for start in range(len(head), total, part)]
+        tasks = [asyncio.ensure_future(fetch(start)) for start in range(received, total, part)]
         try:
-            rest = await asyncio.gather(*tasks)
+            for rest in await asyncio.gather(*tasks):
+                chunks.extend(rest)
         finally:
             for task in tasks:
                 task.cancel()
-        data = b"".join([head, *rest])
+        data = _joined(chunks)  # the only copy of the whole object
         if len(data) != total:
             raise Unavailable(
                 f"s3 store {self.url}: read {len(data)} bytes of {full!r}, expected {total}"
@@ -324,9 +326,7 @@ class FsspecStore(BlobStore):
             if _error_code(exc) == "InvalidRange":  # start is at or past the end
                 return b""
             raise
-        async with response["Body"] as body:
-            data: bytes = await body.read()
-        return data
+        return _joined(await _read_chunks(response))
 
     async def _head(self, full: str) -> int | None:
         from botocore.exceptions import ClientError
@@ -549,12 +549,16 @@ def _new_session(profile: str | None) -> Any:
     return session
 
 
-async def _read_body(response: dict[str, Any]) -> bytes:
-    """A GET's whole body, taken off the socket in large reads (one join at the end)."""
+async def _read_chunks(response: dict[str, Any]) -> list[bytes]:
+    """A GET's body, taken off the socket in large reads and left unjoined."""
+    chunks = []
     async with response["Body"] as body:
-        chunks = []
         while chunk := await body.read(_READ_CHUNK):
             chunks.append(chunk)
+    return chunks
+
+
+def _joined(chunks: list[bytes]) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
