@@ -28,37 +28,42 @@ _PATH_INT_DIGITS = 12
 
 
 def encode(*parts: Part) -> bytes:
-    """Encode a tuple of parts; the encoding of a prefix tuple is a byte prefix of it.
+    """Encode a tuple of parts; the encoding of a prefix tuple is a byte prefix of it, and
+    ``encode(*a) + encode(*b) == encode(*a, *b)`` when ``a`` has no ``bytes`` part.
 
     Raises ``InvalidArgument`` for a string holding ``\\x00``, a negative or too large integer,
     a ``bytes`` part anywhere but last, or a part of another type.
     """
-    out = bytearray()
-    last = len(parts) - 1
-    for position, part in enumerate(parts):
-        # bool is an int subclass; a flag in a key is a bug, not a number
-        if isinstance(part, bool):
-            raise InvalidArgument(f"key part {position} is a bool, not an int")
-        if isinstance(part, str):
-            data = part.encode()
-            if b"\x00" in data:
-                raise InvalidArgument(f"key part {position} {part[:80]!r} contains NUL")
-            out.append(_STR)
-            out += data
-            out.append(0)
-        elif isinstance(part, int):
-            if not 0 <= part <= _INT_MAX:
-                raise InvalidArgument(f"key part {position} {part} is outside 0..2**64-1")
-            out.append(_INT)
-            out += part.to_bytes(_INT_WIDTH, "big")
-        elif isinstance(part, bytes | bytearray | memoryview):
-            if position != last:
-                raise InvalidArgument(f"key part {position} is bytes but not the last part")
-            out.append(_BYTES)
-            out += part
+    out: list[bytes] = []
+    for part in parts:
+        # exact types first: this is on every index read and write
+        if type(part) is str and "\x00" not in part:
+            out.append(b"s" + part.encode() + b"\x00")
+        elif type(part) is int and 0 <= part <= _INT_MAX:
+            out.append(b"i" + part.to_bytes(_INT_WIDTH, "big"))
+        elif type(part) is bytes and len(out) == len(parts) - 1:
+            out.append(b"b" + part)
         else:
-            raise InvalidArgument(f"key part {position} has unsupported type {type(part).__name__}")
-    return bytes(out)
+            out.append(_encode_other(part, len(out), len(parts)))
+    return b"".join(out)
+
+
+def _encode_other(part: object, position: int, count: int) -> bytes:
+    if isinstance(part, bool):  # an int subclass; a flag in a key is a bug, not a number
+        raise InvalidArgument(f"key part {position} is a bool, not an int")
+    if isinstance(part, str):
+        if "\x00" in part:
+            raise InvalidArgument(f"key part {position} {part[:80]!r} contains NUL")
+        return encode(str(part))
+    if isinstance(part, int):
+        if not 0 <= part <= _INT_MAX:
+            raise InvalidArgument(f"key part {position} {part} is outside 0..2**64-1")
+        return encode(int(part))
+    if isinstance(part, bytes | bytearray | memoryview):
+        if position != count - 1:
+            raise InvalidArgument(f"key part {position} is bytes but not the last part")
+        return b"b" + bytes(part)
+    raise InvalidArgument(f"key part {position} has unsupported type {type(part).__name__}")
 
 
 def prefix(*parts: Part) -> bytes:

@@ -29,7 +29,7 @@ class AdapterState:
     next_revision: int  # the number the next push receives; numbers are never reused
     latest: int  # highest live revision, 0 when none
     live_revisions: int
-    aliases: dict[str, int] = field(default_factory=dict)
+    aliases: dict[str, int] = field(default_factory=dict)  # set by events; ``latest`` is not here
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -45,10 +45,15 @@ class RevisionIndex(ABC):
     def apply(self, event: Event) -> None:
         """Apply one event atomically and clear any intent recorded for it.
 
-        Raises ``Conflict`` when ``event.seq`` is not the adapter's ``next_seq`` (a lost race),
-        ``FailedPrecondition``/``InvalidArgument`` when the event contradicts the state (an alias
-        whose ``previous`` is not its current target, a push whose number is not
-        ``next_revision``, a delete of a missing revision, an alias to a missing revision).
+        Raises ``Conflict`` when the writer's view was stale: ``event.seq`` is not the adapter's
+        ``next_seq``, a push's number is not ``next_revision``, or an alias's ``previous`` is not
+        its current target (0 = unset). Raises ``FailedPrecondition`` when the event contradicts
+        the state: an alias, delete or metadata event naming a missing or deleted revision,
+        removing an unset alias, or deleting a revision an alias points at (the message names
+        the aliases). Raises ``InvalidArgument`` for a malformed event: no digest on a push, an
+        alias named ``latest`` (the index keeps it on the highest live revision) or all digits
+        (it would read as a revision number), a manifest field of the wrong type.
+        A refused event changes nothing and keeps its intent.
         """
 
     def apply_many(self, events: Iterable[Event]) -> int:
@@ -65,10 +70,11 @@ class RevisionIndex(ABC):
 
     @abstractmethod
     def resolve(self, ref: Ref) -> Revision:
-        """The live revision ``ref`` names.
+        """The live revision ``ref`` names (its ``aliases`` include ``latest`` if it is latest).
 
         Raises ``NotFound`` naming what is missing (adapter, revision, alias, digest) and
-        ``InvalidReference`` for a digest prefix that matches more than one revision.
+        ``InvalidReference`` for a digest prefix that matches more than one digest (or is shorter
+        than 12 hex digits). Identical bytes pushed twice resolve to the newer live revision.
         """
 
     @abstractmethod
@@ -77,19 +83,28 @@ class RevisionIndex(ABC):
     ) -> Page[AdapterSummary]:
         """Adapters in ``(tenant, name)`` order.
 
-        ``prefix`` is ``""`` (all), ``"tenant"`` (one tenant's adapters) or ``"tenant/name"``
-        (that one adapter). ``page_token`` is the opaque ``next_token`` of the previous page.
+        ``prefix`` is ``""`` (all), ``"tenant"`` (one tenant's adapters, never ``tenant2``'s) or
+        ``"tenant/name"`` (that one adapter). ``page_token`` is the opaque ``next_token`` of the
+        previous page of the same listing. ``page_size`` 0 means ``DEFAULT_PAGE_SIZE``; larger
+        sizes are clamped to ``MAX_PAGE_SIZE``. Raises ``InvalidName`` for a bad prefix and
+        ``InvalidArgument`` for a negative size or a token not from this listing.
         """
 
     @abstractmethod
     def list_revisions(
         self, adapter: AdapterName, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
     ) -> Page[Revision]:
-        """Live revisions of ``adapter`` in increasing number; ``NotFound`` for an unknown adapter."""
+        """Live revisions of ``adapter`` in increasing number (paged as ``list_adapters``).
+
+        Raises ``NotFound`` for an unknown adapter.
+        """
 
     @abstractmethod
     def alias_history(self, adapter: AdapterName, alias: str | None = None) -> list[AliasMove]:
-        """Every move of ``alias`` (or of all aliases) of ``adapter``, oldest first."""
+        """Every move of ``alias`` (or of all aliases) of ``adapter``, oldest first.
+
+        ``latest`` moves implicitly and has no history. Raises ``NotFound`` for an unknown adapter.
+        """
 
     @abstractmethod
     def referenced_digests(self) -> Iterator[tuple[Digest, int]]:

@@ -149,9 +149,11 @@ class _WriteBatch:
         self.txn = txn
         self.adapters: dict[bytes, AdapterRecord] = {}
         self.ref_deltas: dict[bytes, int] = {}
-        self.new_interned: dict[str, int] = {}
+        self.new_interned: dict[Interned, int] = {}
         self.next_intern_id = 0  # 0 = not read from meta yet
         self.has_intents = txn.stat(intents_db)["entries"] > 0
+        self.last_adapter: AdapterName | None = None
+        self.last_adapter_key = b""
 
 
 class LmdbIndex(RevisionIndex):
@@ -206,7 +208,7 @@ class LmdbIndex(RevisionIndex):
             "metadata": self._apply_metadata,
         }
         # id <-> interned value; complete for this process's writes, a read falls back to the db
-        self._intern_ids: dict[str, int] = {}
+        self._intern_ids: dict[Interned, int] = {}
         self._intern_values: dict[int, Interned] = {}
         try:
             self._open_schema()
@@ -227,8 +229,9 @@ class LmdbIndex(RevisionIndex):
             for key, text in txn.cursor(db=self._interned):
                 (intern_id,) = keys.decode(key)
                 assert isinstance(intern_id, int)
-                self._intern_ids[text.decode()] = intern_id
-                self._intern_values[intern_id] = records.decode_interned(text)
+                value = records.decode_interned(text)
+                self._intern_ids[value] = intern_id
+                self._intern_values[intern_id] = value
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -327,17 +330,17 @@ class LmdbIndex(RevisionIndex):
             txn.put(_NEXT_INTERN_KEY, records.encode_number(batch.next_intern_id), db=self._meta)
 
     def _publish_interned(self, batch: _WriteBatch) -> None:
-        for text, intern_id in batch.new_interned.items():
-            self._intern_values[intern_id] = records.decode_interned(text)
-            self._intern_ids[text] = intern_id
+        for value, intern_id in batch.new_interned.items():
+            self._intern_values[intern_id] = value
+            self._intern_ids[value] = intern_id
 
     # -- interning ------------------------------------------------------------------------------
 
     def _intern(self, batch: _WriteBatch, value: Interned) -> int:
-        text = records.encode_interned(value)
-        found = self._intern_ids.get(text)
+        # keyed by the value itself (a str and a 1-tuple differ), so a hit costs one dict lookup
+        found = self._intern_ids.get(value)
         if found is None:
-            found = batch.new_interned.get(text)
+            found = batch.new_interned.get(value)
         if found is not None:
             return found
         if not batch.next_intern_id:
@@ -345,8 +348,9 @@ class LmdbIndex(RevisionIndex):
             batch.next_intern_id = records.decode_number(stored) if stored else 1
         intern_id = batch.next_intern_id
         batch.next_intern_id += 1
+        text = records.encode_interned(value)
         batch.txn.put(keys.encode(intern_id), text.encode(), db=self._interned)
-        batch.new_interned[text] = intern_id
+        batch.new_interned[value] = intern_id
         return intern_id
 
     def _lookup_interned(self, txn: lmdb.Transaction[bytes]) -> Callable[[int], Interned]:
@@ -400,7 +404,11 @@ class LmdbIndex(RevisionIndex):
 
     def _apply_one(self, batch: _WriteBatch, event: Event) -> None:
         adapter = event.adapter
-        adapter_key = keys.encode(adapter.tenant, adapter.name)
+        if adapter == batch.last_adapter:  # a replayed log comes adapter by adapter
+            adapter_key = batch.last_adapter_key
+        else:
+            adapter_key = keys.encode(adapter.tenant, adapter.name)
+            batch.last_adapter, batch.last_adapter_key = adapter, adapter_key
         record = batch.adapters.get(adapter_key)
         if record is None:
             stored = batch.txn.get(adapter_key, db=self._adapters)
@@ -437,10 +445,10 @@ class LmdbIndex(RevisionIndex):
         )
         number = keys.encode(event.revision)
         txn.put(adapter_key + number, value, db=self._revisions)
-        digest_key = adapter_key + keys.encode(digest.algorithm, raw)
+        ref_key = keys.encode(digest.algorithm, raw)
+        digest_key = adapter_key + ref_key
         holders = txn.get(digest_key, db=self._digests) or b""
         txn.put(digest_key, holders + records.encode_number(event.revision), db=self._digests)
-        ref_key = keys.encode(digest.algorithm, raw)
         batch.ref_deltas[ref_key] = batch.ref_deltas.get(ref_key, 0) + 1
         record.next_revision = event.revision + 1
         record.latest = event.revision

@@ -161,7 +161,7 @@ def decode_revision(
             modules_id,
         ) = _REVISION_BODY.unpack_from(value, body)
         tail = value[body + _REVISION_BODY.size :]
-        metadata: dict[str, str] = json.loads(tail) if tail else {}
+        metadata: dict[str, str] = json.loads(tail.decode()) if tail else {}
     except (struct.error, ValueError) as exc:
         raise DataLoss(f"corrupt revision record {adapter}@{number} in the index: {exc}") from None
     modules = lookup(modules_id)
@@ -189,7 +189,7 @@ def merge_metadata(value: bytes, update: dict[str, str]) -> bytes:
     end = body + _REVISION_BODY.size
     tail = value[end:]
     try:
-        metadata: dict[str, str] = json.loads(tail) if tail else {}
+        metadata: dict[str, str] = json.loads(tail.decode()) if tail else {}
     except ValueError as exc:
         raise DataLoss(f"corrupt revision metadata in the index: {exc}") from None
     metadata.update(update)

@@ -49,7 +49,7 @@ class PackSummary:
         return cls(
             base_id=_field(manifest, "base_id", str, ""),
             rank=_count(manifest, "rank"),
-            alpha=float(_field(manifest, "alpha", (int, float), 0.0)),
+            alpha=_alpha(manifest),
             dtype=_field(manifest, "dtype", str, ""),
             target_modules=_module_names(manifest),
             num_layers=_count(manifest, "num_layers"),
@@ -58,12 +58,21 @@ class PackSummary:
 
 
 def _field(manifest: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
-    value = manifest.get(key, default)
+    value = manifest.get(key)
     if value is None:
         return default
+    if type(value) is kind:  # the common case, before the bool-excluding checks
+        return value
     if isinstance(value, bool) or not isinstance(value, kind):
         raise InvalidArgument(f"pack manifest field {key!r} has type {type(value).__name__}")
     return value
+
+
+def _alpha(manifest: dict[str, Any]) -> float:
+    value = manifest.get("alpha")
+    if type(value) is float:
+        return value
+    return float(_field(manifest, "alpha", (int, float), 0.0))
 
 
 def _count(manifest: dict[str, Any], key: str) -> int:
@@ -82,7 +91,13 @@ def _module_names(manifest: dict[str, Any]) -> tuple[str, ...]:
         return tuple(names)
     if not isinstance(modules, list):
         raise InvalidArgument("pack manifest field 'modules' must be a list")
-    found: list[str] = []
+    try:
+        names = tuple([module["name"] for module in modules])
+    except (TypeError, KeyError, IndexError):
+        names = None
+    if names is not None and all(type(name) is str for name in names):
+        return names
+    found: list[str] = []  # the slow way, to name the bad entry
     for position, module in enumerate(modules):
         name = module.get("name") if isinstance(module, dict) else None
         if not isinstance(name, str):
@@ -112,12 +127,14 @@ def check_event_shape(event: Event) -> None:
         raise InvalidArgument(f"{event.adapter}: event seq {event.seq!r} must be >= 1")
     if not isinstance(event.revision, int) or not 0 <= event.revision <= MAX_REVISION:
         raise InvalidArgument(f"{event.adapter}: event revision {event.revision!r} is out of range")
+    if not isinstance(event.at, float | int):
+        raise InvalidArgument(f"{event.adapter}: event time {event.at!r} is not a number")
     if event.op == "push":
         if event.digest is None:
             raise InvalidArgument(f"{event.adapter}: push event seq {event.seq} has no digest")
         if event.revision < 1:
             raise InvalidArgument(f"{event.adapter}: push event seq {event.seq} has no revision")
-        if not isinstance(event.size_bytes, int) or event.size_bytes < 0:
+        if not isinstance(event.size_bytes, int) or not 0 <= event.size_bytes < 1 << 63:
             raise InvalidArgument(f"{event.adapter}: push size {event.size_bytes!r} is invalid")
     elif event.op == "alias":
         check_alias_name(event.alias)
@@ -126,7 +143,7 @@ def check_event_shape(event: Event) -> None:
     elif event.revision < 1:
         raise InvalidArgument(f"{event.adapter}: {event.op} event seq {event.seq} has no revision")
     if event.op in ("push", "metadata") and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in event.metadata.items()
+        type(k) is str and type(v) is str for k, v in event.metadata.items()
     ):
         raise InvalidArgument(f"{event.adapter}: metadata keys and values must be strings")
 
