@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catalog.cache.pack_cache import PackCache
 from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
 from catalog.errors import (
     CatalogError,
@@ -45,6 +46,7 @@ from catalog.events import (
     parse_blob_key,
     parse_log_key,
 )
+from catalog.hints import HintBroker
 from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
 from catalog.locks import KeyedLocks, ReadWriteLock
 from catalog.model import (
@@ -52,13 +54,16 @@ from catalog.model import (
     AdapterName,
     AdapterSummary,
     AliasMove,
+    Hint,
     Page,
+    PrefetchProgress,
     Ref,
     Revision,
     Selector,
     check_part,
 )
 from catalog.pack import read_pack
+from catalog.prefetch import PrefetchQueue
 from catalog.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -236,9 +241,17 @@ class Catalog:
         spool_dir: Path | None = None,
         limits: Limits | None = None,
         on_close: Callable[[], None] | None = None,
+        pack_cache: PackCache | None = None,
+        prefetch_workers: int = 4,
+        attach_aliases: tuple[str, ...] = ("serving",),
     ) -> None:
         self.store = store
         self._on_close = on_close
+        #: The NVMe tier; ``None`` reads every pack from the durable store.
+        self.pack_cache = pack_cache
+        self.hints = HintBroker()
+        self.attach_aliases = attach_aliases
+        self.counters: Counter[str] = Counter()
         self.index_path = Path(index_path)
         self._open_index = open_index
         self.limits = limits or Limits()
@@ -253,6 +266,7 @@ class Catalog:
         self._engines_lock = threading.Lock()
         self._restore_interrupted_swap()
         self.index = open_index(self.index_path)
+        self.prefetcher = PrefetchQueue(self._warm, workers=prefetch_workers)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -284,8 +298,11 @@ class Catalog:
 
     def close(self) -> None:
         """Close the index (and run ``on_close``, e.g. marking a clean shutdown)."""
+        self.prefetcher.close()
         with self._swap.exclusive():
             self.index.close()
+        if self.pack_cache is not None:
+            self.pack_cache.close()
         if self._on_close is not None:
             self._on_close()
 
@@ -324,11 +341,41 @@ class Catalog:
             return self.index.alias_history(adapter, alias or None)
 
     def read_pack_bytes(self, revision: Revision) -> bytes:
-        """The verified pack bytes of ``revision``.
+        """The verified pack bytes of ``revision``, through the NVMe tier when there is one.
 
-        Raises ``DataLoss`` naming the revision when the blob is missing or its bytes do not
-        hash to the revision's digest.
+        Raises ``DataLoss`` naming the revision when the durable blob is missing or its bytes
+        do not hash to the revision's digest.
         """
+        return self.read_pack_range(revision, 0, revision.size_bytes)
+
+    def read_pack_range(self, revision: Revision, offset: int, length: int) -> bytes:
+        """``length`` verified bytes of ``revision``'s pack from ``offset`` (fewer at its end).
+
+        Raises ``InvalidArgument`` for an offset beyond the pack, ``DataLoss`` as above.
+        """
+        if offset < 0 or length < 0 or offset > revision.size_bytes:
+            raise InvalidArgument(
+                f"range {offset}+{length} is outside the {revision.size_bytes}-byte pack"
+            )
+        self.counters["pack_reads"] += 1
+        self.hints.record_demand(
+            f"{revision.adapter}@{revision.number}", str(revision.digest), revision.base_id
+        )
+        if self.pack_cache is None:
+            data = self._read_durable(revision)
+            self.counters["durable_bytes_read"] += len(data)
+            return data if (offset, length) == (0, len(data)) else data[offset : offset + length]
+        # Hits are checked against per-chunk checksums taken when the pack was admitted, which
+        # happened only after the durable bytes matched the digest (see catalog.cache.pack_cache).
+        return self.pack_cache.read_range(
+            revision.digest,
+            offset,
+            length,
+            lambda: self._read_durable(revision),
+            name_for_errors=f"{revision.adapter}@{revision.number}",
+        )
+
+    def _read_durable(self, revision: Revision) -> bytes:
         data = self.store.get(blob_key(revision.digest))
         if data is None:
             raise DataLoss(
@@ -341,7 +388,56 @@ class Catalog:
                 f"pack of {revision.adapter}@{revision.number} is corrupt in the durable store: "
                 f"expected {revision.digest}, bytes hash to {actual}"
             )
+        self.counters["durable_reads"] += 1
         return data
+
+    # -- the NVMe tier ----------------------------------------------------------------------
+
+    def _require_cache(self) -> PackCache:
+        if self.pack_cache is None:
+            raise FailedPrecondition("this catalog runs without an NVMe pack cache")
+        return self.pack_cache
+
+    def _warm(self, ref: str) -> tuple[str, int]:
+        revision = self.resolve(ref)
+        if self.pack_cache is not None and self.pack_cache.contains(revision.digest):
+            return str(revision.digest), revision.size_bytes
+        self.read_pack_bytes(revision)
+        return str(revision.digest), revision.size_bytes
+
+    def prefetch(
+        self, refs: list[str], *, priority: int = 0, deadline_s: float = 0.0
+    ) -> Iterator[PrefetchProgress]:
+        """Warm the NVMe tier for ``refs``; yields one progress record per reference.
+
+        Higher ``priority`` goes first across all callers; references not started within
+        ``deadline_s`` (> 0) are cancelled. Bad references are reported as ``failed``.
+        Raises ``InvalidArgument`` (empty or oversized request).
+        """
+        return self.prefetcher.submit(list(refs), priority=priority, deadline_s=deadline_s)
+
+    def pin_pack(self, ref: Ref | str) -> Revision:
+        """Load ``ref``'s pack into the NVMe tier and keep it there until unpinned."""
+        cache = self._require_cache()
+        revision = self.resolve(ref)
+        cache.pin(
+            revision.digest,
+            lambda: self._read_durable(revision),
+            name_for_errors=f"{revision.adapter}@{revision.number}",
+        )
+        return revision
+
+    def unpin_pack(self, ref: Ref | str) -> Revision:
+        """Drop one pin of ``ref``'s pack. Raises ``NotFound``, ``FailedPrecondition``."""
+        revision = self.resolve(ref)
+        self._require_cache().unpin(revision.digest)
+        return revision
+
+    def evict_pack(self, ref: Ref | str) -> Revision:
+        """Remove ``ref``'s pack from the NVMe tier (not from the durable store)."""
+        revision = self.resolve(ref)
+        self._require_cache().evict(revision.digest)
+        return revision
 
     def fetch(self, ref: Ref | str) -> tuple[Revision, bytes]:
         """Resolve ``ref`` and return its verified pack. Raises as resolve and read_pack_bytes."""
@@ -516,7 +612,24 @@ class Catalog:
             previous=current,
         )
         self._append(event)
+        if revision and alias in self.attach_aliases:
+            self._hint_attach(adapter, alias, revision)
         return AliasMove(adapter, alias, current, revision, now, event.seq)
+
+    def _hint_attach(self, adapter: AdapterName, alias: str, number: int) -> None:
+        target = self.index.get_revision(adapter, number)
+        if target is None:  # pragma: no cover - checked just before under the same lock
+            return
+        self.hints.publish(
+            Hint(
+                kind="attach",
+                ref=f"{adapter}@{number}",
+                digest=str(target.digest),
+                base_id=target.base_id,
+                reason=f"{adapter}@{alias} moved to {number}",
+                at=time.time(),
+            )
+        )
 
     def rollback(
         self, adapter: AdapterName, alias: str, *, expected: int | None = None
@@ -649,9 +762,20 @@ class Catalog:
                 size = self.store.size(key) or 0
                 if not dry_run:
                     self.store.delete(key)
+                    self._drop_from_cache(digest)
                 deleted.append(digest)
                 freed += size
         return deleted, freed, kept
+
+    def _drop_from_cache(self, digest: Digest) -> None:
+        cache = self.pack_cache
+        if cache is None or not cache.contains(digest):
+            return
+        for entry in cache.entries():
+            if entry.digest == digest:
+                for _ in range(entry.pins):
+                    cache.unpin(digest)
+        cache.evict(digest)
 
     def verify(self) -> tuple[int, int, list[str]]:
         """Check every log event decodes and every referenced blob exists and hashes right.
@@ -679,6 +803,13 @@ class Catalog:
                 problems.append(f"blob {digest} is referenced but missing from {self.store.url}")
             elif Digest.of(data, digest.algorithm) != digest:
                 problems.append(f"blob {digest} is corrupt in {self.store.url}")
+        if self.pack_cache is not None:
+            report = self.pack_cache.verify()
+            blobs += report.checked
+            problems.extend(
+                f"NVMe cache copy of {item} was corrupt and has been dropped"
+                for item in report.corrupt
+            )
         return blobs, events, problems
 
     def _iter_log_objects(self) -> Iterator[tuple[str, bytes | None]]:
@@ -780,12 +911,67 @@ class Catalog:
         with self._engines_lock:
             return list(self._engines.values())
 
+    def publish_demand_hints(self, count: int = 16) -> int:
+        """Tell each engine to stage the hottest revisions it does not hold; returns hints sent."""
+        sent = 0
+        hottest = self.hints.hottest(count)
+        for engine in self.engines():
+            held = engine.gpu | engine.host
+            for ref, digest, base_id, score in hottest:
+                if digest in held or (engine.base_id and base_id and engine.base_id != base_id):
+                    continue
+                sent += self.hints.publish(
+                    Hint("stage", ref, digest, base_id, f"demand {score:.1f}", time.time()),
+                    engine_ids=[engine.engine_id],
+                )
+        return sent
+
+    def watch_hints(self, engine_id: str, stop: Callable[[], bool]) -> Iterator[Hint]:
+        """The hint stream of a registered engine, until ``stop()``. Raises ``NotFound``."""
+        with self._engines_lock:
+            record = self._engines.get(engine_id)
+        if record is None:
+            raise NotFound(f"engine {engine_id!r} is not registered")
+        return self.hints.subscribe(engine_id, record.base_id, stop=stop)
+
     def stats(self) -> dict[str, Any]:
+        """Counts and per-tier occupancy and traffic (durable, nvme, host and gpu of engines)."""
         with self._swap.shared():
             counts = dict(self.index.counts())
         engines = self.engines()
         gpu = set().union(*(e.gpu for e in engines)) if engines else set()
         host = set().union(*(e.host for e in engines)) if engines else set()
+        tiers: list[dict[str, Any]] = [
+            {
+                "tier": "durable",
+                "entries": int(counts.get("revisions", 0)),
+                "misses": self.counters["durable_reads"],
+            }
+        ]
+        if self.pack_cache is not None:
+            cache = self.pack_cache.stats()
+            tiers.append(
+                {
+                    "tier": "nvme",
+                    "bytes": cache["bytes"],
+                    "entries": cache["entries"],
+                    "hits": cache["hits"],
+                    "misses": cache["misses"],
+                    "evictions": cache["evictions"],
+                    "capacity_bytes": cache["capacity_bytes"],
+                }
+            )
+        tiers += [{"tier": "host", "entries": len(host)}, {"tier": "gpu", "entries": len(gpu)}]
+        counters = {
+            **self.counters,
+            **{f"prefetch_{k}": v for k, v in self.prefetcher.counters.items()},
+            "hints_sent": self.hints.sent,
+            "hint_subscribers": self.hints.subscribers(),
+        }
+        if self.pack_cache is not None:
+            counters.update(
+                {f"nvme_{k}": v for k, v in self.pack_cache.stats().items() if isinstance(v, int)}
+            )
         return {
             "adapters": int(counts.get("adapters", 0)),
             "revisions": int(counts.get("revisions", 0)),
@@ -793,10 +979,8 @@ class Catalog:
             "index_bytes": int(counts.get("bytes_on_disk", 0)),
             "store_url": self.store.url,
             "engines": len(engines),
-            "tiers": [
-                {"tier": "gpu", "entries": len(gpu)},
-                {"tier": "host", "entries": len(host)},
-            ],
+            "tiers": tiers,
+            "counters": counters,
         }
 
 

@@ -199,3 +199,26 @@ class Page(Generic[T]):
 
     items: tuple[T, ...]
     next_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchProgress:
+    """The fate of one reference of a prefetch request."""
+
+    ref: str
+    state: str  # "done" | "failed" | "cancelled"
+    digest: str = ""
+    size_bytes: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """Advice from the catalog to an engine: stage (host memory) or attach (a slot) a revision."""
+
+    kind: str  # "attach" | "stage"
+    ref: str  # tenant/name@revision
+    digest: str
+    base_id: str
+    reason: str
+    at: float

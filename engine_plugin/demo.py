@@ -47,12 +47,13 @@ def build_base(seed: int = 0) -> torch.nn.Module:
     )
     config.name_or_path = BASE_ID
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    return model.eval()
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``module path inside a decoder layer -> (in_features, out_features)``."""
-    layer = model.model.layers[0]  # type: ignore[index, union-attr]
+    layer: torch.nn.Module = model.model.layers[0]  # type: ignore[index, union-attr, assignment]
     return {
         name: (module.in_features, module.out_features)
         for name, module in layer.named_modules()

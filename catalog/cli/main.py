@@ -14,6 +14,15 @@ from typing import Any
 
 import click
 
+from catalog.cli.cache import cache, prefetch
+from catalog.cli.common import (
+    connect,
+    json_option,
+    parse_bytes,
+    parse_expect,
+    parse_name,
+    server_option,
+)
 from catalog.cli.output import (
     emit_json,
     format_bytes,
@@ -23,9 +32,8 @@ from catalog.cli.output import (
     transfer_progress,
 )
 from catalog.errors import CatalogError, InvalidArgument, InvalidPack
-from catalog.model import AdapterName, Ref, Revision
+from catalog.model import Ref, Revision
 
-DEFAULT_SERVER = "127.0.0.1:7070"
 DEFAULT_ROOT = Path(os.environ.get("LORACAT_ROOT", Path.home() / ".loracat"))
 
 
@@ -41,36 +49,6 @@ class CatalogErrorsAsMessages(click.Group):
         except OSError as exc:
             click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
             sys.exit(1)
-
-
-server_option = click.option(
-    "--server",
-    envvar="LORACAT_SERVER",
-    default=DEFAULT_SERVER,
-    show_default=True,
-    help="Catalog address HOST:PORT (or $LORACAT_SERVER).",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON only, on stdout.")
-
-
-def connect(server: str) -> Any:
-    from catalog.client import CatalogClient
-
-    return CatalogClient(server)
-
-
-def parse_name(text: str) -> AdapterName:
-    return AdapterName.parse(text)
-
-
-def parse_expect(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if text in ("none", "unset"):
-        return 0
-    if not text.isdigit():
-        raise InvalidArgument(f"--expect takes a revision number or 'none', got {text!r}")
-    return int(text)
 
 
 @click.group(cls=CatalogErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,16 +73,57 @@ def cli() -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=7070, show_default=True, type=click.IntRange(0, 65535))
-def serve(root: Path, store_url: str | None, host: str, port: int) -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="NVMe pack cache directory (default: ROOT/cache).",
+)
+@click.option(
+    "--cache-bytes",
+    default=str(8 << 30),
+    show_default=True,
+    help="NVMe pack cache budget in bytes (suffixes K, M, G, T; 0 disables the cache).",
+)
+@click.option(
+    "--cache-policy",
+    default="default",
+    show_default=True,
+    help="Eviction policy of the NVMe cache (see `loracat cache policies`).",
+)
+@click.option(
+    "--metrics-port", default=None, type=click.IntRange(0, 65535), help="Serve Prometheus /metrics."
+)
+def serve(
+    root: Path,
+    store_url: str | None,
+    host: str,
+    port: int,
+    cache_dir: Path | None,
+    cache_bytes: str,
+    cache_policy: str,
+    metrics_port: int | None,
+) -> None:
     """Run the catalog server."""
     import logging
 
+    from catalog.cache.policies import resolve_policy_name
     from catalog.service.server import serve_forever
 
+    resolve_policy_name(cache_policy)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    serve_forever(root, store_url, host=host, port=port)
+    serve_forever(
+        root,
+        store_url,
+        host=host,
+        port=port,
+        cache_dir=cache_dir,
+        cache_bytes=parse_bytes(cache_bytes),
+        cache_policy=cache_policy,
+        metrics_port=metrics_port,
+    )
 
 
 # -- revisions -----------------------------------------------------------------------------
@@ -463,6 +482,10 @@ def demo(root: Path | None, adapters: int, num_slots: int, waves: int) -> None:
     from engine_plugin.demo import run_demo
 
     run_demo(root=root, adapters=adapters, num_slots=num_slots, waves=waves)
+
+
+cli.add_command(cache)
+cli.add_command(prefetch)
 
 
 def main() -> None:

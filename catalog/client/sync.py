@@ -33,7 +33,16 @@ from catalog.convert import (
     summary_from_pb,
 )
 from catalog.digest import Digest
-from catalog.model import AdapterName, AdapterSummary, AliasMove, Page, Ref, Revision
+from catalog.model import (
+    AdapterName,
+    AdapterSummary,
+    AliasMove,
+    Hint,
+    Page,
+    PrefetchProgress,
+    Ref,
+    Revision,
+)
 
 DEFAULT_TIMEOUT = 30.0
 TRANSFER_TIMEOUT = 3600.0
@@ -289,7 +298,66 @@ class CatalogClient:
             "seconds": response.seconds,
         }
 
+    # -- the NVMe tier -----------------------------------------------------------------------
+
+    def prefetch(
+        self,
+        refs: list[str],
+        *,
+        priority: int = 0,
+        deadline_s: float = 0.0,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> Iterator[PrefetchProgress]:
+        """Warm the server's NVMe tier; yields one progress record per reference as it ends."""
+        request = pb.PrefetchRequest(
+            refs=[ref_text(r) for r in refs], priority=priority, deadline_s=deadline_s
+        )
+        with translated(self.target):
+            for item in self._stub.Prefetch(request, timeout=timeout):
+                yield PrefetchProgress(
+                    item.ref, item.state, item.digest, item.size_bytes, item.error
+                )
+
+    def pin_pack(self, ref: Ref | str) -> Revision:
+        """Load ``ref``'s pack into the NVMe tier and keep it there until unpinned."""
+        with translated(self.target):
+            return revision_from_pb(
+                self._stub.PinPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=TRANSFER_TIMEOUT)
+            )
+
+    def unpin_pack(self, ref: Ref | str) -> Revision:
+        with translated(self.target):
+            return revision_from_pb(
+                self._stub.UnpinPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout)
+            )
+
+    def evict_pack(self, ref: Ref | str) -> Revision:
+        with translated(self.target):
+            return revision_from_pb(
+                self._stub.EvictPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout)
+            )
+
+    def list_cache(self) -> list[dict[str, Any]]:
+        with translated(self.target):
+            response = self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout)
+        return [
+            {
+                "digest": e.digest,
+                "size_bytes": e.size_bytes,
+                "pins": e.pins,
+                "inserted_at": e.inserted_at,
+            }
+            for e in response.entries
+        ]
+
     # -- engines ----------------------------------------------------------------------------
+
+    def watch_hints(self, engine_id: str) -> Iterator[Hint]:
+        """The catalog's hints for a registered engine, until the stream is cancelled or the
+        channel closes (iterate it on a thread of its own)."""
+        with translated(self.target):
+            for hint in self._stub.WatchHints(pb.WatchHintsRequest(engine_id=engine_id)):
+                yield Hint(hint.kind, hint.ref, hint.digest, hint.base_id, hint.reason, hint.at)
 
     def register_engine(
         self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int = 0

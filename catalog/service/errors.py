@@ -58,6 +58,32 @@ def _is_abort(exc: BaseException) -> bool:
     return type(exc) is Exception and not exc.args
 
 
+UnaryBehavior = Callable[[Any, grpc.ServicerContext], Any]
+StreamBehavior = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    wrap_unary: Callable[[UnaryBehavior], UnaryBehavior],
+    wrap_streaming: Callable[[StreamBehavior], StreamBehavior],
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (unary or streaming responses)."""
+    for kind, factory, wrap in (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_streaming),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_streaming),
+    ):
+        behavior = getattr(handler, kind)
+        if behavior:
+            return factory(
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(
         self,
@@ -67,28 +93,4 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap(handler, _wrap_unary, _wrap_streaming)

@@ -16,6 +16,7 @@ from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.core import Catalog, Limits
 from catalog.service.errors import ErrorMappingInterceptor
+from catalog.service.metrics import LatencyInterceptor
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
 from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
@@ -25,20 +26,36 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Catalog"].full_name
 DEFAULT_PORT = 7070
 
 
+DEFAULT_CACHE_BYTES = 8 << 30
+
+
 def open_catalog(
-    root: Path, store_url: str | None = None, *, limits: Limits | None = None
+    root: Path,
+    store_url: str | None = None,
+    *,
+    limits: Limits | None = None,
+    cache_dir: Path | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_policy: str = "default",
 ) -> Catalog:
-    """The catalog kept under ``root``: ``root/index`` (LMDB), ``root/spool`` and, unless
-    ``store_url`` names another, the durable store in ``root/store`` (``file://``).
+    """The catalog kept under ``root``: ``root/index`` (LMDB), ``root/cache`` (the NVMe pack
+    cache, unless ``cache_dir`` names another; ``cache_bytes=0`` runs without one),
+    ``root/spool`` and, unless ``store_url`` names another, the durable store in ``root/store``.
 
     Recovers interrupted writes, and rebuilds the index from the durable store when it is empty
     or may have lost writes in a machine crash (see ``catalog.shutdown``).
     """
+    from catalog.cache.pack_cache import PackCache
     from catalog.index.lmdb_index import LmdbIndex
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     store = open_store(store_url or (root / "store").as_uri())
+    cache = (
+        PackCache(Path(cache_dir or root / "cache"), cache_bytes, cache_policy)
+        if cache_bytes > 0
+        else None
+    )
     marker = ShutdownMarker(root / "index.state")
     lost_writes = marker.open()
     catalog = Catalog(
@@ -48,6 +65,7 @@ def open_catalog(
         spool_dir=root / "spool",
         limits=limits,
         on_close=marker.close,
+        pack_cache=cache,
     )
     if lost_writes:
         log.warning("the index was not closed cleanly before a reboot: rebuilding it")
@@ -70,7 +88,7 @@ def create_server(
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loracat-rpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[LatencyInterceptor(), ErrorMappingInterceptor()],
         options=options,
     )
     pb_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), server)
@@ -94,10 +112,16 @@ def serve_forever(
     *,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    ready: threading.Event | None = None,
+    cache_dir: Path | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_policy: str = "default",
+    metrics_port: int | None = None,
+    demand_hint_interval_s: float = 5.0,
 ) -> None:
     """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index."""
-    catalog = open_catalog(root, store_url)
+    catalog = open_catalog(
+        root, store_url, cache_dir=cache_dir, cache_bytes=cache_bytes, cache_policy=cache_policy
+    )
     server, bound = create_server(catalog, f"{host}:{port}")
     stop = threading.Event()
 
@@ -107,11 +131,15 @@ def serve_forever(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+    if metrics_port is not None:
+        from catalog.service.metrics import start_metrics_server
+
+        metrics_bound = start_metrics_server(catalog, host, metrics_port)
+        print(f"loracat metrics on http://{host}:{metrics_bound}/metrics", flush=True)
     print(f"loracat catalog serving on {host}:{bound} (store {catalog.store.url})", flush=True)
-    if ready is not None:
-        ready.set()
     try:
-        stop.wait()
+        while not stop.wait(demand_hint_interval_s):
+            catalog.publish_demand_hints()
     finally:
         server.stop(grace=5).wait()
         catalog.close()

@@ -117,20 +117,20 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         self, request: pb.FetchPackRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.PackChunk]:
         revision = self.catalog.resolve(Ref.parse(request.ref))
-        data = memoryview(self.catalog.read_pack_bytes(revision))
-        size = len(data)
+        size = revision.size_bytes
         if request.offset > size:
             raise InvalidArgument(f"offset {request.offset} is beyond the {size}-byte pack")
-        end = size if request.length == 0 else min(size, request.offset + request.length)
+        length = size - request.offset if request.length == 0 else request.length
+        data = memoryview(self.catalog.read_pack_range(revision, request.offset, length))
         chunk = min(request.chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
         # The first chunk carries the revision, even for an empty range.
         yield pb.PackChunk(
-            offset=request.offset,
-            data=bytes(data[request.offset : min(end, request.offset + chunk)]),
-            revision=revision_to_pb(revision),
+            offset=request.offset, data=bytes(data[:chunk]), revision=revision_to_pb(revision)
         )
-        for offset in range(request.offset + chunk, end, chunk):
-            yield pb.PackChunk(offset=offset, data=bytes(data[offset : min(end, offset + chunk)]))
+        for start in range(chunk, len(data), chunk):
+            yield pb.PackChunk(
+                offset=request.offset + start, data=bytes(data[start : start + chunk])
+            )
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats = self.catalog.stats()
@@ -164,6 +164,58 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         return pb.ReindexResponse(
             adapters=adapters, revisions=revisions, events=events, seconds=seconds
         )
+
+    def Prefetch(
+        self, request: pb.PrefetchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.PrefetchProgress]:
+        for item in self.catalog.prefetch(
+            list(request.refs), priority=request.priority, deadline_s=request.deadline_s
+        ):
+            yield pb.PrefetchProgress(
+                ref=item.ref,
+                state=item.state,
+                digest=item.digest,
+                size_bytes=item.size_bytes,
+                error=item.error,
+            )
+
+    def PinPack(self, request: pb.PackRefRequest, context: grpc.ServicerContext) -> pb.Revision:
+        return revision_to_pb(self.catalog.pin_pack(request.ref))
+
+    def UnpinPack(self, request: pb.PackRefRequest, context: grpc.ServicerContext) -> pb.Revision:
+        return revision_to_pb(self.catalog.unpin_pack(request.ref))
+
+    def EvictPack(self, request: pb.PackRefRequest, context: grpc.ServicerContext) -> pb.Revision:
+        return revision_to_pb(self.catalog.evict_pack(request.ref))
+
+    def ListCache(
+        self, request: pb.ListCacheRequest, context: grpc.ServicerContext
+    ) -> pb.ListCacheResponse:
+        cache = self.catalog.pack_cache
+        entries = [] if cache is None else list(cache.entries())
+        return pb.ListCacheResponse(
+            entries=[
+                pb.CacheEntry(
+                    digest=str(e.digest), size_bytes=e.size, pins=e.pins, inserted_at=e.inserted_at
+                )
+                for e in entries
+            ]
+        )
+
+    def WatchHints(
+        self, request: pb.WatchHintsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Hint]:
+        for hint in self.catalog.watch_hints(
+            request.engine_id, stop=lambda: not context.is_active()
+        ):
+            yield pb.Hint(
+                kind=hint.kind,
+                ref=hint.ref,
+                digest=hint.digest,
+                base_id=hint.base_id,
+                reason=hint.reason,
+                at=hint.at,
+            )
 
     def RegisterEngine(
         self, request: pb.RegisterEngineRequest, context: grpc.ServicerContext

@@ -104,6 +104,31 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ReindexRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.ReindexResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_stream(
+                '/loracat.v1.Catalog/Prefetch',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.PrefetchProgress.FromString,
+                _registered_method=True)
+        self.PinPack = channel.unary_unary(
+                '/loracat.v1.Catalog/PinPack',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PackRefRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.Revision.FromString,
+                _registered_method=True)
+        self.UnpinPack = channel.unary_unary(
+                '/loracat.v1.Catalog/UnpinPack',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PackRefRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.Revision.FromString,
+                _registered_method=True)
+        self.EvictPack = channel.unary_unary(
+                '/loracat.v1.Catalog/EvictPack',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PackRefRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.Revision.FromString,
+                _registered_method=True)
+        self.ListCache = channel.unary_unary(
+                '/loracat.v1.Catalog/ListCache',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.ListCacheRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.ListCacheResponse.FromString,
+                _registered_method=True)
         self.RegisterEngine = channel.unary_unary(
                 '/loracat.v1.Catalog/RegisterEngine',
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.RegisterEngineRequest.SerializeToString,
@@ -113,6 +138,11 @@ class CatalogStub:
                 '/loracat.v1.Catalog/ReportResidency',
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ReportResidencyRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.ReportResidencyResponse.FromString,
+                _registered_method=True)
+        self.WatchHints = channel.unary_stream(
+                '/loracat.v1.Catalog/WatchHints',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.WatchHintsRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.Hint.FromString,
                 _registered_method=True)
 
 
@@ -209,6 +239,40 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """The NVMe tier.
+        Warm the NVMe tier for a set of references; one progress message per reference, as each
+        finishes. Higher priority goes first; references not started before the deadline are
+        cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinPack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinPack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvictPack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterEngine(self, request, context):
         """Engines.
         """
@@ -218,6 +282,13 @@ class CatalogServicer:
 
     def ReportResidency(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchHints(self, request, context):
+        """What a registered engine should stage or attach next (deployment waves, demand).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -295,6 +366,31 @@ def add_CatalogServicer_to_server(servicer, server):
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ReindexRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.ReindexResponse.SerializeToString,
             ),
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PrefetchRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.PrefetchProgress.SerializeToString,
+            ),
+            'PinPack': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinPack,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PackRefRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.Revision.SerializeToString,
+            ),
+            'UnpinPack': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinPack,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PackRefRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.Revision.SerializeToString,
+            ),
+            'EvictPack': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvictPack,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PackRefRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.Revision.SerializeToString,
+            ),
+            'ListCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCache,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.ListCacheRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.ListCacheResponse.SerializeToString,
+            ),
             'RegisterEngine': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEngine,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.RegisterEngineRequest.FromString,
@@ -304,6 +400,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.ReportResidency,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ReportResidencyRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.ReportResidencyResponse.SerializeToString,
+            ),
+            'WatchHints': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchHints,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.WatchHintsRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.Hint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +796,141 @@ class Catalog:
             _registered_method=True)
 
     @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loracat.v1.Catalog/Prefetch',
+            loracat_dot_v1_dot_catalog__pb2.PrefetchRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.PrefetchProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinPack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/PinPack',
+            loracat_dot_v1_dot_catalog__pb2.PackRefRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.Revision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinPack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/UnpinPack',
+            loracat_dot_v1_dot_catalog__pb2.PackRefRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.Revision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvictPack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/EvictPack',
+            loracat_dot_v1_dot_catalog__pb2.PackRefRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.Revision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/ListCache',
+            loracat_dot_v1_dot_catalog__pb2.ListCacheRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.ListCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RegisterEngine(request,
             target,
             options=(),
@@ -738,6 +974,33 @@ class Catalog:
             '/loracat.v1.Catalog/ReportResidency',
             loracat_dot_v1_dot_catalog__pb2.ReportResidencyRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.ReportResidencyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchHints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loracat.v1.Catalog/WatchHints',
+            loracat_dot_v1_dot_catalog__pb2.WatchHintsRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.Hint.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,9 +62,21 @@ class CatalogStub:
     """Administration."""
     Verify: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.VerifyRequest, _catalog_pb2.VerifyResponse]
     Reindex: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReindexRequest, _catalog_pb2.ReindexResponse]
+    Prefetch: _grpc.UnaryStreamMultiCallable[_catalog_pb2.PrefetchRequest, _catalog_pb2.PrefetchProgress]
+    """The NVMe tier.
+    Warm the NVMe tier for a set of references; one progress message per reference, as each
+    finishes. Higher priority goes first; references not started before the deadline are
+    cancelled.
+    """
+    PinPack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]
+    UnpinPack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]
+    EvictPack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]
+    ListCache: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListCacheRequest, _catalog_pb2.ListCacheResponse]
     RegisterEngine: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RegisterEngineRequest, _catalog_pb2.RegisterEngineResponse]
     """Engines."""
     ReportResidency: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]
+    WatchHints: _grpc.UnaryStreamMultiCallable[_catalog_pb2.WatchHintsRequest, _catalog_pb2.Hint]
+    """What a registered engine should stage or attach next (deployment waves, demand)."""
 
 @_typing.type_check_only
 class CatalogAsyncStub(CatalogStub):
@@ -89,9 +101,21 @@ class CatalogAsyncStub(CatalogStub):
     """Administration."""
     Verify: _aio.UnaryUnaryMultiCallable[_catalog_pb2.VerifyRequest, _catalog_pb2.VerifyResponse]  # type: ignore[assignment]
     Reindex: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReindexRequest, _catalog_pb2.ReindexResponse]  # type: ignore[assignment]
+    Prefetch: _aio.UnaryStreamMultiCallable[_catalog_pb2.PrefetchRequest, _catalog_pb2.PrefetchProgress]  # type: ignore[assignment]
+    """The NVMe tier.
+    Warm the NVMe tier for a set of references; one progress message per reference, as each
+    finishes. Higher priority goes first; references not started before the deadline are
+    cancelled.
+    """
+    PinPack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]  # type: ignore[assignment]
+    UnpinPack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]  # type: ignore[assignment]
+    EvictPack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]  # type: ignore[assignment]
+    ListCache: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListCacheRequest, _catalog_pb2.ListCacheResponse]  # type: ignore[assignment]
     RegisterEngine: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RegisterEngineRequest, _catalog_pb2.RegisterEngineResponse]  # type: ignore[assignment]
     """Engines."""
     ReportResidency: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]  # type: ignore[assignment]
+    WatchHints: _aio.UnaryStreamMultiCallable[_catalog_pb2.WatchHintsRequest, _catalog_pb2.Hint]  # type: ignore[assignment]
+    """What a registered engine should stage or attach next (deployment waves, demand)."""
 
 class CatalogServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -199,6 +223,46 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_catalog_pb2.ReindexResponse, _abc.Awaitable[_catalog_pb2.ReindexResponse]]: ...
 
     @_abc_1.abstractmethod
+    def Prefetch(
+        self,
+        request: _catalog_pb2.PrefetchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_catalog_pb2.PrefetchProgress], _abc.AsyncIterator[_catalog_pb2.PrefetchProgress]]:
+        """The NVMe tier.
+        Warm the NVMe tier for a set of references; one progress message per reference, as each
+        finishes. Higher priority goes first; references not started before the deadline are
+        cancelled.
+        """
+
+    @_abc_1.abstractmethod
+    def PinPack(
+        self,
+        request: _catalog_pb2.PackRefRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Revision, _abc.Awaitable[_catalog_pb2.Revision]]: ...
+
+    @_abc_1.abstractmethod
+    def UnpinPack(
+        self,
+        request: _catalog_pb2.PackRefRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Revision, _abc.Awaitable[_catalog_pb2.Revision]]: ...
+
+    @_abc_1.abstractmethod
+    def EvictPack(
+        self,
+        request: _catalog_pb2.PackRefRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Revision, _abc.Awaitable[_catalog_pb2.Revision]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCache(
+        self,
+        request: _catalog_pb2.ListCacheRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ListCacheResponse, _abc.Awaitable[_catalog_pb2.ListCacheResponse]]: ...
+
+    @_abc_1.abstractmethod
     def RegisterEngine(
         self,
         request: _catalog_pb2.RegisterEngineRequest,
@@ -212,5 +276,13 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.ReportResidencyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ReportResidencyResponse, _abc.Awaitable[_catalog_pb2.ReportResidencyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchHints(
+        self,
+        request: _catalog_pb2.WatchHintsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_catalog_pb2.Hint], _abc.AsyncIterator[_catalog_pb2.Hint]]:
+        """What a registered engine should stage or attach next (deployment waves, demand)."""
 
 def add_CatalogServicer_to_server(servicer: CatalogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
