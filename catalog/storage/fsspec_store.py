@@ -8,7 +8,7 @@ fsspec calls are slower or lack the semantics this store promises:
 
 - ``cat_file`` issues a HEAD, then reads each range with one ``read()`` and reassembles them;
   our ``get`` needs no HEAD (the first ranged GET returns the size), takes bodies off the socket
-  in 4 MiB reads and was 1.2-1.9x faster on SeaweedFS (``bench/bench_store.py``);
+  in 4 MiB reads and was 1.4-3.4x faster on SeaweedFS (``bench/bench_store.py``);
 - ``pipe_file(mode="create")`` reports a lost conditional put as a bare ``OSError``;
 - ``put_file`` reads up to ten 50 MiB parts into memory at once;
 - ``info`` on a missing key also lists the prefix to look for a "directory".
