@@ -33,7 +33,6 @@ from catalog.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
-    InvalidName,
     NotFound,
     ResourceExhausted,
 )
@@ -48,6 +47,7 @@ from catalog.events import (
 )
 from catalog.hints import HintBroker
 from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
+from catalog.index.rules import check_alias_name
 from catalog.locks import KeyedLocks, ReadWriteLock
 from catalog.model import (
     LATEST,
@@ -81,20 +81,6 @@ class Limits:
     max_metadata_key: int = 128
     max_metadata_value: int = 64 << 10
     max_aliases_per_push: int = 16
-
-
-def check_alias_name(alias: str) -> str:
-    """An alias a user may move: a valid name part, not ``latest``, not all digits."""
-    check_part("alias", alias)
-    if alias == LATEST:
-        raise InvalidName(
-            "alias 'latest' is managed by the catalog: it always names the newest revision"
-        )
-    if alias.isdigit():
-        raise InvalidName(
-            f"invalid alias {alias!r}: an all-digit alias would read as a revision number"
-        )
-    return alias
 
 
 def check_metadata(metadata: dict[str, str], limits: Limits) -> dict[str, str]:
