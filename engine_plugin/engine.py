@@ -124,6 +124,8 @@ class ResidentEngine:
         self.max_rank = max_rank
         self.slot_wait_s = slot_wait_s
 
+        if any(isinstance(m, MultiLoRALinear) for m in self.model.modules()):
+            raise ValueError("the model already carries LoRA slots (it is wrapped by an engine)")
         self._layers = find_decoder_layers(self.model)
         targets = self._find_targets(target_modules)
         first_weight = next(iter(targets.values()))[1]
@@ -676,10 +678,16 @@ class ResidentEngine:
     # ------------------------------------------------------------------ host tier
 
     def _stage_ref(self, ref: str) -> Revision:
-        """Prefetch worker: resolve ``ref`` and stage its pack in host memory."""
+        """Prefetch worker: resolve ``ref`` and stage its pack in host memory.
+
+        Like ``attach``, an alias is resolved through the catalog now (not through this
+        engine's bindings), so prefetching ahead of a hot swap stages the new revision.
+        """
         parsed = self._parse(ref)
-        with self._cond:
-            revision = self._known(parsed)
+        revision = None
+        if parsed.selector is not Selector.ALIAS:
+            with self._cond:
+                revision = self._known(parsed)
         if revision is None:
             revision = self.catalog.resolve(parsed)
         self._check_revision(revision)

@@ -105,3 +105,15 @@ def test_stats_has_the_documented_keys(make_engine: Callable[..., ResidentEngine
     (entry,) = stats["resident"]
     assert entry["digest"].startswith("sha256:") and entry["ref"] == "t/qv-r8@1"
     assert stats["bytes_moved"] == engine.host.peek(entry["digest"]).nbytes
+
+
+def test_prefetch_of_a_bound_name_stages_the_catalogs_new_revision(llama: Arch) -> None:
+    source = llama.source()
+    engine = llama.engine(source, num_slots=2)
+    engine.attach("t/qv-r8")
+    source.publish("t/qv-r8", llama.packs["t/all-r4"])
+    (future,) = engine.prefetch(["t/qv-r8"])
+    assert future.result(timeout=60).number == 2
+    fetches = source.fetches
+    engine.attach("t/qv-r8")  # the swap finds revision 2 in host memory
+    assert source.fetches == fetches

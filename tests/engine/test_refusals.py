@@ -131,3 +131,9 @@ def test_bad_engine_arguments(llama: Arch) -> None:
         ResidentEngine(llama.fresh_base(), catalog=LocalPackSource(), num_slots=0)
     with pytest.raises(ValueError, match="nope"):
         ResidentEngine(llama.fresh_base(), catalog=LocalPackSource(), target_modules=["nope"])
+
+
+def test_a_model_is_wrapped_once(llama: Arch) -> None:
+    engine = llama.engine()
+    with pytest.raises(ValueError, match="already"):
+        ResidentEngine(engine.model, catalog=LocalPackSource())
