@@ -12,7 +12,7 @@ tells the policy what happened, in this order::
         policy.record_insert(key, size)
 
 A pinned key (``pin``/``unpin``, counted) is never a victim; its bytes still count against the
-capacity. Every operation is O(1) amortised, except :class:`GDSF` which is O(log n).
+capacity. Every operation is O(1) amortised, or O(log n) for the heap-based policies.
 
 Policies (``POLICIES``):
 
@@ -27,8 +27,15 @@ Policies (``POLICIES``):
   requests (the aging of the count-min sketch, without its hash collisions; at 10^6 keys the exact
   table is affordable, and deterministic across runs).
 * ``gdsf`` - Greedy-Dual-Size-Frequency (Cherkasova '98): evicts the lowest
-  ``clock + frequency / size``; favours small, popular items, so it buys request hit rate with
-  byte hit rate.
+  ``clock + hits / size``; hits count only while resident. O(log n).
+* ``lrfu-size`` - size-aware LRFU (Lee et al., '01) with TinyLFU-style admission: every request
+  adds a weight that doubles every half-life, so a key's value is its exponentially decayed
+  request count (recency and frequency in one number, kept for recently evicted keys too). Items
+  rank by ``value / size ** size_exponent``; the lowest-ranked go first, and a missed item is
+  cached only if everything it would displace ranks below it, which also makes it scan
+  resistant. Ranking by value per byte is the greedy answer to the knapsack that caching
+  variable sizes is; the default exponent (0.6) keeps most of that gain in request hit rate
+  while giving up less byte hit rate than 1.0 would. O(log n) (a heap with lazy deletion).
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class EvictionPolicy(ABC):
     sizes, the byte count and the pins, and checks every call. A pinned key is taken out of the
     subclass's eviction structures (``_unlink``) until its last pin goes (``_relink``), so
     eviction never has to skip over pinned items.
+
+    Not thread-safe: the cache that owns a policy serialises calls under its own lock.
     """
 
     #: The registry name.
@@ -461,6 +470,18 @@ class WTinyLFU(EvictionPolicy):
     def _on_insert(self, key: str, size: int) -> None:
         self._window[key] = None
         self._window_bytes += size
+        # While main has room (a cache still filling) the window's overflow moves there at
+        # once, so the window stays small and no later call inherits a backlog.
+        window, sizes = self._window, self._sizes
+        while self._window_bytes > self._window_target and len(window) > 1:
+            candidate = next(iter(window))
+            moved = sizes[candidate]
+            if self._probation_bytes + self._protected_bytes + moved > self._main_target:
+                break
+            del window[candidate]
+            self._window_bytes -= moved
+            self._probation[candidate] = None
+            self._probation_bytes += moved
 
     def _on_hit(self, key: str) -> None:
         self._count(key)
@@ -597,57 +618,55 @@ class GDSF(EvictionPolicy):
 
 
 class SizeAwareLRFU(EvictionPolicy):
-    """Size-aware LRFU with frequency admission (see the module docstring)."""
+    """Size-aware LRFU with admission by rank (see the module docstring)."""
 
     name = "lrfu-size"
 
     _RESCALE_AT = 2.0**32
     _FORGET_BELOW = 2.0**-16
-    _MIN_ITEMS = 1024
+    _RETUNE_EVERY = 1024
 
     def __init__(
         self,
         capacity_bytes: int,
         *,
-        size_exponent: float = 0.75,
+        size_exponent: float = 0.6,
         half_life_factor: float = 10.0,
-        window_fraction: float = 0.0,
+        min_half_life: int = 122_880,
     ) -> None:
-        """``size_exponent``: 0 ignores sizes, 1 ranks by value per byte; the half-life of a
-        request's weight is ``half_life_factor x`` resident items, in requests;
-        ``window_fraction`` of the bytes is an LRU window that every new item enters first."""
+        """``size_exponent``: 0 ranks by value alone (byte hits), 1 by value per byte (request
+        hits). A request's weight halves every ``max(min_half_life, half_life_factor x resident
+        items)`` requests.
+
+        Raises:
+            InvalidArgument: a parameter out of range.
+        """
         super().__init__(capacity_bytes)
-        if not 0 <= size_exponent <= 1 or half_life_factor <= 0:
-            raise InvalidArgument("size_exponent must be in [0, 1], half_life_factor positive")
-        if not 0 <= window_fraction < 1:
-            raise InvalidArgument(f"window_fraction must be in [0, 1), got {window_fraction}")
+        if not 0 <= size_exponent <= 1 or half_life_factor <= 0 or min_half_life <= 0:
+            raise InvalidArgument(
+                "size_exponent must be in [0, 1], half_life_factor and min_half_life positive"
+            )
         self._exponent = size_exponent
         self._half_life_factor = half_life_factor
-        self._window_target = int(capacity_bytes * window_fraction)
-        self._main_target = capacity_bytes - self._window_target
-        self._window: OrderedDict[str, None] = OrderedDict()
-        self._window_bytes = 0
-        self._main_bytes = 0
-        self._weight = 1.0  # what a request made now adds; grows by 2 every half-life
+        self._min_half_life = min_half_life
+        self._weight = 1.0  # what a request made now adds; doubles every half-life
         self._growth = 1.0
         self._until_retune = 0
         self._value: dict[str, float] = {}  # decayed request count, resident or recently seen
-        self._priority: dict[str, float] = {}  # unpinned resident keys in main only
+        self._priority: dict[str, float] = {}  # unpinned resident keys only
         self._heap: list[tuple[float, int, str]] = []
         self._sequence = itertools.count()
 
-    def _count(self, key: str) -> float:
+    def _count(self, key: str) -> None:
         if self._until_retune <= 0:
-            half_life = self._half_life_factor * max(self._MIN_ITEMS, len(self._sizes))
+            half_life = max(self._min_half_life, self._half_life_factor * len(self._sizes))
             self._growth = 2.0 ** (1.0 / half_life)
-            self._until_retune = 1024
+            self._until_retune = self._RETUNE_EVERY
         self._until_retune -= 1
         self._weight *= self._growth
         if self._weight >= self._RESCALE_AT:
             self._rescale()
-        value = self._value.get(key, 0.0) + self._weight
-        self._value[key] = value
-        return value
+        self._value[key] = self._value.get(key, 0.0) + self._weight
 
     def _rescale(self) -> None:
         """Divide every value by the current weight, forgetting long-unrequested keys."""
@@ -660,10 +679,10 @@ class SizeAwareLRFU(EvictionPolicy):
             if value * factor >= floor or key in sizes
         }
         self._weight = 1.0
-        in_main = list(self._priority)
+        ranked = list(self._priority)
         self._priority = {}
         self._heap = []
-        for key in in_main:
+        for key in ranked:
             self._push(key)
 
     def _score(self, key: str, size: int) -> float:
@@ -678,104 +697,53 @@ class SizeAwareLRFU(EvictionPolicy):
             self._heap = [entry for entry in self._heap if current.get(entry[2]) == entry[0]]
             heapq.heapify(self._heap)
 
-    def _lowest_until(self, shortfall: int, score: float) -> list[tuple[float, int, str]] | None:
-        """Pop the lowest-ranked main items until ``shortfall`` bytes are covered; ``None`` (and
-        nothing popped) when one of them ranks at or above ``score`` or main runs out."""
-        heap, current, sizes = self._heap, self._priority, self._sizes
-        popped: list[tuple[float, int, str]] = []
-        freed = 0
-        while freed < shortfall and heap:
-            entry = heapq.heappop(heap)
-            if current.get(entry[2]) != entry[0]:
-                continue  # stale
-            popped.append(entry)
-            if entry[0] >= score:
-                break
-            freed += sizes[entry[2]]
-        if freed >= shortfall:
-            return popped
-        for entry in popped:
-            heapq.heappush(heap, entry)
-        return None
-
     def _should_admit(self, key: str, size: int) -> bool:
         self._count(key)
-        if self._window_target:
-            return True  # the window takes everything; admission happens on leaving it
         shortfall = self._used + size - self._capacity
         if shortfall <= 0:
             return True
-        # Admit only if every item it would displace ranks lower than the candidate.
-        victims = self._lowest_until(shortfall, self._score(key, size))
-        if victims is None:
-            return False
-        for entry in victims:
-            heapq.heappush(self._heap, entry)
-        return True
+        # Admit only if every item it would displace ranks below the candidate. Pop them to
+        # look, then put them back: victims() pops them again.
+        score = self._score(key, size)
+        heap, current, sizes = self._heap, self._priority, self._sizes
+        looked: list[tuple[float, int, str]] = []
+        freed = 0
+        while freed < shortfall:
+            entry = heapq.heappop(heap)
+            if current.get(entry[2]) != entry[0]:
+                continue  # stale
+            looked.append(entry)
+            if entry[0] >= score:
+                break
+            freed += sizes[entry[2]]
+        for entry in looked:
+            heapq.heappush(heap, entry)
+        return freed >= shortfall
 
     def _on_insert(self, key: str, size: int) -> None:
-        if key not in self._value:  # inserted without a counted request (direct use)
+        if key not in self._value:  # inserted without a counted request (a cache reopening)
             self._count(key)
-        if self._window_target:
-            self._window[key] = None
-            self._window_bytes += size
-        else:
-            self._push(key)
-            self._main_bytes += size
+        self._push(key)
 
     def _on_hit(self, key: str) -> None:
         self._count(key)
         if key in self._priority:
             self._push(key)
-        elif key in self._window:
-            self._window.move_to_end(key)
 
     def _choose_victims(self, bytes_needed: int) -> list[str]:
-        if self._window and self._window_bytes + bytes_needed > self._window_target:
-            return self._settle_window_candidate()
         heap, current = self._heap, self._priority
         while heap:
             priority, _, key = heapq.heappop(heap)
             if current.get(key) == priority:
                 del current[key]
-                self._main_bytes -= self._sizes[key]
                 return [key]
-        if self._window:
-            key = self._window.popitem(last=False)[0]
-            self._window_bytes -= self._sizes[key]
-            return [key]
         raise _nothing_to_evict(self)
 
-    def _settle_window_candidate(self) -> list[str]:
-        """Move the window's LRU item into main, evicting lower-ranked items, or evict it."""
-        candidate, _ = self._window.popitem(last=False)
-        size = self._sizes[candidate]
-        self._window_bytes -= size
-        shortfall = self._main_bytes + size - self._main_target
-        displaced: list[str] = []
-        if shortfall > 0:
-            victims = self._lowest_until(shortfall, self._score(candidate, size))
-            if victims is None:
-                return [candidate]
-            for _, _, key in victims:
-                del self._priority[key]
-                self._main_bytes -= self._sizes[key]
-                displaced.append(key)
-        self._push(candidate)
-        self._main_bytes += size
-        return displaced
-
     def _unlink(self, key: str) -> None:
-        if key in self._window:
-            del self._window[key]
-            self._window_bytes -= self._sizes[key]
-        else:
-            del self._priority[key]
-            self._main_bytes -= self._sizes[key]
+        del self._priority[key]
 
     def _relink(self, key: str) -> None:
         self._push(key)
-        self._main_bytes += self._sizes[key]
 
 
 PolicyFactory = Callable[[int], EvictionPolicy]
@@ -790,7 +758,7 @@ POLICIES: dict[str, PolicyFactory] = {
 }
 
 #: The policy used when none is named (``"default"`` resolves to it); see ``bench_policies``.
-DEFAULT_POLICY = WTinyLFU.name
+DEFAULT_POLICY = SizeAwareLRFU.name
 
 
 def resolve_policy_name(name: str) -> str:
