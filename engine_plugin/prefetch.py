@@ -73,59 +73,76 @@ class Prefetcher:
 class ResidencyReporter:
     """Tells the catalog what the engine holds, coalescing bursts of changes into one report.
 
-    ``snapshot`` returns ``(gpu_digests, host_digests)``; ``send`` delivers them. At most one
-    report is in flight; changes while it runs trigger exactly one more.
+    ``snapshot`` returns ``(gpu_digests, host_digests)``; ``send`` delivers them. ``changed``
+    only sets a flag (it is called on the attach path, under the engine's lock); one background
+    thread waits ``debounce_s`` after the first change of a burst, then reports the state as it
+    is by then. A failed report is retried with the next change.
     """
 
     def __init__(
         self,
         snapshot: Callable[[], tuple[list[str], list[str]]],
         send: Callable[[list[str], list[str]], None],
+        *,
+        debounce_s: float = 0.05,
     ) -> None:
         self._snapshot = snapshot
         self._send = send
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loracat-residency")
-        self._lock = threading.Lock()
-        self._pending: Future[None] | None = None
+        self._debounce_s = debounce_s
+        self._cond = threading.Condition()
         self._dirty = False
-        self._running = False
+        self._sending = False
+        self._closed = False
         self.sent = 0
         self.failed = 0
         self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="loracat-residency", daemon=True)
+        self._thread.start()
 
     def changed(self) -> None:
         """Residency changed: make sure a report that reflects it goes out."""
-        with self._lock:
-            self._dirty = True
-            if not self._running:
-                self._running = True
-                self._pending = self._pool.submit(self._report)
+        with self._cond:
+            if not self._dirty:
+                self._dirty = True
+                self._cond.notify_all()
 
-    def _report(self) -> None:
+    def _loop(self) -> None:
         while True:
-            with self._lock:
+            with self._cond:
+                while not self._dirty and not self._closed:
+                    self._cond.wait()
                 if not self._dirty:
-                    self._running = False
                     return
+                # Let the rest of a burst (a wave of attaches) land before looking.
+                self._cond.wait_for(lambda: self._closed, timeout=self._debounce_s)
                 self._dirty = False
-            gpu, host = self._snapshot()
+                self._sending = True
             try:
+                gpu, host = self._snapshot()
                 self._send(gpu, host)
                 self.sent += 1
             except Exception as exc:  # the next change retries; the engine keeps serving
                 self.failed += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("residency report failed: %s", self.last_error)
-                with self._lock:
-                    self._running = False
-                return
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for the report in flight (tests, shutdown)."""
-        with self._lock:
-            pending = self._pending
-        if pending is not None:
-            pending.result(timeout=timeout)
+        """Wait until every change so far has been reported (or its report failed).
+
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._dirty and not self._sending, timeout):
+                raise TimeoutError("residency report still pending")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        """Send what is pending, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)

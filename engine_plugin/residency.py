@@ -155,12 +155,10 @@ class SlotEntry:
     #: Superseded (hot swap) or detached: freed as soon as no running call uses it.
     retired: bool = False
     uses: int = 0
-    #: Where the engine keeps a device-side marker of the last compute that read the slot.
-    last_use: object = field(default=None, repr=False)
+    digest: str = field(init=False)
 
-    @property
-    def digest(self) -> str:
-        return str(self.revision.digest)
+    def __post_init__(self) -> None:
+        self.digest = str(self.revision.digest)
 
     @property
     def idle(self) -> bool:

@@ -59,6 +59,23 @@ class ModuleSlots:
         self.ranks = [0] * (num_slots + 1)
         self.scalings = [0.0] * (num_slots + 1)
         self._all_layers = tuple(range(target.num_layers))
+        # Per-slot views made once: indexing with a tuple of slices costs microseconds a call,
+        # and attach does little else.
+        self._slot_a = [self.lora_a.select(1, s) for s in range(num_slots + 1)]
+        self._slot_bt = [self.lora_bt.select(1, s) for s in range(num_slots + 1)]
+        self._slot_scale = [self.scale.narrow(0, s, 1) for s in range(num_slots + 1)]
+        self._rows_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rows(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``rank`` rows of ``slot``: ``[L, rank, in]`` and ``[L, rank, out]`` views."""
+        views = self._rows_cache.get((slot, rank))
+        if views is None:
+            views = (
+                self._slot_a[slot].narrow(1, 0, rank),
+                self._slot_bt[slot].narrow(1, 0, rank),
+            )
+            self._rows_cache[(slot, rank)] = views
+        return views
 
     @property
     def nbytes(self) -> int:
@@ -69,19 +86,16 @@ class ModuleSlots:
         r = staged.rank
         # Recorded first: a copy that fails half way still leaves the slot marked for clearing.
         self.ranks[slot] = r
+        lora_a, lora_bt = self._rows(slot, r)
         if staged.layers == self._all_layers:
-            self.lora_a[:, slot, :r].copy_(staged.lora_a, non_blocking=non_blocking)
-            self.lora_bt[:, slot, :r].copy_(staged.lora_bt, non_blocking=non_blocking)
+            lora_a.copy_(staged.lora_a, non_blocking=non_blocking)
+            lora_bt.copy_(staged.lora_bt, non_blocking=non_blocking)
         else:
-            index = torch.tensor(staged.layers, dtype=torch.long, device=self.lora_a.device)
             device = self.lora_a.device
-            self.lora_a[:, slot, :r].index_copy_(
-                0, index, staged.lora_a.to(device, non_blocking=non_blocking)
-            )
-            self.lora_bt[:, slot, :r].index_copy_(
-                0, index, staged.lora_bt.to(device, non_blocking=non_blocking)
-            )
-        self.scale[slot : slot + 1].fill_(staged.scaling)
+            index = torch.tensor(staged.layers, dtype=torch.long, device=device)
+            lora_a.index_copy_(0, index, staged.lora_a.to(device, non_blocking=non_blocking))
+            lora_bt.index_copy_(0, index, staged.lora_bt.to(device, non_blocking=non_blocking))
+        self._slot_scale[slot].fill_(staged.scaling)
         self.scalings[slot] = staged.scaling
         return staged.nbytes
 
@@ -90,9 +104,10 @@ class ModuleSlots:
         rank = self.ranks[slot]
         if rank:
             # Rows beyond the tenant's rank were never written: they are still zero.
-            self.lora_a[:, slot, :rank].zero_()
-            self.lora_bt[:, slot, :rank].zero_()
-            self.scale[slot : slot + 1].zero_()
+            lora_a, lora_bt = self._rows(slot, rank)
+            lora_a.zero_()
+            lora_bt.zero_()
+            self._slot_scale[slot].zero_()
         self.ranks[slot] = 0
         self.scalings[slot] = 0.0
 

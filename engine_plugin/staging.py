@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -47,7 +48,7 @@ class StagedModule:
     lora_a: torch.Tensor
     lora_bt: torch.Tensor
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return tensor_nbytes(self.lora_a) + tensor_nbytes(self.lora_bt)
 
@@ -61,7 +62,7 @@ class StagedAdapter:
     nbytes: int
     pinned: bool
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return str(self.revision.digest)
 
