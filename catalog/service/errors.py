@@ -84,13 +84,31 @@ def rewrap(
     return handler
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class CachingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Wraps each method's handler once; gRPC asks the interceptor on every call."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        wrapped = self._handlers[method] = self.wrap(method, handler)
+        return wrapped
+
+
+class ErrorMappingInterceptor(CachingInterceptor):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return rewrap(handler, _wrap_unary, _wrap_streaming)

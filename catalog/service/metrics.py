@@ -6,7 +6,7 @@ sync); RPC latency is a histogram observed by the servicer's interceptor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from catalog.core import Catalog
-from catalog.service.errors import StreamBehavior, UnaryBehavior, rewrap
+from catalog.service.errors import CachingInterceptor, StreamBehavior, UnaryBehavior, rewrap
 
 RPC_LATENCY = Histogram(
     "loracat_rpc_seconds",
@@ -57,18 +57,11 @@ class CatalogCollector(Collector):
         yield counters
 
 
-class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class LatencyInterceptor(CachingInterceptor):
     """Observe every RPC's duration (streams: until the last message is sent)."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        histogram = RPC_LATENCY.labels(handler_call_details.method.rsplit("/", 1)[-1])
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        histogram = RPC_LATENCY.labels(method.rsplit("/", 1)[-1])
 
         def wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:
             def timed(request: Any, context: grpc.ServicerContext) -> Any:

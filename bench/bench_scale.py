@@ -1,0 +1,298 @@
+"""The catalog at 10^6 revisions: ingest, index size, resolve in-process and over gRPC, reindex.
+
+Question: with a million revisions addressable, does the catalog keep resolve near the cost of a
+bare gRPC round trip, and how long does rebuilding the index from the durable tier take?
+
+1. Bulk-write the durable log of N revisions (the events every push would have written; packs
+   are real small packs shared between revisions) into a local-directory store.
+2. Ingest: ``reindex`` replays that log into a fresh LMDB index (the path a recovery takes).
+3. Resolve in-process through the catalog core (p50/p99), by alias, number and digest prefix.
+4. Over gRPC: a `loracat serve` process on that root; resolve at 1/8/64 concurrent callers
+   beside a raw gRPC echo server in the same run (ratio), and list-page latency.
+5. Reindex from S3 (SeaweedFS) for M revisions (default 10^5): bulk-write the log, replay it.
+
+Run: .venv/bin/python bench/bench_scale.py [--revisions 1000000] [--s3-revisions 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_index import log as synthetic_log
+from bench.bench_push_resolve import run_timed, start
+from bench.common import print_table, summarize, write_results
+from bench.echo_server import ECHO_METHOD
+from catalog.client import CatalogClient
+from catalog.core import Catalog
+from catalog.digest import Digest
+from catalog.events import Event, blob_key, log_key
+from catalog.index.lmdb_index import LmdbIndex
+from catalog.pack import read_pack
+from catalog.pack.synthetic import random_pack
+from catalog.storage.base import BlobStore
+from catalog.storage.local import LocalDirStore
+from tests.servers import free_port, loracat_command
+
+SHARED_PACKS = 32
+
+
+def real_packs() -> list[tuple[Digest, bytes, dict[str, Any]]]:
+    out = []
+    for seed in range(SHARED_PACKS):
+        data = random_pack(
+            [("self_attn.q_proj", 64, 64), ("self_attn.v_proj", 64, 32)],
+            num_layers=2,
+            rank=4,
+            base_id="bench-base",
+            seed=seed,
+        )
+        out.append((Digest.of(data), data, read_pack(data).manifest.to_json()))
+    return out
+
+
+def events_with_real_packs(
+    revisions: int, packs: list[tuple[Digest, bytes, dict[str, Any]]]
+) -> Iterable[Event]:
+    for event in synthetic_log(revisions, per_adapter=10, tenants=200):
+        if event.op == "push":
+            digest, data, manifest = packs[(hash(event.adapter) + event.revision) % len(packs)]
+            event = replace(event, digest=digest, size_bytes=len(data), manifest=manifest)
+        yield event
+
+
+def bulk_write(store: BlobStore, events: Iterable[Event], packs, workers: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    for digest, data, _ in packs:
+        store.put(blob_key(digest), data, if_absent=True)
+    count = 0
+
+    def put(event: Event) -> None:
+        store.put(log_key(event.adapter, event.seq), event.encode(), if_absent=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        batch: list[Event] = []
+        for event in events:
+            batch.append(event)
+            if len(batch) == 4096:
+                list(pool.map(put, batch))
+                count += len(batch)
+                batch = []
+        list(pool.map(put, batch))
+        count += len(batch)
+    return count, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--revisions", type=int, default=1_000_000)
+    parser.add_argument("--s3-revisions", type=int, default=100_000)
+    parser.add_argument("--resolves", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--root", type=Path, default=None)
+    args = parser.parse_args()
+    root = args.root or Path(tempfile.mkdtemp(prefix="loracat-scale-"))
+    results: dict[str, Any] = {"revisions": args.revisions}
+    rows: list[tuple[Any, ...]] = []
+    packs = real_packs()
+    try:
+        # 1. the durable log
+        store = LocalDirStore(root / "store", fsync=False)
+        events, seconds = bulk_write(store, events_with_real_packs(args.revisions, packs), packs, 8)
+        results["log_write"] = {
+            "events": events,
+            "seconds": seconds,
+            "events_per_s": events / seconds,
+        }
+        rows.append(
+            ("bulk log write (file, no fsync)", f"{events:,} events", f"{events / seconds:,.0f}/s")
+        )
+
+        # 2. ingest = reindex from the durable tier
+        catalog = Catalog(
+            store, root / "index", lambda p: LmdbIndex(p, sync=False), spool_dir=root / "spool"
+        )
+        adapters, revisions, replayed, seconds = catalog.reindex()
+        index_bytes = catalog.index.counts()["bytes_on_disk"]
+        results["ingest"] = {
+            "events": replayed,
+            "seconds": seconds,
+            "events_per_s": replayed / seconds,
+            "adapters": adapters,
+            "revisions": revisions,
+            "index_bytes": index_bytes,
+            "index_bytes_per_revision": index_bytes / revisions,
+        }
+        rows.append(
+            (
+                "reindex from file:// (ingest)",
+                f"{replayed:,} events",
+                f"{replayed / seconds:,.0f}/s in {seconds:.0f}s",
+            )
+        )
+        rows.append(
+            (
+                "index on disk",
+                f"{revisions:,} revisions",
+                f"{index_bytes / revisions:.0f} B/revision",
+            )
+        )
+
+        # 3. in-process resolve through the core
+        page = catalog.list_adapters("", 1000)
+        names = [str(s.adapter) for s in page.items]
+        rng = random.Random(0)
+        refs = [
+            rng.choice(names) + rng.choice(["", "@serving", "@5"]) for _ in range(args.resolves)
+        ]
+        for ref in refs[:2000]:
+            catalog.resolve(ref)
+        lat = []
+        for ref in refs:
+            t0 = time.perf_counter()
+            catalog.resolve(ref)
+            lat.append(time.perf_counter() - t0)
+        results["resolve_in_process"] = summarize(lat)
+        rows.append(
+            (
+                "resolve in-process p50 / p99",
+                "",
+                f"{results['resolve_in_process']['p50_us']:.1f} / {results['resolve_in_process']['p99_us']:.1f} us",
+            )
+        )
+        catalog.close()
+        from catalog.shutdown import ShutdownMarker
+
+        ShutdownMarker(root / "index.state").close()  # closed cleanly: serve must not rebuild
+
+        # 4. over gRPC, beside echo
+        port, echo_port = free_port(), free_port()
+        server = start(
+            [
+                *loracat_command(),
+                "serve",
+                "--root",
+                str(root),
+                "--port",
+                str(port),
+                "--cache-bytes",
+                "0",
+            ],
+            "serving",
+        )
+        echo = start(
+            [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)],
+            "ready",
+        )
+        try:
+            client = CatalogClient(f"127.0.0.1:{port}")
+            echo_call = grpc.insecure_channel(f"127.0.0.1:{echo_port}").unary_unary(ECHO_METHOD)
+            payload = client._stub.Resolve(
+                __import__("catalog._proto.loracat.v1.catalog_pb2", fromlist=["x"]).ResolveRequest(
+                    ref=refs[0]
+                )
+            ).SerializeToString()
+            results["grpc"] = {}
+            for conc in args.concurrency:
+                run_timed(lambda i: client.resolve(refs[i]), 2000, conc)
+                seconds, lat = run_timed(lambda i: client.resolve(refs[i]), args.resolves, conc)
+                res = {**summarize(lat), "ops_per_s": args.resolves / seconds}
+                run_timed(lambda i: echo_call(payload, timeout=10), 2000, conc)
+                seconds, lat = run_timed(
+                    lambda i: echo_call(payload, timeout=10), args.resolves, conc
+                )
+                ech = {**summarize(lat), "ops_per_s": args.resolves / seconds}
+                results["grpc"][str(conc)] = {
+                    "resolve": res,
+                    "echo": ech,
+                    "ratio": res["ops_per_s"] / ech["ops_per_s"],
+                }
+                rows.append(
+                    (
+                        f"gRPC resolve, {conc} callers",
+                        f"echo {ech['ops_per_s']:,.0f}/s",
+                        f"{res['ops_per_s']:,.0f}/s = {res['ops_per_s'] / ech['ops_per_s']:.2f}x echo, p99 {res['p99_us']:,.0f} us",
+                    )
+                )
+            lat = []
+            token = ""
+            for _ in range(50):
+                t0 = time.perf_counter()
+                page = client.list_adapters("", page_size=100, page_token=token)
+                lat.append(time.perf_counter() - t0)
+                token = page.next_token
+            results["grpc_list_page_100"] = summarize(lat)
+            rows.append(
+                (
+                    "gRPC list page of 100 p50",
+                    "",
+                    f"{results['grpc_list_page_100']['p50_us']:,.0f} us",
+                )
+            )
+            client.close()
+        finally:
+            for proc in (server, echo):
+                proc.terminate()
+                proc.wait(timeout=60)
+
+        # 5. reindex from S3
+        if args.s3_revisions:
+            from catalog.storage import open_store
+            from catalog.testing.seaweedfs import SeaweedFS
+
+            with SeaweedFS() as s3:
+                s3.create_bucket("scale")
+                for name, value in s3.env().items():
+                    os.environ[name] = value
+                s3_store = open_store("s3://scale/catalog")
+                events, seconds = bulk_write(
+                    s3_store, events_with_real_packs(args.s3_revisions, packs), packs, 32
+                )
+                rows.append(
+                    ("bulk log write (S3)", f"{events:,} events", f"{events / seconds:,.0f}/s")
+                )
+                s3_catalog = Catalog(
+                    s3_store,
+                    root / "s3-index",
+                    lambda p: LmdbIndex(p, sync=False),
+                    spool_dir=root / "spool",
+                )
+                _, revisions, replayed, seconds = s3_catalog.reindex()
+                s3_catalog.close()
+                results["reindex_s3"] = {
+                    "revisions": revisions,
+                    "events": replayed,
+                    "seconds": seconds,
+                    "events_per_s": replayed / seconds,
+                }
+                rows.append(
+                    (
+                        "reindex from S3",
+                        f"{revisions:,} revisions",
+                        f"{seconds:.0f}s ({replayed / seconds:,.0f} events/s)",
+                    )
+                )
+        print_table(f"catalog at {args.revisions:,} revisions", ["what", "size", "result"], rows)
+        write_results("scale", results)
+    finally:
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
