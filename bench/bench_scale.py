@@ -171,7 +171,7 @@ def main() -> None:
             (
                 "resolve in-process p50 / p99",
                 "",
-                f"{results['resolve_in_process']['p50_us']:.1f} / {results['resolve_in_process']['p99_us']:.1f} us",
+                "{p50_us:.1f} / {p99_us:.1f} us".format(**results["resolve_in_process"]),
             )
         )
         catalog.close()
@@ -225,7 +225,8 @@ def main() -> None:
                     (
                         f"gRPC resolve, {conc} callers",
                         f"echo {ech['ops_per_s']:,.0f}/s",
-                        f"{res['ops_per_s']:,.0f}/s = {res['ops_per_s'] / ech['ops_per_s']:.2f}x echo, p99 {res['p99_us']:,.0f} us",
+                        f"{res['ops_per_s']:,.0f}/s = {res['ops_per_s'] / ech['ops_per_s']:.2f}x "
+                        f"echo, p99 {res['p99_us']:,.0f} us",
                     )
                 )
             lat = []
