@@ -37,6 +37,7 @@ from bench.bench_index import log as synthetic_log
 from bench.bench_push_resolve import run_timed, start
 from bench.common import print_table, summarize, write_results
 from bench.echo_server import ECHO_METHOD
+from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.client import CatalogClient
 from catalog.core import Catalog
 from catalog.digest import Digest
@@ -201,11 +202,7 @@ def main() -> None:
         try:
             client = CatalogClient(f"127.0.0.1:{port}")
             echo_call = grpc.insecure_channel(f"127.0.0.1:{echo_port}").unary_unary(ECHO_METHOD)
-            payload = client._stub.Resolve(
-                __import__("catalog._proto.loracat.v1.catalog_pb2", fromlist=["x"]).ResolveRequest(
-                    ref=refs[0]
-                )
-            ).SerializeToString()
+            payload = client._stub.Resolve(pb.ResolveRequest(ref=refs[0])).SerializeToString()
             results["grpc"] = {}
             for conc in args.concurrency:
                 run_timed(lambda i: client.resolve(refs[i]), 2000, conc)
