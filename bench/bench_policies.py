@@ -49,6 +49,7 @@ from catalog.cache.traces import (
 FRACTIONS = (0.01, 0.05, 0.10)
 BELADY = "belady"
 ZIPF_TRACES = ("zipf-0.8", "zipf-1.0")
+TIMING_REPEATS = 3
 
 # Filled in the parent before the worker processes fork, so they share the traces.
 _TRACES: dict[str, list[Request]] = {}
@@ -259,16 +260,30 @@ def main() -> None:
 
     timings: list[dict[str, Any]] = []
     if not args.no_timing:
+        # Best of three, each in a worker: the machine is shared and the least disturbed run
+        # is the truest.
+        runs = [
+            (policy, resident)
+            for policy in POLICIES
+            for resident in (10_000, 1_000_000)
+            for _ in range(TIMING_REPEATS)
+        ]
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            measured = list(
+                pool.map(time_per_request, *zip(*runs, strict=True), [200_000] * len(runs))
+            )
+        best: dict[tuple[str, int], float] = {}
+        for run, microseconds in zip(runs, measured, strict=True):
+            best[run] = min(best.get(run, float("inf")), microseconds)
         rows = []
         for policy in POLICIES:
-            small = time_per_request(policy, 10_000, 200_000)
-            large = time_per_request(policy, 1_000_000, 200_000)
+            small, large = best[policy, 10_000], best[policy, 1_000_000]
             timings.append(
                 {"policy": policy, "us_per_request_1e4": small, "us_per_request_1e6": large}
             )
             rows.append([policy, small, large, large / small])
         print_table(
-            "microseconds per request (half misses), by resident keys",
+            f"microseconds per request (half misses), by resident keys, best of {TIMING_REPEATS}",
             ["policy", "10^4 keys", "10^6 keys", "ratio"],
             rows,
         )

@@ -35,7 +35,8 @@ Policies (``POLICIES``):
   cached only if everything it would displace ranks below it, which also makes it scan
   resistant. Ranking by value per byte is the greedy answer to the knapsack that caching
   variable sizes is; the default exponent (0.6) keeps most of that gain in request hit rate
-  while giving up less byte hit rate than 1.0 would. O(log n) (a heap with lazy deletion).
+  while giving up less byte hit rate than 1.0 would. The half-life is about twice the number of
+  keys the workload touches, in requests. O(log n) (a heap with lazy deletion).
 """
 
 from __future__ import annotations
@@ -622,33 +623,41 @@ class SizeAwareLRFU(EvictionPolicy):
 
     name = "lrfu-size"
 
-    _RESCALE_AT = 2.0**32
+    _RESCALE_AT = 2.0**16  # every 16 half-lives, which also prunes forgotten keys
     _FORGET_BELOW = 2.0**-16
     _RETUNE_EVERY = 1024
+    _MIN_ITEMS = 64
 
     def __init__(
         self,
         capacity_bytes: int,
         *,
         size_exponent: float = 0.6,
-        half_life_factor: float = 10.0,
-        min_half_life: int = 122_880,
+        half_life_per_key: float = 2.0,
+        half_life_bounds: tuple[float, float] = (10.0, 128.0),
     ) -> None:
         """``size_exponent``: 0 ranks by value alone (byte hits), 1 by value per byte (request
-        hits). A request's weight halves every ``max(min_half_life, half_life_factor x resident
-        items)`` requests.
+        hits). A request's weight halves every ``half_life_per_key x`` remembered keys requests,
+        kept between ``half_life_bounds`` times the resident items (at least 64).
+
+        The half-life follows the number of keys the workload touches, so that the catalog is
+        requested about twice over in one: long enough to tell a key requested every ~N
+        requests from one requested every ~10N (Zipf), short enough to follow a hot set that
+        moves. The upper bound stops a stream of new keys from stretching it without end.
 
         Raises:
             InvalidArgument: a parameter out of range.
         """
         super().__init__(capacity_bytes)
-        if not 0 <= size_exponent <= 1 or half_life_factor <= 0 or min_half_life <= 0:
+        low, high = half_life_bounds
+        if not 0 <= size_exponent <= 1 or half_life_per_key <= 0 or not 0 < low <= high:
             raise InvalidArgument(
-                "size_exponent must be in [0, 1], half_life_factor and min_half_life positive"
+                "size_exponent must be in [0, 1], half_life_per_key positive, "
+                "half_life_bounds (low, high) with 0 < low <= high"
             )
         self._exponent = size_exponent
-        self._half_life_factor = half_life_factor
-        self._min_half_life = min_half_life
+        self._half_life_per_key = half_life_per_key
+        self._half_life_bounds = (low, high)
         self._weight = 1.0  # what a request made now adds; doubles every half-life
         self._growth = 1.0
         self._until_retune = 0
@@ -657,10 +666,22 @@ class SizeAwareLRFU(EvictionPolicy):
         self._heap: list[tuple[float, int, str]] = []
         self._sequence = itertools.count()
 
+    @property
+    def remembered_keys(self) -> int:
+        """Keys with a value: the resident ones and those requested in the last ~16 half-lives."""
+        return len(self._value)
+
+    @property
+    def half_life(self) -> float:
+        """The current half-life of a request's weight, in requests."""
+        items = max(self._MIN_ITEMS, len(self._sizes))
+        low, high = self._half_life_bounds
+        per_key = self._half_life_per_key * len(self._value)
+        return min(max(low * items, per_key), high * items)
+
     def _count(self, key: str) -> None:
         if self._until_retune <= 0:
-            half_life = max(self._min_half_life, self._half_life_factor * len(self._sizes))
-            self._growth = 2.0 ** (1.0 / half_life)
+            self._growth = 2.0 ** (1.0 / self.half_life)
             self._until_retune = self._RETUNE_EVERY
         self._until_retune -= 1
         self._weight *= self._growth

@@ -14,11 +14,20 @@ from catalog.cache.policies import (
     POLICIES,
     S3FIFO,
     EvictionPolicy,
+    SizeAwareLRFU,
     make_policy,
     resolve_policy_name,
 )
-from catalog.cache.replay import replay
-from catalog.cache.traces import Request, scan_trace, zipf_trace
+from catalog.cache.replay import replay, replay_belady
+from catalog.cache.traces import (
+    Request,
+    catalog_bytes,
+    mixed_trace,
+    scan_trace,
+    shift_trace,
+    synthetic_catalog,
+    zipf_trace,
+)
 from catalog.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -227,6 +236,39 @@ def test_default_policy_resists_a_scan(small_catalog: list[Request]) -> None:
     # While the sweep runs, LRU flushes its hot set; the default keeps serving it.
     default = warm_hit_rate_during_sweep(make_policy("default", capacity))
     assert default > 1.25 * warm_hit_rate_during_sweep(LRU(capacity))
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.05, 0.10])
+def test_default_policy_beats_lru_on_every_workload(fraction: float) -> None:
+    """A small version of ``bench/bench_policies.py``: both rates at least LRU's, everywhere."""
+    catalog = synthetic_catalog(1000, seed=3)
+    capacity = int(catalog_bytes(catalog) * fraction)
+    workloads = {
+        "zipf": zipf_trace(catalog, 20_000, s=0.9, seed=1),
+        "shift": shift_trace(catalog, 20_000, s=0.9, seed=2),
+        "scan": scan_trace(catalog, 20_000, s=0.9, seed=3),
+        "mix": mixed_trace(catalog, 20_000, seed=4),
+    }
+    for name, trace in workloads.items():
+        default = replay(trace, make_policy("default", capacity))
+        lru = replay(trace, LRU(capacity))
+        assert default.hit_rate > lru.hit_rate, name
+        assert default.byte_hit_rate > lru.byte_hit_rate, name
+        assert default.hit_rate > 0.85 * replay_belady(trace, capacity).hit_rate, name
+
+
+def test_lrfu_forgets_keys_not_requested_for_many_half_lives() -> None:
+    policy = SizeAwareLRFU(20 * 10)  # 20 items of 10 bytes: half-life 640 to 8192 requests
+    seen = 300_000
+    for index in range(seen):  # every request a new key: a never-ending scan
+        request(policy, f"scan{index}", 10)
+        if index % 97 == 0:
+            request(policy, "hot", 10)
+    assert "hot" in policy
+    assert 10 * 64 <= policy.half_life <= 128 * 64
+    # Keys are pruned every 16 half-lives once unrequested for 16: at most the last 32 remain.
+    assert policy.remembered_keys <= 32 * 128 * 64 < seen
+    assert policy.used_bytes <= policy.capacity_bytes
 
 
 operations = st.lists(
