@@ -4,7 +4,8 @@ For a target module with ``L`` layers, ``S`` slots and slot rank ``R`` the pool 
 
 * ``lora_a``  ``[L, S + 1, R, in]``
 * ``lora_bt`` ``[L, S + 1, R, out]`` (``lora_B`` transposed, see ``staging``)
-* ``scale``   ``[S + 1]`` (alpha / r of the adapter in each slot)
+
+and, on the host, each slot's rank and scale (alpha / r): all a batch plan reads.
 
 Slot ``S`` is the *zero slot*: never written, it is what rows without an adapter gather. Layer
 is the outer axis so that one layer's slots, ``lora_a[l, :k]``, are one contiguous
@@ -54,7 +55,6 @@ class ModuleSlots:
         shape = (target.num_layers, num_slots + 1, max_rank)
         self.lora_a = torch.zeros((*shape, target.in_features), dtype=dtype, device=device)
         self.lora_bt = torch.zeros((*shape, target.out_features), dtype=dtype, device=device)
-        self.scale = torch.zeros(num_slots + 1, dtype=dtype, device=device)
         # Host mirrors, read when planning a batch (no device round trip).
         self.ranks = [0] * (num_slots + 1)
         self.scalings = [0.0] * (num_slots + 1)
@@ -63,7 +63,6 @@ class ModuleSlots:
         # and attach does little else.
         self._slot_a = [self.lora_a.select(1, s) for s in range(num_slots + 1)]
         self._slot_bt = [self.lora_bt.select(1, s) for s in range(num_slots + 1)]
-        self._slot_scale = [self.scale.narrow(0, s, 1) for s in range(num_slots + 1)]
         self._rows_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rows(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +78,7 @@ class ModuleSlots:
 
     @property
     def nbytes(self) -> int:
-        return tensor_nbytes(self.lora_a) + tensor_nbytes(self.lora_bt) + tensor_nbytes(self.scale)
+        return tensor_nbytes(self.lora_a) + tensor_nbytes(self.lora_bt)
 
     def write(self, slot: int, staged: StagedModule, *, non_blocking: bool) -> int:
         """Copy one staged module into ``slot``; returns the bytes copied."""
@@ -95,7 +94,6 @@ class ModuleSlots:
             index = torch.tensor(staged.layers, dtype=torch.long, device=device)
             lora_a.index_copy_(0, index, staged.lora_a.to(device, non_blocking=non_blocking))
             lora_bt.index_copy_(0, index, staged.lora_bt.to(device, non_blocking=non_blocking))
-        self._slot_scale[slot].fill_(staged.scaling)
         self.scalings[slot] = staged.scaling
         return staged.nbytes
 
@@ -107,7 +105,6 @@ class ModuleSlots:
             lora_a, lora_bt = self._rows(slot, rank)
             lora_a.zero_()
             lora_bt.zero_()
-            self._slot_scale[slot].zero_()
         self.ranks[slot] = 0
         self.scalings[slot] = 0.0
 
@@ -160,6 +157,7 @@ class SlotPool:
         return all(
             not bool(m.lora_a[:, slot].any())
             and not bool(m.lora_bt[:, slot].any())
-            and not bool(m.scale[slot].any())
+            and m.ranks[slot] == 0
+            and m.scalings[slot] == 0.0
             for m in self.modules.values()
         )

@@ -120,7 +120,7 @@ def test_pool_write_pads_and_clear_zeroes() -> None:
     assert moved == m.nbytes
     assert torch.equal(slots.lora_a[:, 1, :2], m.lora_a)
     assert torch.equal(slots.lora_bt[:, 1, :2], m.lora_bt)
-    assert not slots.lora_a[:, 1, 2:].any() and float(slots.scale[1]) == 3.0
+    assert not slots.lora_a[:, 1, 2:].any() and slots.scalings[1] == 3.0
     assert pool.is_clear(0) and pool.is_clear(pool.zero_slot)
     generation = pool.generation
     pool.clear(1)
