@@ -458,9 +458,9 @@ def _list_log(store: BlobStore) -> dict[AdapterName, list[int]]:
             adapter, _ = parse_log_key(key)
             found = by_prefix[prefix] = (adapter, [])
         digits = leaf[:12]
-        if len(leaf) != 17 or not leaf.endswith(".json") or not digits.isascii():
-            parse_log_key(key)  # raises DataLoss naming the key
-        if not digits.isdigit():
+        if not (len(leaf) == 17 and leaf.endswith(".json") and digits.isascii()):
+            raise DataLoss(f"unexpected object in the durable log: {key!r}")
+        if not digits.isdigit() or int(digits) < 1:  # events are numbered from 1
             raise DataLoss(f"unexpected object in the durable log: {key!r}")
         found[1].append(int(digits))
     out = {}

@@ -134,10 +134,12 @@ def snapshot(index: RevisionIndex) -> dict[str, Any]:
     return out
 
 
-def full_log_snapshot(catalog: Catalog) -> dict[str, Any]:
-    """The core's own replay of every log object: the baseline."""
+def full_log_snapshot(store: BlobStore) -> dict[str, Any]:
+    """The baseline, independent of the code under test: GET every log object, apply them in
+    (adapter, seq) order."""
+    events = [Event.decode(store.get(key) or b"", key=key) for key in store.list(LOG_PREFIX)]
     index = MemoryIndex()
-    catalog.replay_into(index)
+    index.apply_many(sorted(events, key=lambda e: (e.adapter, e.seq)))
     return snapshot(index)
 
 
@@ -162,7 +164,7 @@ def test_checkpoint_plus_tail_replays_to_what_the_full_log_does(
         assert list(replay) == list(load_log(store, use_checkpoints=False))
         rebuilt = LmdbIndex(tmp_path / "rebuilt")
         assert rebuilt.apply_many(replay) == replay.events == len(log_keys(store))
-        assert snapshot(rebuilt) == full_log_snapshot(catalog) == snapshot(catalog.index)
+        assert snapshot(rebuilt) == full_log_snapshot(store) == snapshot(catalog.index)
         rebuilt.close()
 
         second = write_checkpoint(store)
@@ -513,3 +515,32 @@ def test_a_foreign_key_under_the_log_is_data_loss(memory_store: BlobStore) -> No
     memory_store.put("log/acme/x/notes.txt", b"hello")
     with pytest.raises(DataLoss, match="unexpected object in the durable log"):
         load_log(memory_store)
+
+
+def test_an_event_numbered_zero_is_data_loss(memory_store: BlobStore) -> None:
+    event = Event(AdapterName("acme", "x"), 1, "delete", 1.0, revision=1)
+    memory_store.put(log_key(event.adapter, 1), event.encode())
+    memory_store.put(log_key(event.adapter, 0), event.encode())
+    with pytest.raises(DataLoss, match=r"000000000000\.json"):
+        load_log(memory_store)
+
+
+def test_reindex_wired_to_load_log_rebuilds_the_same_index(
+    memory_store: BlobStore, packs: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring the core takes: ``replay_into`` = ``index.apply_many(load_log(store))``."""
+    monkeypatch.setattr(
+        Catalog, "replay_into", lambda self, index: index.apply_many(load_log(self.store))
+    )
+    catalog = Catalog(memory_store, tmp_path / "index", LmdbIndex, prefetch_workers=1)
+    try:
+        history_before(catalog, packs)
+        write_checkpoint(memory_store)
+        history_after(catalog, packs)
+        before = snapshot(catalog.index)
+        adapters, revisions, events, _ = catalog.reindex()
+        live = sum(len(a["revisions"]) for a in before.values())
+        assert (adapters, revisions, events) == (len(before), live, len(log_keys(memory_store)))
+        assert snapshot(catalog.index) == before == full_log_snapshot(memory_store)
+    finally:
+        catalog.close()
