@@ -9,7 +9,8 @@ medians of ``--repeats`` rounds after warm-up:
 - ``attach``: ``engine.attach(ref)`` into a free (already zeroed) slot: resolve through an
   in-process catalog, host-tier lookup, slot claim, one ``copy_`` per stacked tensor, binding.
   The adapter is detached (untimed) before each round.
-- ``attach + evict``: the same when every slot is taken, so an idle slot is zeroed first.
+- ``attach + evict``: the same when every slot is taken, so an idle slot (a rank-1 filler,
+  least recently used) is zeroed first.
 - ``memcpy, per tensor``: ``copy_`` of the same staged tensors into preallocated tensors of
   the same shapes (the baseline of the floor: attach <= 1.5x this).
 - ``memcpy, flat``: one ``copy_`` of a buffer of the same total size (the lower bound).
@@ -104,7 +105,9 @@ def measure_rank(
     for _ in range(repeats):
         for name, fn in variants.items():
             samples[name].append(fn())
-    for name in fillers:
+    # The next rank starts with every slot free, so its
+    # evictions zero a rank-1 filler, not a bigger adapter measured before it.
+    for name in [*fillers, ref]:
         if any(r["name"] == name for r in engine.stats()["resident"]):
             engine.detach(name)
     medians = {k: statistics.median(v) for k, v in samples.items()}
