@@ -6,9 +6,9 @@ Every method returns catalog model types and raises ``CatalogError`` subclasses 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -46,6 +46,20 @@ from catalog.model import (
 
 DEFAULT_TIMEOUT = 30.0
 TRANSFER_TIMEOUT = 3600.0
+
+
+T = TypeVar("T")
+
+
+def every_item(fetch_page: Callable[[str], Page[T]]) -> Iterator[T]:
+    """Walk a paged listing: ``fetch_page(token)`` until a page has no ``next_token``."""
+    token = ""
+    while True:
+        page = fetch_page(token)
+        yield from page.items
+        if not page.next_token:
+            return
+        token = page.next_token
 
 
 def _name(adapter: AdapterName | str) -> str:
@@ -105,13 +119,10 @@ class CatalogClient:
         return Page(tuple(summary_from_pb(s) for s in response.adapters), response.next_page_token)
 
     def iter_adapters(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[AdapterSummary]:
-        token = ""
-        while True:
-            page = self.list_adapters(prefix, page_size=page_size, page_token=token)
-            yield from page.items
-            if not page.next_token:
-                return
-            token = page.next_token
+        """Every adapter under ``prefix``, fetching pages as the iteration goes."""
+        return every_item(
+            lambda token: self.list_adapters(prefix, page_size=page_size, page_token=token)
+        )
 
     def list_revisions(
         self, name: AdapterName | str, *, page_size: int = 100, page_token: str = ""
@@ -130,13 +141,10 @@ class CatalogClient:
     def iter_revisions(
         self, name: AdapterName | str, *, page_size: int = 1000
     ) -> Iterator[Revision]:
-        token = ""
-        while True:
-            page = self.list_revisions(name, page_size=page_size, page_token=token)
-            yield from page.items
-            if not page.next_token:
-                return
-            token = page.next_token
+        """Every live revision of ``name``, fetching pages as the iteration goes."""
+        return every_item(
+            lambda token: self.list_revisions(name, page_size=page_size, page_token=token)
+        )
 
     # -- aliases ----------------------------------------------------------------------------
 
