@@ -67,6 +67,9 @@ from engine_plugin.staging import StagedAdapter, stage_pack
 DEFAULT_HOST_BUDGET = 1 << 30
 _PLAN_CACHE_SIZE = 64
 _REF_CACHE_SIZE = 65536
+#: Past this many bindings, those whose revision holds no slot are dropped (their next use
+#: resolves through the catalog again), so a sweep over 10^5 names does not grow the table.
+_BINDINGS_LIMIT = 65536
 
 
 class ResidentEngine:
@@ -269,7 +272,7 @@ class ResidentEngine:
         with self._cond:
             self._pins.add(str(parsed))
             if parsed.selector is not Selector.ALIAS:
-                self._exact[str(parsed)] = entry.revision
+                self._remember_exact(str(parsed), entry.revision)
             self._refresh_pins()
             self._unlease(entry)
             return entry.revision
@@ -496,9 +499,14 @@ class ResidentEngine:
             if (ref.selector is Selector.REVISION and revision.number == int(ref.value)) or (
                 ref.selector is Selector.DIGEST and str(revision.digest).startswith(ref.value)
             ):
-                self._exact[key] = revision
+                self._remember_exact(key, revision)
                 return revision
         return None
+
+    def _remember_exact(self, key: str, revision: Revision) -> None:
+        if len(self._exact) >= _REF_CACHE_SIZE:
+            self._exact.clear()  # a cache of immutable facts: dropping it only costs lookups
+        self._exact[key] = revision
 
     def _pin_digest(self, key: str) -> str | None:
         known = self._known(self._parse(key))
@@ -511,9 +519,13 @@ class ResidentEngine:
         if ref.selector is Selector.ALIAS:
             keys.append(str(ref))
         else:
-            self._exact[str(ref)] = revision
+            self._remember_exact(str(ref), revision)
         if name_too:
             keys.append(str(ref.adapter))
+        if len(self._bindings) >= _BINDINGS_LIMIT:
+            held = {e.digest for e in self.slots}
+            for key in [k for k, r in self._bindings.items() if str(r.digest) not in held]:
+                del self._bindings[key]
         displaced = set()
         for key in keys:
             old = self._bindings.get(key)
@@ -561,7 +573,7 @@ class ResidentEngine:
                 if str(ref) not in self._bindings:
                     self._bind(ref, revision, name_too=False)
             else:
-                self._exact[str(ref)] = revision
+                self._remember_exact(str(ref), revision)
         return entry
 
     def _load(self, revision: Revision) -> SlotEntry:

@@ -320,3 +320,18 @@ def test_same_bytes_under_two_names_share_a_slot(llama: Arch) -> None:
     logits = engine.forward(ids, ["t/qv-r8"]).logits
     assert engine.stats()["misses"] == misses  # t/qv-r8 kept its slot
     assert rel_err(logits[0], llama.reference_logits("t/qv-r8", ids)[0]) <= 1e-4
+
+
+def test_bindings_of_evicted_revisions_are_pruned_past_the_limit(
+    make_engine: Callable[..., ResidentEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine_plugin import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_BINDINGS_LIMIT", 2)
+    engine = make_engine(num_slots=1)
+    ids = make_ids(1, 2)
+    for name in ["t/qv-r8", "t/all-r4", "t/mlp-r16-rs"]:
+        engine.forward(ids, [name])
+    # each new binding found the table full and dropped those whose revision left the slots
+    assert set(engine.stats()["bindings"]) <= {"t/all-r4", "t/mlp-r16-rs"}
+    assert "t/mlp-r16-rs" in engine.stats()["bindings"]
