@@ -260,15 +260,17 @@ def main() -> None:
 
     timings: list[dict[str, Any]] = []
     if not args.no_timing:
-        # Best of three, each in a worker: the machine is shared and the least disturbed run
-        # is the truest.
+        # Best of three, one at a time in a fresh (spawned) process, so no run competes with
+        # another or walks the traces above in its garbage collections: the machine is shared
+        # and the least disturbed run is the truest.
         runs = [
             (policy, resident)
             for policy in POLICIES
             for resident in (10_000, 1_000_000)
             for _ in range(TIMING_REPEATS)
         ]
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
             measured = list(
                 pool.map(time_per_request, *zip(*runs, strict=True), [200_000] * len(runs))
             )

@@ -637,8 +637,8 @@ class SizeAwareLRFU(EvictionPolicy):
         half_life_bounds: tuple[float, float] = (10.0, 128.0),
     ) -> None:
         """``size_exponent``: 0 ranks by value alone (byte hits), 1 by value per byte (request
-        hits). A request's weight halves every ``half_life_per_key x`` remembered keys requests,
-        kept between ``half_life_bounds`` times the resident items (at least 64).
+        hits). A request's weight halves every ``half_life_per_key x (keys remembered)``
+        requests, clamped to ``half_life_bounds x (resident items, at least 64)``.
 
         The half-life follows the number of keys the workload touches, so that the catalog is
         requested about twice over in one: long enough to tell a key requested every ~N
@@ -668,7 +668,8 @@ class SizeAwareLRFU(EvictionPolicy):
 
     @property
     def remembered_keys(self) -> int:
-        """Keys with a value: the resident ones and those requested in the last ~16 half-lives."""
+        """Keys with a value: the resident ones, and those requested in the last 16 to 32
+        half-lives (forgotten keys are pruned every 16)."""
         return len(self._value)
 
     @property
