@@ -51,6 +51,22 @@ TRANSFER_TIMEOUT = 3600.0
 T = TypeVar("T")
 
 
+class HintStream:
+    """A server stream of hints that another thread can cancel."""
+
+    def __init__(self, call: Any, target: str) -> None:
+        self._call = call
+        self._target = target
+
+    def __iter__(self) -> Iterator[Hint]:
+        with translated(self._target):
+            for hint in self._call:
+                yield Hint(hint.kind, hint.ref, hint.digest, hint.base_id, hint.reason, hint.at)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 def every_item(fetch_page: Callable[[str], Page[T]]) -> Iterator[T]:
     """Walk a paged listing: ``fetch_page(token)`` until a page has no ``next_token``."""
     token = ""
@@ -360,12 +376,13 @@ class CatalogClient:
 
     # -- engines ----------------------------------------------------------------------------
 
-    def watch_hints(self, engine_id: str) -> Iterator[Hint]:
-        """The catalog's hints for a registered engine, until the stream is cancelled or the
-        channel closes (iterate it on a thread of its own)."""
-        with translated(self.target):
-            for hint in self._stub.WatchHints(pb.WatchHintsRequest(engine_id=engine_id)):
-                yield Hint(hint.kind, hint.ref, hint.digest, hint.base_id, hint.reason, hint.at)
+    def watch_hints(self, engine_id: str) -> HintStream:
+        """The catalog's hints for a registered engine: iterate it (on a thread of its own) until
+        the server ends it or :meth:`HintStream.cancel` is called. Raises ``NotFound`` (while
+        iterating) for an engine that is not registered."""
+        return HintStream(
+            self._stub.WatchHints(pb.WatchHintsRequest(engine_id=engine_id)), self.target
+        )
 
     def register_engine(
         self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int = 0
