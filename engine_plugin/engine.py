@@ -32,6 +32,7 @@ import contextlib
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -66,10 +67,10 @@ from engine_plugin.staging import StagedAdapter, stage_pack
 
 DEFAULT_HOST_BUDGET = 1 << 30
 _PLAN_CACHE_SIZE = 64
-_REF_CACHE_SIZE = 65536
+_REF_CACHE_SIZE = 4096
 #: Past this many bindings, those whose revision holds no slot are dropped (their next use
 #: resolves through the catalog again), so a sweep over 10^5 names does not grow the table.
-_BINDINGS_LIMIT = 65536
+_BINDINGS_LIMIT = 4096
 
 
 class ResidentEngine:
@@ -151,6 +152,9 @@ class ResidentEngine:
         self.slots = SlotTable(num_slots, slot_policy)
         self.host = HostTier(host_budget_bytes, host_policy)
         self._bindings: dict[str, Revision] = {}
+        # How many bindings name each digest, so "is this revision still bound?" is O(1) on
+        # the attach path instead of a scan of every binding (a 10^5-adapter sweep).
+        self._bound: Counter[str] = Counter()
         self._exact: dict[str, Revision] = {}
         self._pins: set[str] = set()
         self._refs: dict[str, Ref] = {}
@@ -246,7 +250,7 @@ class ResidentEngine:
                 or not (whole_name or self._pin_digest(k) in digests)
             }
             for key in mine:
-                del self._bindings[key]
+                self._unbind_key(key)
             self.counters["detaches"] += 1
             self._refresh_pins()
             # Identical bytes published under another name share the slot: keep it for them.
@@ -525,20 +529,28 @@ class ResidentEngine:
         if len(self._bindings) >= _BINDINGS_LIMIT:
             held = {e.digest for e in self.slots}
             for key in [k for k, r in self._bindings.items() if str(r.digest) not in held]:
-                del self._bindings[key]
+                self._unbind_key(key)
         displaced = set()
         for key in keys:
             old = self._bindings.get(key)
+            if old is not None:
+                self._unbind_key(key)
             self._bindings[key] = revision
+            self._bound[str(revision.digest)] += 1
             if old is not None and old.digest != revision.digest:
                 displaced.add(str(old.digest))
         self._refresh_pins()
-        bound = {str(r.digest) for r in self._bindings.values()}
-        for digest in displaced - bound:
+        for digest in (d for d in displaced if not self._bound[d]):
             entry = self.slots.get(digest)
             if entry is not None:
                 entry.retired = True
                 self._release_if_done(entry)
+
+    def _unbind_key(self, key: str) -> None:
+        digest = str(self._bindings.pop(key).digest)
+        self._bound[digest] -= 1
+        if self._bound[digest] <= 0:
+            del self._bound[digest]
 
     def _refresh_pins(self) -> None:
         pinned = {d for k in self._pins if (d := self._pin_digest(k)) is not None}
