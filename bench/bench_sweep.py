@@ -156,7 +156,7 @@ def main() -> None:
             "samples": samples,
         }
         print_table(
-            f"one engine, {args.slots} slots, {args.adapters:,} distinct adapters attached over gRPC "
+            f"one engine, {args.slots} slots, {args.adapters:,} adapters attached over gRPC "
             f"({total_s:.0f}s, {args.adapters / total_s:,.0f} attaches/s)",
             ["attached", "attaches/s (last 1%)", "RSS MiB"],
             [(f"{n:,}", rate, mem) for n, rate, mem in deciles],
