@@ -9,7 +9,8 @@ which is cheap (about 1000 keys per request).
 Why a checkpoint can never contradict the log: log events are immutable (each is written once,
 with a conditional put, and never rewritten or deleted) and each adapter's events are numbered
 1, 2, 3, ... without gaps. A checkpoint records, for each adapter, a prefix ``1..n`` of that
-numbering, copied byte for byte from the log. Later events only extend the numbering, so
+numbering, copied from the log (byte for byte; only an event spread over several lines, which
+our writer never produces, is re-encoded onto one). Later events only extend the numbering, so
 "checkpoint + the log objects numbered above ``n``" is exactly the log. Checkpoints are derived
 data: deleting any or all of them loses nothing.
 
