@@ -42,7 +42,14 @@ from torch import nn
 
 from catalog.errors import IncompatibleAdapter, InvalidArgument, NotFound, ResourceExhausted
 from catalog.model import AdapterName, Ref, Revision, Selector
-from catalog.pack import PackManifest, read_pack
+from catalog.pack import ModuleSpec, PackManifest, read_pack
+from engine_plugin.experts import (
+    PROJECTIONS,
+    ExpertsTarget,
+    MultiLoRAExperts,
+    expert_routes,
+    find_experts,
+)
 from engine_plugin.layers import (
     BatchContext,
     BatchPlan,
@@ -63,7 +70,7 @@ from engine_plugin.residency import (
 )
 from engine_plugin.slots import SlotPool, TargetModule
 from engine_plugin.sources import PackSource, ResidencySink
-from engine_plugin.staging import StagedAdapter, stage_pack
+from engine_plugin.staging import SlotRoute, StagedAdapter, stage_pack
 
 DEFAULT_HOST_BUDGET = 1 << 30
 _PLAN_CACHE_SIZE = 64
@@ -82,13 +89,16 @@ class ResidentEngine:
     what it holds after every change.
 
     Args:
-        model: a transformers causal LM; moved to ``device``. Its decoder-layer linears are
+        model: a transformers causal LM; moved to ``device``. Its decoder-layer linears, and
+            the fused MoE experts modules of transformers 5 models (``mlp.experts``: gate, up
+            and down projections, one LoRA per expert; see ``engine_plugin.experts``), are
             replaced by multi-LoRA layers in place.
         num_slots: adapters resident at once. max_rank: the largest rank a slot holds.
         base_id: the base this engine serves; packs trained for another base are refused.
             Defaults to the model config's ``name_or_path``; when empty, only shapes are checked.
         target_modules: module paths inside a decoder layer to make adaptable (``q_proj`` or
-            ``self_attn.q_proj``); default every linear in the layer.
+            ``self_attn.q_proj``, or an experts module: ``experts``, ``mlp.experts``); default
+            every linear and every fused experts module in the layer.
         host_budget_bytes: bytes of staged packs kept in host memory.
         slot_wait_s: how long an attach waits for a busy slot to come free before refusing.
 
@@ -128,10 +138,10 @@ class ResidentEngine:
         self.max_rank = max_rank
         self.slot_wait_s = slot_wait_s
 
-        if any(isinstance(m, MultiLoRALinear) for m in self.model.modules()):
+        if any(isinstance(m, MultiLoRALinear | MultiLoRAExperts) for m in self.model.modules()):
             raise ValueError("the model already carries LoRA slots (it is wrapped by an engine)")
         self._layers = find_decoder_layers(self.model)
-        targets = self._find_targets(target_modules)
+        targets, experts = self._find_targets(target_modules)
         first_weight = next(iter(targets.values()))[1]
         self.dtype = first_weight.dtype
         self.pool = SlotPool(
@@ -141,12 +151,20 @@ class ResidentEngine:
             self.dtype,
             self.device,
         )
+        #: The fused MoE experts modules carrying LoRA slots, by path inside a decoder layer.
+        self.experts: dict[str, ExpertsTarget] = experts
         self._context = BatchContext()
         for index, layer in enumerate(self._layers):
             for name, base in linear_targets(layer).items():
                 if name in self.pool.modules:
                     wrapped = MultiLoRALinear(base, self.pool.modules[name], index, self._context)
                     replace_module(layer, name, wrapped)
+            for path, target in experts.items():
+                slots = [self.pool.modules[target.slot_module(p)] for p in PROJECTIONS]
+                wrapped_experts = MultiLoRAExperts(
+                    layer.get_submodule(path), target, slots, index, self._context
+                )
+                replace_module(layer, path, wrapped_experts)
 
         self._cond = threading.Condition(threading.RLock())
         self.slots = SlotTable(num_slots, slot_policy)
@@ -738,8 +756,10 @@ class ResidentEngine:
             data = self.catalog.fetch(revision)
             fetched = time.perf_counter()
             pack = read_pack(data)
-            self._check_manifest(revision, pack.manifest)
-            staged = stage_pack(revision, pack, dtype=self.dtype, pin_memory=self._pin_host)
+            routes = self._check_manifest(revision, pack.manifest)
+            staged = stage_pack(
+                revision, pack, dtype=self.dtype, pin_memory=self._pin_host, routes=routes
+            )
             staged_at = time.perf_counter()
         except BaseException as exc:
             with self._cond:
@@ -769,42 +789,47 @@ class ResidentEngine:
             raise IncompatibleAdapter(
                 f"{where} has rank {revision.rank}, above this engine's max_rank {self.max_rank}"
             )
-        if revision.num_experts:
-            raise IncompatibleAdapter(
-                f"{where} is an expert (MoE) adapter; this engine serves dense adapters only"
-            )
+        if revision.num_experts and not any(
+            e.num_experts == revision.num_experts for e in self.experts.values()
+        ):
+            raise IncompatibleAdapter(self._experts_message(where, revision.num_experts))
         if revision.num_layers > len(self._layers):
             raise IncompatibleAdapter(
                 f"{where} is for a base with {revision.num_layers} layers; "
                 f"this base has {len(self._layers)}"
             )
-        unknown = [m for m in revision.target_modules if m not in self.pool.modules]
+        unknown = [
+            m
+            for m in revision.target_modules
+            if m not in self.pool.modules and expert_routes(m, self.experts) is None
+        ]
         if unknown:
             raise IncompatibleAdapter(self._unknown_modules_message(where, unknown))
 
-    def _check_manifest(self, revision: Revision, manifest: PackManifest) -> None:
-        """Refuse a pack whose manifest does not fit the base's modules, shapes and slots."""
+    def _check_manifest(
+        self, revision: Revision, manifest: PackManifest
+    ) -> dict[str, list[SlotRoute]]:
+        """Refuse a pack whose manifest does not fit the base's modules, shapes and slots;
+        return where each of its modules goes."""
         where = f"{revision.adapter}@{revision.number}"
         if self.base_id and manifest.base_id != self.base_id:
             raise IncompatibleAdapter(
                 f"{where} was trained for base {manifest.base_id!r}, "
                 f"but engine {self.engine_id} serves {self.base_id!r}"
             )
-        if manifest.num_experts:
-            raise IncompatibleAdapter(
-                f"{where} is an expert (MoE) adapter; this engine serves dense adapters only"
-            )
         num_layers = len(self._layers)
+        routes: dict[str, list[SlotRoute]] = {}
+        filled: dict[str, str] = {}
         for spec in manifest.modules:
-            slots = self.pool.modules.get(spec.name)
-            if slots is None:
-                raise IncompatibleAdapter(self._unknown_modules_message(where, [spec.name]))
-            target = slots.target
-            if (spec.in_features, spec.out_features) != (target.in_features, target.out_features):
-                raise IncompatibleAdapter(
-                    f"{where} module {spec.name!r} is {spec.in_features}->{spec.out_features} "
-                    f"but the base's is {target.in_features}->{target.out_features}"
-                )
+            spec_routes = self._routes(where, spec)
+            for route in spec_routes:
+                if route.slot_module in filled:
+                    raise IncompatibleAdapter(
+                        f"{where} modules {filled[route.slot_module]!r} and {spec.name!r} both "
+                        f"adapt {route.slot_module!r}"
+                    )
+                filled[route.slot_module] = spec.name
+            routes[spec.name] = spec_routes
             if spec.layers[-1] >= num_layers:
                 raise IncompatibleAdapter(
                     f"{where} module {spec.name!r} adapts layer {spec.layers[-1]} "
@@ -815,31 +840,79 @@ class ResidentEngine:
                     f"{where} module {spec.name!r} has rank {spec.rank}, "
                     f"above this engine's max_rank {self.max_rank}"
                 )
+        return routes
+
+    def _routes(self, where: str, spec: ModuleSpec) -> list[SlotRoute]:
+        """The slot modules ``spec`` fills, checked against their shapes and expert counts."""
+        if spec.num_experts:
+            routes = expert_routes(spec.name, self.experts)
+        else:
+            routes = [SlotRoute(spec.name)] if spec.name in self.pool.modules else None
+        if routes is None:
+            raise IncompatibleAdapter(self._unknown_modules_message(where, [spec.name]))
+        targets = [self.pool.modules[route.slot_module].target for route in routes]
+        base_out = sum(
+            t.out_features if r.rows is None else r.rows[1] - r.rows[0]
+            for r, t in zip(routes, targets, strict=True)
+        )
+        for target in targets:
+            if spec.num_experts != target.num_experts:
+                raise IncompatibleAdapter(
+                    f"{where} module {spec.name!r} has {spec.num_experts} experts "
+                    f"but the base's {target.name!r} has {target.num_experts}"
+                )
+            if (spec.in_features, spec.out_features) != (target.in_features, base_out):
+                raise IncompatibleAdapter(
+                    f"{where} module {spec.name!r} is {spec.in_features}->{spec.out_features} "
+                    f"but the base's is {target.in_features}->{base_out}"
+                )
+        return routes
+
+    def _experts_message(self, where: str, num_experts: int) -> str:
+        held = sorted({e.num_experts for e in self.experts.values()})
+        if not held:
+            return f"{where} is an expert (MoE) adapter; this base has no experts modules to adapt"
+        return (
+            f"{where} adapts {num_experts} experts per layer; this base's experts modules "
+            f"have {', '.join(map(str, held))}"
+        )
 
     def _unknown_modules_message(self, where: str, unknown: Sequence[str]) -> str:
         return (
             f"{where} adapts {', '.join(map(repr, unknown))}, which this engine does not "
-            f"serve (its target modules: {', '.join(sorted(self.pool.modules))})"
+            f"serve (its target modules: {', '.join(self._served_modules())})"
         )
+
+    def _served_modules(self) -> list[str]:
+        dense = [n for n, m in self.pool.modules.items() if not m.target.num_experts]
+        experts = [f"{path} (gate_up_proj, down_proj)" for path in self.experts]
+        return sorted(dense) + experts
 
     def _find_targets(
         self, wanted: Sequence[str] | None
-    ) -> Mapping[str, tuple[TargetModule, torch.Tensor]]:
+    ) -> tuple[Mapping[str, tuple[TargetModule, torch.Tensor]], dict[str, ExpertsTarget]]:
+        """The slot modules to allocate (with a base weight each, for its dtype) and the
+        experts modules among them."""
         first = linear_targets(self._layers[0])
+        first_experts = find_experts(self._layers[0])
         if wanted is None:
-            names = list(first)
+            names, paths = list(first), list(first_experts)
         else:
-            names = []
+            names, paths = [], []
             for want in wanted:
                 found = [n for n in first if n == want or n.endswith("." + want)]
-                if len(found) != 1:
+                found_experts = [p for p in first_experts if p == want or p.endswith("." + want)]
+                if len(found) + len(found_experts) != 1:
                     raise ValueError(
-                        f"target module {want!r} matches {found or 'nothing'} in a decoder layer "
-                        f"(linears: {', '.join(first)})"
+                        f"target module {want!r} matches {found + found_experts or 'nothing'} in "
+                        f"a decoder layer (linears: {', '.join(first)}; experts modules: "
+                        f"{', '.join(first_experts) or 'none'})"
                     )
-                names.append(found[0])
-        if not names:
+                names.extend(found)
+                paths.extend(found_experts)
+        if not names and not paths:
             raise ValueError("the decoder layers have no linear modules to adapt")
+        num_layers = len(self._layers)
         targets: dict[str, tuple[TargetModule, torch.Tensor]] = {}
         for name in names:
             base = first[name]
@@ -847,9 +920,26 @@ class ResidentEngine:
                 other = linear_targets(layer).get(name)
                 if other is None or other.weight.shape != base.weight.shape:
                     raise ValueError(f"layer {index} has no linear {name!r} shaped like layer 0's")
-            target = TargetModule(name, base.in_features, base.out_features, len(self._layers))
+            target = TargetModule(name, base.in_features, base.out_features, num_layers)
             targets[name] = (target, base.weight)
-        return targets
+        experts: dict[str, ExpertsTarget] = {}
+        for path in paths:
+            target_experts = first_experts[path]
+            for index, layer in enumerate(self._layers):
+                if find_experts(layer).get(path) != target_experts:
+                    raise ValueError(
+                        f"layer {index} has no experts module {path!r} shaped like layer 0's"
+                    )
+            experts[path] = target_experts
+            weight = self._layers[0].get_submodule(path).get_parameter("gate_up_proj")
+            for projection in PROJECTIONS:
+                name = target_experts.slot_module(projection)
+                in_features, out_features = target_experts.features(projection)
+                slot_target = TargetModule(
+                    name, in_features, out_features, num_layers, target_experts.num_experts
+                )
+                targets[name] = (slot_target, weight)
+        return targets, experts
 
     # ------------------------------------------------------------------ residency reports
 

@@ -100,7 +100,8 @@ def _plan_module(
     row_scale = torch.tensor([scalings[s] for s in row_slots], dtype=dtype)
     wide_slots = active[-1] + 1
     wide_mask = wide_drop = None
-    if wide_slots <= WIDE_MAX_SLOTS_PER_ROW * rows:
+    # Expert projections always group by (expert, slot) (see ``experts``): no wide path.
+    if not slots.target.num_experts and wide_slots <= WIDE_MAX_SLOTS_PER_ROW * rows:
         mask = torch.zeros(rows, wide_slots, dtype=dtype)
         for row, s in enumerate(row_slots):
             if s < wide_slots and ranks[s]:

@@ -5,7 +5,11 @@ For a target module with ``L`` layers, ``S`` slots and slot rank ``R`` the pool 
 * ``lora_a``  ``[L, S + 1, R, in]``
 * ``lora_bt`` ``[L, S + 1, R, out]`` (``lora_B`` transposed, see ``staging``)
 
-and, on the host, each slot's rank and scale (alpha / r): all a batch plan reads.
+and, on the host, each slot's rank and scale (alpha / r): all a batch plan reads. An expert
+projection of an MoE layer with ``E`` experts (see ``experts``) holds ``[L, E, S + 1, R, in]``
+and ``[L, E, S + 1, R, out]``: expert outside slot, so that one layer's ``(expert, slot)``
+pairs flatten into one axis of ``E * (S + 1)`` LoRA groups, ordered as the forward pass sorts
+its (token, expert) pairs.
 
 Slot ``S`` is the *zero slot*: never written, it is what rows without an adapter gather. Layer
 is the outer axis so that one layer's slots, ``lora_a[l, :k]``, are one contiguous
@@ -30,12 +34,14 @@ from engine_plugin.staging import StagedAdapter, StagedModule, tensor_nbytes
 
 @dataclass(frozen=True)
 class TargetModule:
-    """A linear module adapted in every decoder layer, named by its path inside the layer."""
+    """A linear module adapted in every decoder layer, named by its path inside the layer;
+    ``num_experts`` > 0 for one projection of an MoE experts module (one LoRA per expert)."""
 
     name: str
     in_features: int
     out_features: int
     num_layers: int
+    num_experts: int = 0
 
 
 class ModuleSlots:
@@ -52,7 +58,10 @@ class ModuleSlots:
         self.target = target
         self.num_slots = num_slots
         self.max_rank = max_rank
-        shape = (target.num_layers, num_slots + 1, max_rank)
+        experts = (target.num_experts,) if target.num_experts else ()
+        shape = (target.num_layers, *experts, num_slots + 1, max_rank)
+        #: The axis of ``lora_a``/``lora_bt`` indexing slots (the rank axis once one is selected).
+        self.slot_axis = len(experts) + 1
         self.lora_a = torch.zeros((*shape, target.in_features), dtype=dtype, device=device)
         self.lora_bt = torch.zeros((*shape, target.out_features), dtype=dtype, device=device)
         # Host mirrors, read when planning a batch (no device round trip).
@@ -61,17 +70,18 @@ class ModuleSlots:
         self._all_layers = tuple(range(target.num_layers))
         # Per-slot views made once: indexing with a tuple of slices costs microseconds a call,
         # and attach does little else.
-        self._slot_a = [self.lora_a.select(1, s) for s in range(num_slots + 1)]
-        self._slot_bt = [self.lora_bt.select(1, s) for s in range(num_slots + 1)]
+        self._slot_a = [self.lora_a.select(self.slot_axis, s) for s in range(num_slots + 1)]
+        self._slot_bt = [self.lora_bt.select(self.slot_axis, s) for s in range(num_slots + 1)]
         self._rows_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rows(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``rank`` rows of ``slot``: ``[L, rank, in]`` and ``[L, rank, out]`` views."""
+        """The first ``rank`` rows of ``slot``: ``[L, (E,) rank, in]`` and ``[L, (E,) rank, out]``
+        views."""
         views = self._rows_cache.get((slot, rank))
         if views is None:
             views = (
-                self._slot_a[slot].narrow(1, 0, rank),
-                self._slot_bt[slot].narrow(1, 0, rank),
+                self._slot_a[slot].narrow(self.slot_axis, 0, rank),
+                self._slot_bt[slot].narrow(self.slot_axis, 0, rank),
             )
             self._rows_cache[(slot, rank)] = views
         return views
@@ -96,6 +106,15 @@ class ModuleSlots:
             lora_bt.index_copy_(0, index, staged.lora_bt.to(device, non_blocking=non_blocking))
         self.scalings[slot] = staged.scaling
         return staged.nbytes
+
+    def is_clear(self, slot: int) -> bool:
+        """Whether ``slot`` holds nothing: zero weights, rank and scale."""
+        return (
+            not bool(self._slot_a[slot].any())
+            and not bool(self._slot_bt[slot].any())
+            and self.ranks[slot] == 0
+            and self.scalings[slot] == 0.0
+        )
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` (weights, scale, rank)."""
@@ -154,10 +173,4 @@ class SlotPool:
 
     def is_clear(self, slot: int) -> bool:
         """Whether every tensor of ``slot`` is zero (a check for tests and ``verify``)."""
-        return all(
-            not bool(m.lora_a[:, slot].any())
-            and not bool(m.lora_bt[:, slot].any())
-            and m.ranks[slot] == 0
-            and m.scalings[slot] == 0.0
-            for m in self.modules.values()
-        )
+        return all(m.is_clear(slot) for m in self.modules.values())

@@ -6,7 +6,11 @@ copy per stacked tensor. Two things happen here and nowhere else:
 
 * dtype conversion to the resident base's dtype (a BF16 pack on an fp32 base, say);
 * ``lora_B`` is transposed from the pack's ``[L, out, r]`` to ``[L, r, out]``, because the
-  forward pass multiplies by ``B^T`` with the slots' ranks side by side (see ``layers``).
+  forward pass multiplies by ``B^T`` with the slots' ranks side by side (see ``layers``);
+  expert modules likewise from ``[L, E, out, r]`` to ``[L, E, r, out]``;
+* pack modules are routed to the engine's slot modules (:class:`SlotRoute`): a dense module
+  to itself, an expert module to its projection's slots, a fused ``gate_up_proj`` to gate and
+  up slots with ``lora_B``'s row halves and one shared ``lora_A`` (see ``experts``).
 
 Staged tensors are contiguous, checked finite (a NaN in one slot must never leak into another
 row's result through a masked product), and live in pinned memory when asked, so host-to-device
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,11 +40,23 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 @dataclass(frozen=True)
+class SlotRoute:
+    """Where (part of) a pack module goes: slot module ``slot_module`` takes all of
+    ``lora_A`` and the ``lora_B`` rows (output features) ``rows`` (``(start, stop)``; None for
+    all of them)."""
+
+    slot_module: str
+    rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class StagedModule:
-    """One target module of a staged adapter.
+    """One slot module's part of a staged adapter.
 
     ``lora_a`` is ``[len(layers), rank, in]`` and ``lora_bt`` ``[len(layers), rank, out]``
-    (``lora_B`` transposed). ``scaling`` is what PEFT multiplies ``B @ A`` by.
+    (``lora_B`` transposed), or ``[len(layers), E, rank, in]`` / ``[len(layers), E, rank, out]``
+    for an expert projection. ``scaling`` is what PEFT multiplies ``B @ A`` by. ``name`` is the
+    slot module it fills; ``source`` the pack module it came from.
     """
 
     name: str
@@ -48,6 +65,7 @@ class StagedModule:
     layers: tuple[int, ...]
     lora_a: torch.Tensor
     lora_bt: torch.Tensor
+    source: str = ""
 
     @cached_property
     def nbytes(self) -> int:
@@ -56,7 +74,8 @@ class StagedModule:
 
 @dataclass(frozen=True)
 class StagedAdapter:
-    """A whole revision in host memory, ready to be copied into a slot."""
+    """A whole revision in host memory, ready to be copied into a slot; ``nbytes`` counts each
+    host tensor once (modules routed from one pack module share its ``lora_A``)."""
 
     revision: Revision
     modules: dict[str, StagedModule]
@@ -97,42 +116,66 @@ def _materialize(source: torch.Tensor, dtype: torch.dtype, pin_memory: bool) -> 
     return out
 
 
+def _check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    # max |x| is NaN or inf exactly when some element is; ~10x faster than isfinite().all()
+    if tensor.numel() and not math.isfinite(float(tensor.abs().amax())):
+        raise InvalidPack(f"{what} holds NaN or infinite values (after conversion to {dtype})")
+
+
 def stage_pack(
-    revision: Revision, pack: Pack, *, dtype: torch.dtype, pin_memory: bool = False
+    revision: Revision,
+    pack: Pack,
+    *,
+    dtype: torch.dtype,
+    pin_memory: bool = False,
+    routes: Mapping[str, Sequence[SlotRoute]] | None = None,
 ) -> StagedAdapter:
     """Convert a validated pack into host tensors in slot layout.
 
+    ``routes`` maps pack modules to the slot modules they fill; a module it does not name goes
+    to the slot module of its own name, unless it is an expert module.
+
     Raises:
-        InvalidPack: a tensor holds NaN or infinite values, or the pack has expert modules
-            (the engine has no expert slots).
+        InvalidPack: a tensor holds NaN or infinite values, an expert module has no route,
+            or two routes fill one slot module.
     """
     manifest = pack.manifest
+    where = f"{revision.adapter}@{revision.number}"
     modules: dict[str, StagedModule] = {}
     total = 0
     for spec in manifest.modules:
-        if spec.num_experts:
-            raise InvalidPack(
-                f"module {spec.name!r} of {revision.adapter}@{revision.number} is an expert "
-                "(MoE) LoRA; this engine serves dense adapters only"
-            )
+        spec_routes = routes.get(spec.name) if routes is not None else None
+        if spec_routes is None:
+            if spec.num_experts:
+                raise InvalidPack(
+                    f"module {spec.name!r} of {where} is an expert (MoE) LoRA and no expert "
+                    "slots of this engine take it"
+                )
+            spec_routes = (SlotRoute(spec.name),)
         raw_a, raw_b = (tensor_from_bytes(t) for t in pack.module_tensors(spec.name))
         lora_a = _materialize(raw_a, dtype, pin_memory)
-        lora_bt = _materialize(raw_b.transpose(1, 2), dtype, pin_memory)
-        for label, tensor in (("lora_A", lora_a), ("lora_B", lora_bt)):
-            # max |x| is NaN or inf exactly when some element is; ~10x faster than isfinite().all()
-            if tensor.numel() and not math.isfinite(float(tensor.abs().amax())):
+        _check_finite(lora_a, f"lora_A of module {spec.name!r} in {where}", dtype)
+        total += tensor_nbytes(lora_a)
+        for route in spec_routes:
+            rows = raw_b
+            if route.rows is not None:
+                start, stop = route.rows
+                rows = raw_b.narrow(-2, start, stop - start)
+            lora_bt = _materialize(rows.transpose(-1, -2), dtype, pin_memory)
+            _check_finite(lora_bt, f"lora_B of module {spec.name!r} in {where}", dtype)
+            if route.slot_module in modules:
                 raise InvalidPack(
-                    f"{label} of module {spec.name!r} in {revision.adapter}@{revision.number} "
-                    f"holds NaN or infinite values (after conversion to {dtype})"
+                    f"modules {modules[route.slot_module].source!r} and {spec.name!r} of {where} "
+                    f"both adapt {route.slot_module!r}"
                 )
-        module = StagedModule(
-            name=spec.name,
-            rank=spec.rank,
-            scaling=manifest.scaling(spec.name),
-            layers=spec.layers,
-            lora_a=lora_a,
-            lora_bt=lora_bt,
-        )
-        modules[spec.name] = module
-        total += module.nbytes
+            modules[route.slot_module] = StagedModule(
+                name=route.slot_module,
+                rank=spec.rank,
+                scaling=manifest.scaling(spec.name),
+                layers=spec.layers,
+                lora_a=lora_a,
+                lora_bt=lora_bt,
+                source=spec.name,
+            )
+            total += tensor_nbytes(lora_bt)
     return StagedAdapter(revision=revision, modules=modules, nbytes=total, pinned=pin_memory)
