@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog.cache.pack_cache import PackCache
+from catalog.checkpoint import CheckpointInfo, load_log, verify_checkpoints, write_checkpoint
 from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
 from catalog.errors import (
     CatalogError,
@@ -43,7 +44,6 @@ from catalog.events import (
     blob_key,
     log_key,
     parse_blob_key,
-    parse_log_key,
 )
 from catalog.hints import HintBroker
 from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
@@ -789,6 +789,7 @@ class Catalog:
                 problems.append(f"blob {digest} is referenced but missing from {self.store.url}")
             elif Digest.of(data, digest.algorithm) != digest:
                 problems.append(f"blob {digest} is corrupt in {self.store.url}")
+        problems.extend(verify_checkpoints(self.store))
         if self.pack_cache is not None:
             report = self.pack_cache.verify()
             blobs += report.checked
@@ -807,26 +808,13 @@ class Catalog:
                 yield key, fetched.get(key)
 
     def replay_into(self, index: RevisionIndex) -> int:
-        """Apply the whole durable log to ``index`` (empty) in each adapter's order."""
-        per_adapter: dict[AdapterName, list[Event]] = {}
-        for key, data in self._iter_log_objects():
-            if data is None:
-                raise DataLoss(f"log object {key} vanished during replay")
-            adapter, seq = parse_log_key(key)
-            event = Event.decode(data, key=key)
-            if event.adapter != adapter or event.seq != seq:
-                raise DataLoss(f"log object {key} holds event {event.adapter}#{event.seq}")
-            per_adapter.setdefault(adapter, []).append(event)
-        ordered: list[Event] = []
-        for adapter in sorted(per_adapter):
-            events = sorted(per_adapter[adapter], key=lambda e: e.seq)
-            for expected, event in enumerate(events, start=1):
-                if event.seq != expected:
-                    raise DataLoss(
-                        f"durable log of {adapter} has a gap: event {expected} is missing"
-                    )
-            ordered.extend(events)
-        return index.apply_many(ordered)
+        """Apply the whole durable log to ``index`` (empty) in each adapter's order: the newest
+        valid checkpoint plus the log objects written after it (``catalog.checkpoint``)."""
+        return index.apply_many(load_log(self.store))
+
+    def checkpoint(self, *, keep: int = 2) -> CheckpointInfo:
+        """Write a log checkpoint so the next rebuild reads one object plus the tail."""
+        return write_checkpoint(self.store, keep=keep)
 
     def reindex(self) -> tuple[int, int, int, float]:
         """Rebuild the index from the durable tier alone and swap it in.

@@ -430,6 +430,27 @@ def reindex(server: str, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option(
+    "--keep", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints kept."
+)
+@server_option
+@json_option
+def checkpoint(keep: int, server: str, as_json: bool) -> None:
+    """Fold the durable log into a checkpoint so the next reindex reads it plus the tail."""
+    with connect(server) as client:
+        result = client.checkpoint(keep=keep)
+    if as_json:
+        emit_json(result)
+    elif result["written"]:
+        click.echo(
+            f"wrote {result['name']}: {result['events']} event(s) ({result['new_events']} new), "
+            f"{format_bytes(result['size_bytes'])} in {result['seconds']:.2f}s"
+        )
+    else:
+        click.echo(f"nothing new since {result['previous'] or result['name']}")
+
+
+@cli.command()
 @server_option
 @json_option
 def stats(server: str, as_json: bool) -> None:

@@ -322,6 +322,14 @@ class CatalogClient:
             "seconds": response.seconds,
         }
 
+    def checkpoint(self, *, keep: int = 0, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        """Fold the durable log into a checkpoint (``keep``: how many to keep; 0 = default)."""
+        with translated(self.target):
+            response = self._stub.Checkpoint(pb.CheckpointRequest(keep=keep), timeout=timeout)
+        return {
+            field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields
+        } | {"pruned": list(response.pruned)}
+
     # -- the NVMe tier -----------------------------------------------------------------------
 
     def prefetch(

@@ -217,6 +217,11 @@ class CatalogServicer(pb_grpc.CatalogServicer):
                 at=hint.at,
             )
 
+    def Checkpoint(
+        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.CheckpointResponse:
+        return pb.CheckpointResponse(**self.catalog.checkpoint(keep=request.keep or 2).to_json())
+
     def RegisterEngine(
         self, request: pb.RegisterEngineRequest, context: grpc.ServicerContext
     ) -> pb.RegisterEngineResponse:

@@ -297,3 +297,18 @@ def test_pushed_pack_is_a_valid_pack(packs):
     pack = read_pack(packs["all-r8"])
     assert pack.manifest.rank == 8
     assert len(pack.manifest.modules) == 7
+
+
+def test_checkpoint_then_reindex_reproduces_listing(client, packs):
+    client.push("acme/cp", packs["qv-r4"], aliases=["serving"])
+    client.push("acme/cp", packs["all-r8"])
+    first = client.checkpoint()
+    assert first["written"] and first["events"] == 3
+    client.push("beta/cp", packs["down-r2"])  # the tail after the checkpoint
+    before = [s.to_json() for s in client.iter_adapters()]
+    assert client.reindex()["events"] == 4
+    assert [s.to_json() for s in client.iter_adapters()] == before
+    again = client.checkpoint()
+    assert again["written"] and again["new_events"] == 1 and again["previous"] == first["name"]
+    assert client.checkpoint()["written"] is False
+    assert client.verify()["problems"] == []

@@ -1217,3 +1217,70 @@ class Hint(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hint: _TypeAlias = Hint  # noqa: Y015
+
+@_typing.final
+class CheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEEP_FIELD_NUMBER: _builtins.int
+    keep: _builtins.int
+    def __init__(
+        self,
+        *,
+        keep: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep", b"keep"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointRequest: _TypeAlias = CheckpointRequest  # noqa: Y015
+
+@_typing.final
+class CheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WRITTEN_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    NEW_EVENTS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    RAW_BYTES_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    PRUNED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    written: _builtins.bool
+    """false: nothing new since the previous checkpoint"""
+    events: _builtins.int
+    adapters: _builtins.int
+    new_events: _builtins.int
+    size_bytes: _builtins.int
+    raw_bytes: _builtins.int
+    seconds: _builtins.float
+    previous: _builtins.str
+    @_builtins.property
+    def pruned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        written: _builtins.bool = ...,
+        events: _builtins.int = ...,
+        adapters: _builtins.int = ...,
+        new_events: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        raw_bytes: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        previous: _builtins.str = ...,
+        pruned: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "events", b"events", "name", b"name", "new_events", b"new_events", "previous", b"previous", "pruned", b"pruned", "raw_bytes", b"raw_bytes", "seconds", b"seconds", "size_bytes", b"size_bytes", "written", b"written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointResponse: _TypeAlias = CheckpointResponse  # noqa: Y015

@@ -104,6 +104,11 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ReindexRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.ReindexResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/loracat.v1.Catalog/Checkpoint',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
         self.Prefetch = channel.unary_stream(
                 '/loracat.v1.Catalog/Prefetch',
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.PrefetchRequest.SerializeToString,
@@ -239,6 +244,13 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Fold the durable log into one checkpoint object so a rebuild reads it plus the tail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Prefetch(self, request, context):
         """The NVMe tier.
         Warm the NVMe tier for a set of references; one progress message per reference, as each
@@ -365,6 +377,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.Reindex,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ReindexRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.ReindexResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.CheckpointRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.CheckpointResponse.SerializeToString,
             ),
             'Prefetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefetch,
@@ -785,6 +802,33 @@ class Catalog:
             '/loracat.v1.Catalog/Reindex',
             loracat_dot_v1_dot_catalog__pb2.ReindexRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.ReindexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/Checkpoint',
+            loracat_dot_v1_dot_catalog__pb2.CheckpointRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,8 @@ class CatalogStub:
     """Administration."""
     Verify: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.VerifyRequest, _catalog_pb2.VerifyResponse]
     Reindex: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReindexRequest, _catalog_pb2.ReindexResponse]
+    Checkpoint: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.CheckpointRequest, _catalog_pb2.CheckpointResponse]
+    """Fold the durable log into one checkpoint object so a rebuild reads it plus the tail."""
     Prefetch: _grpc.UnaryStreamMultiCallable[_catalog_pb2.PrefetchRequest, _catalog_pb2.PrefetchProgress]
     """The NVMe tier.
     Warm the NVMe tier for a set of references; one progress message per reference, as each
@@ -101,6 +103,8 @@ class CatalogAsyncStub(CatalogStub):
     """Administration."""
     Verify: _aio.UnaryUnaryMultiCallable[_catalog_pb2.VerifyRequest, _catalog_pb2.VerifyResponse]  # type: ignore[assignment]
     Reindex: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReindexRequest, _catalog_pb2.ReindexResponse]  # type: ignore[assignment]
+    Checkpoint: _aio.UnaryUnaryMultiCallable[_catalog_pb2.CheckpointRequest, _catalog_pb2.CheckpointResponse]  # type: ignore[assignment]
+    """Fold the durable log into one checkpoint object so a rebuild reads it plus the tail."""
     Prefetch: _aio.UnaryStreamMultiCallable[_catalog_pb2.PrefetchRequest, _catalog_pb2.PrefetchProgress]  # type: ignore[assignment]
     """The NVMe tier.
     Warm the NVMe tier for a set of references; one progress message per reference, as each
@@ -221,6 +225,14 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.ReindexRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ReindexResponse, _abc.Awaitable[_catalog_pb2.ReindexResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Checkpoint(
+        self,
+        request: _catalog_pb2.CheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.CheckpointResponse, _abc.Awaitable[_catalog_pb2.CheckpointResponse]]:
+        """Fold the durable log into one checkpoint object so a rebuild reads it plus the tail."""
 
     @_abc_1.abstractmethod
     def Prefetch(
