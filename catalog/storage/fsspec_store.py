@@ -546,6 +546,9 @@ def _new_session(profile: str | None) -> Any:
         _botocore_models = create_loader()
     session = AioSession(profile=profile)
     session.register_component("data_loader", _botocore_models)
+    # Listings spend most of their client CPU parsing every key's LastModified into a datetime;
+    # nothing here reads it, so keep timestamps as strings (1.7x faster listing of the log).
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     return session
 
 
