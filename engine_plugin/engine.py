@@ -758,7 +758,13 @@ class ResidentEngine:
             pack = read_pack(data)
             routes = self._check_manifest(revision, pack.manifest)
             staged = stage_pack(
-                revision, pack, dtype=self.dtype, pin_memory=self._pin_host, routes=routes
+                revision,
+                pack,
+                dtype=self.dtype,
+                pin_memory=self._pin_host,
+                routes=routes,
+                # A source's read-only buffer is the immutable pack (PackSource's contract).
+                borrow=memoryview(data).readonly,
             )
             staged_at = time.perf_counter()
         except BaseException as exc:

@@ -24,7 +24,11 @@ class PackSource(Protocol):
         """The revision ``ref`` names now. Raises ``NotFound``, ``InvalidReference``."""
 
     def fetch(self, ref: Ref | Revision | str) -> bytes:
-        """The verified pack bytes. Raises ``NotFound``, ``DataLoss``."""
+        """The verified pack bytes. Raises ``NotFound``, ``DataLoss``.
+
+        Any contiguous buffer will do (a read-only map of a cached pack file, say). A read-only
+        buffer must never change afterwards: the engine may keep views into it instead of
+        copying (see ``staging``)."""
 
 
 @runtime_checkable

@@ -463,3 +463,81 @@ def test_rank_above_max_rank_is_refused_per_projection(mixtral: MoeArch) -> None
     with pytest.raises(IncompatibleAdapter, match="rank 8, above this engine's max_rank 4"):
         engine.attach("t/fused-qv-r8")
     engine.attach("t/fused-r4")  # rank 4 per projection fits rank-4 slots
+
+
+# ---------------------------------------------------------------- the batched op on its own
+
+
+def test_expert_deltas_equal_a_per_pair_loop() -> None:
+    """MultiLoRAExperts against the definition, one (token, expert) pair at a time: slots of
+    different ranks, a slot adapting only down_proj, an empty slot and base rows."""
+    from engine_plugin.experts import PROJECTIONS, find_experts
+    from engine_plugin.layers import BatchContext, plan_batch
+    from engine_plugin.slots import SlotPool, TargetModule
+    from engine_plugin.staging import StagedAdapter, StagedModule
+    from tests.engine.test_units import revision
+
+    torch.manual_seed(0)
+    model = factories.build_model(factories.tiny_mixtral_config(num_local_experts=5))
+    layer = model.model.layers[1]
+    target = find_experts(layer)["mlp.experts"]
+    experts = layer.mlp.experts
+    targets = {}
+    for projection in PROJECTIONS:
+        name = target.slot_module(projection)
+        targets[name] = TargetModule(name, *target.features(projection), 2, target.num_experts)
+    pool = SlotPool(targets, 3, 4, torch.float32, torch.device("cpu"))
+
+    def staged(n: int, rank: int, projections: tuple[str, ...], scaling: float) -> StagedAdapter:
+        modules = {}
+        for projection in projections:
+            name = target.slot_module(projection)
+            fan_in, fan_out = target.features(projection)
+            modules[name] = StagedModule(
+                name=name,
+                rank=rank,
+                scaling=scaling,
+                layers=(1,),
+                lora_a=torch.randn(1, 5, rank, fan_in),
+                lora_bt=torch.randn(1, 5, rank, fan_out),
+            )
+        return StagedAdapter(revision(n), modules, 0, pinned=False)
+
+    pool.write(0, staged(1, 4, PROJECTIONS, 0.5))
+    pool.write(2, staged(2, 2, ("down_proj",), 2.0))
+    context = BatchContext()
+    slots = [pool.modules[target.slot_module(p)] for p in PROJECTIONS]
+    wrapped = MultiLoRAExperts(experts, target, slots, 1, context)
+    row_slots = (2, pool.zero_slot, 0, 1, 0)
+    tokens = 3
+    hidden = torch.randn(len(row_slots) * tokens, target.hidden)
+    top_k = torch.stack([torch.randperm(5)[:2] for _ in range(hidden.shape[0])])
+    weights = torch.softmax(torch.randn(hidden.shape[0], 2), dim=-1)
+    context.plan = plan_batch(pool, row_slots)
+    with torch.no_grad():
+        got = wrapped(hidden, top_k, weights)
+
+    def delta(slots_of: Any, slot: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        a, bt = slots_of.lora_a[1, expert, slot], slots_of.lora_bt[1, expert, slot]
+        return slots_of.scalings[slot] * (x @ a.t()) @ bt
+
+    gate_slots, up_slots, down_slots = slots
+    inter = target.intermediate
+    expected = torch.zeros_like(hidden)
+    with torch.no_grad():
+        for t in range(hidden.shape[0]):
+            slot = row_slots[t // tokens]
+            x = hidden[t]
+            for k in range(2):
+                e = int(top_k[t, k])
+                gate_up = x @ experts.gate_up_proj[e].t()
+                gate = gate_up[:inter] + delta(gate_slots, slot, e, x)
+                up = gate_up[inter:] + delta(up_slots, slot, e, x)
+                h = experts.act_fn(gate) * up
+                y = h @ experts.down_proj[e].t() + delta(down_slots, slot, e, h)
+                expected[t] += weights[t, k] * y
+        base = experts(hidden, top_k, weights)
+    assert rel_err(got, expected) <= 1e-6
+    base_rows = [t for t in range(hidden.shape[0]) if row_slots[t // tokens] in (1, 3)]
+    assert rel_err(got[base_rows], base[base_rows]) <= 1e-6
+    assert (got - base).abs().amax() > 1e-2

@@ -175,3 +175,46 @@ def test_multi_lora_linear_without_plan_is_the_base() -> None:
     x = torch.randn(2, 3, 5)
     assert torch.equal(layer(x), base(x))
     assert layer.weight is base.weight
+
+
+def _address_range(buffer: bytes) -> tuple[int, int]:
+    import numpy as np
+
+    start = int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)
+    return start, start + len(buffer)
+
+
+@pytest.mark.parametrize("borrow", [True, False])
+def test_staging_borrows_lora_a_only_from_read_only_bytes(borrow: bool) -> None:
+    """Borrowed ``lora_A`` views the pack's own bytes (no host allocation); ``lora_B`` is always
+    a contiguous transposed copy, so attach copies stay plain memcpys."""
+    from catalog.pack import ModuleSpec, PackManifest, TensorBytes, read_pack, write_pack
+    from engine_plugin.staging import stage_pack
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 6, 3, generator=gen)
+    manifest = PackManifest(
+        base_id="b",
+        rank=3,
+        alpha=6.0,
+        dtype="F32",
+        use_rslora=False,
+        num_layers=2,
+        num_experts=0,
+        modules=(ModuleSpec("m", 5, 6, 3, 6.0, (0, 1)),),
+        source={},
+    )
+    tensors = {
+        f"layers.m.lora_{side}": TensorBytes("F32", tuple(t.shape), memoryview(t.numpy().tobytes()))
+        for side, t in (("A", a), ("B", b))
+    }
+    data = write_pack(manifest, tensors)
+    staged = stage_pack(revision(1), read_pack(data), dtype=torch.float32, borrow=borrow)
+    m = staged.modules["m"]
+    assert torch.equal(m.lora_a, a) and torch.equal(m.lora_bt, b.transpose(1, 2))
+    assert m.lora_bt.is_contiguous()
+    low, high = _address_range(data)
+    assert (low <= m.lora_a.data_ptr() < high) == borrow
+    assert not low <= m.lora_bt.data_ptr() < high
+    converted = stage_pack(revision(1), read_pack(data), dtype=torch.bfloat16, borrow=True)
+    assert not low <= converted.modules["m"].lora_a.data_ptr() < high
