@@ -541,3 +541,58 @@ def test_expert_deltas_equal_a_per_pair_loop() -> None:
     base_rows = [t for t in range(hidden.shape[0]) if row_slots[t // tokens] in (1, 3)]
     assert rel_err(got[base_rows], base[base_rows]) <= 1e-6
     assert (got - base).abs().amax() > 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_mixed_batch_on_cuda(mixtral: MoeArch, dtype: torch.dtype, tolerance: float) -> None:
+    """Grouped matmuls on the GPU (bf16: the grouped GEMM kernels), prefill and decode."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine = ResidentEngine(
+        copy.deepcopy(mixtral.base).to(dtype),
+        catalog=mixtral.source(),
+        num_slots=7,
+        max_rank=8,
+        base_id=mixtral.base_id,
+        device="cuda",
+    )
+    ids = make_ids(len(MIXED), 7, seed=41)
+    prompt = engine.forward(ids[:, :6].cuda(), MIXED, use_cache=True)
+    step = engine.forward(ids[:, 6:].cuda(), MIXED, past_key_values=prompt.past_key_values)
+    for row, adapter in enumerate(MIXED):
+        expected = mixtral.reference_logits(adapter, ids[row : row + 1])[0]
+        got_prompt, got_step = prompt.logits[row].float(), step.logits[row, -1].float()
+        assert rel_err(got_prompt.cpu(), expected[:6]) <= tolerance, (row, adapter)
+        assert rel_err(got_step.cpu(), expected[-1]) <= tolerance, (row, adapter)
+
+
+def test_moe_packs_over_grpc_with_prefetch_and_hot_swap(mixtral: MoeArch, tmp_path: Path) -> None:
+    """MoE packs through a real catalog server: prefetch, attach, a hot swap of ``serving``
+    from the fused layout to a per-expert one, residency reported."""
+    from tests.servers import running_catalog
+
+    with running_catalog(tmp_path / "root") as served, served.client() as client:
+        client.push("t/moe", mixtral.packs["t/fused-r4"], aliases=("serving",))
+        client.push("t/other", mixtral.packs["t/gate-up-down"])
+        engine = ResidentEngine(
+            copy.deepcopy(mixtral.base),
+            catalog=client,
+            num_slots=2,
+            max_rank=8,
+            base_id=mixtral.base_id,
+        )
+        with engine:
+            assert engine.prefetch(["t/other"])[0].result(timeout=60).number == 1
+            ids = make_ids(2, 6, seed=51)
+            logits = engine.forward(ids, ["t/moe@serving", "t/other"]).logits
+            check_rows(mixtral, logits, ids, ["t/fused-r4", "t/gate-up-down"])
+
+            client.push("t/moe", mixtral.packs["t/w123-q"])
+            client.set_alias("t/moe", "serving", 2, expected=1)
+            engine.attach("t/moe@serving")
+            logits = engine.forward(ids, ["t/moe@serving", None]).logits
+            check_rows(mixtral, logits, ids, ["t/w123-q", None])
+            engine.flush_reports()
+            (record,) = [e for e in served.catalog.engines() if e.engine_id == engine.engine_id]
+            assert record.gpu == {r["digest"] for r in engine.stats()["resident"]}
+            assert str(client.resolve("t/moe@serving").digest) in record.gpu
