@@ -115,9 +115,10 @@ class MoeArch:
 
 def per_expert_model(base: Any, naming: str) -> Any:
     """:func:`factories.per_expert_moe_model` as a transformers 4 era model: PEFT 0.21 rewrites
-    per-expert targets (``w1``..., ``gate_proj``...) into fused ``target_parameters`` for
-    ``model_type`` mixtral and qwen2_moe, which a per-expert model does not have; under another
-    model type PEFT adapts, saves and loads the per-expert linears as it did on transformers 4."""
+    the per-expert targets ``w1``/``w2``/``w3`` into fused ``target_parameters`` when the model
+    type is ``mixtral`` (when it makes and when it loads an adapter), and a per-expert model has
+    no fused parameters; under another model type PEFT adapts, saves and loads the per-expert
+    linears as it did on transformers 4."""
     model = factories.per_expert_moe_model(base, naming)
     model.config.model_type = f"per-expert-{model.config.model_type}"
     return model
