@@ -158,7 +158,11 @@ def segment_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> tor
 class MultiLoRAExperts(nn.Module):
     """A fused experts module plus the LoRA slots of its three projections in one layer.
 
+    ``slots`` are the gate, up and down projections' slots, in that order (``PROJECTIONS``).
     Behaves exactly like the base module when no row of the current batch adapts it.
+
+    Raises (from forward):
+        ValueError: the routed tokens do not split evenly into the batch plan's rows.
     """
 
     def __init__(
