@@ -54,6 +54,8 @@ from bench.bench_mixed_batch import (
     write_peft_adapter,
 )
 from bench.common import print_table, write_results
+from catalog.storage import open_store
+from catalog.testing.seaweedfs import SeaweedFS
 
 RANKS = (1, 16, 64)
 BUCKET = "loracat-bench"
@@ -226,6 +228,100 @@ def summarize(result: dict[str, Any], export_full_s: float, ckpt_bytes: int) -> 
     return {"full": full, "adapter": adapters}
 
 
+HANDOFF_COLUMNS = [
+    "setting",
+    "path",
+    "MiB",
+    "export ms",
+    "transfer ms",
+    "copy ms",
+    "total ms",
+    "speedup",
+    "bytes ratio",
+]
+
+
+def run_settings(
+    which: list[str],
+    name: str,
+    base: Any,
+    checkpoint: bytes,
+    adapter_dirs: dict[int, list[Path]],
+    root: Path,
+    warmup: int,
+    export_full_s: float,
+) -> dict[str, Any]:
+    """Both settings of the handoff: over SeaweedFS S3 (started here) and colocated."""
+    settings: dict[str, Any] = {}
+    if "s3" in which:
+        with SeaweedFS() as s3:
+            s3.create_bucket(BUCKET)
+            os.environ.update(s3.env())
+            prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+            store = open_store(f"s3://{BUCKET}/{prefix}-checkpoints")
+            raw = run_setting(
+                "s3",
+                f"s3://{BUCKET}/{prefix}-catalog",
+                store,
+                base,
+                checkpoint,
+                adapter_dirs,
+                root,
+                warmup,
+            )
+            store.close()
+        settings["s3"] = {"raw": raw, **summarize(raw, export_full_s, len(checkpoint))}
+    if "colocated" in which:
+        store = open_store((root / "checkpoints").as_uri(), fsync=False)
+        raw = run_setting(
+            "colocated",
+            (root / "catalog-store").as_uri(),
+            store,
+            base,
+            checkpoint,
+            adapter_dirs,
+            root,
+            warmup,
+        )
+        settings["colocated"] = {"raw": raw, **summarize(raw, export_full_s, len(checkpoint))}
+    return settings
+
+
+def handoff_rows(settings: dict[str, Any]) -> list[list[Any]]:
+    """One table row for the full path and one per adapter rank, per setting."""
+    table = []
+    for label, summary in settings.items():
+        full = summary["full"]
+        table.append(
+            [
+                label,
+                "full",
+                full["bytes"] / 2**20,
+                full["export_s"] * 1e3,
+                full["transfer_s"] * 1e3,
+                full["copy_s"] * 1e3,
+                full["total_s"] * 1e3,
+                1.0,
+                1.0,
+            ]
+        )
+        for rank, adapter in summary["adapter"].items():
+            table.append(
+                [
+                    label,
+                    f"adapter r{rank}",
+                    adapter["bytes"] / 2**20,
+                    adapter["export_s"] * 1e3,
+                    adapter["transfer_s"] * 1e3,
+                    adapter["copy_s"] * 1e3,
+                    adapter["total_s"] * 1e3,
+                    adapter["ratio"],
+                    adapter["bytes_ratio"],
+                ]
+            )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -238,8 +334,6 @@ def main() -> None:
 
     from safetensors.torch import save
 
-    from catalog.storage import open_store
-    from catalog.testing.seaweedfs import SeaweedFS
 
     config = qwen2_05b_config(args.small)
     print(f"building the base ({config.num_hidden_layers} layers, bf16) ...", flush=True)
@@ -271,83 +365,14 @@ def main() -> None:
         flush=True,
     )
 
-    settings: dict[str, Any] = {}
-    if "s3" in args.settings:
-        with SeaweedFS() as s3:
-            s3.create_bucket(BUCKET)
-            os.environ.update(s3.env())
-            prefix = f"handoff-{uuid.uuid4().hex[:8]}"
-            store = open_store(f"s3://{BUCKET}/{prefix}-checkpoints")
-            raw = run_setting(
-                "s3",
-                f"s3://{BUCKET}/{prefix}-catalog",
-                store,
-                base,
-                checkpoint,
-                adapter_dirs,
-                root,
-                args.warmup,
-            )
-            store.close()
-        settings["s3"] = {"raw": raw, **summarize(raw, export_full_s, len(checkpoint))}
-    if "colocated" in args.settings:
-        store = open_store((root / "checkpoints").as_uri(), fsync=False)
-        raw = run_setting(
-            "colocated",
-            (root / "catalog-store").as_uri(),
-            store,
-            base,
-            checkpoint,
-            adapter_dirs,
-            root,
-            args.warmup,
-        )
-        settings["colocated"] = {"raw": raw, **summarize(raw, export_full_s, len(checkpoint))}
-
-    table = []
-    for label, summary in settings.items():
-        full = summary["full"]
-        table.append(
-            [
-                label,
-                "full",
-                full["bytes"] / 2**20,
-                full["export_s"] * 1e3,
-                full["transfer_s"] * 1e3,
-                full["copy_s"] * 1e3,
-                full["total_s"] * 1e3,
-                1.0,
-                1.0,
-            ]
-        )
-        for rank, adapter in summary["adapter"].items():
-            table.append(
-                [
-                    label,
-                    f"adapter r{rank}",
-                    adapter["bytes"] / 2**20,
-                    adapter["export_s"] * 1e3,
-                    adapter["transfer_s"] * 1e3,
-                    adapter["copy_s"] * 1e3,
-                    adapter["total_s"] * 1e3,
-                    adapter["ratio"],
-                    adapter["bytes_ratio"],
-                ]
-            )
+    settings = run_settings(
+        args.settings, "handoff", base, checkpoint, adapter_dirs, root, args.warmup, export_full_s
+    )
+    table = handoff_rows(settings)
     print_table(
         f"handoff: trainer has a revision -> engine serves it ({config.num_hidden_layers} layers, "
         f"bf16, medians of {args.runs})",
-        [
-            "setting",
-            "path",
-            "MiB",
-            "export ms",
-            "transfer ms",
-            "copy ms",
-            "total ms",
-            "speedup",
-            "bytes ratio",
-        ],
+        HANDOFF_COLUMNS,
         table,
     )
     floors = {}

@@ -21,11 +21,9 @@ dense model, and none is set for MoE.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.bench_handoff import BUCKET, RANKS, run_setting, summarize, timed
+from bench.bench_handoff import HANDOFF_COLUMNS, RANKS, handoff_rows, run_settings, timed
 from bench.common import print_table, write_results
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -152,8 +150,6 @@ def main() -> None:
 
     from bench.bench_mixed_batch import BASE_ID
     from catalog.pack import import_peft_dir
-    from catalog.storage import open_store
-    from catalog.testing.seaweedfs import SeaweedFS
 
     config = moe_config(args.small)
     print(
@@ -184,84 +180,22 @@ def main() -> None:
         flush=True,
     )
 
-    settings: dict[str, Any] = {}
-    if "s3" in args.settings:
-        with SeaweedFS() as s3:
-            s3.create_bucket(BUCKET)
-            os.environ.update(s3.env())
-            prefix = f"moe-handoff-{uuid.uuid4().hex[:8]}"
-            store = open_store(f"s3://{BUCKET}/{prefix}-checkpoints")
-            raw = run_setting(
-                "s3",
-                f"s3://{BUCKET}/{prefix}-catalog",
-                store,
-                base,
-                checkpoint,
-                adapter_dirs,
-                root,
-                args.warmup,
-            )
-            store.close()
-        settings["s3"] = {"raw": raw, **summarize(raw, export_full_s, len(checkpoint))}
-    if "colocated" in args.settings:
-        store = open_store((root / "checkpoints").as_uri(), fsync=False)
-        raw = run_setting(
-            "colocated",
-            (root / "catalog-store").as_uri(),
-            store,
-            base,
-            checkpoint,
-            adapter_dirs,
-            root,
-            args.warmup,
-        )
-        settings["colocated"] = {"raw": raw, **summarize(raw, export_full_s, len(checkpoint))}
-
-    table = []
-    for label, summary in settings.items():
-        full = summary["full"]
-        table.append(
-            [
-                label,
-                "full",
-                full["bytes"] / 2**20,
-                full["export_s"] * 1e3,
-                full["transfer_s"] * 1e3,
-                full["copy_s"] * 1e3,
-                full["total_s"] * 1e3,
-                1.0,
-                1.0,
-            ]
-        )
-        for rank, adapter in summary["adapter"].items():
-            table.append(
-                [
-                    label,
-                    f"adapter r{rank}",
-                    adapter["bytes"] / 2**20,
-                    adapter["export_s"] * 1e3,
-                    adapter["transfer_s"] * 1e3,
-                    adapter["copy_s"] * 1e3,
-                    adapter["total_s"] * 1e3,
-                    adapter["ratio"],
-                    adapter["bytes_ratio"],
-                ]
-            )
+    settings = run_settings(
+        args.settings,
+        "moe-handoff",
+        base,
+        checkpoint,
+        adapter_dirs,
+        root,
+        args.warmup,
+        export_full_s,
+    )
+    table = handoff_rows(settings)
     print_table(
         f"MoE handoff: trainer has a revision -> engine serves it ({config.num_hidden_layers} "
         f"layers, {config.num_local_experts} experts, {parameters / 1e6:.0f}M parameters, bf16, "
         f"medians of {args.runs})",
-        [
-            "setting",
-            "path",
-            "MiB",
-            "export ms",
-            "transfer ms",
-            "copy ms",
-            "total ms",
-            "speedup",
-            "bytes ratio",
-        ],
+        HANDOFF_COLUMNS,
         table,
     )
     write_results(
