@@ -22,6 +22,7 @@ from catalog.client import CatalogClient
 from catalog.pack.synthetic import random_pack
 from catalog.service.server import create_server, open_catalog
 from engine_plugin.engine import ResidentEngine
+from engine_plugin.hints import HintFollower
 
 BASE_ID = "loracat-demo/qwen2-tiny"
 TARGET_CHOICES = (
@@ -122,6 +123,8 @@ def run_demo(
         engine = ResidentEngine(
             model, catalog=client, num_slots=num_slots, max_rank=16, base_id=BASE_ID
         )
+        # The engine follows the catalog's hints: moving `serving` is a deployment wave.
+        follower = HintFollower(engine, client)
         wave_size = max(1, num_slots - 2)
         say(
             f"engine:  {num_slots} slots x rank 16 on {engine.device}; "
@@ -167,13 +170,15 @@ def run_demo(
         )
         new = client.push(target, pack).revision
         client.set_alias(target, "serving", new.number, expected=old.number)
-        attached = engine.attach(f"{target}@serving")
+        by_hint = follower.wait_for(1, 10.0)
+        attached = engine.attach(f"{target}@serving")  # a no-op when the hint already did it
         ids = torch.randint(0, 2048, (2, 16))
         out = engine.forward(ids, adapters=[f"{target}@{old.number}", f"{target}@serving"]).logits
         differs = not torch.allclose(out[0], out[1])
         say(
-            f"\nhot swap: {target} serving {old.number} -> {attached.number}; rows on the old and "
-            f"new revision in one batch differ: {differs}"
+            f"\nhot swap: {target} serving {old.number} -> {attached.number} "
+            f"({'attached on the catalog hint' if by_hint else 'attached on demand'}); rows on "
+            f"the old and new revision in one batch differ: {differs}"
         )
         rollback = client.rollback(target, "serving")
         say(f"rollback: {target}@serving {rollback.previous} -> {rollback.revision}")
@@ -182,6 +187,7 @@ def run_demo(
         stats = engine.stats()
         catalog_stats = client.stats()
         durable_objects = sum(1 for _ in catalog.store.list(""))
+        nvme = next((t for t in catalog_stats["tiers"] if t["tier"] == "nvme"), {})
         say("\ntiers:")
         table(
             ["tier", "entries", "bytes", "hits", "misses", "evictions"],
@@ -193,6 +199,14 @@ def run_demo(
                     "-",
                     "-",
                     "-",
+                ],
+                [
+                    "nvme (pack cache)",
+                    nvme.get("entries", 0),
+                    f"{nvme.get('bytes', 0) / 2**20:.1f} MiB",
+                    nvme.get("hits", 0),
+                    nvme.get("misses", 0),
+                    nvme.get("evictions", 0),
                 ],
                 [
                     "nvme (LMDB index)",
@@ -227,6 +241,7 @@ def run_demo(
             f"reporting {reported.get('gpu', 0)} packs in GPU slots and "
             f"{reported.get('host', 0)} in host memory"
         )
+        follower.close()
         engine.close()
         client.close()
         return {"engine": stats, "catalog": catalog_stats}
