@@ -333,3 +333,26 @@ def test_parallel_ranged_fetch_of_a_large_pack(client, packs):
         sync.MIN_PARALLEL_RANGE = original
     assert got == data and got_rev.digest == rev.digest
     assert len(seen) == 4 and seen[-1] == (len(data), len(data))
+
+
+def test_health_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(served.address)
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = health.Check(
+            health_pb2.HealthCheckRequest(service="loracat.v1.Catalog"), timeout=5
+        )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [response] = list(
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+        )
+        names = {s.name for s in response.list_services_response.service}
+        assert "loracat.v1.Catalog" in names and "grpc.health.v1.Health" in names
+    finally:
+        channel.close()
