@@ -187,7 +187,7 @@ def run_demo(
         stats = engine.stats()
         catalog_stats = client.stats()
         durable_objects = sum(1 for _ in catalog.store.list(""))
-        nvme = next((t for t in catalog_stats["tiers"] if t["tier"] == "nvme"), {})
+        nvme: dict[str, Any] = next((t for t in catalog_stats["tiers"] if t["tier"] == "nvme"), {})
         say("\ntiers:")
         table(
             ["tier", "entries", "bytes", "hits", "misses", "evictions"],

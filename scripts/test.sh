@@ -8,4 +8,5 @@ marker=(-m "not slow")
 if [ "${CI:-}" = "true" ]; then marker=(); fi
 if [ "${1:-}" = "--all" ]; then marker=(); shift; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest "${marker[@]}" "$@"

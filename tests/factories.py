@@ -1,4 +1,4 @@
-"""Real models and real PEFT adapters for tests, built from small configs (nothing is downloaded)."""
+"""Real models and real PEFT adapters for tests, built from small configs (nothing downloaded)."""
 
 from __future__ import annotations
 
