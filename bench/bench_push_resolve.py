@@ -41,6 +41,13 @@ def start(args: list[str], ready_line: str | None = None) -> subprocess.Popen[by
     return proc
 
 
+def serve_root(root: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """`loracat serve` on ``root`` as a child process, returned once it says it is serving."""
+    return start(
+        [*loracat_command(), "serve", "--root", str(root), "--port", str(port), *options], "serving"
+    )
+
+
 def run_timed(op: Callable[[int], None], count: int, concurrency: int) -> tuple[float, list[float]]:
     """Run ``op(i)`` for i in range(count) on ``concurrency`` threads; (seconds, latencies)."""
     latencies: list[float] = [0.0] * count
@@ -73,10 +80,7 @@ def main() -> None:
 
     root = args.root or Path(tempfile.mkdtemp(prefix="loracat-bench-"))
     port, echo_port = free_port(), free_port()
-    server = start(
-        [*loracat_command(), "serve", "--root", str(root / "catalog"), "--port", str(port)],
-        "serving",
-    )
+    server = serve_root(root / "catalog", port)
     echo = start(
         [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)], "ready"
     )

@@ -34,7 +34,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_index import log as synthetic_log
-from bench.bench_push_resolve import run_timed, start
+from bench.bench_push_resolve import run_timed, serve_root, start
 from bench.common import print_table, summarize, write_results
 from bench.echo_server import ECHO_METHOD
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
@@ -47,7 +47,7 @@ from catalog.pack import read_pack
 from catalog.pack.synthetic import random_pack
 from catalog.storage.base import BlobStore
 from catalog.storage.local import LocalDirStore
-from tests.servers import free_port, loracat_command
+from tests.servers import free_port
 
 SHARED_PACKS = 32
 
@@ -182,19 +182,7 @@ def main() -> None:
 
         # 4. over gRPC, beside echo
         port, echo_port = free_port(), free_port()
-        server = start(
-            [
-                *loracat_command(),
-                "serve",
-                "--root",
-                str(root),
-                "--port",
-                str(port),
-                "--cache-bytes",
-                "0",
-            ],
-            "serving",
-        )
+        server = serve_root(root, port, "--cache-bytes", "0")
         echo = start(
             [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)],
             "ready",

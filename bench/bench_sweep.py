@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_push_resolve import start
+from bench.bench_push_resolve import serve_root
 from bench.bench_scale import bulk_write
 from bench.common import print_table, write_results
 from catalog.client import CatalogClient
@@ -42,7 +42,7 @@ from catalog.shutdown import ShutdownMarker
 from catalog.storage.local import LocalDirStore
 from engine_plugin import ResidentEngine
 from tests.factories import build_model, tiny_llama_config
-from tests.servers import free_port, loracat_command
+from tests.servers import free_port
 
 BASE_ID = "sweep-base"
 
@@ -93,19 +93,7 @@ def main() -> None:
         setup_s = time.perf_counter() - t0
 
         port = free_port()
-        server = start(
-            [
-                *loracat_command(),
-                "serve",
-                "--root",
-                str(root),
-                "--port",
-                str(port),
-                "--cache-bytes",
-                "0",
-            ],
-            "serving",
-        )
+        server = serve_root(root, port, "--cache-bytes", "0")
         try:
             client = CatalogClient(f"127.0.0.1:{port}")
             model = build_model(tiny_llama_config())

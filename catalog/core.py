@@ -61,6 +61,7 @@ from catalog.model import (
     Revision,
     Selector,
     check_part,
+    every_item,
 )
 from catalog.pack import read_pack
 from catalog.prefetch import PrefetchQueue
@@ -716,13 +717,7 @@ class Catalog:
         return numbers
 
     def _all_live_revisions(self, adapter: AdapterName) -> Iterator[Revision]:
-        token = ""
-        while True:
-            page = self.index.list_revisions(adapter, 1000, token)
-            yield from page.items
-            if not page.next_token:
-                return
-            token = page.next_token
+        return every_item(lambda token: self.index.list_revisions(adapter, 1000, token))
 
     # -- maintenance ------------------------------------------------------------------------
 

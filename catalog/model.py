@@ -7,6 +7,7 @@ to and from protobuf in ``catalog.convert`` and nowhere else.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -222,3 +223,14 @@ class Hint:
     base_id: str
     reason: str
     at: float
+
+
+def every_item(fetch_page: Callable[[str], Page[T]]) -> Iterator[T]:
+    """Walk a paged listing: ``fetch_page(token)`` until a page has no ``next_token``."""
+    token = ""
+    while True:
+        page = fetch_page(token)
+        yield from page.items
+        if not page.next_token:
+            return
+        token = page.next_token

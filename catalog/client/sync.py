@@ -7,7 +7,7 @@ Every method returns catalog model types and raises ``CatalogError`` subclasses 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ from catalog.model import (
     PrefetchProgress,
     Ref,
     Revision,
+    every_item,
 )
 
 DEFAULT_TIMEOUT = 30.0
@@ -70,17 +71,6 @@ class HintStream:
 
     def cancel(self) -> None:
         self._call.cancel()
-
-
-def every_item(fetch_page: Callable[[str], Page[T]]) -> Iterator[T]:
-    """Walk a paged listing: ``fetch_page(token)`` until a page has no ``next_token``."""
-    token = ""
-    while True:
-        page = fetch_page(token)
-        yield from page.items
-        if not page.next_token:
-            return
-        token = page.next_token
 
 
 def _name(adapter: AdapterName | str) -> str:
