@@ -117,7 +117,7 @@ def test_serving_move_sends_an_attach_hint_to_engines(client, served, packs):
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     # The subscription is registered when the server starts streaming; retry the move until seen.
-    for number in (1, 2, 1, 2, 1, 2):
+    for number in (1, 2) * 20:
         client.set_alias("acme/h", "serving", number)
         if got.wait(0.5):
             break
