@@ -8,38 +8,33 @@ from pathlib import Path
 import torch
 
 
-def tiny_llama_config(**overrides: object):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig
-
+def _tiny_config(config_class, overrides: dict[str, object], **shape: object):  # type: ignore[no-untyped-def]
+    """``config_class`` with the small shapes every test model shares, then ``shape``, then
+    the caller's ``overrides``."""
     params: dict[str, object] = dict(
         vocab_size=128,
         hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    params.update(shape)
     params.update(overrides)
-    return LlamaConfig(**params)
+    return config_class(**params)
+
+
+def tiny_llama_config(**overrides: object):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return _tiny_config(LlamaConfig, overrides, intermediate_size=128)
 
 
 def tiny_qwen2_config(**overrides: object):  # type: ignore[no-untyped-def]
     from transformers import Qwen2Config
 
-    params: dict[str, object] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    params.update(overrides)
-    return Qwen2Config(**params)
+    return _tiny_config(Qwen2Config, overrides, intermediate_size=96)
 
 
 def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
@@ -100,64 +95,39 @@ def tiny_mixtral_config(**overrides: object):  # type: ignore[no-untyped-def]
     shape distinct, so a mapping that swaps them cannot pass by accident."""
     from transformers import MixtralConfig
 
-    params: dict[str, object] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+    return _tiny_config(
+        MixtralConfig, overrides, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2
     )
-    params.update(overrides)
-    return MixtralConfig(**params)
 
 
 def tiny_qwen2_moe_config(**overrides: object):  # type: ignore[no-untyped-def]
     """A transformers 5 Qwen2-MoE: fused experts plus a dense ``mlp.shared_expert``."""
     from transformers import Qwen2MoeConfig
 
-    params: dict[str, object] = dict(
-        vocab_size=128,
-        hidden_size=64,
+    return _tiny_config(
+        Qwen2MoeConfig,
+        overrides,
         intermediate_size=96,
         moe_intermediate_size=40,
         shared_expert_intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
     )
-    params.update(overrides)
-    return Qwen2MoeConfig(**params)
 
 
 def tiny_qwen3_moe_config(**overrides: object):  # type: ignore[no-untyped-def]
     """A transformers 5 Qwen3-MoE: fused experts, no shared expert."""
     from transformers import Qwen3MoeConfig
 
-    params: dict[str, object] = dict(
-        vocab_size=128,
-        hidden_size=64,
+    return _tiny_config(
+        Qwen3MoeConfig,
+        overrides,
         intermediate_size=96,
         moe_intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         num_experts=4,
         num_experts_per_tok=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
     )
-    params.update(overrides)
-    return Qwen3MoeConfig(**params)
 
 
 #: What PEFT's ``target_parameters`` names on a transformers 5 fused-experts model.
