@@ -917,8 +917,8 @@ class Catalog:
                 "misses": self.counters["durable_reads"],
             }
         ]
-        if self.pack_cache is not None:
-            cache = self.pack_cache.stats()
+        cache = self.pack_cache.stats() if self.pack_cache is not None else None
+        if cache is not None:
             tiers.append(
                 {
                     "tier": "nvme",
@@ -937,10 +937,8 @@ class Catalog:
             "hints_sent": self.hints.sent,
             "hint_subscribers": self.hints.subscribers(),
         }
-        if self.pack_cache is not None:
-            counters.update(
-                {f"nvme_{k}": v for k, v in self.pack_cache.stats().items() if isinstance(v, int)}
-            )
+        if cache is not None:
+            counters.update({f"nvme_{k}": v for k, v in cache.items() if isinstance(v, int)})
         return {
             "adapters": int(counts.get("adapters", 0)),
             "revisions": int(counts.get("revisions", 0)),
