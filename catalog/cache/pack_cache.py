@@ -50,6 +50,7 @@ and the environment change in the same order; hits never take it. Every transact
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import struct
@@ -484,6 +485,43 @@ class PackCache:
                 return loaded[offset : offset + length]
         raise Internal(f"pack cache: {name_for_errors} ({digest}) vanished twice while reading")
 
+    def iter_range(
+        self,
+        digest: Digest,
+        offset: int,
+        length: int,
+        loader: Loader,
+        *,
+        name_for_errors: str,
+        piece_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> Iterator[bytes]:
+        """:meth:`read_range` in pieces of at most ``piece_bytes``, in order, for sending a
+        range out without assembling it in memory first (the catalog's ``FetchPack``).
+
+        A hit reads each touched chunk in a read transaction of its own, checks it against its
+        checksum and yields copies of its slices, so nothing stays open while the caller sends
+        a piece. A copy that fails a check midway is dropped as on any read, and the rest of
+        the range (like all of it on a miss) comes from ``loader`` (once per digest at a time,
+        cached if admitted, as :meth:`read_through` does); so does the rest of a copy evicted
+        midway. The pieces follow the chunk boundaries (a piece never spans two chunks), so
+        the first and last may be short. A hit counts once, with the bytes it served.
+
+        Raises (when called):
+            InvalidArgument: negative ``offset`` or ``length``, ``piece_bytes`` < 1.
+            FailedPrecondition: the cache is closed.
+        Raises (while iterating): InvalidArgument for ``offset`` past the end; as
+            :meth:`read_through` otherwise.
+        """
+        self._check_open()
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise InvalidArgument(
+                f"range of {name_for_errors}: offset and length must be non-negative integers, "
+                f"got {offset!r}, {length!r}"
+            )
+        if type(piece_bytes) is not int or piece_bytes < 1:
+            raise InvalidArgument(f"piece_bytes must be a positive integer, got {piece_bytes!r}")
+        return self._iter_range(digest, offset, length, loader, name_for_errors, piece_bytes)
+
     def contains(self, digest: Digest) -> bool:
         """Whether ``digest``'s pack is cached (not counted as a request)."""
         with self._lock:
@@ -714,9 +752,9 @@ class PackCache:
     def _cached(
         self,
         digest: Digest,
-        read: Callable[[Digest, str], bytes | None],
+        read: Callable[[Digest, str], T | None],
         name: str,
-    ) -> bytes | None:
+    ) -> T | None:
         """``read(digest, name)``, with a corrupt copy dropped and an LMDB failure logged, both
         turned into ``None`` (a miss) so that the caller falls back to its loader."""
         try:
@@ -789,6 +827,108 @@ class PackCache:
                 start = index * size
                 pieces.append(view[max(offset, start) - start : min(end, start + size) - start])
             return b"".join(pieces)
+
+        return self._read(gather)
+
+    def _iter_range(
+        self,
+        digest: Digest,
+        offset: int,
+        length: int,
+        loader: Loader,
+        name: str,
+        piece_bytes: int,
+    ) -> Iterator[bytes]:
+        key = str(digest)
+        cached = None
+        for attempt in range(2):
+            cached = self._cached(digest, self._read_meta, name)
+            if cached is not None:
+                break
+            loaded = self._load(digest, loader, name, recheck=attempt == 0)
+            if loaded is not None:
+                yield from _pieces(loaded, offset, offset + length, piece_bytes, name)
+                return
+        if cached is None:
+            raise Internal(f"pack cache: {name} ({digest}) vanished twice while reading")
+        _check_offset(offset, cached.size, name)
+        position, end = offset, min(cached.size, offset + length)
+        served = 0
+        try:
+            while position < end:
+                read = functools.partial(
+                    self._read_chunk_pieces,
+                    cached=cached,
+                    position=position,
+                    end=end,
+                    piece_bytes=piece_bytes,
+                )
+                pieces = self._cached(digest, read, name)
+                if pieces is None:  # evicted, replaced or dropped as corrupt since
+                    break
+                for piece in pieces:
+                    served += len(piece)
+                    position += len(piece)
+                    yield piece
+        finally:
+            if served or offset == end:  # not when the first chunk was already gone
+                self._count_hit(key, served)
+        if position < end:
+            loaded = self._load(digest, loader, name, recheck=False)
+            if loaded is None:  # unreachable without recheck; keeps the type checker honest
+                raise Internal(f"pack cache: {name} ({digest}) vanished while reading")
+            yield from _pieces(loaded, position, end, piece_bytes, name)
+
+    def _read_meta(self, digest: Digest, name: str) -> _EntryMeta | None:
+        """The cached pack's meta; ``None`` when not cached. Raises ``_CorruptEntry``."""
+        ekey = entry_key(digest)
+
+        def get(txn: _Txn) -> _EntryMeta | None:
+            raw = txn.get(ekey, db=self._entries)
+            return None if raw is None else _decode_meta(bytes(raw), name)
+
+        return self._read(get)
+
+    def _read_chunk_pieces(
+        self,
+        digest: Digest,
+        name: str,
+        *,
+        cached: _EntryMeta,
+        position: int,
+        end: int,
+        piece_bytes: int,
+    ) -> list[bytes] | None:
+        """Copies of the chunk holding ``position``, from there up to ``end``, checked against
+        its checksum and cut into pieces; ``None`` when the entry ``cached`` describes is gone
+        (a refill of the same digest with the same chunks counts as the same entry: its pins
+        and insertion time may differ). Raises ``_CorruptEntry``."""
+        meta, ekey = cached, entry_key(digest)
+        index = position // meta.chunk_bytes
+        start = index * meta.chunk_bytes
+        stop = min(end, start + meta.chunk_bytes)
+
+        def gather(txn: _Txn) -> list[bytes] | None:
+            raw = txn.get(ekey, db=self._entries)
+            if raw is None:
+                return None
+            current = _decode_meta(bytes(raw), name)
+            if (current.size, current.chunk_bytes, current.checksums) != (
+                meta.size,
+                meta.chunk_bytes,
+                meta.checksums,
+            ):
+                return None
+            view = txn.get(ekey + index.to_bytes(_INDEX_BYTES, "big"), db=self._chunks)
+            if view is None or len(view) != meta.chunk_length(index):
+                got = "missing" if view is None else f"{len(view)} bytes"
+                raise _CorruptEntry(f"chunk {index} of {name} is {got}", bytes(raw))
+            if _checksum(view) != meta.checksum(index):
+                raise _CorruptEntry(f"chunk {index} of {name} fails its checksum", bytes(raw))
+            return [
+                bytes(view[at - start : min(stop, at + piece_bytes) - start])
+                for at in range(position, stop, piece_bytes)
+            ]
 
         return self._read(gather)
 
@@ -1036,6 +1176,15 @@ class PackCache:
             if len(found) != width or not found.startswith(ekey):
                 return
             cursor.delete()
+
+
+def _pieces(data: bytes, start: int, end: int, piece_bytes: int, name: str) -> Iterator[bytes]:
+    """``data[start:end]`` (``end`` clipped to its length) in copies of ``piece_bytes``."""
+    _check_offset(start, len(data), name)
+    view = memoryview(data)
+    end = min(end, len(data))
+    for at in range(start, end, piece_bytes):
+        yield bytes(view[at : min(end, at + piece_bytes)])
 
 
 def _decode_meta(raw: bytes, name: str) -> _EntryMeta:

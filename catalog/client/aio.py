@@ -13,7 +13,6 @@ from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.client.errors import translated
 from catalog.client.requests import (
     CHANNEL_OPTIONS,
-    PackAssembler,
     PackSource,
     PushResult,
     check_range,
@@ -23,6 +22,7 @@ from catalog.client.requests import (
     source_size_and_digest,
 )
 from catalog.client.sync import DEFAULT_TIMEOUT, TRANSFER_TIMEOUT, _name
+from catalog.client.transfer import FETCH_PACK_METHOD, PackReceiver, serialize_request
 from catalog.convert import move_from_pb, revision_from_pb, summary_from_pb
 from catalog.model import AdapterName, AdapterSummary, AliasMove, Page, Ref, Revision
 
@@ -35,6 +35,10 @@ class AsyncCatalogClient:
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CatalogStub(self._channel)
+        # FetchPack's messages arrive undecoded (see catalog.client.transfer).
+        self._fetch_pack = self._channel.unary_stream(
+            FETCH_PACK_METHOD, request_serializer=serialize_request, response_deserializer=None
+        )
 
     async def push(
         self,
@@ -129,19 +133,18 @@ class AsyncCatalogClient:
         length: int = 0,
         verify: bool = True,
         timeout: float = TRANSFER_TIMEOUT,
-    ) -> tuple[Revision, bytes]:
+    ) -> tuple[Revision, memoryview]:
+        """As :meth:`CatalogClient.fetch_with_revision` (one stream)."""
         check_range(offset, length)
-        text = ref_text(ref)
-        assembler = PackAssembler(text, offset, length)
+        receiver = PackReceiver(ref_text(ref), offset, length, verify=verify)
+        request = pb.FetchPackRequest(ref=receiver.ref, offset=offset, length=length)
         with translated(self.target):
-            call = self._stub.FetchPack(
-                pb.FetchPackRequest(ref=text, offset=offset, length=length), timeout=timeout
-            )
-            async for chunk in call:
-                assembler.add(chunk)
-        return assembler.result(verify)
+            async for raw in self._fetch_pack(request, timeout=timeout):
+                receiver.add(raw)
+        return receiver.result()
 
-    async def fetch(self, ref: Ref | Revision | str, **options: Any) -> bytes:
+    async def fetch(self, ref: Ref | Revision | str, **options: Any) -> memoryview:
+        """As :meth:`CatalogClient.fetch`: a read-only view of the verified pack bytes."""
         return (await self.fetch_with_revision(ref, **options))[1]
 
     async def close(self) -> None:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
-from catalog.convert import revision_from_pb
 from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
-from catalog.errors import DataLoss, InvalidArgument
+from catalog.errors import InvalidArgument
 from catalog.model import AdapterName, Ref, Revision
 
 PUSH_CHUNK_BYTES = 1 << 20
@@ -94,45 +93,6 @@ def ref_text(ref: Ref | Revision | str) -> str:
     if isinstance(ref, Ref):
         return str(ref)
     return str(Ref.parse(ref))  # validate locally: a bad reference never costs a round trip
-
-
-class PackAssembler:
-    """Collects streamed chunks into one buffer and checks the result against the digest."""
-
-    def __init__(self, ref: str, offset: int, length: int) -> None:
-        self.ref = ref
-        self.offset = offset
-        self.length = length
-        self.revision: Revision | None = None
-        self._buffer = bytearray()
-
-    def add(self, chunk: pb.PackChunk) -> None:
-        if chunk.HasField("revision"):
-            self.revision = revision_from_pb(chunk.revision)
-            end = (
-                self.revision.size_bytes
-                if not self.length
-                else min(self.revision.size_bytes, self.offset + self.length)
-            )
-            self._buffer = bytearray(max(0, end - self.offset))
-        position = chunk.offset - self.offset
-        if position < 0 or position + len(chunk.data) > len(self._buffer):
-            raise DataLoss(f"fetch of {self.ref}: chunk at {chunk.offset} lies outside the request")
-        self._buffer[position : position + len(chunk.data)] = chunk.data
-
-    def result(self, verify: bool = True) -> tuple[Revision, bytes]:
-        if self.revision is None:
-            raise DataLoss(f"fetch of {self.ref}: the server sent no revision")
-        data = bytes(self._buffer)
-        whole = self.offset == 0 and len(data) == self.revision.size_bytes
-        if verify and whole:
-            actual = Digest.of(data, self.revision.digest.algorithm)
-            if actual != self.revision.digest:
-                raise DataLoss(
-                    f"fetch of {self.ref}: received bytes hash to {actual}, "
-                    f"expected {self.revision.digest}"
-                )
-        return self.revision, data
 
 
 def check_range(offset: int, length: int) -> None:
