@@ -88,6 +88,24 @@ class StagedAdapter:
     def digest(self) -> str:
         return str(self.revision.digest)
 
+    @cached_property
+    def layout_key(self) -> str | None:
+        """Which modules at which rank this adapter fills, as a string (its hash is cached, so
+        it is a cheap dictionary key); None when a module's layers are not ``0..n-1``."""
+        if any(m.layers != tuple(range(len(m.layers))) for m in self.modules.values()):
+            return None
+        return "|".join(f"{name}:{m.rank}:{len(m.layers)}" for name, m in self.modules.items())
+
+    @cached_property
+    def copied_nbytes(self) -> int:
+        """Bytes one attach copies into a slot (shared host tensors count once per use)."""
+        return sum(m.nbytes for m in self.modules.values())
+
+    @cached_property
+    def copy_sources(self) -> list[torch.Tensor]:
+        """Every host tensor to copy into a slot, in ``modules`` order, ``lora_a`` first."""
+        return [t for m in self.modules.values() for t in (m.lora_a, m.lora_bt)]
+
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()

@@ -136,6 +136,29 @@ def test_pool_write_subset_of_layers() -> None:
     assert not slots.lora_a[:2, 0].any()
 
 
+def test_pool_write_reuses_slot_views_per_layout_without_mixing_tenants() -> None:
+    # The second write of a layout takes the cached slot views: it must still land each
+    # adapter's own weights and scale in its own slot, and a clear must zero them.
+    pool = make_pool(layers=2)
+    first = staged(1, {"m": module(rank=2, layers=(0, 1), seed=1, scaling=1.0)})
+    second = staged(2, {"m": module(rank=2, layers=(0, 1), seed=2, scaling=5.0)})
+    slots = pool.modules["m"]
+    for slot, adapter in ((0, first), (1, second), (0, second), (1, first)):
+        pool.clear(slot)
+        pool.write(slot, adapter)
+        want = adapter.modules["m"]
+        assert torch.equal(slots.lora_a[:, slot, :2], want.lora_a)
+        assert torch.equal(slots.lora_bt[:, slot, :2], want.lora_bt)
+        assert slots.scalings[slot] == want.scaling and slots.ranks[slot] == 2
+    # A prefix of the layers has a layout key too, but the pool scatters it every time.
+    short = staged(3, {"m": module(rank=2, layers=(0,), seed=3)})
+    for _ in range(2):
+        pool.clear(0)
+        pool.write(0, short)
+        assert torch.equal(slots.lora_a[0, 0, :2], short.modules["m"].lora_a[0])
+        assert not slots.lora_a[1, 0].any()
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 7])
 def test_gather_and_wide_equal_a_per_row_loop(tokens: int) -> None:
     torch.manual_seed(0)
