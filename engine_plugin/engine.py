@@ -640,6 +640,7 @@ class ResidentEngine:
                         self.counters["slot_waits"] += 1
                         self._cond.wait(remaining)
         entry, evicted = claimed
+        assert staged is not None  # both paths above stage before they claim
         if evicted is not None:
             with self._cond:
                 self.counters["evictions"] += 1

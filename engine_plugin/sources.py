@@ -23,7 +23,7 @@ class PackSource(Protocol):
     def resolve(self, ref: Ref | str) -> Revision:
         """The revision ``ref`` names now. Raises ``NotFound``, ``InvalidReference``."""
 
-    def fetch(self, ref: Ref | Revision | str) -> bytes:
+    def fetch(self, ref: Ref | Revision | str) -> bytes | memoryview:
         """The verified pack bytes. Raises ``NotFound``, ``DataLoss``.
 
         Any contiguous buffer will do (a read-only map of a cached pack file, say). A read-only
