@@ -23,9 +23,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from catalog.events import Event, blob_key, log_key
 from catalog.index.lmdb_index import LmdbIndex
 from catalog.pack import read_pack
 from catalog.pack.synthetic import random_pack
+from catalog.shutdown import ShutdownMarker
 from catalog.storage.base import BlobStore
 from catalog.storage.local import LocalDirStore
 from tests.servers import free_port
@@ -98,185 +100,264 @@ def bulk_write(store: BlobStore, events: Iterable[Event], packs, workers: int) -
     return count, time.perf_counter() - t0
 
 
+RESOLVE_METHOD = "/loracat.v1.Catalog/Resolve"
+
+
+def build(root: Path, args: argparse.Namespace, results: dict[str, Any], rows: list[Any]) -> None:
+    """Steps 1-3: write the durable log under ``root``, ingest it, resolve in-process."""
+    packs = real_packs()
+    # 1. the durable log
+    store = LocalDirStore(root / "store", fsync=False)
+    events, seconds = bulk_write(store, events_with_real_packs(args.revisions, packs), packs, 8)
+    results["log_write"] = {"events": events, "seconds": seconds, "events_per_s": events / seconds}
+    rows.append(
+        ("bulk log write (file, no fsync)", f"{events:,} events", f"{events / seconds:,.0f}/s")
+    )
+
+    # 2. ingest = reindex from the durable tier
+    catalog = Catalog(
+        store, root / "index", lambda p: LmdbIndex(p, sync=False), spool_dir=root / "spool"
+    )
+    adapters, revisions, replayed, seconds = catalog.reindex()
+    index_bytes = catalog.index.counts()["bytes_on_disk"]
+    results["ingest"] = {
+        "events": replayed,
+        "seconds": seconds,
+        "events_per_s": replayed / seconds,
+        "adapters": adapters,
+        "revisions": revisions,
+        "index_bytes": index_bytes,
+        "index_bytes_per_revision": index_bytes / revisions,
+    }
+    rows.append(
+        (
+            "reindex from file:// (ingest)",
+            f"{replayed:,} events",
+            f"{replayed / seconds:,.0f}/s in {seconds:.0f}s",
+        )
+    )
+    rows.append(
+        ("index on disk", f"{revisions:,} revisions", f"{index_bytes / revisions:.0f} B/revision")
+    )
+
+    # 3. in-process resolve through the core
+    refs = sample_refs(catalog, args.resolves)
+    for ref in refs[:2000]:
+        catalog.resolve(ref)
+    lat = []
+    for ref in refs:
+        t0 = time.perf_counter()
+        catalog.resolve(ref)
+        lat.append(time.perf_counter() - t0)
+    results["resolve_in_process"] = summarize(lat)
+    rows.append(
+        (
+            "resolve in-process p50 / p99",
+            "",
+            "{p50_us:.1f} / {p99_us:.1f} us".format(**results["resolve_in_process"]),
+        )
+    )
+    catalog.close()
+    ShutdownMarker(root / "index.state").close()  # closed cleanly: serve must not rebuild
+
+
+def sample_refs(catalog: Catalog, count: int) -> list[str]:
+    """``count`` refs (latest, alias, number) into the first 1000 adapters, fixed seed."""
+    names = [str(s.adapter) for s in catalog.list_adapters("", 1000).items]
+    rng = random.Random(0)
+    return [rng.choice(names) + rng.choice(["", "@serving", "@5"]) for _ in range(count)]
+
+
+def refs_of_built_root(root: Path, count: int) -> list[str]:
+    """The refs a build of ``root`` resolved, read from its index (``--reuse``)."""
+    index = root / "index"
+    if not index.exists():
+        raise SystemExit(f"--reuse: {root} holds no index; build it first with --root {root}")
+    catalog = Catalog(
+        LocalDirStore(root / "store", fsync=False),
+        index,
+        lambda p: LmdbIndex(p, sync=False),
+        spool_dir=root / "spool",
+    )
+    try:
+        return sample_refs(catalog, count)
+    finally:
+        catalog.close()
+        ShutdownMarker(root / "index.state").close()
+
+
+def _shifted(call: Callable[[int], object], offset: int, i: int) -> None:
+    call(offset + i)
+
+
+def alternating(
+    calls: dict[str, Callable[[int], object]], count: int, concurrency: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Each call ``count`` times at ``concurrency``, in ``rounds`` interleaved slices so a load
+    drift on the shared machine hits every call alike; latency summary plus ops/s per call."""
+    slice_len = count // rounds
+    seconds = dict.fromkeys(calls, 0.0)
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        run_timed(call, min(2000, count), concurrency)  # warm-up
+    for r in range(rounds):
+        order = list(calls) if r % 2 == 0 else list(reversed(calls))
+        for name in order:
+            took, lat = run_timed(
+                partial(_shifted, calls[name], r * slice_len), slice_len, concurrency
+            )
+            seconds[name] += took
+            latencies[name] += lat
+    return {
+        name: {**summarize(latencies[name]), "ops_per_s": rounds * slice_len / seconds[name]}
+        for name in calls
+    }
+
+
+def over_grpc(
+    root: Path, refs: list[str], args: argparse.Namespace
+) -> tuple[dict[str, Any], list[Any]]:
+    """Step 4: resolve through a `loracat serve` process on ``root`` beside the echo server.
+
+    Resolve and echo are called the same way: a raw multicallable sending prebuilt request bytes
+    and taking the response bytes undecoded (``resolve`` vs ``echo``; the echo request is a
+    serialized ``Revision``, so both directions carry at least the resolve's bytes). The typed
+    client (``CatalogClient.resolve``: request built, response decoded into a ``Revision``) is
+    measured beside them as ``typed``.
+    """
+    results: dict[str, Any] = {}
+    rows: list[Any] = []
+    port, echo_port = free_port(), free_port()
+    server = serve_root(root, port, "--cache-bytes", "0")
+    echo = start(
+        [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)], "ready"
+    )
+    try:
+        client = CatalogClient(f"127.0.0.1:{port}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        resolve_call = channel.unary_unary(RESOLVE_METHOD, _registered_method=True)
+        echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
+        echo_call = echo_channel.unary_unary(ECHO_METHOD, _registered_method=True)
+        requests = [pb.ResolveRequest(ref=ref).SerializeToString() for ref in refs]
+        payload = resolve_call(requests[0], timeout=10)
+        calls: dict[str, Callable[[int], object]] = {
+            "resolve": lambda i: resolve_call(requests[i], timeout=10),
+            "echo": lambda i: echo_call(payload, timeout=10),
+            "typed": lambda i: client.resolve(refs[i]),
+        }
+        results["grpc"] = {}
+        for conc in args.concurrency:
+            res = alternating(calls, len(refs), conc, args.rounds)
+            ratio = res["resolve"]["ops_per_s"] / res["echo"]["ops_per_s"]
+            typed_ratio = res["typed"]["ops_per_s"] / res["echo"]["ops_per_s"]
+            results["grpc"][str(conc)] = {**res, "ratio": ratio, "typed_ratio": typed_ratio}
+            rows.append(
+                (
+                    f"gRPC resolve, {conc} callers",
+                    f"echo {res['echo']['ops_per_s']:,.0f}/s",
+                    f"{res['resolve']['ops_per_s']:,.0f}/s = {ratio:.2f}x echo, "
+                    f"p99 {res['resolve']['p99_us']:,.0f} us; typed client {typed_ratio:.2f}x",
+                )
+            )
+        lat = []
+        token = ""
+        for _ in range(50):
+            t0 = time.perf_counter()
+            page = client.list_adapters("", page_size=100, page_token=token)
+            lat.append(time.perf_counter() - t0)
+            token = page.next_token
+        results["grpc_list_page_100"] = summarize(lat)
+        rows.append(
+            ("gRPC list page of 100 p50", "", f"{results['grpc_list_page_100']['p50_us']:,.0f} us")
+        )
+        client.close()
+        channel.close()
+        echo_channel.close()
+    finally:
+        for proc in (server, echo):
+            proc.terminate()
+            proc.wait(timeout=60)
+    return results, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revisions", type=int, default=1_000_000)
     parser.add_argument("--s3-revisions", type=int, default=100_000)
     parser.add_argument("--resolves", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="interleaved resolve/echo slices per concurrency"
+    )
+    parser.add_argument(
+        "--root", type=Path, default=None, help="build here and keep it (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="--root already holds a build: run only the gRPC part (results: scale_grpc.json)",
+    )
     args = parser.parse_args()
+    if args.reuse and args.root is None:
+        parser.error("--reuse needs --root")
     root = args.root or Path(tempfile.mkdtemp(prefix="loracat-scale-"))
-    results: dict[str, Any] = {"revisions": args.revisions}
+    results: dict[str, Any] = {"revisions": args.revisions, "rounds": args.rounds}
     rows: list[tuple[Any, ...]] = []
-    packs = real_packs()
     try:
-        # 1. the durable log
-        store = LocalDirStore(root / "store", fsync=False)
-        events, seconds = bulk_write(store, events_with_real_packs(args.revisions, packs), packs, 8)
-        results["log_write"] = {
-            "events": events,
-            "seconds": seconds,
-            "events_per_s": events / seconds,
-        }
-        rows.append(
-            ("bulk log write (file, no fsync)", f"{events:,} events", f"{events / seconds:,.0f}/s")
-        )
-
-        # 2. ingest = reindex from the durable tier
-        catalog = Catalog(
-            store, root / "index", lambda p: LmdbIndex(p, sync=False), spool_dir=root / "spool"
-        )
-        adapters, revisions, replayed, seconds = catalog.reindex()
-        index_bytes = catalog.index.counts()["bytes_on_disk"]
-        results["ingest"] = {
-            "events": replayed,
-            "seconds": seconds,
-            "events_per_s": replayed / seconds,
-            "adapters": adapters,
-            "revisions": revisions,
-            "index_bytes": index_bytes,
-            "index_bytes_per_revision": index_bytes / revisions,
-        }
-        rows.append(
-            (
-                "reindex from file:// (ingest)",
-                f"{replayed:,} events",
-                f"{replayed / seconds:,.0f}/s in {seconds:.0f}s",
-            )
-        )
-        rows.append(
-            (
-                "index on disk",
-                f"{revisions:,} revisions",
-                f"{index_bytes / revisions:.0f} B/revision",
-            )
-        )
-
-        # 3. in-process resolve through the core
-        page = catalog.list_adapters("", 1000)
-        names = [str(s.adapter) for s in page.items]
-        rng = random.Random(0)
-        refs = [
-            rng.choice(names) + rng.choice(["", "@serving", "@5"]) for _ in range(args.resolves)
-        ]
-        for ref in refs[:2000]:
-            catalog.resolve(ref)
-        lat = []
-        for ref in refs:
-            t0 = time.perf_counter()
-            catalog.resolve(ref)
-            lat.append(time.perf_counter() - t0)
-        results["resolve_in_process"] = summarize(lat)
-        rows.append(
-            (
-                "resolve in-process p50 / p99",
-                "",
-                "{p50_us:.1f} / {p99_us:.1f} us".format(**results["resolve_in_process"]),
-            )
-        )
-        catalog.close()
-        from catalog.shutdown import ShutdownMarker
-
-        ShutdownMarker(root / "index.state").close()  # closed cleanly: serve must not rebuild
+        if args.reuse:
+            refs = refs_of_built_root(root, args.resolves)
+        else:
+            build(root, args, results, rows)
+            refs = refs_of_built_root(root, args.resolves)
 
         # 4. over gRPC, beside echo
-        port, echo_port = free_port(), free_port()
-        server = serve_root(root, port, "--cache-bytes", "0")
-        echo = start(
-            [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)],
-            "ready",
-        )
-        try:
-            client = CatalogClient(f"127.0.0.1:{port}")
-            echo_call = grpc.insecure_channel(f"127.0.0.1:{echo_port}").unary_unary(ECHO_METHOD)
-            payload = client._stub.Resolve(pb.ResolveRequest(ref=refs[0])).SerializeToString()
-            results["grpc"] = {}
-            for conc in args.concurrency:
-                run_timed(lambda i: client.resolve(refs[i]), 2000, conc)
-                seconds, lat = run_timed(lambda i: client.resolve(refs[i]), args.resolves, conc)
-                res = {**summarize(lat), "ops_per_s": args.resolves / seconds}
-                run_timed(lambda i: echo_call(payload, timeout=10), 2000, conc)
-                seconds, lat = run_timed(
-                    lambda i: echo_call(payload, timeout=10), args.resolves, conc
-                )
-                ech = {**summarize(lat), "ops_per_s": args.resolves / seconds}
-                results["grpc"][str(conc)] = {
-                    "resolve": res,
-                    "echo": ech,
-                    "ratio": res["ops_per_s"] / ech["ops_per_s"],
-                }
-                rows.append(
-                    (
-                        f"gRPC resolve, {conc} callers",
-                        f"echo {ech['ops_per_s']:,.0f}/s",
-                        f"{res['ops_per_s']:,.0f}/s = {res['ops_per_s'] / ech['ops_per_s']:.2f}x "
-                        f"echo, p99 {res['p99_us']:,.0f} us",
-                    )
-                )
-            lat = []
-            token = ""
-            for _ in range(50):
-                t0 = time.perf_counter()
-                page = client.list_adapters("", page_size=100, page_token=token)
-                lat.append(time.perf_counter() - t0)
-                token = page.next_token
-            results["grpc_list_page_100"] = summarize(lat)
-            rows.append(
-                (
-                    "gRPC list page of 100 p50",
-                    "",
-                    f"{results['grpc_list_page_100']['p50_us']:,.0f} us",
-                )
-            )
-            client.close()
-        finally:
-            for proc in (server, echo):
-                proc.terminate()
-                proc.wait(timeout=60)
+        grpc_results, grpc_rows = over_grpc(root, refs, args)
+        results.update(grpc_results)
+        rows += grpc_rows
 
         # 5. reindex from S3
-        if args.s3_revisions:
-            from catalog.storage import open_store
-            from catalog.testing.seaweedfs import SeaweedFS
-
-            with SeaweedFS() as s3:
-                s3.create_bucket("scale")
-                for name, value in s3.env().items():
-                    os.environ[name] = value
-                s3_store = open_store("s3://scale/catalog")
-                events, seconds = bulk_write(
-                    s3_store, events_with_real_packs(args.s3_revisions, packs), packs, 32
-                )
-                rows.append(
-                    ("bulk log write (S3)", f"{events:,} events", f"{events / seconds:,.0f}/s")
-                )
-                s3_catalog = Catalog(
-                    s3_store,
-                    root / "s3-index",
-                    lambda p: LmdbIndex(p, sync=False),
-                    spool_dir=root / "spool",
-                )
-                _, revisions, replayed, seconds = s3_catalog.reindex()
-                s3_catalog.close()
-                results["reindex_s3"] = {
-                    "revisions": revisions,
-                    "events": replayed,
-                    "seconds": seconds,
-                    "events_per_s": replayed / seconds,
-                }
-                rows.append(
-                    (
-                        "reindex from S3",
-                        f"{revisions:,} revisions",
-                        f"{seconds:.0f}s ({replayed / seconds:,.0f} events/s)",
-                    )
-                )
+        if args.s3_revisions and not args.reuse:
+            reindex_from_s3(root, args.s3_revisions, results, rows)
         print_table(f"catalog at {args.revisions:,} revisions", ["what", "size", "result"], rows)
-        write_results("scale", results)
+        write_results("scale_grpc" if args.reuse else "scale", results)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def reindex_from_s3(root: Path, revisions: int, results: dict[str, Any], rows: list[Any]) -> None:
+    from catalog.storage import open_store
+    from catalog.testing.seaweedfs import SeaweedFS
+
+    packs = real_packs()
+    with SeaweedFS() as s3:
+        s3.create_bucket("scale")
+        for name, value in s3.env().items():
+            os.environ[name] = value
+        s3_store = open_store("s3://scale/catalog")
+        events, seconds = bulk_write(s3_store, events_with_real_packs(revisions, packs), packs, 32)
+        rows.append(("bulk log write (S3)", f"{events:,} events", f"{events / seconds:,.0f}/s"))
+        s3_catalog = Catalog(
+            s3_store,
+            root / "s3-index",
+            lambda p: LmdbIndex(p, sync=False),
+            spool_dir=root / "spool",
+        )
+        _, count, replayed, seconds = s3_catalog.reindex()
+        s3_catalog.close()
+        results["reindex_s3"] = {
+            "revisions": count,
+            "events": replayed,
+            "seconds": seconds,
+            "events_per_s": replayed / seconds,
+        }
+        rows.append(
+            (
+                "reindex from S3",
+                f"{count:,} revisions",
+                f"{seconds:.0f}s ({replayed / seconds:,.0f} events/s)",
+            )
+        )
 
 
 if __name__ == "__main__":

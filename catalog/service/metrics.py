@@ -1,7 +1,8 @@
 """Prometheus metrics: per-tier occupancy, hits, misses, evictions, bytes moved, RPC latency.
 
 Catalog state is read at scrape time by a collector (one source of truth, nothing to keep in
-sync); RPC latency is a histogram observed by the servicer's interceptor.
+sync); RPC latency is a histogram observed by the wrapper ``catalog.service.server`` puts around
+every servicer method.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 from prometheus_client import REGISTRY, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from catalog.core import Catalog
-from catalog.service.errors import CachingInterceptor, StreamBehavior, UnaryBehavior, rewrap
 
 RPC_LATENCY = Histogram(
     "loracat_rpc_seconds",
@@ -55,29 +54,6 @@ class CatalogCollector(Collector):
         for key, value in sorted(stats["counters"].items()):
             counters.add_metric([key], float(value))
         yield counters
-
-
-class LatencyInterceptor(CachingInterceptor):
-    """Observe every RPC's duration (streams: until the last message is sent)."""
-
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        histogram = RPC_LATENCY.labels(method.rsplit("/", 1)[-1])
-
-        def wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            def timed(request: Any, context: grpc.ServicerContext) -> Any:
-                with histogram.time():
-                    return behavior(request, context)
-
-            return timed
-
-        def wrap_streaming(behavior: StreamBehavior) -> StreamBehavior:
-            def timed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                with histogram.time():
-                    yield from behavior(request, context)
-
-            return timed
-
-        return rewrap(handler, wrap_unary, wrap_streaming)
 
 
 def start_metrics_server(catalog: Catalog, host: str, port: int) -> int:

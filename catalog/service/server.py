@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from time import perf_counter
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,14 +19,16 @@ from grpc_reflection.v1alpha import reflection
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.core import Catalog, Limits
-from catalog.service.errors import ErrorMappingInterceptor
-from catalog.service.metrics import LatencyInterceptor
+from catalog.errors import ResourceExhausted
+from catalog.service.errors import abort_for, is_abort
+from catalog.service.metrics import RPC_LATENCY
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
 from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Catalog"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["Catalog"]
+SERVICE_NAME = SERVICE.full_name
 DEFAULT_PORT = 7070
 
 
@@ -77,21 +83,115 @@ def open_catalog(
     return catalog
 
 
-def create_server(
-    catalog: Catalog, address: str = "127.0.0.1:0", *, max_workers: int = 32
-) -> tuple[grpc.Server, int]:
-    """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one)."""
-    options = [
+#: Threads for unary calls and short streams (push, fetch, prefetch). On a few cores more threads
+#: only add GIL hand-offs per call (see bench/bench_scale.py).
+DEFAULT_MAX_WORKERS = 32
+#: Hint watchers hold a thread each for as long as their engine runs; they get threads of their
+#: own beside ``max_workers`` (created only when used), so watchers never starve unary calls.
+DEFAULT_MAX_HINT_WATCHERS = 256
+HINT_WATCH_METHOD = "WatchHints"
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """The channel options of the catalog server (``bench/echo_server.py`` uses the same)."""
+    return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def _served_unary(behavior: Behavior, observe: Callable[[float], None]) -> Behavior:
+    def served(request: Any, context: grpc.ServicerContext) -> Any:
+        start = perf_counter()
+        try:
+            return behavior(request, context)
+        except Exception as exc:
+            if is_abort(exc):
+                raise
+            abort_for(context, exc)
+        finally:
+            observe(perf_counter() - start)
+
+    return served
+
+
+def _served_stream(behavior: Behavior, observe: Callable[[float], None]) -> Behavior:
+    def served(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        start = perf_counter()
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:
+            if is_abort(exc):
+                raise
+            abort_for(context, exc)
+        finally:
+            observe(perf_counter() - start)
+
+    return served
+
+
+def _bounded_stream(behavior: Behavior, slots: int) -> Behavior:
+    free = threading.BoundedSemaphore(slots)
+
+    def bounded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if not free.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"the catalog already serves {slots} hint watchers; retry later"
+            )
+        try:
+            yield from behavior(request, context)
+        finally:
+            free.release()
+
+    return bounded
+
+
+def served_methods(
+    servicer: CatalogServicer, *, max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS
+) -> CatalogServicer:
+    """A copy of ``servicer`` with each method wrapped once, for registration with the server.
+
+    The wrapper maps exceptions to status codes (``catalog.service.errors.abort_for``) and
+    observes the call's duration in ``loracat_rpc_seconds`` (streams: until the last message);
+    ``WatchHints`` refuses more than ``max_hint_watchers`` streams with RESOURCE_EXHAUSTED.
+    Wrapping here rather than in a ``grpc.ServerInterceptor`` keeps the per-call cost to one
+    Python frame: gRPC runs interceptors on its single polling thread for every call.
+    """
+    served = copy.copy(servicer)
+    for method in SERVICE.methods:
+        behavior = getattr(servicer, method.name)
+        if method.name == HINT_WATCH_METHOD:
+            behavior = _bounded_stream(behavior, max_hint_watchers)
+        observe = RPC_LATENCY.labels(method.name).observe
+        wrap = _served_stream if method.server_streaming else _served_unary
+        setattr(served, method.name, wrap(behavior, observe))
+    return served
+
+
+def create_server(
+    catalog: Catalog,
+    address: str = "127.0.0.1:0",
+    *,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
+) -> tuple[grpc.Server, int]:
+    """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one).
+
+    ``max_workers`` threads serve unary calls and short streams; up to ``max_hint_watchers``
+    more serve ``WatchHints`` streams, which each hold a thread while their engine runs.
+    """
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loracat-rpc"),
-        interceptors=[LatencyInterceptor(), ErrorMappingInterceptor()],
-        options=options,
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers + max_hint_watchers, thread_name_prefix="loracat-rpc"
+        ),
+        options=server_options(),
     )
-    pb_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), server)
+    pb_grpc.add_CatalogServicer_to_server(
+        served_methods(CatalogServicer(catalog), max_hint_watchers=max_hint_watchers), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE_NAME, ""):
@@ -117,12 +217,16 @@ def serve_forever(
     cache_policy: str = "default",
     metrics_port: int | None = None,
     demand_hint_interval_s: float = 5.0,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
 ) -> None:
     """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index."""
     catalog = open_catalog(
         root, store_url, cache_dir=cache_dir, cache_bytes=cache_bytes, cache_policy=cache_policy
     )
-    server, bound = create_server(catalog, f"{host}:{port}")
+    server, bound = create_server(
+        catalog, f"{host}:{port}", max_workers=max_workers, max_hint_watchers=max_hint_watchers
+    )
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: object) -> None:

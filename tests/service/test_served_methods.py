@@ -1,0 +1,124 @@
+"""The wrapper each servicer method gets at registration: status mapping, latency, bounds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from catalog.client import CatalogClient
+from catalog.core import Catalog
+from catalog.errors import Internal, NotFound, ResourceExhausted
+from catalog.service.server import create_server, open_catalog
+
+
+def _count(method: str) -> float:
+    value = REGISTRY.get_sample_value("loracat_rpc_seconds_count", {"method": method})
+    return value or 0.0
+
+
+@contextmanager
+def _serving(root: Path, **limits: int) -> Iterator[tuple[Catalog, CatalogClient]]:
+    catalog = open_catalog(root, cache_bytes=0)
+    server, port = create_server(catalog, **limits)
+    try:
+        with CatalogClient(f"127.0.0.1:{port}", timeout=20) as client:
+            yield catalog, client
+    finally:
+        server.stop(None).wait()
+        catalog.close()
+
+
+def _until(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    ready = threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        ready.wait(0.01)
+
+
+def test_catalog_errors_keep_their_class_and_latency_is_observed(tmp_path, packs):
+    with _serving(tmp_path / "root") as (_, client):
+        client.push("acme/w", packs["qv-r4"])
+        before = _count("Resolve")
+        assert client.resolve("acme/w").number == 1
+        with pytest.raises(NotFound, match="acme/missing"):
+            client.resolve("acme/missing")
+        with pytest.raises(NotFound, match="99"):
+            client.resolve("acme/w@99")
+        # every call is timed, failed ones too
+        assert _count("Resolve") == before + 3
+
+
+def test_a_streaming_handler_maps_errors_and_is_timed(tmp_path):
+    with _serving(tmp_path / "root") as (_, client):
+        before = _count("FetchPack")
+        with pytest.raises(NotFound):
+            client.fetch("acme/nothing")
+        assert _count("FetchPack") >= before + 1
+
+
+def test_an_unexpected_exception_is_internal_and_names_its_type(tmp_path, monkeypatch):
+    with _serving(tmp_path / "root") as (catalog, client):
+
+        def broken(ref: object) -> None:
+            raise ZeroDivisionError("a bug")
+
+        monkeypatch.setattr(catalog, "resolve", broken)
+        with pytest.raises(Internal, match="ZeroDivisionError: a bug"):
+            client.resolve("acme/any")
+
+
+def test_hint_watchers_do_not_starve_unary_calls_and_are_bounded(tmp_path, packs):
+    with _serving(tmp_path / "root", max_workers=2, max_hint_watchers=3) as (catalog, client):
+        client.push("acme/h", packs["qv-r4"])
+        client.register_engine("engine-h", "tiny-llama-test", 8, 16)
+        watched = _count("WatchHints")
+        streams = [client.watch_hints("engine-h") for _ in range(3)]
+        failures: list[BaseException] = []
+
+        def read(stream) -> None:  # type: ignore[no-untyped-def]
+            try:
+                list(stream)
+            except Exception as exc:  # a cancelled stream ends this way
+                failures.append(exc)
+
+        readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in streams]
+        for reader in readers:
+            reader.start()
+        try:
+            _until(lambda: catalog.hints.subscribers() == 3)
+            # three watchers hold three threads; unary calls still run, several at once
+            results: list[int] = []
+            callers = [
+                threading.Thread(target=lambda: results.append(client.resolve("acme/h").number))
+                for _ in range(6)
+            ]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(30)
+            assert results == [1] * 6
+            # a fourth watcher is refused with a precise status
+            with pytest.raises(ResourceExhausted, match="3 hint watchers"):
+                list(client.watch_hints("engine-h"))
+        finally:
+            for stream in streams:
+                stream.cancel()
+            for reader in readers:
+                reader.join(30)
+        # a cancelled watcher gives its slot back (its call is timed once the slot is free)
+        _until(lambda: _count("WatchHints") == watched + 4)
+        again = client.watch_hints("engine-h")
+        reader = threading.Thread(target=read, args=(again,), daemon=True)
+        reader.start()
+        try:
+            _until(lambda: catalog.hints.subscribers() == 1)
+        finally:
+            again.cancel()
+            reader.join(30)
