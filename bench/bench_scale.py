@@ -228,7 +228,11 @@ def over_grpc(
     results: dict[str, Any] = {}
     rows: list[Any] = []
     port, echo_port = free_port(), free_port()
-    server = serve_root(root, port, "--cache-bytes", "0")
+    if args.prototype_resolve_cache:
+        script = Path(__file__).with_name("resolve_cache_server.py")
+        server = start([sys.executable, str(script), str(root), str(port)], "serving")
+    else:
+        server = serve_root(root, port, "--cache-bytes", "0")
     echo = start(
         [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)], "ready"
     )
@@ -297,7 +301,14 @@ def main() -> None:
         action="store_true",
         help="--root already holds a build: run only the gRPC part (results: scale_grpc.json)",
     )
+    parser.add_argument(
+        "--prototype-resolve-cache",
+        action="store_true",
+        help="with --reuse: serve through bench/resolve_cache_server.py (scale_grpc_cache.json)",
+    )
     args = parser.parse_args()
+    if args.prototype_resolve_cache and not args.reuse:
+        parser.error("--prototype-resolve-cache needs --reuse")
     if args.reuse and args.root is None:
         parser.error("--reuse needs --root")
     root = args.root or Path(tempfile.mkdtemp(prefix="loracat-scale-"))
@@ -319,7 +330,8 @@ def main() -> None:
         if args.s3_revisions and not args.reuse:
             reindex_from_s3(root, args.s3_revisions, results, rows)
         print_table(f"catalog at {args.revisions:,} revisions", ["what", "size", "result"], rows)
-        write_results("scale_grpc" if args.reuse else "scale", results)
+        name = "scale_grpc_cache" if args.prototype_resolve_cache else "scale_grpc"
+        write_results(name if args.reuse else "scale", results)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
