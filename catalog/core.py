@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,22 @@ class EngineRecord:
     host: frozenset[str] = frozenset()
     registered_at: float = field(default_factory=time.time)
     last_report: float = 0.0
+    #: The engine's own counters per tier it holds ("host", "gpu"): ENGINE_TIER_FIELDS.
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+#: What an engine may report about each of its tiers; the catalog sums them across engines.
+ENGINE_TIERS = ("host", "gpu")
+ENGINE_TIER_FIELDS = (
+    "bytes",
+    "entries",
+    "hits",
+    "misses",
+    "evictions",
+    "capacity_bytes",
+    "bytes_in",
+    "bytes_out",
+)
 
 
 class PushUpload:
@@ -864,16 +880,48 @@ class Catalog:
                 engine_id, base_id, num_slots, max_rank, host_bytes
             )
 
-    def report_residency(self, engine_id: str, gpu: list[str], host: list[str]) -> None:
-        """Replace what an engine holds in GPU slots and host memory. Raises ``NotFound``."""
+    def report_residency(
+        self,
+        engine_id: str,
+        gpu: list[str],
+        host: list[str],
+        tiers: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Replace what an engine holds in GPU slots and host memory, and (optionally) its
+        counters for those tiers: each a mapping with ``tier`` ("host" or "gpu") and any of
+        ``ENGINE_TIER_FIELDS``, as non-negative integers.
+
+        Raises:
+            NotFound: the engine is not registered.
+            InvalidArgument: a digest is malformed, or a tier or counter is unknown or negative.
+        """
         for text in (*gpu, *host):
             Digest.parse(text)
+        reported = {}
+        for tier in tiers:
+            name = tier.get("tier")
+            if name not in ENGINE_TIERS:
+                raise InvalidArgument(
+                    f"engine tier must be one of {', '.join(ENGINE_TIERS)}, got {name!r}"
+                )
+            values = {k: v for k, v in tier.items() if k != "tier"}
+            unknown = sorted(set(values) - set(ENGINE_TIER_FIELDS))
+            if unknown:
+                raise InvalidArgument(f"unknown {name} tier counters: {', '.join(unknown)}")
+            bad = sorted(k for k, v in values.items() if not isinstance(v, int) or v < 0)
+            if bad:
+                raise InvalidArgument(
+                    f"{name} tier counters must be non-negative integers: {', '.join(bad)}"
+                )
+            reported[name] = {k: int(v) for k, v in values.items()}
         with self._engines_lock:
             record = self._engines.get(engine_id)
             if record is None:
                 raise NotFound(f"engine {engine_id!r} is not registered")
             record.gpu = frozenset(gpu)
             record.host = frozenset(host)
+            if tiers:
+                record.tiers = reported
             record.last_report = time.time()
 
     def engines(self) -> list[EngineRecord]:
@@ -915,6 +963,7 @@ class Catalog:
                 "tier": "durable",
                 "entries": int(counts.get("revisions", 0)),
                 "misses": self.counters["durable_reads"],
+                "bytes_out": self.counters["durable_bytes_read"],
             }
         ]
         cache = self.pack_cache.stats() if self.pack_cache is not None else None
@@ -928,9 +977,17 @@ class Catalog:
                     "misses": cache["misses"],
                     "evictions": cache["evictions"],
                     "capacity_bytes": cache["capacity_bytes"],
+                    "bytes_in": cache["bytes_filled"],
+                    "bytes_out": cache["bytes_read"],
                 }
             )
-        tiers += [{"tier": "host", "entries": len(host)}, {"tier": "gpu", "entries": len(gpu)}]
+        for name, held in (("host", host), ("gpu", gpu)):
+            tier = {
+                k: sum(e.tiers.get(name, {}).get(k, 0) for e in engines) for k in ENGINE_TIER_FIELDS
+            }
+            # A revision held by two engines is one distinct entry of the tier.
+            tier["entries"] = len(held)
+            tiers.append({"tier": name, **tier})
         counters = {
             **self.counters,
             **{f"prefetch_{k}": v for k, v in self.prefetcher.counters.items()},
@@ -951,4 +1008,12 @@ class Catalog:
         }
 
 
-__all__ = ["Catalog", "CatalogError", "EngineRecord", "Limits", "PushUpload"]
+__all__ = [
+    "ENGINE_TIERS",
+    "ENGINE_TIER_FIELDS",
+    "Catalog",
+    "CatalogError",
+    "EngineRecord",
+    "Limits",
+    "PushUpload",
+]

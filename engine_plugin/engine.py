@@ -209,7 +209,9 @@ class ResidentEngine:
             sink = self._sink
             self._reporter = ResidencyReporter(
                 self._residency_snapshot,
-                lambda gpu, host: sink.report_residency(self.engine_id, gpu, host),
+                lambda gpu, host, tiers: sink.report_residency(
+                    self.engine_id, gpu, host, tiers=tiers
+                ),
             )
 
     # ------------------------------------------------------------------ public API
@@ -656,6 +658,7 @@ class ResidentEngine:
         with self._cond:
             self.timings["copy_s"] += time.perf_counter() - started
             entry.state = SlotState.READY
+            entry.nbytes = moved
             self.counters["misses"] += 1
             self.counters["bytes_moved"] += moved
             self._refresh_pins()
@@ -960,10 +963,34 @@ class ResidentEngine:
 
     # ------------------------------------------------------------------ residency reports
 
-    def _residency_snapshot(self) -> tuple[list[str], list[str]]:
+    def _residency_snapshot(self) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """What the engine holds, and its counters per tier, as the catalog records them."""
         with self._cond:
-            gpu = [e.digest for e in self.slots if e.state is SlotState.READY]
-            return gpu, self.host.digests()
+            ready = [e for e in self.slots.entries() if e.state is SlotState.READY]
+            host = self.host.counters
+            tiers = [
+                {
+                    "tier": "host",
+                    "bytes": self.host.nbytes,
+                    "entries": len(self.host),
+                    "hits": host.hits,
+                    "misses": host.misses,
+                    "evictions": host.evictions,
+                    "capacity_bytes": self.host.budget_bytes,
+                    "bytes_in": host.bytes_in,
+                },
+                {
+                    "tier": "gpu",
+                    "bytes": sum(e.nbytes for e in ready),
+                    "entries": len(ready),
+                    "hits": self.counters["hits"],
+                    "misses": self.counters["misses"],
+                    "evictions": self.counters["evictions"],
+                    "capacity_bytes": self.pool.nbytes,
+                    "bytes_in": self.counters["bytes_moved"],
+                },
+            ]
+            return [e.digest for e in ready], self.host.digests(), tiers
 
     def _report(self) -> None:
         if self._reporter is not None:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from catalog.model import Revision
 
@@ -73,7 +74,8 @@ class Prefetcher:
 class ResidencyReporter:
     """Tells the catalog what the engine holds, coalescing bursts of changes into one report.
 
-    ``snapshot`` returns ``(gpu_digests, host_digests)``; ``send`` delivers them. ``changed``
+    ``snapshot`` returns ``(gpu_digests, host_digests, tier_counters)``; ``send`` delivers
+    them. ``changed``
     only sets a flag (it is called on the attach path, under the engine's lock); one background
     thread waits ``debounce_s`` after the first change of a burst, then reports the state as it
     is by then. A failed report is retried with the next change.
@@ -81,8 +83,8 @@ class ResidencyReporter:
 
     def __init__(
         self,
-        snapshot: Callable[[], tuple[list[str], list[str]]],
-        send: Callable[[list[str], list[str]], None],
+        snapshot: Callable[[], tuple[list[str], list[str], list[dict[str, Any]]]],
+        send: Callable[[list[str], list[str], list[dict[str, Any]]], None],
         *,
         debounce_s: float = 0.05,
     ) -> None:
@@ -118,8 +120,8 @@ class ResidencyReporter:
                 self._dirty = False
                 self._sending = True
             try:
-                gpu, host = self._snapshot()
-                self._send(gpu, host)
+                gpu, host, tiers = self._snapshot()
+                self._send(gpu, host, tiers)
                 self.sent += 1
             except Exception as exc:  # the next change retries; the engine keeps serving
                 self.failed += 1

@@ -155,6 +155,8 @@ class SlotEntry:
     #: Superseded (hot swap) or detached: freed as soon as no running call uses it.
     retired: bool = False
     uses: int = 0
+    #: Bytes copied into the slot for this revision (0 until loaded).
+    nbytes: int = 0
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:

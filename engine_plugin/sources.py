@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from catalog.digest import Digest
 from catalog.errors import InvalidReference, NotFound
@@ -38,8 +39,16 @@ class ResidencySink(Protocol):
     ) -> None:
         """Announce an engine serving ``base_id``."""
 
-    def report_residency(self, engine_id: str, gpu: list[str], host: list[str]) -> None:
-        """Which digests the engine holds in GPU slots and in host memory."""
+    def report_residency(
+        self,
+        engine_id: str,
+        gpu: list[str],
+        host: list[str],
+        *,
+        tiers: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Which digests the engine holds in GPU slots and in host memory, and its counters
+        for those two tiers (see ``catalog.core.ENGINE_TIER_FIELDS``)."""
 
 
 class LocalPackSource:
@@ -58,6 +67,7 @@ class LocalPackSource:
         self.fetches = 0
         self.registrations: list[tuple[str, str, int, int]] = []
         self.reports: list[tuple[str, list[str], list[str]]] = []
+        self.tier_reports: list[tuple[str, list[dict[str, Any]]]] = []
 
     def publish(self, name: str, pack: bytes, *, aliases: tuple[str, ...] = ()) -> Revision:
         """Add ``pack`` as the next revision of ``name``; moves ``latest`` and ``aliases``.
@@ -138,6 +148,14 @@ class LocalPackSource:
         with self._lock:
             self.registrations.append((engine_id, base_id, num_slots, max_rank))
 
-    def report_residency(self, engine_id: str, gpu: list[str], host: list[str]) -> None:
+    def report_residency(
+        self,
+        engine_id: str,
+        gpu: list[str],
+        host: list[str],
+        *,
+        tiers: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         with self._lock:
             self.reports.append((engine_id, list(gpu), list(host)))
+            self.tier_reports.append((engine_id, [dict(t) for t in tiers]))

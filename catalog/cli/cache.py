@@ -24,7 +24,8 @@ def cache() -> None:
 @server_option
 @json_option
 def cache_stats(server: str, as_json: bool) -> None:
-    """Per-tier bytes, entries, hits, misses and evictions (GPU and host as engines report)."""
+    """Per-tier bytes, entries, hits, misses, evictions and bytes moved in and out (GPU and
+    host summed over the engines' reports)."""
     with connect(server) as client:
         result = client.stats()
     if as_json:
@@ -33,7 +34,7 @@ def cache_stats(server: str, as_json: bool) -> None:
         )
         return
     print_table(
-        ["tier", "entries", "bytes", "capacity", "hits", "misses", "evictions"],
+        ["tier", "entries", "bytes", "capacity", "hits", "misses", "evictions", "in", "out"],
         [
             (
                 t["tier"],
@@ -43,6 +44,8 @@ def cache_stats(server: str, as_json: bool) -> None:
                 t["hits"],
                 t["misses"],
                 t["evictions"],
+                format_bytes(t["bytes_in"]),
+                format_bytes(t["bytes_out"]),
             )
             for t in result["tiers"]
         ],

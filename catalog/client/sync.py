@@ -7,7 +7,7 @@ Every method returns catalog model types and raises ``CatalogError`` subclasses 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -344,6 +344,8 @@ class CatalogClient:
                     "misses": t.misses,
                     "evictions": t.evictions,
                     "capacity_bytes": t.capacity_bytes,
+                    "bytes_in": t.bytes_in,
+                    "bytes_out": t.bytes_out,
                 }
                 for t in response.tiers
             ],
@@ -466,12 +468,26 @@ class CatalogClient:
                 timeout=self.timeout,
             )
 
-    def report_residency(self, engine_id: str, gpu: list[str], host: list[str]) -> None:
+    def report_residency(
+        self,
+        engine_id: str,
+        gpu: list[str],
+        host: list[str],
+        *,
+        tiers: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """What an engine holds (digests in GPU slots and host memory) and, optionally, its
+        counters for those tiers (``tier`` plus any of ``catalog.core.ENGINE_TIER_FIELDS``)."""
         for text in (*gpu, *host):
             Digest.parse(text)
         with translated(self.target):
             self._stub.ReportResidency(
-                pb.ReportResidencyRequest(engine_id=engine_id, gpu=gpu, host=host),
+                pb.ReportResidencyRequest(
+                    engine_id=engine_id,
+                    gpu=gpu,
+                    host=host,
+                    tiers=[pb.TierStats(**tier) for tier in tiers],
+                ),
                 timeout=self.timeout,
             )
 

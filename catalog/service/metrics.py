@@ -40,7 +40,7 @@ class CatalogCollector(Collector):
         )
         traffic = {
             kind: CounterMetricFamily(f"loracat_tier_{kind}", f"Tier {kind}", labels=["tier"])
-            for kind in ("hits", "misses", "evictions")
+            for kind in ("hits", "misses", "evictions", "bytes_in", "bytes_out")
         }
         for tier in stats["tiers"]:
             occupancy.add_metric([tier["tier"]], tier.get("bytes", 0))

@@ -13,7 +13,7 @@ import grpc
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
-from catalog.core import Catalog
+from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import InvalidArgument
 from catalog.model import AdapterName, Ref
 
@@ -237,5 +237,14 @@ class CatalogServicer(pb_grpc.CatalogServicer):
     def ReportResidency(
         self, request: pb.ReportResidencyRequest, context: grpc.ServicerContext
     ) -> pb.ReportResidencyResponse:
-        self.catalog.report_residency(request.engine_id, list(request.gpu), list(request.host))
+        tiers = [
+            {
+                "tier": t.tier,
+                **{name: getattr(t, name) for name in ENGINE_TIER_FIELDS},
+            }
+            for t in request.tiers
+        ]
+        self.catalog.report_residency(
+            request.engine_id, list(request.gpu), list(request.host), tiers
+        )
         return pb.ReportResidencyResponse()

@@ -63,6 +63,18 @@ def test_attach_serve_swap_and_report_over_grpc(
         assert record.host == set(engine.host.digests())
         assert str(swapped.digest) in record.gpu
 
+        # The engine's tier counters reach `loracat cache stats` through the catalog.
+        tiers = {t["tier"]: t for t in client.stats()["tiers"]}
+        gpu, host = tiers["gpu"], tiers["host"]
+        assert gpu["entries"] == len(record.gpu) and gpu["misses"] == stats["misses"]
+        assert gpu["bytes_in"] == stats["bytes_moved"] > 0
+        assert gpu["capacity_bytes"] == stats["slot_bytes"]
+        assert 0 < gpu["bytes"] <= gpu["bytes_in"]
+        assert host["bytes"] == stats["host"]["bytes"] > 0
+        assert host["entries"] == stats["host"]["entries"]
+        assert host["capacity_bytes"] == stats["host"]["budget_bytes"]
+        assert host["bytes_in"] == stats["host"]["bytes_in"]
+
 
 def test_refusals_over_grpc(llama: Arch, client: CatalogClient) -> None:
     from catalog.pack import import_peft_dir

@@ -111,3 +111,30 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 1
     assert "unavailable" in proc.stderr
+
+
+def test_cache_stats_shows_every_tier_with_engine_counters(served, adapter_dirs):
+    run(served, "push", adapter_dirs["qv-r4"], "acme/st", "--base", "tiny-llama-test")
+    run(served, "pull", "acme/st", "/dev/null", "--format", "pack")
+    with served.client() as client:
+        digest = str(client.resolve("acme/st").digest)
+        client.register_engine("engine-cli", "tiny-llama-test", 4, 16)
+        client.report_residency(
+            "engine-cli",
+            gpu=[digest],
+            host=[digest],
+            tiers=[{"tier": "gpu", "bytes": 4096, "bytes_in": 4096, "misses": 1}],
+        )
+    tiers = json.loads(run(served, "cache", "stats", "--json").stdout)["tiers"]
+    assert set(tiers) == {"durable", "nvme", "host", "gpu"}
+    for counters in tiers.values():
+        assert {"bytes", "entries", "hits", "misses", "evictions"} <= set(counters)
+    assert tiers["gpu"]["bytes"] == 4096 and tiers["gpu"]["entries"] == 1
+    assert tiers["nvme"]["misses"] == 1 and tiers["nvme"]["bytes_in"] > 0
+    table = run(served, "cache", "stats").stdout
+    assert [line.split()[0] for line in table.splitlines() if line.strip()][-4:] == [
+        "durable",
+        "nvme",
+        "host",
+        "gpu",
+    ]

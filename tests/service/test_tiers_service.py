@@ -147,6 +147,30 @@ def test_demand_hints_skip_what_the_engine_holds(served, client, packs):
     assert received[0].kind == "stage"
 
 
+def test_engine_tier_counters_are_summed_and_checked(client, packs):
+    a = client.push("acme/t1", packs["qv-r4"]).revision
+    for engine_id in ("engine-x", "engine-y"):
+        client.register_engine(engine_id, "tiny-llama-test", 4, 16)
+        client.report_residency(
+            engine_id,
+            gpu=[str(a.digest)],
+            host=[str(a.digest)],
+            tiers=[
+                {"tier": "gpu", "bytes": 100, "hits": 3, "misses": 1, "bytes_in": 100},
+                {"tier": "host", "bytes": 40, "capacity_bytes": 1000, "evictions": 2},
+            ],
+        )
+    stats = client.stats()
+    gpu, host = tier(stats, "gpu"), tier(stats, "host")
+    # One revision held by two engines is one entry; the engines' counters add up.
+    assert (gpu["entries"], gpu["bytes"], gpu["hits"], gpu["misses"]) == (1, 200, 6, 2)
+    assert (host["bytes"], host["capacity_bytes"], host["evictions"]) == (80, 2000, 4)
+    with pytest.raises(InvalidArgument, match="nvme"):
+        client.report_residency("engine-x", gpu=[], host=[], tiers=[{"tier": "nvme"}])
+    # The refused report changed nothing.
+    assert tier(client.stats(), "gpu")["bytes"] == 200
+
+
 def test_without_a_cache_pins_are_refused(tmp_path, packs):
     from catalog.service.server import create_server, open_catalog
 

@@ -707,6 +707,8 @@ class TierStats(_message.Message):
     MISSES_FIELD_NUMBER: _builtins.int
     EVICTIONS_FIELD_NUMBER: _builtins.int
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
     tier: _builtins.str
     """durable, nvme, host, gpu"""
     bytes: _builtins.int
@@ -715,6 +717,10 @@ class TierStats(_message.Message):
     misses: _builtins.int
     evictions: _builtins.int
     capacity_bytes: _builtins.int
+    bytes_in: _builtins.int
+    """bytes written into the tier (fills, stagings, slot copies)"""
+    bytes_out: _builtins.int
+    """bytes served from the tier"""
     def __init__(
         self,
         *,
@@ -725,10 +731,12 @@ class TierStats(_message.Message):
         misses: _builtins.int = ...,
         evictions: _builtins.int = ...,
         capacity_bytes: _builtins.int = ...,
+        bytes_in: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "capacity_bytes", b"capacity_bytes", "entries", b"entries", "evictions", b"evictions", "hits", b"hits", "misses", b"misses", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "capacity_bytes", b"capacity_bytes", "entries", b"entries", "evictions", b"evictions", "hits", b"hits", "misses", b"misses", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,6 +990,7 @@ class ReportResidencyRequest(_message.Message):
     ENGINE_ID_FIELD_NUMBER: _builtins.int
     GPU_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     @_builtins.property
     def gpu(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -991,16 +1000,23 @@ class ReportResidencyRequest(_message.Message):
     def host(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """digests staged in host memory"""
 
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]:
+        """The engine's own counters for its "host" and "gpu" tiers (bytes held, entries, hits,
+        misses, evictions, capacity, bytes in); the catalog sums them across engines.
+        """
+
     def __init__(
         self,
         *,
         engine_id: _builtins.str = ...,
         gpu: _abc.Iterable[_builtins.str] | None = ...,
         host: _abc.Iterable[_builtins.str] | None = ...,
+        tiers: _abc.Iterable[Global___TierStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_id", b"engine_id", "gpu", b"gpu", "host", b"host"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_id", b"engine_id", "gpu", b"gpu", "host", b"host", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
