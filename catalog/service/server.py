@@ -83,11 +83,12 @@ def open_catalog(
     return catalog
 
 
-#: Threads for unary calls and short streams (push, fetch, prefetch). On a few cores more threads
-#: only add GIL hand-offs per call (see bench/bench_scale.py).
+#: Threads for unary calls and short streams (push, fetch, prefetch). Pools of 1 to 32 measured
+#: alike within the noise of a 2-core machine (bench/bench_scale.py, 2026-11-23).
 DEFAULT_MAX_WORKERS = 32
-#: Hint watchers hold a thread each for as long as their engine runs; they get threads of their
-#: own beside ``max_workers`` (created only when used), so watchers never starve unary calls.
+#: Hint watchers hold a thread each for as long as their engine runs. The pool has this many
+#: threads beside ``max_workers`` (created only when used; idle ones serve any call), and at most
+#: this many watchers are admitted, so watchers never take the last ``max_workers`` threads.
 DEFAULT_MAX_HINT_WATCHERS = 256
 HINT_WATCH_METHOD = "WatchHints"
 
