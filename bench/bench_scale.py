@@ -44,6 +44,7 @@ from catalog.core import Catalog
 from catalog.digest import Digest
 from catalog.events import Event, blob_key, log_key
 from catalog.index.lmdb_index import LmdbIndex
+from catalog.model import every_item
 from catalog.pack import read_pack
 from catalog.pack.synthetic import random_pack
 from catalog.shutdown import ShutdownMarker
@@ -141,7 +142,7 @@ def build(root: Path, args: argparse.Namespace, results: dict[str, Any], rows: l
     )
 
     # 3. in-process resolve through the core
-    refs = sample_refs(catalog, args.resolves)
+    refs = sample_refs(catalog, args.resolves, "uniform")
     for ref in refs[:2000]:
         catalog.resolve(ref)
     lat = []
@@ -152,7 +153,7 @@ def build(root: Path, args: argparse.Namespace, results: dict[str, Any], rows: l
     results["resolve_in_process"] = summarize(lat)
     rows.append(
         (
-            "resolve in-process p50 / p99",
+            "resolve in-process p50 / p99 (uniform refs)",
             "",
             "{p50_us:.1f} / {p99_us:.1f} us".format(**results["resolve_in_process"]),
         )
@@ -161,15 +162,37 @@ def build(root: Path, args: argparse.Namespace, results: dict[str, Any], rows: l
     ShutdownMarker(root / "index.state").close()  # closed cleanly: serve must not rebuild
 
 
-def sample_refs(catalog: Catalog, count: int) -> list[str]:
-    """``count`` refs (latest, alias, number) into the first 1000 adapters, fixed seed."""
-    names = [str(s.adapter) for s in catalog.list_adapters("", 1000).items]
+#: How the resolved refs spread over the catalog's adapters (see ``sample_refs``).
+REF_SPREADS = ("hot", "zipf", "uniform")
+
+
+def sample_refs(catalog: Catalog, count: int, spread: str) -> list[str]:
+    """``count`` refs (latest, alias ``serving``, number 5), fixed seed, over the adapters:
+
+    - ``hot``: uniform over the first 1000 adapters (a working set engines re-resolve);
+    - ``zipf``: Zipf s=1.0 over every adapter, in a shuffled popularity order (skewed demand);
+    - ``uniform``: uniform over every adapter (the worst case: almost every ref is new).
+    """
     rng = random.Random(0)
-    return [rng.choice(names) + rng.choice(["", "@serving", "@5"]) for _ in range(count)]
+    names = [
+        str(s.adapter) for s in every_item(lambda token: catalog.list_adapters("", 1000, token))
+    ]
+    if spread == "hot":
+        chosen = [rng.choice(names[:1000]) for _ in range(count)]
+    elif spread == "uniform":
+        chosen = [rng.choice(names) for _ in range(count)]
+    elif spread == "zipf":
+        order = names[:]
+        rng.shuffle(order)
+        weights = [1.0 / (rank + 1) for rank in range(len(order))]
+        chosen = rng.choices(order, weights=weights, k=count)
+    else:
+        raise ValueError(f"unknown ref spread {spread!r}; one of {', '.join(REF_SPREADS)}")
+    return [name + rng.choice(["", "@serving", "@5"]) for name in chosen]
 
 
-def refs_of_built_root(root: Path, count: int) -> list[str]:
-    """The refs a build of ``root`` resolved, read from its index (``--reuse``)."""
+def refs_of_built_root(root: Path, count: int, spreads: list[str]) -> dict[str, list[str]]:
+    """Refs to resolve on the build in ``root``, per spread, read from its index."""
     index = root / "index"
     if not index.exists():
         raise SystemExit(f"--reuse: {root} holds no index; build it first with --root {root}")
@@ -180,7 +203,7 @@ def refs_of_built_root(root: Path, count: int) -> list[str]:
         spool_dir=root / "spool",
     )
     try:
-        return sample_refs(catalog, count)
+        return {spread: sample_refs(catalog, count, spread) for spread in spreads}
     finally:
         catalog.close()
         ShutdownMarker(root / "index.state").close()
@@ -215,7 +238,7 @@ def alternating(
 
 
 def over_grpc(
-    root: Path, refs: list[str], args: argparse.Namespace
+    root: Path, spreads: dict[str, list[str]], args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[Any]]:
     """Step 4: resolve through a `loracat serve` process on ``root`` beside the echo server.
 
@@ -223,16 +246,14 @@ def over_grpc(
     and taking the response bytes undecoded (``resolve`` vs ``echo``; the echo request is a
     serialized ``Revision``, so both directions carry at least the resolve's bytes). The typed
     client (``CatalogClient.resolve``: request built, response decoded into a ``Revision``) is
-    measured beside them as ``typed``.
+    measured beside them as ``typed``. One server process serves every spread in turn, the
+    hot spread first; the server caches resolve answers (``catalog.service.resolve_cache``), so
+    each spread's first round warms what that spread repeats.
     """
     results: dict[str, Any] = {}
     rows: list[Any] = []
     port, echo_port = free_port(), free_port()
-    if args.prototype_resolve_cache:
-        script = Path(__file__).with_name("resolve_cache_server.py")
-        server = start([sys.executable, str(script), str(root), str(port)], "serving")
-    else:
-        server = serve_root(root, port, "--cache-bytes", "0")
+    server = serve_root(root, port, "--cache-bytes", "0")
     echo = start(
         [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)], "ready"
     )
@@ -242,27 +263,33 @@ def over_grpc(
         resolve_call = channel.unary_unary(RESOLVE_METHOD, _registered_method=True)
         echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
         echo_call = echo_channel.unary_unary(ECHO_METHOD, _registered_method=True)
-        requests = [pb.ResolveRequest(ref=ref).SerializeToString() for ref in refs]
-        payload = resolve_call(requests[0], timeout=10)
-        calls: dict[str, Callable[[int], object]] = {
-            "resolve": lambda i: resolve_call(requests[i], timeout=10),
-            "echo": lambda i: echo_call(payload, timeout=10),
-            "typed": lambda i: client.resolve(refs[i]),
-        }
         results["grpc"] = {}
-        for conc in args.concurrency:
-            res = alternating(calls, len(refs), conc, args.rounds)
-            ratio = res["resolve"]["ops_per_s"] / res["echo"]["ops_per_s"]
-            typed_ratio = res["typed"]["ops_per_s"] / res["echo"]["ops_per_s"]
-            results["grpc"][str(conc)] = {**res, "ratio": ratio, "typed_ratio": typed_ratio}
-            rows.append(
-                (
-                    f"gRPC resolve, {conc} callers",
-                    f"echo {res['echo']['ops_per_s']:,.0f}/s",
-                    f"{res['resolve']['ops_per_s']:,.0f}/s = {ratio:.2f}x echo, "
-                    f"p99 {res['resolve']['p99_us']:,.0f} us; typed client {typed_ratio:.2f}x",
+        for spread, refs in spreads.items():
+            requests = [pb.ResolveRequest(ref=ref).SerializeToString() for ref in refs]
+            payload = resolve_call(requests[0], timeout=10)
+            calls: dict[str, Callable[[int], object]] = {
+                "resolve": lambda i, r=requests: resolve_call(r[i], timeout=10),  # type: ignore[misc]
+                "echo": lambda i, p=payload: echo_call(p, timeout=10),  # type: ignore[misc]
+                "typed": lambda i, r=refs: client.resolve(r[i]),  # type: ignore[misc]
+            }
+            results["grpc"][spread] = {"distinct_refs": len(set(refs))}
+            for conc in args.concurrency:
+                res = alternating(calls, len(refs), conc, args.rounds)
+                ratio = res["resolve"]["ops_per_s"] / res["echo"]["ops_per_s"]
+                typed_ratio = res["typed"]["ops_per_s"] / res["echo"]["ops_per_s"]
+                results["grpc"][spread][str(conc)] = {
+                    **res,
+                    "ratio": ratio,
+                    "typed_ratio": typed_ratio,
+                }
+                rows.append(
+                    (
+                        f"gRPC resolve, {spread} refs, {conc} callers",
+                        f"echo {res['echo']['ops_per_s']:,.0f}/s",
+                        f"{res['resolve']['ops_per_s']:,.0f}/s = {ratio:.2f}x echo, "
+                        f"p99 {res['resolve']['p99_us']:,.0f} us; typed client {typed_ratio:.2f}x",
+                    )
                 )
-            )
         lat = []
         token = ""
         for _ in range(50):
@@ -302,24 +329,22 @@ def main() -> None:
         help="--root already holds a build: run only the gRPC part (results: scale_grpc.json)",
     )
     parser.add_argument(
-        "--prototype-resolve-cache",
-        action="store_true",
-        help="with --reuse: serve through bench/resolve_cache_server.py (scale_grpc_cache.json)",
+        "--refs",
+        nargs="+",
+        choices=REF_SPREADS,
+        default=list(REF_SPREADS),
+        help="how resolved refs spread over the adapters (each measured in turn)",
     )
     args = parser.parse_args()
-    if args.prototype_resolve_cache and not args.reuse:
-        parser.error("--prototype-resolve-cache needs --reuse")
     if args.reuse and args.root is None:
         parser.error("--reuse needs --root")
     root = args.root or Path(tempfile.mkdtemp(prefix="loracat-scale-"))
     results: dict[str, Any] = {"revisions": args.revisions, "rounds": args.rounds}
     rows: list[tuple[Any, ...]] = []
     try:
-        if args.reuse:
-            refs = refs_of_built_root(root, args.resolves)
-        else:
+        if not args.reuse:
             build(root, args, results, rows)
-            refs = refs_of_built_root(root, args.resolves)
+        refs = refs_of_built_root(root, args.resolves, args.refs)
 
         # 4. over gRPC, beside echo
         grpc_results, grpc_rows = over_grpc(root, refs, args)
@@ -330,8 +355,7 @@ def main() -> None:
         if args.s3_revisions and not args.reuse:
             reindex_from_s3(root, args.s3_revisions, results, rows)
         print_table(f"catalog at {args.revisions:,} revisions", ["what", "size", "result"], rows)
-        name = "scale_grpc_cache" if args.prototype_resolve_cache else "scale_grpc"
-        write_results(name if args.reuse else "scale", results)
+        write_results("scale_grpc" if args.reuse else "scale", results)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)

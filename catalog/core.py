@@ -311,6 +311,12 @@ class Catalog:
 
     # -- reads ------------------------------------------------------------------------------
 
+    def generation(self) -> tuple[object, int]:
+        """A token that changes whenever a resolve or listing may answer differently: the
+        index in use (``reindex`` swaps it) and its write generation. For read caches."""
+        with self._swap.shared():
+            return self.index, self.index.generation()
+
     def resolve(self, ref: Ref | str) -> Revision:
         """The live revision ``ref`` names. Raises ``InvalidReference``, ``NotFound``."""
         parsed = Ref.parse(ref) if isinstance(ref, str) else ref
@@ -356,14 +362,7 @@ class Catalog:
 
         Raises ``InvalidArgument`` for an offset beyond the pack, ``DataLoss`` as above.
         """
-        if offset < 0 or length < 0 or offset > revision.size_bytes:
-            raise InvalidArgument(
-                f"range {offset}+{length} is outside the {revision.size_bytes}-byte pack"
-            )
-        self.counters["pack_reads"] += 1
-        self.hints.record_demand(
-            f"{revision.adapter}@{revision.number}", str(revision.digest), revision.base_id
-        )
+        self._start_pack_read(revision, offset, length)
         if self.pack_cache is None:
             data = self._read_durable(revision)
             self.counters["durable_bytes_read"] += len(data)
@@ -376,6 +375,43 @@ class Catalog:
             length,
             lambda: self._read_durable(revision),
             name_for_errors=f"{revision.adapter}@{revision.number}",
+        )
+
+    def iter_pack_range(
+        self, revision: Revision, offset: int, length: int, piece_bytes: int
+    ) -> Iterator[bytes]:
+        """:meth:`read_pack_range` in pieces of at most ``piece_bytes``, for streaming a range
+        out (``FetchPack``): the same checks, counters and demand record, but a range the NVMe
+        tier serves is read, checked and handed over one cache chunk at a time instead of being
+        assembled in memory first (see ``PackCache.iter_range``).
+
+        Raises ``InvalidArgument`` (when called) for a range outside the pack; ``DataLoss`` as
+        :meth:`read_pack_range` (without the NVMe tier when called, with it while iterating).
+        """
+        self._start_pack_read(revision, offset, length)
+        if self.pack_cache is None:
+            data = self._read_durable(revision)
+            self.counters["durable_bytes_read"] += len(data)
+            view = memoryview(data)[offset : offset + length]
+            return (bytes(view[at : at + piece_bytes]) for at in range(0, len(view), piece_bytes))
+        return self.pack_cache.iter_range(
+            revision.digest,
+            offset,
+            length,
+            lambda: self._read_durable(revision),
+            name_for_errors=f"{revision.adapter}@{revision.number}",
+            piece_bytes=piece_bytes,
+        )
+
+    def _start_pack_read(self, revision: Revision, offset: int, length: int) -> None:
+        """Check a range of ``revision``'s pack, count the read and record the demand."""
+        if offset < 0 or length < 0 or offset > revision.size_bytes:
+            raise InvalidArgument(
+                f"range {offset}+{length} is outside the {revision.size_bytes}-byte pack"
+            )
+        self.counters["pack_reads"] += 1
+        self.hints.record_demand(
+            f"{revision.adapter}@{revision.number}", str(revision.digest), revision.base_id
         )
 
     def _read_durable(self, revision: Revision) -> bytes:

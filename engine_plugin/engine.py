@@ -700,15 +700,13 @@ class ResidentEngine:
     # ------------------------------------------------------------------ slot writes
 
     def _write_slot(self, slot: int, staged: StagedAdapter, *, clear_first: bool) -> int:
+        # An evicted tenant's weights are zeroed where the new one does not overwrite them.
+        write = self.pool.replace if clear_first else self.pool.write
         if self._copy_stream is None:
-            if clear_first:
-                self.pool.clear(slot)
-            return self.pool.write(slot, staged)
+            return write(slot, staged)
         with torch.cuda.stream(self._copy_stream):
             self._wait_for_readers(slot)
-            if clear_first:
-                self.pool.clear(slot)
-            moved = self.pool.write(slot, staged, non_blocking=staged.pinned)
+            moved = write(slot, staged, non_blocking=staged.pinned)
             self._record_write()
         return moved
 

@@ -147,6 +147,19 @@ class ModuleSlots:
         self.ranks[slot] = staged.rank
         self.scalings[slot] = staged.scaling
 
+    def stale_views(self, slot: int, incoming: StagedModule | None) -> list[torch.Tensor]:
+        """The views of ``slot`` that still hold weights after ``incoming`` is written over
+        them: rows from ``incoming``'s rank up to the old tenant's (all of them when
+        ``incoming`` is None or fills only some layers, as then it overwrites no whole row)."""
+        old = self.ranks[slot]
+        keep = incoming.rank if incoming is not None and incoming.layers == self._all_layers else 0
+        if old <= keep:
+            return []
+        return [
+            view.narrow(self.slot_axis, keep, old - keep)
+            for view in (self._slot_a[slot], self._slot_bt[slot])
+        ]
+
     def dirty_views(self, slot: int) -> list[torch.Tensor]:
         """The views of ``slot`` that may hold weights: the first ``rank`` rows (rows beyond
         the tenant's rank were never written, so they are still zero)."""
@@ -225,6 +238,24 @@ class SlotPool:
         for module in self.modules.values():
             module.forget(slot)
         self.generation += 1
+
+    def replace(self, slot: int, staged: StagedAdapter, *, non_blocking: bool = False) -> int:
+        """Evict ``slot``'s tenant and write ``staged`` there; returns the bytes copied.
+
+        Leaves the slot exactly as ``clear`` then ``write`` would, without zeroing what the
+        copy overwrites anyway: only rows beyond the new tenant's rank, and modules it does not
+        target, are zeroed (a rank-1 adapter evicting another halves its attach time).
+        """
+        views = [
+            view
+            for name, module in self.modules.items()
+            for view in module.stale_views(slot, staged.modules.get(name))
+        ]
+        if views:
+            torch._foreach_zero_(views)
+        for module in self.modules.values():
+            module.forget(slot)
+        return self.write(slot, staged, non_blocking=non_blocking)
 
     def is_clear(self, slot: int) -> bool:
         """Whether every tensor of ``slot`` is zero (a check for tests and ``verify``)."""

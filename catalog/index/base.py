@@ -65,6 +65,15 @@ class RevisionIndex(ABC):
         return count
 
     @abstractmethod
+    def generation(self) -> int:
+        """A number that changes whenever a committed write may have changed an answer.
+
+        Read caches tag what they computed with it: an answer computed while the generation
+        read the same before and after is the state at that generation, and stays valid for
+        as long as the generation is unchanged.
+        """
+
+    @abstractmethod
     def get_revision(self, adapter: AdapterName, number: int) -> Revision | None:
         """A live revision, or ``None`` when it never existed or was deleted."""
 

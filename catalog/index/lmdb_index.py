@@ -368,6 +368,10 @@ class LmdbIndex(RevisionIndex):
 
     # -- applying events ------------------------------------------------------------------------
 
+    def generation(self) -> int:
+        """The id of the last committed write transaction (any process's)."""
+        return self._read(lambda txn: txn.id())
+
     def apply(self, event: Event) -> None:
         """Apply ``event`` in one write transaction and clear its intent; see the ABC for errors."""
         rules.check_event_shape(event)

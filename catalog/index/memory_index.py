@@ -55,6 +55,7 @@ class MemoryIndex(RevisionIndex):
         self._refs: dict[Digest, int] = {}
         self._intents: dict[tuple[AdapterName, int], Event] = {}
         self._closed = False
+        self._generation = 0
         self._handlers: dict[str, Callable[[_Adapter, Event], None]] = {
             "push": self._push,
             "alias": self._alias,
@@ -68,8 +69,17 @@ class MemoryIndex(RevisionIndex):
 
     # -- applying events ------------------------------------------------------------------------
 
+    def generation(self) -> int:
+        return self._generation
+
     def apply(self, event: Event) -> None:
         rules.check_event_shape(event)
+        self._apply_locked(event)
+        # Bumped after the change: a reader that saw the old state also saw the old number.
+        with self._lock:
+            self._generation += 1
+
+    def _apply_locked(self, event: Event) -> None:
         with self._lock:
             self._check_open()
             entry = self._adapters.get(event.adapter)

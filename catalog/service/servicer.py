@@ -16,6 +16,7 @@ from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import InvalidArgument
 from catalog.model import AdapterName, Ref
+from catalog.service.resolve_cache import GenerationCache
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: The largest push chunk the servicer accepts; the channel limit sits above it so an oversized
@@ -31,6 +32,7 @@ def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
 class CatalogServicer(pb_grpc.CatalogServicer):
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self.resolves: GenerationCache[pb.Revision] = GenerationCache(catalog.generation)
 
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -61,7 +63,8 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         return pb.PushResponse(revision=revision_to_pb(revision), created=created)
 
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.Revision:
-        return revision_to_pb(self.catalog.resolve(request.ref))
+        ref = request.ref
+        return self.resolves.get(ref, lambda: revision_to_pb(self.catalog.resolve(ref)))
 
     def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
@@ -121,16 +124,16 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         if request.offset > size:
             raise InvalidArgument(f"offset {request.offset} is beyond the {size}-byte pack")
         length = size - request.offset if request.length == 0 else request.length
-        data = memoryview(self.catalog.read_pack_range(revision, request.offset, length))
-        chunk = min(request.chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        piece_bytes = min(request.chunk_size or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        # Pieces as the NVMe tier reads and checks them: the pack is never assembled here.
+        pieces = self.catalog.iter_pack_range(revision, request.offset, length, piece_bytes)
         # The first chunk carries the revision, even for an empty range.
-        yield pb.PackChunk(
-            offset=request.offset, data=bytes(data[:chunk]), revision=revision_to_pb(revision)
-        )
-        for start in range(chunk, len(data), chunk):
-            yield pb.PackChunk(
-                offset=request.offset + start, data=bytes(data[start : start + chunk])
-            )
+        first = next(pieces, b"")
+        yield pb.PackChunk(offset=request.offset, data=first, revision=revision_to_pb(revision))
+        position = request.offset + len(first)
+        for piece in pieces:
+            yield pb.PackChunk(offset=position, data=piece)
+            position += len(piece)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats = self.catalog.stats()

@@ -159,6 +159,43 @@ def test_pool_write_reuses_slot_views_per_layout_without_mixing_tenants() -> Non
         assert not slots.lora_a[1, 0].any()
 
 
+def two_module_pool() -> SlotPool:
+    targets = {name: TargetModule(name, 5, 6, 3) for name in ("m", "n")}
+    return SlotPool(targets, 2, 4, torch.float32, torch.device("cpu"))
+
+
+def named(name: str, rank: int, layers: tuple[int, ...], seed: int) -> StagedModule:
+    m = module(rank, layers, seed, scaling=float(seed))
+    return StagedModule(name, m.rank, m.scaling, m.layers, m.lora_a, m.lora_bt)
+
+
+FULL = (0, 1, 2)
+TENANTS = {
+    "both-r4": {"m": named("m", 4, FULL, 1), "n": named("n", 4, FULL, 2)},
+    "both-r1": {"m": named("m", 1, FULL, 3), "n": named("n", 1, FULL, 4)},
+    "m-r2": {"m": named("m", 2, FULL, 5)},
+    "n-r3-some-layers": {"n": named("n", 3, (1, 2), 6)},
+}
+
+
+@pytest.mark.parametrize("old", sorted(TENANTS))
+@pytest.mark.parametrize("new", sorted(TENANTS))
+def test_replace_leaves_the_slot_as_clear_then_write(old: str, new: str) -> None:
+    # Evicting zeroes only what the new tenant does not overwrite: the result must be the
+    # same bytes, ranks and scales as zeroing everything first.
+    got, want = two_module_pool(), two_module_pool()
+    for pool in (got, want):
+        pool.write(0, staged(1, TENANTS[old]))
+        pool.write(1, staged(3, TENANTS["both-r4"]))  # a neighbour that must stay intact
+    got.replace(0, staged(2, TENANTS[new]))
+    want.clear(0)
+    want.write(0, staged(2, TENANTS[new]))
+    for name in ("m", "n"):
+        g, w = got.modules[name], want.modules[name]
+        assert torch.equal(g.lora_a, w.lora_a) and torch.equal(g.lora_bt, w.lora_bt)
+        assert g.ranks == w.ranks and g.scalings == w.scalings
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 7])
 def test_gather_and_wide_equal_a_per_row_loop(tokens: int) -> None:
     torch.manual_seed(0)

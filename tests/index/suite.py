@@ -113,6 +113,28 @@ class RevisionIndexSuite:
     def writer(self, index: RevisionIndex) -> Writer:
         return Writer(index)
 
+    def test_generation_moves_with_every_applied_write(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        first = index.generation()
+        assert index.generation() == first  # reads leave it alone
+        writer.push(ACME_X)
+        writer.push(ACME_X)
+        writer.alias(ACME_X, "serving", 1)
+        writer.metadata(ACME_X, 2, {"k": "v"})
+        writer.alias(ACME_X, "serving", 0)
+        writer.delete(ACME_X, 1)
+        assert index.generation() != first
+        before = index.generation()
+        with pytest.raises(Conflict):
+            index.apply(Event(**{**_fields(writer.events[0]), "seq": 1}))  # stale: refused
+        index.resolve(Ref.parse("acme/x"))
+        assert index.generation() == before  # a refused write and a read change nothing
+        for step in (lambda: writer.push(ACME_Y), lambda: writer.alias(ACME_Y, "a", 1)):
+            previous = index.generation()
+            step()
+            assert index.generation() != previous
+
     # -- pushing and numbering ------------------------------------------------------------------
 
     def test_unknown_adapter_has_no_state(self, index: RevisionIndex) -> None:
