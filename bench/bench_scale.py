@@ -166,14 +166,14 @@ def build(root: Path, args: argparse.Namespace, results: dict[str, Any], rows: l
 REF_SPREADS = ("hot", "zipf", "uniform")
 
 
-def sample_refs(catalog: Catalog, count: int, spread: str) -> list[str]:
-    """``count`` refs (latest, alias ``serving``, number 5), fixed seed, over the adapters:
+def sample_refs(catalog: Catalog, count: int, spread: str, seed: int = 0) -> list[str]:
+    """``count`` refs (latest, alias ``serving``, number 5), drawn with ``seed``, over the adapters:
 
     - ``hot``: uniform over the first 1000 adapters (a working set engines re-resolve);
     - ``zipf``: Zipf s=1.0 over every adapter, in a shuffled popularity order (skewed demand);
     - ``uniform``: uniform over every adapter (the worst case: almost every ref is new).
     """
-    rng = random.Random(0)
+    rng = random.Random(seed)
     names = [
         str(s.adapter) for s in every_item(lambda token: catalog.list_adapters("", 1000, token))
     ]
@@ -183,7 +183,7 @@ def sample_refs(catalog: Catalog, count: int, spread: str) -> list[str]:
         chosen = [rng.choice(names) for _ in range(count)]
     elif spread == "zipf":
         order = names[:]
-        rng.shuffle(order)
+        random.Random(0).shuffle(order)  # one popularity order, whatever the sample's seed
         weights = [1.0 / (rank + 1) for rank in range(len(order))]
         chosen = rng.choices(order, weights=weights, k=count)
     else:
@@ -191,8 +191,12 @@ def sample_refs(catalog: Catalog, count: int, spread: str) -> list[str]:
     return [name + rng.choice(["", "@serving", "@5"]) for name in chosen]
 
 
-def refs_of_built_root(root: Path, count: int, spreads: list[str]) -> dict[str, list[str]]:
-    """Refs to resolve on the build in ``root``, per spread, read from its index."""
+def refs_of_built_root(
+    root: Path, count: int, spreads: list[str], runs: int
+) -> dict[str, list[list[str]]]:
+    """Refs to resolve on the build in ``root``, read from its index: per spread, ``runs``
+    independent samples (two per concurrency level, raw and typed calls, so no measurement finds
+    the answers another one put in the server's resolve cache, beyond what its spread repeats)."""
     index = root / "index"
     if not index.exists():
         raise SystemExit(f"--reuse: {root} holds no index; build it first with --root {root}")
@@ -203,7 +207,10 @@ def refs_of_built_root(root: Path, count: int, spreads: list[str]) -> dict[str, 
         spool_dir=root / "spool",
     )
     try:
-        return {spread: sample_refs(catalog, count, spread) for spread in spreads}
+        return {
+            spread: [sample_refs(catalog, count, spread, seed) for seed in range(runs)]
+            for spread in spreads
+        }
     finally:
         catalog.close()
         ShutdownMarker(root / "index.state").close()
@@ -238,7 +245,7 @@ def alternating(
 
 
 def over_grpc(
-    root: Path, spreads: dict[str, list[str]], args: argparse.Namespace
+    root: Path, spreads: dict[str, list[list[str]]], args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[Any]]:
     """Step 4: resolve through a `loracat serve` process on ``root`` beside the echo server.
 
@@ -264,20 +271,24 @@ def over_grpc(
         echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
         echo_call = echo_channel.unary_unary(ECHO_METHOD, _registered_method=True)
         results["grpc"] = {}
-        for spread, refs in spreads.items():
-            requests = [pb.ResolveRequest(ref=ref).SerializeToString() for ref in refs]
-            payload = resolve_call(requests[0], timeout=10)
-            calls: dict[str, Callable[[int], object]] = {
-                "resolve": lambda i, r=requests: resolve_call(r[i], timeout=10),  # type: ignore[misc]
-                "echo": lambda i, p=payload: echo_call(p, timeout=10),  # type: ignore[misc]
-                "typed": lambda i, r=refs: client.resolve(r[i]),  # type: ignore[misc]
-            }
-            results["grpc"][spread] = {"distinct_refs": len(set(refs))}
-            for conc in args.concurrency:
+        for spread, samples in spreads.items():
+            results["grpc"][spread] = {}
+            # Raw and typed calls get their own samples: the typed client must not find the
+            # answers the raw calls of the same round just cached.
+            pairs = zip(args.concurrency, samples[0::2], samples[1::2], strict=True)
+            for conc, refs, typed_refs in pairs:
+                requests = [pb.ResolveRequest(ref=ref).SerializeToString() for ref in refs]
+                payload = resolve_call(requests[0], timeout=10)
+                calls: dict[str, Callable[[int], object]] = {
+                    "resolve": lambda i, r=requests: resolve_call(r[i], timeout=10),  # type: ignore[misc]
+                    "echo": lambda i, p=payload: echo_call(p, timeout=10),  # type: ignore[misc]
+                    "typed": lambda i, r=typed_refs: client.resolve(r[i]),  # type: ignore[misc]
+                }
                 res = alternating(calls, len(refs), conc, args.rounds)
                 ratio = res["resolve"]["ops_per_s"] / res["echo"]["ops_per_s"]
                 typed_ratio = res["typed"]["ops_per_s"] / res["echo"]["ops_per_s"]
                 results["grpc"][spread][str(conc)] = {
+                    "distinct_refs": len(set(refs)),
                     **res,
                     "ratio": ratio,
                     "typed_ratio": typed_ratio,
@@ -344,7 +355,7 @@ def main() -> None:
     try:
         if not args.reuse:
             build(root, args, results, rows)
-        refs = refs_of_built_root(root, args.resolves, args.refs)
+        refs = refs_of_built_root(root, args.resolves, args.refs, 2 * len(args.concurrency))
 
         # 4. over gRPC, beside echo
         grpc_results, grpc_rows = over_grpc(root, refs, args)

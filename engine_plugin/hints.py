@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from typing import Any, Protocol
 
-from catalog.errors import Cancelled, CatalogError, NotFound, Unavailable
+from catalog.errors import Cancelled, CatalogError, NotFound, ResourceExhausted, Unavailable
 from catalog.model import Hint
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class HintFollower:
                     self._apply(hint)
             except Cancelled:
                 return
-            except NotFound as exc:
+            except (NotFound, ResourceExhausted) as exc:
+                # Unregistered, or the server's cap on hint watchers is reached: try again later.
                 log.warning("hint stream refused: %s", exc)
                 self.counters["refused"] += 1
             except Unavailable as exc:

@@ -94,6 +94,20 @@ def cli() -> None:
 @click.option(
     "--metrics-port", default=None, type=click.IntRange(0, 65535), help="Serve Prometheus /metrics."
 )
+@click.option(
+    "--max-workers",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Threads serving unary and short streaming calls.",
+)
+@click.option(
+    "--max-hint-watchers",
+    default=256,
+    show_default=True,
+    type=click.IntRange(0, 65536),
+    help="Engines that may hold a WatchHints stream at once (each holds a thread).",
+)
 def serve(
     root: Path,
     store_url: str | None,
@@ -103,6 +117,8 @@ def serve(
     cache_bytes: str,
     cache_policy: str,
     metrics_port: int | None,
+    max_workers: int,
+    max_hint_watchers: int,
 ) -> None:
     """Run the catalog server."""
     import logging
@@ -123,6 +139,8 @@ def serve(
         cache_bytes=parse_bytes(cache_bytes),
         cache_policy=cache_policy,
         metrics_port=metrics_port,
+        max_workers=max_workers,
+        max_hint_watchers=max_hint_watchers,
     )
 
 

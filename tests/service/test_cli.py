@@ -138,3 +138,13 @@ def test_cache_stats_shows_every_tier_with_engine_counters(served, adapter_dirs)
         "host",
         "gpu",
     ]
+
+
+def test_serve_defaults_match_the_server_defaults():
+    # The CLI spells its defaults out (it does not import grpc to start); keep them in step.
+    from catalog.cli.main import serve
+    from catalog.service.server import DEFAULT_MAX_HINT_WATCHERS, DEFAULT_MAX_WORKERS
+
+    defaults = {p.name: p.default for p in serve.params}
+    assert defaults["max_workers"] == DEFAULT_MAX_WORKERS
+    assert defaults["max_hint_watchers"] == DEFAULT_MAX_HINT_WATCHERS
