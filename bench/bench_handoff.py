@@ -334,7 +334,6 @@ def main() -> None:
 
     from safetensors.torch import save
 
-
     config = qwen2_05b_config(args.small)
     print(f"building the base ({config.num_hidden_layers} layers, bf16) ...", flush=True)
     base = build_base(config)

@@ -365,13 +365,19 @@ def run_page_cache(experts: int, paths: dict[str, Path], repeats: int) -> dict[s
     return {"loaders": results, "packed_components": components}
 
 
-def run_grpc(experts: int, paths: dict[str, Path], repeats: int, root: Path) -> dict[str, Any]:
+def run_grpc(
+    experts: int, paths: dict[str, Path], repeats: int, root: Path, digest: str
+) -> dict[str, Any]:
     from catalog.client import CatalogClient
     from tests.servers import serve_subprocess
 
     name = "bench/moe"
     store = (root / f"store-{experts}").as_uri()
-    with serve_subprocess(root / f"catalog-{experts}", store) as (server, address):
+    serve_args = ("--digest", digest)
+    with serve_subprocess(root / f"catalog-{experts}", store, extra_args=serve_args) as (
+        server,
+        address,
+    ):
         client = CatalogClient(address)
         try:
             client.push(name, paths["pack"].read_bytes())
@@ -411,7 +417,7 @@ def run_grpc(experts: int, paths: dict[str, Path], repeats: int, root: Path) -> 
     return {"loaders": summarize(samples, "packed attach"), "packed_components": components}
 
 
-def run(experts: int, repeats: int, root: Path) -> dict[str, Any]:
+def run(experts: int, repeats: int, root: Path, digest: str) -> dict[str, Any]:
     peft_dir = root / f"peft-{experts}"
     count, nbytes = write_peft_dir(peft_dir, experts, seed=experts)
     start = time.perf_counter()
@@ -425,7 +431,7 @@ def run(experts: int, repeats: int, root: Path) -> dict[str, Any]:
     )
     page_cache = run_page_cache(experts, paths, repeats)
     print(f"E={experts}: catalog over gRPC ...", flush=True)
-    grpc = run_grpc(experts, paths, repeats, root)
+    grpc = run_grpc(experts, paths, repeats, root, digest)
     from catalog.pack import read_pack
 
     def speedup(setting: dict[str, Any], raw: bool, key: str = "x_packed_time") -> float:
@@ -459,13 +465,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--experts", type=int, nargs="+", default=list(EXPERT_COUNTS))
+    parser.add_argument(
+        "--digest",
+        choices=["sha256", "blake3"],
+        default="sha256",
+        help="what the catalog identifies (and the client verifies) revisions by",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-moe-attach-") as tmp:
         for experts in args.experts:
-            runs.append(run(experts, args.repeats, Path(tmp)))
+            runs.append(run(experts, args.repeats, Path(tmp), args.digest))
 
     rows = []
     for r in runs:
@@ -530,7 +542,7 @@ def main() -> None:
     }
     print("\nfloors:", floors)
     write_results(
-        "moe_attach",
+        "moe_attach" if args.digest == "sha256" else f"moe_attach_{args.digest}",
         {
             "config": {
                 "layers": LAYERS,
@@ -542,6 +554,7 @@ def main() -> None:
                 "dense_modules": sorted(DENSE),
                 "expert_projections": sorted(EXPERT_PROJECTIONS),
                 "torch_threads": 1,
+                "digest": args.digest,
             },
             "runs": runs,
             "floors_met": floors,

@@ -27,7 +27,7 @@ from typing import Any
 
 from catalog.cache.pack_cache import PackCache
 from catalog.checkpoint import CheckpointInfo, load_log, verify_checkpoints, write_checkpoint
-from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
+from catalog.digest import DEFAULT_ALGORITHM, HASHERS, Digest, new_hasher
 from catalog.errors import (
     CatalogError,
     Conflict,
@@ -156,7 +156,13 @@ class PushUpload:
         self.aliases = aliases
         self.metadata = metadata
         self.expected_digest = expected_digest
-        self._hasher = new_hasher(DEFAULT_ALGORITHM)
+        self._hasher = new_hasher(catalog.digest_algorithm)
+        # A client may state the digest in another algorithm: check it with its own hasher.
+        self._check_hasher = (
+            new_hasher(expected_digest.algorithm)
+            if expected_digest is not None and expected_digest.algorithm != catalog.digest_algorithm
+            else None
+        )
         self.received = 0
         fd, name = tempfile.mkstemp(prefix="push-", suffix=".pack", dir=catalog.spool_dir)
         self._file = os.fdopen(fd, "wb")
@@ -169,6 +175,8 @@ class PushUpload:
             )
         self._file.write(chunk)
         self._hasher.update(chunk)
+        if self._check_hasher is not None:
+            self._check_hasher.update(chunk)
         self.received += len(chunk)
 
     def commit(self) -> tuple[Revision, bool]:
@@ -185,11 +193,18 @@ class PushUpload:
                 f"push of {self.adapter} truncated: received {self.received} of "
                 f"{self.size_bytes} declared bytes"
             )
-        digest = Digest(DEFAULT_ALGORITHM, self._hasher.hexdigest())
-        if self.expected_digest is not None and digest != self.expected_digest:
-            raise DataLoss(
-                f"push of {self.adapter}: bytes hash to {digest}, expected {self.expected_digest}"
+        digest = Digest(self._catalog.digest_algorithm, self._hasher.hexdigest())
+        if self.expected_digest is not None:
+            stated = (
+                digest
+                if self._check_hasher is None
+                else Digest(self.expected_digest.algorithm, self._check_hasher.hexdigest())
             )
+            if stated != self.expected_digest:
+                raise DataLoss(
+                    f"push of {self.adapter}: bytes hash to {stated}, "
+                    f"expected {self.expected_digest}"
+                )
         manifest = self._validate_pack()
         return self._catalog._commit_push(self, digest, manifest)
 
@@ -247,7 +262,15 @@ class Catalog:
         pack_cache: PackCache | None = None,
         prefetch_workers: int = 4,
         attach_aliases: tuple[str, ...] = ("serving",),
+        digest_algorithm: str = DEFAULT_ALGORITHM,
     ) -> None:
+        if digest_algorithm not in HASHERS:
+            raise InvalidArgument(
+                f"unknown digest algorithm {digest_algorithm!r}; one of {', '.join(HASHERS)}"
+            )
+        #: What new revisions are identified by (existing ones keep theirs). Every read of pack
+        #: bytes is checked against it, so a faster hash (blake3) shows on the fetch path.
+        self.digest_algorithm = digest_algorithm
         self.store = store
         self._on_close = on_close
         #: The NVMe tier; ``None`` reads every pack from the durable store.

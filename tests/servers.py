@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +53,15 @@ def loracat_command() -> list[str]:
 
 @contextmanager
 def serve_subprocess(
-    root: Path, store_url: str | None = None, env: dict[str, str] | None = None
+    root: Path,
+    store_url: str | None = None,
+    env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`loracat serve` in a child process; yields (process, address) once it answers health."""
+    """`loracat serve` (plus ``extra_args``) in a child process; yields (process, address) once
+    it answers health."""
     port = free_port()
-    args = [*loracat_command(), "serve", "--root", str(root), "--port", str(port)]
+    args = [*loracat_command(), "serve", "--root", str(root), "--port", str(port), *extra_args]
     if store_url:
         args += ["--store", store_url]
     log = open(root.parent / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed below

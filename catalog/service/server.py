@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.core import Catalog, Limits
+from catalog.digest import DEFAULT_ALGORITHM
 from catalog.errors import ResourceExhausted
 from catalog.service.errors import abort_for, is_abort
 from catalog.service.metrics import RPC_LATENCY
@@ -43,6 +44,7 @@ def open_catalog(
     cache_dir: Path | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     cache_policy: str = "default",
+    digest_algorithm: str = DEFAULT_ALGORITHM,
 ) -> Catalog:
     """The catalog kept under ``root``: ``root/index`` (LMDB), ``root/cache`` (the NVMe pack
     cache, unless ``cache_dir`` names another; ``cache_bytes=0`` runs without one),
@@ -72,6 +74,7 @@ def open_catalog(
         limits=limits,
         on_close=marker.close,
         pack_cache=cache,
+        digest_algorithm=digest_algorithm,
     )
     if lost_writes:
         log.warning("the index was not closed cleanly before a reboot: rebuilding it")
@@ -220,10 +223,16 @@ def serve_forever(
     demand_hint_interval_s: float = 5.0,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
+    digest_algorithm: str = DEFAULT_ALGORITHM,
 ) -> None:
     """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index."""
     catalog = open_catalog(
-        root, store_url, cache_dir=cache_dir, cache_bytes=cache_bytes, cache_policy=cache_policy
+        root,
+        store_url,
+        cache_dir=cache_dir,
+        cache_bytes=cache_bytes,
+        cache_policy=cache_policy,
+        digest_algorithm=digest_algorithm,
     )
     server, bound = create_server(
         catalog, f"{host}:{port}", max_workers=max_workers, max_hint_watchers=max_hint_watchers
