@@ -47,6 +47,7 @@ from catalog.index.lmdb_index import LmdbIndex
 from catalog.model import every_item
 from catalog.pack import read_pack
 from catalog.pack.synthetic import random_pack
+from catalog.service.server import DEFAULT_MAX_HINT_WATCHERS, DEFAULT_MAX_WORKERS
 from catalog.shutdown import ShutdownMarker
 from catalog.storage.base import BlobStore
 from catalog.storage.local import LocalDirStore
@@ -260,9 +261,28 @@ def over_grpc(
     results: dict[str, Any] = {}
     rows: list[Any] = []
     port, echo_port = free_port(), free_port()
-    server = serve_root(root, port, "--cache-bytes", "0")
+    workers, watchers = args.pool
+    server = serve_root(
+        root,
+        port,
+        "--cache-bytes",
+        "0",
+        "--max-workers",
+        str(workers),
+        "--max-hint-watchers",
+        str(watchers),
+    )
     echo = start(
-        [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_port)], "ready"
+        [
+            sys.executable,
+            str(Path(__file__).with_name("echo_server.py")),
+            str(echo_port),
+            "--workers",
+            str(workers),
+            "--watchers",
+            str(watchers),
+        ],
+        "ready",
     )
     try:
         client = CatalogClient(f"127.0.0.1:{port}")
@@ -340,6 +360,14 @@ def main() -> None:
         help="--root already holds a build: run only the gRPC part (results: scale_grpc.json)",
     )
     parser.add_argument(
+        "--pool",
+        type=int,
+        nargs=2,
+        metavar=("WORKERS", "WATCHERS"),
+        default=[DEFAULT_MAX_WORKERS, DEFAULT_MAX_HINT_WATCHERS],
+        help="server thread pool, the same for the catalog and echo (serve's defaults)",
+    )
+    parser.add_argument(
         "--refs",
         nargs="+",
         choices=REF_SPREADS,
@@ -350,7 +378,11 @@ def main() -> None:
     if args.reuse and args.root is None:
         parser.error("--reuse needs --root")
     root = args.root or Path(tempfile.mkdtemp(prefix="loracat-scale-"))
-    results: dict[str, Any] = {"revisions": args.revisions, "rounds": args.rounds}
+    results: dict[str, Any] = {
+        "revisions": args.revisions,
+        "rounds": args.rounds,
+        "pool": {"workers": args.pool[0], "hint_watchers": args.pool[1]},
+    }
     rows: list[tuple[Any, ...]] = []
     try:
         if not args.reuse:
