@@ -2,7 +2,12 @@
 # Regenerate catalog/_proto from proto/. Run from anywhere: scripts/gen_proto.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+# The venv's python has grpcio-tools; fall back to whatever python is on PATH.
+default_py=python
+[ -x .venv/bin/python ] && default_py=.venv/bin/python
+PY=${PYTHON:-$default_py}
+# protoc finds its mypy plugins (protoc-gen-mypy) next to that python.
+PATH="$(dirname "$(command -v "$PY")"):$PATH"
 out=catalog/_proto
 rm -rf "$out/loracat"
 "$PY" -m grpc_tools.protoc -Iproto --python_out="$out" --grpc_python_out="$out" \
