@@ -31,7 +31,6 @@ from catalog.client.requests import (
 from catalog.client.transfer import (
     FETCH_PACK_METHOD,
     PackReceiver,
-    new_buffer,
     serialize_request,
 )
 from catalog.convert import (
@@ -41,6 +40,7 @@ from catalog.convert import (
 )
 from catalog.digest import Digest
 from catalog.errors import DataLoss, Unavailable
+from catalog.hostmem import new_buffer
 from catalog.model import (
     AdapterName,
     AdapterSummary,

@@ -16,13 +16,11 @@ copying; see ``engine_plugin.sources.PackSource``).
 
 from __future__ import annotations
 
-import mmap
-import sys
-
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.convert import revision_from_pb
 from catalog.digest import Digest, Hasher, new_hasher
 from catalog.errors import DataLoss
+from catalog.hostmem import new_buffer
 from catalog.model import Revision
 
 #: The full name of the method the raw stubs call (``catalog.proto``'s ``Catalog.FetchPack``).
@@ -31,9 +29,6 @@ FETCH_PACK_METHOD = "/loracat.v1.Catalog/FetchPack"
 _OFFSET, _DATA, _REVISION = 1, 2, 3
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 _WIRE_TYPES = {_OFFSET: _VARINT, _DATA: _LENGTH_DELIMITED, _REVISION: _LENGTH_DELIMITED}
-#: Buffers at least this large are mapped with their pages populated up front: one kernel call
-#: faults them all in, about half the cost of faulting them page by page on first write.
-_POPULATE_MIN_BYTES = 1 << 20
 
 
 def serialize_request(request: pb.FetchPackRequest) -> bytes:
@@ -88,14 +83,6 @@ def decode_chunk(raw: bytes, ref: str) -> tuple[int, memoryview, memoryview | No
     if pos != len(view):
         raise DataLoss(f"fetch of {ref}: a malformed chunk (a fixed field is truncated)")
     return offset, data, revision
-
-
-def new_buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable buffer of ``size`` bytes (zeroed), its pages faulted in up front when large."""
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if size < _POPULATE_MIN_BYTES or not populate or sys.platform != "linux":
-        return bytearray(size)
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
 
 
 class PackReceiver:
