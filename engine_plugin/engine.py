@@ -394,15 +394,6 @@ class ResidentEngine:
                 }
                 for e in self.slots
             ]
-            host = {
-                "bytes": self.host.nbytes,
-                "budget_bytes": self.host.budget_bytes,
-                "entries": len(self.host),
-                "hits": self.host.counters.hits,
-                "misses": self.host.counters.misses,
-                "evictions": self.host.counters.evictions,
-                "bytes_in": self.host.counters.bytes_in,
-            }
             stats: dict[str, Any] = {
                 "engine_id": self.engine_id,
                 "base_id": self.base_id,
@@ -417,7 +408,7 @@ class ResidentEngine:
                 },
                 "pins": sorted(self._pins),
                 **self.counters,
-                "host": host,
+                "host": self.host.stats(),
                 "prefetch": vars(self._prefetcher.counters).copy(),
                 "time_s": dict(self.timings),
             }
@@ -643,14 +634,14 @@ class ResidentEngine:
                         self._cond.wait(remaining)
         entry, evicted = claimed
         assert staged is not None  # both paths above stage before they claim
-        if evicted is not None:
-            with self._cond:
-                self.counters["evictions"] += 1
+        # Counted under the next lock hold, whichever way the write goes.
+        evictions = int(evicted is not None)
         started = time.perf_counter()
         try:
             moved = self._write_slot(entry.slot, staged, clear_first=evicted is not None)
         except BaseException:
             with self._cond:
+                self.counters["evictions"] += evictions
                 self._clear_slot(entry.slot)
                 self.slots.release(entry)
                 self._cond.notify_all()
@@ -659,6 +650,7 @@ class ResidentEngine:
             self.timings["copy_s"] += time.perf_counter() - started
             entry.state = SlotState.READY
             entry.nbytes = moved
+            self.counters["evictions"] += evictions
             self.counters["misses"] += 1
             self.counters["bytes_moved"] += moved
             self._refresh_pins()
@@ -965,17 +957,12 @@ class ResidentEngine:
         """What the engine holds, and its counters per tier, as the catalog records them."""
         with self._cond:
             ready = [e for e in self.slots.entries() if e.state is SlotState.READY]
-            host = self.host.counters
+            host = self.host.stats()
             tiers = [
                 {
                     "tier": "host",
-                    "bytes": self.host.nbytes,
-                    "entries": len(self.host),
-                    "hits": host.hits,
-                    "misses": host.misses,
-                    "evictions": host.evictions,
-                    "capacity_bytes": self.host.budget_bytes,
-                    "bytes_in": host.bytes_in,
+                    **{k: v for k, v in host.items() if k != "budget_bytes"},
+                    "capacity_bytes": host["budget_bytes"],
                 },
                 {
                     "tier": "gpu",

@@ -89,6 +89,16 @@ class HostTier:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def stats(self) -> dict[str, int]:
+        """Occupancy and counters: ``bytes``, ``budget_bytes``, ``entries``, ``hits``,
+        ``misses``, ``evictions``, ``bytes_in``."""
+        return {
+            "bytes": self.nbytes,
+            "budget_bytes": self.budget_bytes,
+            "entries": len(self),
+            **vars(self.counters),
+        }
+
     def digests(self) -> list[str]:
         return list(self._entries)
 

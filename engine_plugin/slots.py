@@ -93,14 +93,6 @@ class ModuleSlots:
     def nbytes(self) -> int:
         return tensor_nbytes(self.lora_a) + tensor_nbytes(self.lora_bt)
 
-    def write(self, slot: int, staged: StagedModule, *, non_blocking: bool) -> int:
-        """Copy one staged module into ``slot``; returns the bytes copied."""
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.plan_write(slot, staged, pairs, non_blocking=non_blocking)
-        for dst, src in pairs:
-            dst.copy_(src, non_blocking=non_blocking)
-        return staged.nbytes
-
     def plan_write(
         self,
         slot: int,
@@ -135,13 +127,6 @@ class ModuleSlots:
             and self.scalings[slot] == 0.0
         )
 
-    def clear(self, slot: int) -> None:
-        """Zero ``slot`` (weights, scale, rank)."""
-        views = self.dirty_views(slot)
-        if views:
-            torch._foreach_zero_(views)
-        self.forget(slot)
-
     def record(self, slot: int, staged: StagedModule) -> None:
         """Note ``staged``'s rank and scale as ``slot``'s (the batch plans read these)."""
         self.ranks[slot] = staged.rank
@@ -150,7 +135,8 @@ class ModuleSlots:
     def stale_views(self, slot: int, incoming: StagedModule | None) -> list[torch.Tensor]:
         """The views of ``slot`` that still hold weights after ``incoming`` is written over
         them: rows from ``incoming``'s rank up to the old tenant's (all of them when
-        ``incoming`` is None or fills only some layers, as then it overwrites no whole row)."""
+        ``incoming`` is None or fills only some layers, as then it overwrites no whole row).
+        Rows beyond the old tenant's rank were never written, so they are still zero."""
         old = self.ranks[slot]
         keep = incoming.rank if incoming is not None and incoming.layers == self._all_layers else 0
         if old <= keep:
@@ -159,12 +145,6 @@ class ModuleSlots:
             view.narrow(self.slot_axis, keep, old - keep)
             for view in (self._slot_a[slot], self._slot_bt[slot])
         ]
-
-    def dirty_views(self, slot: int) -> list[torch.Tensor]:
-        """The views of ``slot`` that may hold weights: the first ``rank`` rows (rows beyond
-        the tenant's rank were never written, so they are still zero)."""
-        rank = self.ranks[slot]
-        return list(self._rows(slot, rank)) if rank else []
 
     def forget(self, slot: int) -> None:
         """Drop ``slot``'s rank and scale (once its weights are zeroed)."""
@@ -232,11 +212,7 @@ class SlotPool:
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every module, so stale weights never reach a later tenant."""
-        views = [v for module in self.modules.values() for v in module.dirty_views(slot)]
-        if views:
-            torch._foreach_zero_(views)
-        for module in self.modules.values():
-            module.forget(slot)
+        self._zero_stale(slot, None)
         self.generation += 1
 
     def replace(self, slot: int, staged: StagedAdapter, *, non_blocking: bool = False) -> int:
@@ -246,16 +222,23 @@ class SlotPool:
         copy overwrites anyway: only rows beyond the new tenant's rank, and modules it does not
         target, are zeroed (a rank-1 adapter evicting another halves its attach time).
         """
+        self._zero_stale(slot, staged)
+        return self.write(slot, staged, non_blocking=non_blocking)
+
+    def _zero_stale(self, slot: int, incoming: StagedAdapter | None) -> None:
+        """Zero what ``slot``'s tenant left that ``incoming`` (None: nothing) will not
+        overwrite, and forget the tenant's ranks and scales."""
         views = [
             view
             for name, module in self.modules.items()
-            for view in module.stale_views(slot, staged.modules.get(name))
+            for view in module.stale_views(
+                slot, incoming.modules.get(name) if incoming is not None else None
+            )
         ]
         if views:
             torch._foreach_zero_(views)
         for module in self.modules.values():
             module.forget(slot)
-        return self.write(slot, staged, non_blocking=non_blocking)
 
     def is_clear(self, slot: int) -> bool:
         """Whether every tensor of ``slot`` is zero (a check for tests and ``verify``)."""

@@ -74,12 +74,6 @@ class MemoryIndex(RevisionIndex):
 
     def apply(self, event: Event) -> None:
         rules.check_event_shape(event)
-        self._apply_locked(event)
-        # Bumped after the change: a reader that saw the old state also saw the old number.
-        with self._lock:
-            self._generation += 1
-
-    def _apply_locked(self, event: Event) -> None:
         with self._lock:
             self._check_open()
             entry = self._adapters.get(event.adapter)
@@ -93,6 +87,9 @@ class MemoryIndex(RevisionIndex):
             entry.updated_at = event.at
             self._adapters[event.adapter] = entry
             self._intents.pop((event.adapter, event.seq), None)
+            # In the same hold as the change: readers take the lock, so none sees one without
+            # the other.
+            self._generation += 1
 
     def _push(self, entry: _Adapter, event: Event) -> None:
         if event.revision != entry.next_revision:
