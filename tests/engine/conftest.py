@@ -48,6 +48,9 @@ class Arch:
     dirs: dict[str, Path]
     packs: dict[str, bytes]
     _peft: dict[str, Any] = field(default_factory=dict)
+    #: What ``engine`` builds unless told otherwise.
+    default_slots = 4
+    default_max_rank = 16
 
     def fresh_base(self) -> Any:
         return copy.deepcopy(self.base)
@@ -73,8 +76,8 @@ class Arch:
         return source
 
     def engine(self, source: LocalPackSource | None = None, **options: Any) -> ResidentEngine:
-        options.setdefault("num_slots", 4)
-        options.setdefault("max_rank", 16)
+        options.setdefault("num_slots", self.default_slots)
+        options.setdefault("max_rank", self.default_max_rank)
         return ResidentEngine(
             self.fresh_base(),
             catalog=source if source is not None else self.source(),

@@ -24,7 +24,7 @@ from engine_plugin import LocalPackSource, ResidentEngine
 from engine_plugin.experts import ExpertsTarget, MultiLoRAExperts, expert_routes
 from engine_plugin.staging import SlotRoute
 from tests import factories
-from tests.engine.conftest import make_ids, rel_err
+from tests.engine.conftest import Arch, make_ids, rel_err
 
 TOLERANCE = 1e-4
 
@@ -68,16 +68,13 @@ MIXED = [
 
 
 @dataclass
-class MoeArch:
-    """A tiny fused-experts base, its adapters (both layouts), packs and references."""
+class MoeArch(Arch):
+    """A tiny fused-experts base, its adapters (both layouts), packs and references;
+    ``naming`` tells which adapters were made on a per-expert model (None: the fused one)."""
 
-    name: str
-    base_id: str
-    base: Any
-    dirs: dict[str, Path]
-    naming: dict[str, str | None]
-    packs: dict[str, bytes]
-    _peft: dict[str, Any] = field(default_factory=dict)
+    naming: dict[str, str | None] = field(default_factory=dict)
+    default_slots = 7
+    default_max_rank = 8
 
     def peft(self, adapter: str) -> Any:
         """``PeftModel`` with ``adapter`` alone, on the model it was made on (cached)."""
@@ -90,27 +87,6 @@ class MoeArch:
                 model = per_expert_model(model, naming)
             self._peft[adapter] = PeftModel.from_pretrained(model, str(self.dirs[adapter])).eval()
         return self._peft[adapter]
-
-    def reference_logits(self, adapter: str | None, ids: torch.Tensor) -> torch.Tensor:
-        model = self.base if adapter is None else self.peft(adapter)
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    def source(self) -> LocalPackSource:
-        source = LocalPackSource()
-        for name, pack in self.packs.items():
-            source.publish(name, pack)
-        return source
-
-    def engine(self, source: LocalPackSource | None = None, **options: Any) -> ResidentEngine:
-        options.setdefault("num_slots", 7)
-        options.setdefault("max_rank", 8)
-        return ResidentEngine(
-            copy.deepcopy(self.base),
-            catalog=source if source is not None else self.source(),
-            base_id=self.base_id,
-            **options,
-        )
 
 
 def per_expert_model(base: Any, naming: str) -> Any:
@@ -139,7 +115,7 @@ def _build(name: str, config: Any, root: Path) -> MoeArch:
         path = _make_adapter(base, per_expert, root / adapter.replace("/", "_"), spec)
         dirs[adapter], naming[adapter] = path, per_expert
         packs[adapter] = import_peft_dir(path, base_id=base_id)
-    return MoeArch(name, base_id, base, dirs, naming, packs)
+    return MoeArch(name, base_id, base, dirs, packs, naming=naming)
 
 
 @pytest.fixture(scope="session")
