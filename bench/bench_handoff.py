@@ -322,8 +322,9 @@ def handoff_rows(settings: dict[str, Any]) -> list[list[Any]]:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_handoff_args(description: str) -> argparse.Namespace:
+    """The command line both handoff benchmarks take; sets torch's thread count from it."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -331,6 +332,11 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["s3", "colocated"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_handoff_args(__doc__.split("\n")[0])
 
     from safetensors.torch import save
 

@@ -20,7 +20,6 @@ dense model, and none is set for MoE.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.bench_handoff import HANDOFF_COLUMNS, RANKS, handoff_rows, run_settings, timed
+from bench.bench_handoff import (
+    HANDOFF_COLUMNS,
+    RANKS,
+    handoff_rows,
+    parse_handoff_args,
+    run_settings,
+    timed,
+)
 from bench.common import print_table, write_results
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -137,14 +143,7 @@ def merged_moe_state(base: Any, pack: bytes) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--small", action="store_true", help="a tiny model, for a quick check")
-    parser.add_argument("--settings", nargs="+", default=["s3", "colocated"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_handoff_args(__doc__.split("\n")[0])
 
     from safetensors.torch import save
 
