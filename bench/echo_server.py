@@ -1,8 +1,9 @@
 """A raw gRPC echo server, configured like the catalog's, as the floor for RPC benchmarks.
 
-Same server kind (sync ``grpc.server``), same thread pool (``max_workers`` plus the hint-watcher
-threads, created only when used), same channel options, and a registered method handler like the
-generated catalog code: what differs from the catalog is only the handler's own work.
+Same server kind (``grpc.aio`` on one event loop, the handler inline on the loop as the catalog's
+index reads are), same channel options, and a registered method handler like the catalog's:
+what differs from the catalog is only the handler's own work. (``--workers`` / ``--watchers``
+are accepted for the benchmarks' symmetry with ``loracat serve``; an inline echo uses no pool.)
 
 Run: python bench/echo_server.py PORT [--workers N] [--watchers N]
 """
@@ -10,9 +11,8 @@ Run: python bench/echo_server.py PORT [--workers N] [--watchers N]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -29,8 +29,23 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return request
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server(options=server_options())
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            _echo, request_deserializer=_identity, response_serializer=_identity
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),))
+    server.add_registered_method_handlers(ECHO_SERVICE, handlers)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
 
 
 def main() -> None:
@@ -39,21 +54,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=DEFAULT_MAX_WORKERS)
     parser.add_argument("--watchers", type=int, default=DEFAULT_MAX_HINT_WATCHERS)
     args = parser.parse_args()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.workers + args.watchers),
-        options=server_options(),
-    )
-    handlers = {
-        "Echo": grpc.unary_unary_rpc_method_handler(
-            _echo, request_deserializer=_identity, response_serializer=_identity
-        )
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),))
-    server.add_registered_method_handlers(ECHO_SERVICE, handlers)
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
-    server.start()
-    print("ready", flush=True)
-    threading.Event().wait()
+    asyncio.run(serve(args.port))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """A cache of Resolve answers, valid while the index's generation is unchanged.
 
-At 10^6 revisions a resolve walks several LMDB B-trees over a map of hundreds of MB; between
-gRPC calls those pages and the handler's code fall out of the CPU caches, so a lookup inside
-the server costs ~50 us against ~14 us in a tight loop, and at 8+ callers that Python time
-competes with gRPC's own for the GIL. Serving traffic resolves the same hot refs over and over
-(engines re-resolve ``t/a@serving`` before each attach), so the answer is cached per ref.
+A resolve makes about fifteen LMDB calls (its B-tree walks over a map of hundreds of MB at 10^6
+revisions), and py-lmdb releases the GIL around each; a cached answer costs one (the generation
+read) and a dictionary lookup. Serving traffic resolves the same hot refs over and over (engines
+re-resolve ``t/a@serving`` before each attach), so the answer is cached per ref.
 
 Correctness: an entry is stored only when the index generation read the same before and after
 the lookup (no write committed meanwhile), and served only while the generation still equals

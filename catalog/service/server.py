@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from time import perf_counter
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from catalog._proto.loracat.v1 import catalog_pb2 as pb
-from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.core import Catalog, Limits
 from catalog.digest import DEFAULT_ALGORITHM
-from catalog.errors import ResourceExhausted
-from catalog.service.errors import abort_for, is_abort
-from catalog.service.metrics import RPC_LATENCY
+from catalog.service.handlers import SERVICE_NAME, catalog_handlers
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
 from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
 
 log = logging.getLogger(__name__)
-SERVICE = pb.DESCRIPTOR.services_by_name["Catalog"]
-SERVICE_NAME = SERVICE.full_name
 DEFAULT_PORT = 7070
 
 
@@ -86,16 +77,13 @@ def open_catalog(
     return catalog
 
 
-#: Threads for unary calls and short streams (push, fetch, prefetch). Pools of 1 to 32 measured
-#: alike within the noise of a 2-core machine (bench/bench_scale.py, 2026-11-23).
+#: Threads for the calls that do not run on the event loop: writes, fetches, prefetch and the
+#: like (see ``catalog.service.handlers``).
 DEFAULT_MAX_WORKERS = 32
 #: Hint watchers hold a thread each for as long as their engine runs. The pool has this many
 #: threads beside ``max_workers`` (created only when used; idle ones serve any call), and at most
 #: this many watchers are admitted, so watchers never take the last ``max_workers`` threads.
 DEFAULT_MAX_HINT_WATCHERS = 256
-HINT_WATCH_METHOD = "WatchHints"
-
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -107,72 +95,52 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
-def _served_unary(behavior: Behavior, observe: Callable[[float], None]) -> Behavior:
-    def served(request: Any, context: grpc.ServicerContext) -> Any:
-        start = perf_counter()
-        try:
-            return behavior(request, context)
-        except Exception as exc:
-            if is_abort(exc):
-                raise
-            abort_for(context, exc)
-        finally:
-            observe(perf_counter() - start)
+class CatalogServer:
+    """A started ``grpc.aio`` server on an event loop of its own thread, with its thread pool
+    (see ``catalog.service.handlers`` for what runs where). Callers need no asyncio: ``stop``
+    and ``wait_for_termination`` behave like ``grpc.Server``'s."""
 
-    return served
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        server: grpc.aio.Server,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self._loop = loop
+        self._thread = thread
+        self._server = server
+        self._pool = pool
+        self._stopped: threading.Event | None = None
+        self._lock = threading.Lock()
 
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, give those in flight ``grace`` seconds (None: cancel them now),
+        then end the loop and the pool. Returns an event set once all of that is done."""
+        with self._lock:
+            if self._stopped is not None:
+                return self._stopped
+            stopped = self._stopped = threading.Event()
+        stopping = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
 
-def _served_stream(behavior: Behavior, observe: Callable[[float], None]) -> Behavior:
-    def served(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        start = perf_counter()
-        try:
-            yield from behavior(request, context)
-        except Exception as exc:
-            if is_abort(exc):
-                raise
-            abort_for(context, exc)
-        finally:
-            observe(perf_counter() - start)
+        def finish() -> None:
+            try:
+                stopping.result()
+            except Exception:  # pragma: no cover - shutting down whatever happened
+                log.exception("the catalog server did not stop cleanly")
+            finally:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join()
+                stopped.set()
 
-    return served
+        threading.Thread(target=finish, name="loracat-grpc-stop", daemon=True).start()
+        return stopped
 
-
-def _bounded_stream(behavior: Behavior, slots: int) -> Behavior:
-    free = threading.BoundedSemaphore(slots)
-
-    def bounded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        if not free.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"the catalog already serves {slots} hint watchers; retry later"
-            )
-        try:
-            yield from behavior(request, context)
-        finally:
-            free.release()
-
-    return bounded
-
-
-def served_methods(
-    servicer: CatalogServicer, *, max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS
-) -> CatalogServicer:
-    """A copy of ``servicer`` with each method wrapped once, for registration with the server.
-
-    The wrapper maps exceptions to status codes (``catalog.service.errors.abort_for``) and
-    observes the call's duration in ``loracat_rpc_seconds`` (streams: until the last message);
-    ``WatchHints`` refuses more than ``max_hint_watchers`` streams with RESOURCE_EXHAUSTED.
-    Wrapping here rather than in a ``grpc.ServerInterceptor`` keeps the per-call cost to one
-    Python frame: gRPC runs interceptors on its single polling thread for every call.
-    """
-    served = copy.copy(servicer)
-    for method in SERVICE.methods:
-        behavior = getattr(servicer, method.name)
-        if method.name == HINT_WATCH_METHOD:
-            behavior = _bounded_stream(behavior, max_hint_watchers)
-        observe = RPC_LATENCY.labels(method.name).observe
-        wrap = _served_stream if method.server_streaming else _served_unary
-        setattr(served, method.name, wrap(behavior, observe))
-    return served
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (True) or ``timeout`` passes (False)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def create_server(
@@ -181,33 +149,50 @@ def create_server(
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
-) -> tuple[grpc.Server, int]:
+) -> tuple[CatalogServer, int]:
     """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one).
 
-    ``max_workers`` threads serve unary calls and short streams; up to ``max_hint_watchers``
-    more serve ``WatchHints`` streams, which each hold a thread while their engine runs.
+    Index reads run on the server's event loop; ``max_workers`` pool threads serve the other
+    unary calls and short streams, and up to ``max_hint_watchers`` more serve ``WatchHints``
+    streams, which each hold a thread while their engine runs.
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=max_workers + max_hint_watchers, thread_name_prefix="loracat-rpc"
-        ),
-        options=server_options(),
+    pool = ThreadPoolExecutor(
+        max_workers=max_workers + max_hint_watchers, thread_name_prefix="loracat-rpc"
     )
-    pb_grpc.add_CatalogServicer_to_server(
-        served_methods(CatalogServicer(catalog), max_hint_watchers=max_hint_watchers), server
-    )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in (SERVICE_NAME, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind the catalog server to {address}")
-    server.start()
-    return server, port
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="loracat-grpc-loop", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(options=server_options())
+        handlers = catalog_handlers(
+            CatalogServicer(catalog), pool, max_hint_watchers=max_hint_watchers
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind the catalog server to {address}")
+        await server.start()
+        return server, port
+
+    try:
+        server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        pool.shutdown(wait=False)
+        raise
+    return CatalogServer(loop, thread, server, pool), port
 
 
 def serve_forever(

@@ -1,7 +1,7 @@
 """The gRPC servicer: decode the request, call the catalog core, encode the answer.
 
 No business logic lives here; errors are raised as ``CatalogError`` and mapped to status codes by
-the wrapper ``catalog.service.server.served_methods`` puts around each method.
+the handler ``catalog.service.handlers`` builds around each method.
 """
 
 from __future__ import annotations
