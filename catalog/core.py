@@ -346,6 +346,16 @@ class Catalog:
         with self._swap.shared():
             return self.index.resolve(parsed)
 
+    def resolve_at_generation(self, ref: Ref | str) -> tuple[tuple[object, int] | None, Revision]:
+        """``resolve`` and the :meth:`generation` token of the state that answered it (``None``
+        when no single generation did). For read caches: one lookup, no second generation read.
+        """
+        parsed = Ref.parse(ref) if isinstance(ref, str) else ref
+        with self._swap.shared():
+            index = self.index
+            generation, revision = index.resolve_at_generation(parsed)
+        return (None if generation is None else (index, generation)), revision
+
     def list_adapters(
         self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
     ) -> Page[AdapterSummary]:

@@ -37,7 +37,8 @@ class ReadWriteLock:
     def release_shared(self) -> None:
         with self._cond:
             self._readers -= 1
-            if not self._readers:
+            # only writers wait for the readers to drain
+            if not self._readers and self._writers_waiting:
                 self._cond.notify_all()
 
     @contextmanager

@@ -73,6 +73,15 @@ class RevisionIndex(ABC):
         as long as the generation is unchanged.
         """
 
+    def resolve_at_generation(self, ref: Ref) -> tuple[int | None, Revision]:
+        """``resolve(ref)`` and the generation whose state answered it (``None`` when a write
+        committed meanwhile, so no single generation did). Backends that read one snapshot
+        override this to answer from it alone; this one reads the generation around the lookup.
+        """
+        before = self.generation()
+        revision = self.resolve(ref)
+        return (before if self.generation() == before else None), revision
+
     @abstractmethod
     def get_revision(self, adapter: AdapterName, number: int) -> Revision | None:
         """A live revision, or ``None`` when it never existed or was deleted."""

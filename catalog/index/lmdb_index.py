@@ -567,21 +567,24 @@ class LmdbIndex(RevisionIndex):
     def resolve(self, ref: Ref) -> Revision:
         """The live revision ``ref`` names; ``NotFound`` naming what is missing,
         ``InvalidReference`` for an ambiguous or malformed digest prefix."""
+        return self._read(lambda txn: self._resolve_in(txn, ref))
+
+    def resolve_at_generation(self, ref: Ref) -> tuple[int | None, Revision]:
+        """``resolve`` and the id of the snapshot (read transaction) it answered from."""
+        return self._read(lambda txn: (txn.id(), self._resolve_in(txn, ref)))
+
+    def _resolve_in(self, txn: lmdb.Transaction[bytes], ref: Ref) -> Revision:
         adapter = ref.adapter
         adapter_key = keys.encode(adapter.tenant, adapter.name)
-
-        def read(txn: lmdb.Transaction[bytes]) -> Revision:
-            stored = txn.get(adapter_key, db=self._adapters)
-            if stored is None:
-                raise rules.unknown_adapter(adapter)
-            record = AdapterRecord.decode(stored)
-            number = self._number_of(txn, adapter_key, record, ref)
-            value = txn.get(adapter_key + keys.encode(number), db=self._revisions)
-            if value is None:
-                raise rules.missing_revision(adapter, number, record.next_revision)
-            return self._revision(txn, adapter, adapter_key, number, value, record.latest)
-
-        return self._read(read)
+        stored = txn.get(adapter_key, db=self._adapters)
+        if stored is None:
+            raise rules.unknown_adapter(adapter)
+        record = AdapterRecord.decode(stored)
+        number = self._number_of(txn, adapter_key, record, ref)
+        value = txn.get(adapter_key + keys.encode(number), db=self._revisions)
+        if value is None:
+            raise rules.missing_revision(adapter, number, record.next_revision)
+        return self._revision(txn, adapter, adapter_key, number, value, record.latest)
 
     def _number_of(
         self, txn: lmdb.Transaction[bytes], adapter_key: bytes, record: AdapterRecord, ref: Ref

@@ -179,17 +179,24 @@ class MemoryIndex(RevisionIndex):
                 return None
             return self._with_aliases(entry, entry.revisions[number])
 
+    def resolve_at_generation(self, ref: Ref) -> tuple[int | None, Revision]:
+        with self._lock:  # writes bump the generation under this lock
+            return self._generation, self._resolve_locked(ref)
+
     def resolve(self, ref: Ref) -> Revision:
         with self._lock:
-            self._check_open()
-            entry = self._adapters.get(ref.adapter)
-            if entry is None:
-                raise rules.unknown_adapter(ref.adapter)
-            number = self._number_of(entry, ref)
-            revision = entry.revisions.get(number)
-            if revision is None:
-                raise rules.missing_revision(ref.adapter, number, entry.next_revision)
-            return self._with_aliases(entry, revision)
+            return self._resolve_locked(ref)
+
+    def _resolve_locked(self, ref: Ref) -> Revision:
+        self._check_open()
+        entry = self._adapters.get(ref.adapter)
+        if entry is None:
+            raise rules.unknown_adapter(ref.adapter)
+        number = self._number_of(entry, ref)
+        revision = entry.revisions.get(number)
+        if revision is None:
+            raise rules.missing_revision(ref.adapter, number, entry.next_revision)
+        return self._with_aliases(entry, revision)
 
     @staticmethod
     def _number_of(entry: _Adapter, ref: Ref) -> int:

@@ -5,11 +5,12 @@ revisions), and py-lmdb releases the GIL around each; a cached answer costs one 
 read) and a dictionary lookup. Serving traffic resolves the same hot refs over and over (engines
 re-resolve ``t/a@serving`` before each attach), so the answer is cached per ref.
 
-Correctness: an entry is stored only when the index generation read the same before and after
-the lookup (no write committed meanwhile), and served only while the generation still equals
-the entry's. Every committed write (alias move, push, delete, reindex swap) changes the
-generation, so a cached answer is never older than the last write that finished before the
-request arrived. Errors are not cached.
+Correctness: ``compute`` returns its answer with the generation of the state it read (one LMDB
+snapshot; ``None`` when a write committed during a lookup that spans several reads). An answer is
+stored under that generation and served only while the current generation still equals it.
+Every committed write (alias move, push, delete, reindex swap) changes the generation, so a
+cached answer is never older than the last write that finished before the request arrived.
+Errors are not cached.
 """
 
 from __future__ import annotations
@@ -40,17 +41,17 @@ class GenerationCache(Generic[T]):
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str, compute: Callable[[], T]) -> T:
-        """The cached answer for ``key`` at the current generation, or ``compute()``'s (which
-        may raise; nothing is stored then)."""
-        generation = self._generation()
+    def get(self, key: str, compute: Callable[[], tuple[object | None, T]]) -> T:
+        """The cached answer for ``key`` at the current generation, or the answer of
+        ``compute()``, which returns ``(generation it answered at or None, answer)`` and may
+        raise (nothing is stored then, nor for a ``None`` generation)."""
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == generation:
+        if hit is not None and hit[0] == self._generation():
             self.hits += 1
             return hit[1]
         self.misses += 1
-        value = compute()
-        if self._generation() == generation:
+        generation, value = compute()
+        if generation is not None:
             with self._lock:
                 if len(self._cache) >= self._entries:
                     self._cache.clear()

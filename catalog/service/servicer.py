@@ -64,7 +64,12 @@ class CatalogServicer(pb_grpc.CatalogServicer):
 
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.Revision:
         ref = request.ref
-        return self.resolves.get(ref, lambda: revision_to_pb(self.catalog.resolve(ref)))
+
+        def lookup() -> tuple[object | None, pb.Revision]:
+            generation, revision = self.catalog.resolve_at_generation(ref)
+            return generation, revision_to_pb(revision)
+
+        return self.resolves.get(ref, lookup)
 
     def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext

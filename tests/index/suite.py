@@ -135,6 +135,20 @@ class RevisionIndexSuite:
             step()
             assert index.generation() != previous
 
+    def test_resolve_at_generation_names_the_state_it_read(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        writer.push(ACME_X)
+        generation, revision = index.resolve_at_generation(Ref.parse("acme/x"))
+        assert generation == index.generation()
+        assert revision == index.resolve(Ref.parse("acme/x"))
+        writer.push(ACME_X)
+        moved, newer = index.resolve_at_generation(Ref.parse("acme/x"))
+        assert moved == index.generation() != generation
+        assert (revision.number, newer.number) == (1, 2)
+        with pytest.raises(NotFound):
+            index.resolve_at_generation(Ref.parse("acme/nothing"))
+
     # -- pushing and numbering ------------------------------------------------------------------
 
     def test_unknown_adapter_has_no_state(self, index: RevisionIndex) -> None:

@@ -69,7 +69,7 @@ def test_an_unexpected_exception_is_internal_and_names_its_type(tmp_path, monkey
         def broken(ref: object) -> None:
             raise ZeroDivisionError("a bug")
 
-        monkeypatch.setattr(catalog, "resolve", broken)
+        monkeypatch.setattr(catalog, "resolve_at_generation", broken)
         with pytest.raises(Internal, match="ZeroDivisionError: a bug"):
             client.resolve("acme/any")
 
