@@ -99,7 +99,8 @@ def cli() -> None:
     default=32,
     show_default=True,
     type=click.IntRange(1, 4096),
-    help="Threads serving unary and short streaming calls.",
+    help="Threads serving writes, fetches and other calls that may wait on the store "
+    "(index reads run on the event loop).",
 )
 @click.option(
     "--max-hint-watchers",
