@@ -122,3 +122,40 @@ def test_hint_watchers_do_not_starve_unary_calls_and_are_bounded(tmp_path, packs
         finally:
             again.cancel()
             reader.join(30)
+
+
+def test_calls_that_wait_on_the_store_do_not_hold_up_index_reads(tmp_path, packs):
+    """Index reads run on the event loop and the rest on the pool: a stuck store call (here a
+    Stats that blocks) leaves resolves answering, and finishes normally once released."""
+    with _serving(tmp_path / "root", max_workers=2, max_hint_watchers=0) as (catalog, client):
+        client.push("acme/p", packs["qv-r4"])
+        release = threading.Event()
+        entered = threading.Event()
+        stats = catalog.stats
+
+        def stuck() -> dict:  # type: ignore[type-arg]
+            entered.set()
+            assert release.wait(30)
+            return stats()
+
+        catalog.stats = stuck  # type: ignore[method-assign]
+        answers: list[dict] = []  # type: ignore[type-arg]
+        waiting = [
+            threading.Thread(target=lambda: answers.append(client.stats())) for _ in range(2)
+        ]
+        for thread in waiting:
+            thread.start()
+        try:
+            assert entered.wait(30)
+            # both pool threads are stuck: resolves and listings still answer
+            for _ in range(20):
+                assert client.resolve("acme/p").number == 1
+            assert [s.adapter for s in client.list_adapters("acme").items] == [
+                catalog.resolve("acme/p").adapter
+            ]
+            assert answers == []
+        finally:
+            release.set()
+            for thread in waiting:
+                thread.join(30)
+        assert len(answers) == 2 and all(a["revisions"] == 1 for a in answers)
