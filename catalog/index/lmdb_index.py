@@ -2,8 +2,7 @@
 
 Layout (named sub-databases; keys are ``catalog.keys`` tuples, ``t, n`` = tenant, name)::
 
-    adapters          (t, n)                -> AdapterRecord (counters, latest, timestamps,
-                                             and a mirror of the adapter's aliases)
+    adapters          (t, n)                -> AdapterRecord (counters, latest, timestamps)
     revisions         (t, n, number)        -> revision record (digest, pack summary, metadata)
     aliases           (t, n, alias)         -> u32 revision
     revision_aliases  (t, n, number, alias) -> b""  (which aliases point at a revision)
@@ -473,8 +472,6 @@ class LmdbIndex(RevisionIndex):
                 raise rules.unset_alias(event)
         elif txn.get(adapter_key + keys.encode(event.revision), db=self._revisions) is None:
             raise rules.not_live(event, record.next_revision)
-        if record.aliases is None:  # a record from before the mirror: take it up now
-            record.aliases = self._adapter_aliases(txn, adapter_key)
         if current:
             txn.delete(adapter_key + keys.encode(current, event.alias), db=self._revision_aliases)
         if event.revision:
@@ -484,10 +481,8 @@ class LmdbIndex(RevisionIndex):
                 b"",
                 db=self._revision_aliases,
             )
-            record.aliases[event.alias] = event.revision
         else:
             txn.delete(alias_key, db=self._aliases)
-            record.aliases.pop(event.alias, None)
         txn.put(
             adapter_key + keys.encode(event.alias, event.seq),
             records.encode_move(current, event.revision, event.at),
@@ -549,11 +544,8 @@ class LmdbIndex(RevisionIndex):
             stored = txn.get(adapter_key, db=self._adapters)
             if stored is None:
                 return None
-            record = AdapterRecord.decode(stored)
-            aliases = record.aliases
-            if aliases is None:
-                aliases = self._adapter_aliases(txn, adapter_key)
-            return record.state(adapter, dict(aliases))
+            aliases = self._adapter_aliases(txn, adapter_key)
+            return AdapterRecord.decode(stored).state(adapter, aliases)
 
         return self._read(read)
 
@@ -567,10 +559,8 @@ class LmdbIndex(RevisionIndex):
             value = txn.get(adapter_key + keys.encode(number), db=self._revisions)
             if stored is None or value is None:
                 return None
-            record = AdapterRecord.decode(stored)
-            return self._revision(
-                txn, adapter, adapter_key, number, value, record.latest, record.aliases
-            )
+            latest = AdapterRecord.decode(stored).latest
+            return self._revision(txn, adapter, adapter_key, number, value, latest)
 
         return self._read(read)
 
@@ -594,9 +584,7 @@ class LmdbIndex(RevisionIndex):
         value = txn.get(adapter_key + keys.encode(number), db=self._revisions)
         if value is None:
             raise rules.missing_revision(adapter, number, record.next_revision)
-        return self._revision(
-            txn, adapter, adapter_key, number, value, record.latest, record.aliases
-        )
+        return self._revision(txn, adapter, adapter_key, number, value, record.latest)
 
     def _number_of(
         self, txn: lmdb.Transaction[bytes], adapter_key: bytes, record: AdapterRecord, ref: Ref
@@ -608,11 +596,6 @@ class LmdbIndex(RevisionIndex):
                 if not record.latest:
                     raise rules.no_live_revision(ref.adapter)
                 return record.latest
-            if record.aliases is not None:
-                number = record.aliases.get(ref.value)
-                if number is None:
-                    raise rules.unknown_alias(ref.adapter, ref.value)
-                return number
             found = txn.get(adapter_key + keys.encode(ref.value), db=self._aliases)
             if found is None:
                 raise rules.unknown_alias(ref.adapter, ref.value)
@@ -650,14 +633,8 @@ class LmdbIndex(RevisionIndex):
         number: int,
         value: bytes,
         latest: int,
-        alias_map: dict[str, int] | None = None,
     ) -> Revision:
-        """The revision record ``value`` as a ``Revision``; its aliases from ``alias_map`` (the
-        adapter record's mirror) when given, else from the alias table."""
-        if alias_map is not None:
-            aliases = [alias for alias, at in alias_map.items() if at == number]
-        else:
-            aliases = self._aliases_at(txn, adapter_key, number)
+        aliases = self._aliases_at(txn, adapter_key, number)
         if number == latest:
             aliases.append(LATEST)
         return records.decode_revision(

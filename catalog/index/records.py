@@ -20,11 +20,6 @@ from catalog.index.rules import PackSummary
 from catalog.model import AdapterName, Revision
 
 RECORD_FORMAT = 1
-#: An adapter record followed by the adapter's alias map, so a resolve reads an alias and a
-#: revision's aliases from the one record it already gets (each LMDB call releases the GIL).
-#: Records of format 1 (indexes built before) carry no map; readers fall back to the alias
-#: tables for them, and the adapter's next alias move rewrites its record in this format.
-ADAPTER_WITH_ALIASES = 2
 
 Interned = str | tuple[str, ...]
 InternLookup = Callable[[int], Interned]
@@ -37,20 +32,12 @@ _REVISION_HEAD = struct.Struct(">BHB")
 _REVISION_BODY = struct.Struct(">QdIdIIIII")
 # previous, revision, at
 _MOVE = struct.Struct(">IId")
-# the alias map after an adapter record: entry count, then per alias its name length and
-# revision, the name's UTF-8 bytes following
-_ALIAS_COUNT = struct.Struct(">I")
-_ALIAS_ENTRY = struct.Struct(">BI")
 _NUMBER = struct.Struct(">I")
 
 
 @dataclass(slots=True)
 class AdapterRecord:
-    """The per-adapter counters; mutable because a write batch updates it in place.
-
-    ``aliases`` (alias -> revision) mirrors the alias table for this adapter, or is None for a
-    record of format 1, which predates the mirror (then only the tables know).
-    """
+    """The per-adapter counters; mutable because a write batch updates it in place."""
 
     next_seq: int
     next_revision: int
@@ -58,17 +45,14 @@ class AdapterRecord:
     live: int
     created_at: float
     updated_at: float
-    aliases: dict[str, int] | None = None
 
     @classmethod
     def new(cls, at: float) -> AdapterRecord:
-        return cls(
-            next_seq=1, next_revision=1, latest=0, live=0, created_at=at, updated_at=at, aliases={}
-        )
+        return cls(next_seq=1, next_revision=1, latest=0, live=0, created_at=at, updated_at=at)
 
     def encode(self) -> bytes:
-        head = _ADAPTER.pack(
-            RECORD_FORMAT if self.aliases is None else ADAPTER_WITH_ALIASES,
+        return _ADAPTER.pack(
+            RECORD_FORMAT,
             self.next_seq,
             self.next_revision,
             self.latest,
@@ -76,41 +60,16 @@ class AdapterRecord:
             self.created_at,
             self.updated_at,
         )
-        if self.aliases is None:
-            return head
-        parts = [head, _ALIAS_COUNT.pack(len(self.aliases))]
-        for alias, number in sorted(self.aliases.items()):
-            name = alias.encode()
-            parts += [_ALIAS_ENTRY.pack(len(name), number), name]
-        return b"".join(parts)
 
     @classmethod
     def decode(cls, value: bytes) -> AdapterRecord:
         try:
-            fmt, *fields = _ADAPTER.unpack_from(value)
-            if fmt == RECORD_FORMAT:
-                if len(value) != _ADAPTER.size:
-                    raise struct.error(f"{len(value) - _ADAPTER.size} bytes past the record")
-                return cls(*fields)
-            if fmt != ADAPTER_WITH_ALIASES:
-                raise DataLoss(f"adapter record has unknown format {fmt}")
-            (count,) = _ALIAS_COUNT.unpack_from(value, _ADAPTER.size)
-            pos = _ADAPTER.size + _ALIAS_COUNT.size
-            aliases: dict[str, int] = {}
-            for _ in range(count):
-                size, number = _ALIAS_ENTRY.unpack_from(value, pos)
-                pos += _ALIAS_ENTRY.size
-                name = bytes(value[pos : pos + size])
-                if len(name) != size:
-                    raise struct.error("an alias name runs past the record")
-                aliases[name.decode()] = number
-                pos += size
-            if pos != len(value):
-                raise struct.error(f"{len(value) - pos} bytes past the alias map")
-        except (struct.error, UnicodeDecodeError) as exc:
+            fmt, *fields = _ADAPTER.unpack(value)
+        except struct.error as exc:
             raise DataLoss(f"corrupt adapter record in the index: {exc}") from None
-        next_seq, next_revision, latest, live, created_at, updated_at = fields
-        return cls(next_seq, next_revision, latest, live, created_at, updated_at, aliases)
+        if fmt != RECORD_FORMAT:
+            raise DataLoss(f"adapter record has unknown format {fmt}")
+        return cls(*fields)
 
     def state(self, adapter: AdapterName, aliases: dict[str, int]) -> AdapterState:
         return AdapterState(

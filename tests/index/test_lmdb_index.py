@@ -11,19 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from catalog import keys
-from catalog.errors import (
-    CatalogError,
-    Conflict,
-    DataLoss,
-    FailedPrecondition,
-    NotFound,
-    ResourceExhausted,
-)
+from catalog.errors import CatalogError, Conflict, FailedPrecondition, NotFound, ResourceExhausted
 from catalog.events import Event
 from catalog.index.base import RevisionIndex
 from catalog.index.lmdb_index import SCHEMA_VERSION, LmdbIndex
 from catalog.index.memory_index import MemoryIndex
-from catalog.index.records import AdapterRecord
 from catalog.model import Ref
 from tests.index.suite import ACME_X, RevisionIndexSuite, busy_history, snapshot
 from tests.index.writer import MANIFEST, Writer, digest_of, name
@@ -49,44 +41,6 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
         reopened.apply(pending)  # interned ids from the first session still resolve
         assert reopened.intents() == []
         assert reopened.resolve(Ref.parse("acme/x")).target_modules == ("q_proj", "v_proj")
-
-
-def test_an_index_without_alias_mirrors_still_answers_and_takes_them_up(tmp_path: Path) -> None:
-    """Adapter records written before they mirrored the alias map (format 1) still resolve,
-    through the alias tables, and an adapter's next alias move writes its record with the map."""
-    with LmdbIndex(tmp_path / "ix") as index:
-        writer = Writer(index)
-        busy_history(writer)
-        before = snapshot(index)
-        env = index._env  # rewriting the records as an older version wrote them
-        adapters = env.open_db(b"adapters")
-        with env.begin(write=True) as txn:
-            for key, value in list(txn.cursor(db=adapters)):
-                record = AdapterRecord.decode(value)
-                assert record.aliases is not None
-                record.aliases = None
-                txn.put(key, record.encode(), db=adapters)
-                assert len(record.encode()) == 1 + 8 + 8 + 4 + 4 + 8 + 8
-        assert snapshot(index) == before
-        adapter = name("acme/x")
-        state = index.adapter_state(adapter)
-        assert state is not None and state.aliases
-        alias, number = sorted(state.aliases.items())[0]
-        writer.alias(adapter, "fresh", number)
-        with env.begin() as txn:
-            record = AdapterRecord.decode(txn.get(keys.encode("acme", "x"), db=adapters))
-        assert record.aliases == {**state.aliases, "fresh": number}
-        assert "fresh" in index.resolve(Ref.parse(f"acme/x@{alias}")).aliases
-
-
-def test_adapter_records_round_trip_and_refuse_damage() -> None:
-    record = AdapterRecord(3, 4, 2, 2, 1.5, 2.5, {"serving": 2, "canary": 1})
-    assert AdapterRecord.decode(record.encode()) == record
-    assert AdapterRecord.decode(AdapterRecord(1, 1, 0, 0, 0.0, 0.0).encode()).aliases is None
-    encoded = record.encode()
-    for damaged in (encoded[:-1], encoded + b"x", encoded[:30]):
-        with pytest.raises(DataLoss, match="adapter record"):
-            AdapterRecord.decode(damaged)
 
 
 def test_same_answers_as_memory_index(tmp_path: Path) -> None:
