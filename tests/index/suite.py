@@ -44,6 +44,7 @@ def snapshot(index: RevisionIndex) -> dict[str, Any]:
     revisions: dict[str, list[dict[str, Any]]] = {}
     history: dict[str, list[dict[str, Any]]] = {}
     states: dict[str, Any] = {}
+    resolved: dict[str, Any] = {}
     for summary in adapters:
         adapter = AdapterName.parse(summary["name"])
         rows: list[dict[str, Any]] = []
@@ -57,12 +58,21 @@ def snapshot(index: RevisionIndex) -> dict[str, Any]:
         revisions[str(adapter)] = rows
         history[str(adapter)] = [move.to_json() for move in index.alias_history(adapter)]
         states[str(adapter)] = index.adapter_state(adapter)
+        state = states[str(adapter)]
+        for alias in sorted(state.aliases if state else ()):
+            # resolving by alias and by number reads the aliases another way than the listing
+            by_alias = index.resolve(Ref.parse(f"{adapter}@{alias}"))
+            resolved[f"{adapter}@{alias}"] = by_alias.to_json()
+            resolved[f"{adapter}@{by_alias.number}"] = index.resolve(
+                Ref.parse(f"{adapter}@{by_alias.number}")
+            ).to_json()
     counts = {k: v for k, v in index.counts().items() if k in ("adapters", "revisions", "aliases")}
     return {
         "adapters": adapters,
         "revisions": revisions,
         "history": history,
         "states": states,
+        "resolved": resolved,
         "refs": sorted((str(d), n) for d, n in index.referenced_digests()),
         "intents": [event.to_json() for event in index.intents()],
         "counts": counts,
