@@ -7,6 +7,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+class WouldBlock(Exception):
+    """Raised instead of waiting, on a thread that must never wait for a lock (see
+    :func:`never_wait_here`): the caller moves its work to a thread that may."""
+
+
+_never_wait = threading.local()
+
+
+def never_wait_here() -> None:
+    """Mark the calling thread (an event loop) as one that must not block on a
+    :class:`ReadWriteLock`: where it would wait, ``acquire_shared`` raises :class:`WouldBlock`."""
+    _never_wait.on = True
+
+
 class ReadWriteLock:
     """Many readers or one writer; a waiting writer blocks new readers so it is not starved.
 
@@ -30,6 +44,8 @@ class ReadWriteLock:
 
     def acquire_shared(self) -> None:
         with self._cond:
+            if (self._writer or self._writers_waiting) and getattr(_never_wait, "on", False):
+                raise WouldBlock("a writer holds or waits for the lock")
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1

@@ -12,7 +12,10 @@ inline on the loop, a release finds nobody waiting, and the same misses run at ~
 What runs where:
 
 * ``INLINE_METHODS`` read the LMDB index only: tens of microseconds, no I/O beyond the page
-  cache, so they run on the loop thread itself;
+  cache, so they run on the loop thread itself. The loop never waits for the catalog's swap
+  lock (``catalog.locks.never_wait_here``): while a reindex waits to swap the index in behind a
+  long reader (a verify, a gc), an index read moves to the pool and waits there, and every
+  other call keeps being served;
 * everything else (pushes, alias moves and deletes that write the durable log, fetches that may
   read S3, prefetch, hint streams, gc, verify, reindex, checkpoint, stats) runs on the thread
   pool, so a slow store never stalls the loop. A stream moves one message per hop between the
@@ -36,6 +39,7 @@ import grpc
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.errors import ResourceExhausted
+from catalog.locks import WouldBlock
 from catalog.service.errors import ERROR_CLASS_KEY, status_for
 from catalog.service.metrics import RPC_LATENCY
 
@@ -77,13 +81,19 @@ async def _abort(
     await context.abort(code, details)
 
 
-def _unary(behavior: Behavior, observe: Callable[[float], None], pool: Executor | None) -> Any:
+def _unary(
+    behavior: Behavior, observe: Callable[[float], None], pool: Executor, run_inline: bool
+) -> Any:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        inline = run_inline
         start = perf_counter()
         try:
-            if pool is None:
-                response = behavior(request, context)
-            else:
+            try:
+                if inline:
+                    response = behavior(request, context)
+            except WouldBlock:  # an index swap is under way: wait for it on the pool
+                inline = False
+            if not inline:
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(pool, behavior, request, CallState(context))
         except Exception as exc:
@@ -222,8 +232,7 @@ def catalog_handlers(
                 _server_stream(behavior, observe, pool), decode, encode
             )
         else:
-            inline = method.name in INLINE_METHODS
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(behavior, observe, None if inline else pool), decode, encode
+                _unary(behavior, observe, pool, method.name in INLINE_METHODS), decode, encode
             )
     return handlers

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from catalog.core import Catalog, Limits
 from catalog.digest import DEFAULT_ALGORITHM
+from catalog.locks import never_wait_here
 from catalog.service.handlers import SERVICE_NAME, catalog_handlers
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
 from catalog.shutdown import ShutdownMarker
@@ -164,6 +165,7 @@ def create_server(
     thread.start()
 
     async def start() -> tuple[grpc.aio.Server, int]:
+        never_wait_here()  # the loop thread: index reads that would wait move to the pool
         server = grpc.aio.server(options=server_options())
         handlers = catalog_handlers(
             CatalogServicer(catalog), pool, max_hint_watchers=max_hint_watchers

@@ -159,3 +159,39 @@ def test_calls_that_wait_on_the_store_do_not_hold_up_index_reads(tmp_path, packs
             for thread in waiting:
                 thread.join(30)
         assert len(answers) == 2 and all(a["revisions"] == 1 for a in answers)
+
+
+def test_the_loop_keeps_serving_while_an_index_swap_waits(tmp_path, packs):
+    """A reindex waiting to swap the index in behind a long reader must not stall the event
+    loop: the waiting resolve moves to the pool, health checks still answer on the loop."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _serving(tmp_path / "root") as (catalog, client):
+        client.push("acme/s", packs["qv-r4"])
+        swap = catalog._swap  # the lock a reindex takes exclusively to swap the index in
+        swap.acquire_shared()  # a long reader (a verify, say)
+        swapped = threading.Event()
+
+        def reindex_swap() -> None:
+            with swap.exclusive():
+                swapped.set()
+
+        writer = threading.Thread(target=reindex_swap)
+        answers: list[int] = []
+        resolver = threading.Thread(target=lambda: answers.append(client.resolve("acme/s").number))
+        try:
+            writer.start()
+            _until(lambda: swap._writers_waiting == 1)
+            resolver.start()
+            with grpc.insecure_channel(client.target) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for _ in range(3):
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert answers == [] and not swapped.is_set()
+        finally:
+            swap.release_shared()
+        writer.join(30)
+        resolver.join(30)
+        assert swapped.is_set() and answers == [1]
