@@ -7,12 +7,14 @@ cursor move, every value read). In a thread-per-call server, dozens of handler t
 GIL back, so each release hands it to another thread and the resolve queues again, fifteen times
 a call: uniformly random refs ran at 0.52x a raw echo RPC at 64 callers. With the index reads run
 inline on the loop, a release finds nobody waiting, and the same misses run at ~0.8x echo
-(``bench/bench_scale.py``; the echo server is an asyncio server too).
+(``bench/bench_scale.py``, whose echo server is an asyncio server too; the two server kinds side
+by side: ``bench/bench_server_kind.py``).
 
 What runs where:
 
-* ``INLINE_METHODS`` read the LMDB index only: tens of microseconds, no I/O beyond the page
-  cache, so they run on the loop thread itself. The loop never waits for the catalog's swap
+* ``INLINE_METHODS`` read the LMDB index only, with no I/O beyond the page cache (a resolve
+  takes tens of microseconds, a page of a listing a few milliseconds), so they run on the loop
+  thread itself. The loop never waits for the catalog's swap
   lock (``catalog.locks.never_wait_here``): while a reindex waits to swap the index in behind a
   long reader (a verify, a gc), an index read moves to the pool and waits there, and every
   other call keeps being served;
