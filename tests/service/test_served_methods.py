@@ -195,3 +195,55 @@ def test_the_loop_keeps_serving_while_an_index_swap_waits(tmp_path, packs):
         writer.join(30)
         resolver.join(30)
         assert swapped.is_set() and answers == [1]
+
+
+def test_stopping_with_a_stalled_push_in_flight_returns_and_leaves_no_thread(tmp_path):
+    """A push whose client stops sending holds a pool thread that waits on the loop for the
+    next message; stopping the server must end that call within the grace period."""
+    import grpc
+
+    from catalog._proto.loracat.v1 import catalog_pb2 as pb
+    from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+
+    catalog = open_catalog(tmp_path / "root", cache_bytes=0)
+    others = set(threading.enumerate())  # other tests' servers may be running
+    server, port = create_server(catalog)
+    release = threading.Event()
+    codes: list[grpc.StatusCode] = []
+
+    def ours() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if _server_thread(t) and t not in others]
+
+    def stalled() -> Iterator[pb.PushRequest]:
+        yield pb.PushRequest(header=pb.PushHeader(name="acme/stalled", size_bytes=10))
+        release.wait(60)
+        yield pb.PushRequest(chunk=b"x" * 10)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.CatalogStub(channel)
+
+        def push() -> None:
+            try:
+                stub.Push(stalled(), timeout=60)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        try:
+            _until(lambda: any(t.name.startswith("loracat-rpc") for t in ours()))
+            time.sleep(0.2)  # the header is in; the pool thread now waits for a chunk
+            assert server.stop(grace=0.5).wait(20)
+            pusher.join(20)
+            assert codes and codes[0] != grpc.StatusCode.OK
+            _until(lambda: not ours())
+            with pytest.raises(NotFound):  # nothing of the cut push was committed
+                catalog.resolve("acme/stalled")
+        finally:
+            release.set()
+            catalog.close()
+
+
+def _server_thread(thread: threading.Thread) -> bool:
+    """The server's own threads: its event loop, its pool and its stopper."""
+    return thread.name.startswith(("loracat-rpc", "loracat-grpc"))
