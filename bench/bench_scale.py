@@ -365,7 +365,8 @@ def main() -> None:
         nargs=2,
         metavar=("WORKERS", "WATCHERS"),
         default=[DEFAULT_MAX_WORKERS, DEFAULT_MAX_HINT_WATCHERS],
-        help="server thread pool, the same for the catalog and echo (serve's defaults)",
+        help="the catalog's thread pool (serve's --max-workers, --max-hint-watchers); resolves "
+        "run on its event loop, as the echo's handler does",
     )
     parser.add_argument(
         "--refs",
