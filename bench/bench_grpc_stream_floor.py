@@ -13,12 +13,11 @@ table and writes ``bench/results/grpc_stream_floor.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
 import time
-from concurrent import futures
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.common import print_table, write_results
+from bench.grpc_servers import KINDS, serve_method
 
 SERVICE, METHOD = "bench.Stream", "Stream"
 OPTIONS = [
@@ -45,35 +45,20 @@ def serve(kind: str, port: int, megabytes: float, message_kib: int) -> None:
     count = max(1, round(megabytes * 1e6 / size))
     messages = [os.urandom(size) for _ in range(count)]
 
-    def register(server: Any, handler: Any) -> None:
-        handlers = {METHOD: grpc.unary_stream_rpc_method_handler(handler, _identity, _identity)}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        server.add_insecure_port(f"127.0.0.1:{port}")
+    def stream(request: bytes, context: Any) -> Any:
+        yield from messages
 
-    if kind == "threads":
+    async def stream_async(request: bytes, context: Any) -> Any:
+        for message in messages:
+            yield message
 
-        def stream(request: bytes, context: Any) -> Any:
-            yield from messages
-
-        server = grpc.server(futures.ThreadPoolExecutor(8), options=OPTIONS)
-        register(server, stream)
-        server.start()
-        print("ready", flush=True)
-        server.wait_for_termination()
-        return
-
-    async def main() -> None:
-        async def stream(request: bytes, context: Any) -> Any:
-            for message in messages:
-                yield message
-
-        aio = grpc.aio.server(options=OPTIONS)
-        register(aio, stream)
-        await aio.start()
-        print("ready", flush=True)
-        await aio.wait_for_termination()
-
-    asyncio.run(main())
+    streaming = partial(
+        grpc.unary_stream_rpc_method_handler,
+        request_deserializer=_identity,
+        response_serializer=_identity,
+    )
+    behaviors = {"asyncio": stream_async, "threads": stream}
+    serve_method(kind, port, SERVICE, METHOD, streaming, behaviors[kind], OPTIONS, threads=8)
 
 
 def main() -> None:
@@ -91,7 +76,7 @@ def main() -> None:
     from tests.servers import free_port
 
     rows, results = [], {}
-    for kind in ("asyncio", "threads"):
+    for kind in KINDS:
         port = free_port()
         proc = start(
             [

@@ -20,9 +20,8 @@ Prints a table and writes ``bench/results/server_kind.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from concurrent import futures
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.common import print_table, write_results
+from bench.grpc_servers import KINDS, serve_method
 
 RESOLVE = ("loracat.v1.Catalog", "Resolve")
 ECHO = ("bench.Echo", "Echo")
-KINDS = ("asyncio", "threads")
 
 
 def _identity(data: bytes) -> bytes:
@@ -62,32 +61,14 @@ def serve(role: str, kind: str, root: Path, port: int) -> None:
 
         (service, method), decode, encode = ECHO, _identity, _identity
 
-    def register(server: Any, handler: Any) -> None:
-        handlers = {method: grpc.unary_unary_rpc_method_handler(handler, decode, encode)}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        server.add_registered_method_handlers(service, handlers)
-        server.add_insecure_port(f"127.0.0.1:{port}")
+    async def inline(request: Any, context: Any) -> Any:
+        return behavior(request, context)
 
-    if kind == "threads":
-        server = grpc.server(futures.ThreadPoolExecutor(32), options=server_options())
-        register(server, behavior)
-        server.start()
-        print("ready", flush=True)
-        server.wait_for_termination()
-        return
-
-    async def main() -> None:
-        aio = grpc.aio.server(options=server_options())
-
-        async def inline(request: Any, context: Any) -> Any:
-            return behavior(request, context)
-
-        register(aio, inline)
-        await aio.start()
-        print("ready", flush=True)
-        await aio.wait_for_termination()
-
-    asyncio.run(main())
+    unary = partial(
+        grpc.unary_unary_rpc_method_handler, request_deserializer=decode, response_serializer=encode
+    )
+    behaviors = {"asyncio": inline, "threads": behavior}
+    serve_method(kind, port, service, method, unary, behaviors[kind], server_options())
 
 
 def main() -> None:

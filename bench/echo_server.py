@@ -11,14 +11,15 @@ Run: python bench/echo_server.py PORT [--workers N] [--watchers N]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
+from functools import partial
 from pathlib import Path
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.grpc_servers import serve_method
 from catalog.service.server import DEFAULT_MAX_HINT_WATCHERS, DEFAULT_MAX_WORKERS, server_options
 
 ECHO_SERVICE = "bench.Echo"
@@ -33,28 +34,18 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     return request
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server(options=server_options())
-    handlers = {
-        "Echo": grpc.unary_unary_rpc_method_handler(
-            _echo, request_deserializer=_identity, response_serializer=_identity
-        )
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),))
-    server.add_registered_method_handlers(ECHO_SERVICE, handlers)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print("ready", flush=True)
-    await server.wait_for_termination()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--workers", type=int, default=DEFAULT_MAX_WORKERS)
     parser.add_argument("--watchers", type=int, default=DEFAULT_MAX_HINT_WATCHERS)
     args = parser.parse_args()
-    asyncio.run(serve(args.port))
+    echo = partial(
+        grpc.unary_unary_rpc_method_handler,
+        request_deserializer=_identity,
+        response_serializer=_identity,
+    )
+    serve_method("asyncio", args.port, ECHO_SERVICE, "Echo", echo, _echo, server_options())
 
 
 if __name__ == "__main__":
