@@ -14,10 +14,10 @@ What runs where:
 
 * ``INLINE_METHODS`` read the LMDB index only, with no I/O beyond the page cache (a resolve
   takes tens of microseconds, a page of a listing a few milliseconds), so they run on the loop
-  thread itself. The loop never waits for the catalog's swap
-  lock (``catalog.locks.never_wait_here``): while a reindex waits to swap the index in behind a
-  long reader (a verify, a gc), an index read moves to the pool and waits there, and every
-  other call keeps being served;
+  thread itself. The loop never waits for the catalog's swap lock
+  (``catalog.locks.never_wait_here``): while a reindex waits to swap the index in behind a long
+  reader (a verify, a gc), an index read moves to the pool and waits there, and every other
+  call keeps being served;
 * everything else (pushes, alias moves and deletes that write the durable log, fetches that may
   read S3, prefetch, hint streams, gc, verify, reindex, checkpoint, stats) runs on the thread
   pool, so a slow store never stalls the loop. A stream moves one message per hop between the
@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from time import perf_counter
 from typing import Any
 
@@ -146,21 +146,17 @@ def _server_stream(behavior: Behavior, observe: Callable[[float], None], pool: E
         finally:
             # also when the client went away mid-stream: end the generator on the pool (its
             # own cleanup, such as a watcher's slot, runs there), then time the call
+            def close_and_time() -> None:
+                pump.close()
+                if not failed:
+                    observe(perf_counter() - start)
+
             try:
-                closed = pool.submit(pump.close)
+                pool.submit(close_and_time)
             except RuntimeError:  # the pool is shut down: the server is stopping
-                closed = _closed_now(pump)
-            if not failed:
-                closed.add_done_callback(lambda _: observe(perf_counter() - start))
+                close_and_time()
 
     return handle
-
-
-def _closed_now(pump: _Pump) -> Future[None]:
-    done: Future[None] = Future()
-    pump.close()
-    done.set_result(None)
-    return done
 
 
 async def _next_or_end(messages: AsyncIterator[Any]) -> Any:
