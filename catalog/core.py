@@ -7,27 +7,29 @@ conditional put, then apply it to the index. A crash between any two steps leave
 visible or an event that :meth:`Catalog.recover` (run at start) applies; packs are written before
 the event that names them, so no visible revision ever lacks its bytes.
 
-The core knows nothing of gRPC or protobuf; the service is a thin layer over it.
+The core knows nothing of gRPC or protobuf; the service is a thin layer over it. Its seams live
+in modules of their own, mixed into :class:`Catalog`: ``catalog.push_upload`` (a push in
+progress, limits), ``catalog.alias_moves`` (alias moves, rollback), ``catalog.revision_metadata``
+(metadata edits) and ``catalog.engines`` (engine registration, residency, hint streams).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from catalog.alias_moves import AliasMoves
 from catalog.cache.pack_cache import PackCache
 from catalog.checkpoint import CheckpointInfo, load_log, verify_checkpoints, write_checkpoint
-from catalog.digest import DEFAULT_ALGORITHM, HASHERS, Digest, new_hasher
+from catalog.digest import DEFAULT_ALGORITHM, HASHERS, Digest
+from catalog.engines import ENGINE_TIER_FIELDS, ENGINE_TIERS, EngineRecord, EngineRegistry
 from catalog.errors import (
     CatalogError,
     Conflict,
@@ -54,7 +56,6 @@ from catalog.model import (
     AdapterName,
     AdapterSummary,
     AliasMove,
-    Hint,
     Page,
     PrefetchProgress,
     Ref,
@@ -63,8 +64,9 @@ from catalog.model import (
     check_part,
     every_item,
 )
-from catalog.pack import read_pack
 from catalog.prefetch import PrefetchQueue
+from catalog.push_upload import Limits, PushUpload
+from catalog.revision_metadata import MetadataEdits, check_metadata
 from catalog.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -73,178 +75,7 @@ IndexOpener = Callable[[Path], RevisionIndex]
 REPLAY_BATCH = 2000
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may ask of the catalog."""
-
-    max_pack_bytes: int = 16 << 30
-    max_metadata_entries: int = 64
-    max_metadata_key: int = 128
-    max_metadata_value: int = 64 << 10
-    max_aliases_per_push: int = 16
-
-
-def check_metadata(metadata: dict[str, str], limits: Limits) -> dict[str, str]:
-    if len(metadata) > limits.max_metadata_entries:
-        raise InvalidArgument(
-            f"{len(metadata)} metadata entries; at most {limits.max_metadata_entries} are allowed"
-        )
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not key or len(key) > limits.max_metadata_key:
-            raise InvalidArgument(
-                f"metadata key {str(key)[:40]!r} must be 1-{limits.max_metadata_key} chars"
-            )
-        if not isinstance(value, str) or len(value) > limits.max_metadata_value:
-            raise InvalidArgument(
-                f"metadata value of {key!r} exceeds {limits.max_metadata_value} chars"
-            )
-    return dict(metadata)
-
-
-@dataclass
-class EngineRecord:
-    """What an engine told the catalog about itself and its residency."""
-
-    engine_id: str
-    base_id: str
-    num_slots: int
-    max_rank: int
-    host_bytes: int
-    gpu: frozenset[str] = frozenset()
-    host: frozenset[str] = frozenset()
-    registered_at: float = field(default_factory=time.time)
-    last_report: float = 0.0
-    #: The engine's own counters per tier it holds ("host", "gpu"): ENGINE_TIER_FIELDS.
-    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-#: What an engine may report about each of its tiers; the catalog sums them across engines.
-ENGINE_TIERS = ("host", "gpu")
-ENGINE_TIER_FIELDS = (
-    "bytes",
-    "entries",
-    "hits",
-    "misses",
-    "evictions",
-    "capacity_bytes",
-    "bytes_in",
-    "bytes_out",
-)
-
-
-class PushUpload:
-    """One push in progress: bytes are spooled to local disk and hashed as they arrive.
-
-    Use as a context manager; leaving it without :meth:`commit` discards the spool file.
-    """
-
-    def __init__(
-        self,
-        catalog: Catalog,
-        adapter: AdapterName,
-        *,
-        size_bytes: int,
-        base_id: str,
-        aliases: tuple[str, ...],
-        metadata: dict[str, str],
-        expected_digest: Digest | None,
-    ) -> None:
-        self._catalog = catalog
-        self.adapter = adapter
-        self.size_bytes = size_bytes
-        self.base_id = base_id
-        self.aliases = aliases
-        self.metadata = metadata
-        self.expected_digest = expected_digest
-        self._hasher = new_hasher(catalog.digest_algorithm)
-        # A client may state the digest in another algorithm: check it with its own hasher.
-        self._check_hasher = (
-            new_hasher(expected_digest.algorithm)
-            if expected_digest is not None and expected_digest.algorithm != catalog.digest_algorithm
-            else None
-        )
-        self.received = 0
-        fd, name = tempfile.mkstemp(prefix="push-", suffix=".pack", dir=catalog.spool_dir)
-        self._file = os.fdopen(fd, "wb")
-        self.path = Path(name)
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        if self.received + len(chunk) > self.size_bytes:
-            raise InvalidArgument(
-                f"push of {self.adapter}: more bytes than the declared {self.size_bytes}"
-            )
-        self._file.write(chunk)
-        self._hasher.update(chunk)
-        if self._check_hasher is not None:
-            self._check_hasher.update(chunk)
-        self.received += len(chunk)
-
-    def commit(self) -> tuple[Revision, bool]:
-        """Validate the pack and commit it as a new revision.
-
-        Returns ``(revision, created)``; ``created`` is False when a live revision of the adapter
-        already has these exact bytes (a retried push), which is returned instead.
-        Raises ``InvalidArgument`` (truncated transfer), ``DataLoss`` (bytes hash differently from
-        ``expected_digest``), ``InvalidPack`` (malformed pack), ``Conflict`` (another writer).
-        """
-        self._file.close()
-        if self.received != self.size_bytes:
-            raise InvalidArgument(
-                f"push of {self.adapter} truncated: received {self.received} of "
-                f"{self.size_bytes} declared bytes"
-            )
-        digest = Digest(self._catalog.digest_algorithm, self._hasher.hexdigest())
-        if self.expected_digest is not None:
-            stated = (
-                digest
-                if self._check_hasher is None
-                else Digest(self.expected_digest.algorithm, self._check_hasher.hexdigest())
-            )
-            if stated != self.expected_digest:
-                raise DataLoss(
-                    f"push of {self.adapter}: bytes hash to {stated}, "
-                    f"expected {self.expected_digest}"
-                )
-        manifest = self._validate_pack()
-        return self._catalog._commit_push(self, digest, manifest)
-
-    def _validate_pack(self) -> dict[str, Any]:
-        if self.size_bytes == 0:
-            from catalog.errors import InvalidPack
-
-            raise InvalidPack(f"push of {self.adapter}: the pack is empty")
-        failure: CatalogError | None = None
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            try:
-                manifest = read_pack(memoryview(mm)).manifest
-            except CatalogError as exc:
-                # Re-raised below as a fresh exception: the traceback's frames hold views into
-                # the mapping, which must be gone before it can close.
-                failure = type(exc)(exc.message)
-        if failure is not None:
-            raise failure
-        if not manifest.base_id:
-            raise InvalidArgument(f"push of {self.adapter}: the pack names no base_id")
-        if self.base_id and self.base_id != manifest.base_id:
-            raise InvalidArgument(
-                f"push of {self.adapter}: base_id {self.base_id!r} given, but the pack was built "
-                f"for {manifest.base_id!r}"
-            )
-        return manifest.to_json()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> PushUpload:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Catalog:
+class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
     """The catalog over one durable store and one index. Thread-safe.
 
     Every public method documents what it raises; all errors derive from ``CatalogError``.
@@ -641,121 +472,6 @@ class Catalog:
             )
         self.index.apply(event)
 
-    def set_alias(
-        self, adapter: AdapterName, alias: str, revision: int, *, expected: int | None = None
-    ) -> AliasMove:
-        """Point ``alias`` at ``revision`` (0 removes it) if it currently points at ``expected``.
-
-        ``expected=None`` skips the check; ``expected=0`` requires the alias to be unset.
-        Raises ``InvalidName``, ``NotFound`` (adapter or revision), ``Conflict`` (lost CAS).
-        """
-        check_alias_name(alias)
-        if revision < 0:
-            raise InvalidArgument(f"revision must be >= 0, got {revision}")
-        with self._swap.shared(), self._adapter_locks.hold(adapter):
-            return self._move_alias_locked(adapter, alias, revision, expected=expected)
-
-    def _move_alias_locked(
-        self, adapter: AdapterName, alias: str, revision: int, *, expected: int | None
-    ) -> AliasMove:
-        state = self.index.adapter_state(adapter)
-        if state is None:
-            raise NotFound(f"adapter {adapter} not found")
-        current = state.aliases.get(alias, 0)
-        if expected is not None and expected != current:
-            pointed = f"revision {current}" if current else "nothing"
-            raise Conflict(
-                f"alias {adapter}@{alias} points at {pointed}, expected {expected or 'unset'}"
-            )
-        if revision and self.index.get_revision(adapter, revision) is None:
-            raise NotFound(f"revision {adapter}@{revision} not found")
-        if not revision and not current:
-            raise NotFound(f"alias {adapter}@{alias} not found")
-        now = time.time()
-        if revision == current:
-            return AliasMove(adapter, alias, current, revision, now, 0)
-        event = Event(
-            adapter=adapter,
-            seq=state.next_seq,
-            op="alias",
-            at=now,
-            revision=revision,
-            alias=alias,
-            previous=current,
-        )
-        self._append(event)
-        if revision and alias in self.attach_aliases:
-            self._hint_attach(adapter, alias, revision)
-        return AliasMove(adapter, alias, current, revision, now, event.seq)
-
-    def _hint_attach(self, adapter: AdapterName, alias: str, number: int) -> None:
-        target = self.index.get_revision(adapter, number)
-        if target is None:  # pragma: no cover - checked just before under the same lock
-            return
-        self.hints.publish(
-            Hint(
-                kind="attach",
-                ref=f"{adapter}@{number}",
-                digest=str(target.digest),
-                base_id=target.base_id,
-                reason=f"{adapter}@{alias} moved to {number}",
-                at=time.time(),
-            )
-        )
-
-    def rollback(
-        self, adapter: AdapterName, alias: str, *, expected: int | None = None
-    ) -> AliasMove:
-        """Move ``alias`` back to where it pointed before its last move.
-
-        Raises ``NotFound`` (no such alias history), ``FailedPrecondition`` (nothing earlier to
-        return to, or that revision was deleted), ``Conflict`` (lost CAS).
-        """
-        check_alias_name(alias)
-        with self._swap.shared(), self._adapter_locks.hold(adapter):
-            if self.index.adapter_state(adapter) is None:
-                raise NotFound(f"adapter {adapter} not found")
-            history = self.index.alias_history(adapter, alias)
-            if not history:
-                raise NotFound(f"alias {adapter}@{alias} has never been set")
-            last = history[-1]
-            if last.previous == 0:
-                raise FailedPrecondition(
-                    f"alias {adapter}@{alias} has no earlier revision to roll back to"
-                )
-            if self.index.get_revision(adapter, last.previous) is None:
-                raise FailedPrecondition(
-                    f"cannot roll back {adapter}@{alias}: revision {last.previous} was deleted"
-                )
-            return self._move_alias_locked(
-                adapter,
-                alias,
-                last.previous,
-                expected=last.revision if expected is None else expected,
-            )
-
-    def set_metadata(self, ref: Ref | str, metadata: dict[str, str]) -> Revision:
-        """Merge ``metadata`` into a revision's (e.g. eval results). Raises ``NotFound``."""
-        parsed = Ref.parse(ref) if isinstance(ref, str) else ref
-        clean = check_metadata(metadata, self.limits)
-        with self._swap.shared(), self._adapter_locks.hold(parsed.adapter):
-            revision = self.index.resolve(parsed)
-            state = self.index.adapter_state(parsed.adapter)
-            assert state is not None
-            self._append(
-                Event(
-                    adapter=parsed.adapter,
-                    seq=state.next_seq,
-                    op="metadata",
-                    at=time.time(),
-                    revision=revision.number,
-                    metadata=clean,
-                )
-            )
-            updated = self.index.get_revision(parsed.adapter, revision.number)
-        assert updated is not None
-        return updated
-
     def delete(self, ref: Ref | str, *, all_revisions: bool = False) -> list[int]:
         """Delete the revision ``ref`` names, or with ``all_revisions`` the whole adapter.
 
@@ -937,88 +653,6 @@ class Catalog:
         )
 
     # -- engines ----------------------------------------------------------------------------
-
-    def register_engine(
-        self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int
-    ) -> None:
-        """Record an engine (re-registering replaces its record). Raises ``InvalidArgument``."""
-        if not engine_id or len(engine_id) > 128:
-            raise InvalidArgument("engine_id must be 1-128 characters")
-        with self._engines_lock:
-            self._engines[engine_id] = EngineRecord(
-                engine_id, base_id, num_slots, max_rank, host_bytes
-            )
-
-    def report_residency(
-        self,
-        engine_id: str,
-        gpu: list[str],
-        host: list[str],
-        tiers: Sequence[Mapping[str, Any]] = (),
-    ) -> None:
-        """Replace what an engine holds in GPU slots and host memory, and (optionally) its
-        counters for those tiers: each a mapping with ``tier`` ("host" or "gpu") and any of
-        ``ENGINE_TIER_FIELDS``, as non-negative integers.
-
-        Raises:
-            NotFound: the engine is not registered.
-            InvalidArgument: a digest is malformed, or a tier or counter is unknown or negative.
-        """
-        for text in (*gpu, *host):
-            Digest.parse(text)
-        reported = {}
-        for tier in tiers:
-            name = tier.get("tier")
-            if name not in ENGINE_TIERS:
-                raise InvalidArgument(
-                    f"engine tier must be one of {', '.join(ENGINE_TIERS)}, got {name!r}"
-                )
-            values = {k: v for k, v in tier.items() if k != "tier"}
-            unknown = sorted(set(values) - set(ENGINE_TIER_FIELDS))
-            if unknown:
-                raise InvalidArgument(f"unknown {name} tier counters: {', '.join(unknown)}")
-            bad = sorted(k for k, v in values.items() if not isinstance(v, int) or v < 0)
-            if bad:
-                raise InvalidArgument(
-                    f"{name} tier counters must be non-negative integers: {', '.join(bad)}"
-                )
-            reported[name] = {k: int(v) for k, v in values.items()}
-        with self._engines_lock:
-            record = self._engines.get(engine_id)
-            if record is None:
-                raise NotFound(f"engine {engine_id!r} is not registered")
-            record.gpu = frozenset(gpu)
-            record.host = frozenset(host)
-            if tiers:
-                record.tiers = reported
-            record.last_report = time.time()
-
-    def engines(self) -> list[EngineRecord]:
-        with self._engines_lock:
-            return list(self._engines.values())
-
-    def publish_demand_hints(self, count: int = 16) -> int:
-        """Tell each engine to stage the hottest revisions it does not hold; returns hints sent."""
-        sent = 0
-        hottest = self.hints.hottest(count)
-        for engine in self.engines():
-            held = engine.gpu | engine.host
-            for ref, digest, base_id, score in hottest:
-                if digest in held or (engine.base_id and base_id and engine.base_id != base_id):
-                    continue
-                sent += self.hints.publish(
-                    Hint("stage", ref, digest, base_id, f"demand {score:.1f}", time.time()),
-                    engine_ids=[engine.engine_id],
-                )
-        return sent
-
-    def watch_hints(self, engine_id: str, stop: Callable[[], bool]) -> Iterator[Hint]:
-        """The hint stream of a registered engine, until ``stop()``. Raises ``NotFound``."""
-        with self._engines_lock:
-            record = self._engines.get(engine_id)
-        if record is None:
-            raise NotFound(f"engine {engine_id!r} is not registered")
-        return self.hints.subscribe(engine_id, record.base_id, stop=stop)
 
     def stats(self) -> dict[str, Any]:
         """Counts and per-tier occupancy and traffic (durable, nvme, host and gpu of engines)."""
