@@ -230,12 +230,37 @@ class PushHeader(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EvalEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     BASE_ID_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     EXPECTED_DIGEST_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    DATA_DIGEST_FIELD_NUMBER: _builtins.int
+    EVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """tenant/name"""
     base_id: _builtins.str
@@ -244,12 +269,27 @@ class PushHeader(_message.Message):
     """exact size of the pack that follows"""
     expected_digest: _builtins.str
     """optional: refuse the push if the bytes hash differently"""
+    host: _builtins.str
+    """Provenance, kept on the revision as `provenance.*` metadata (the server adds the pushing
+    principal itself); all optional.
+    the machine the push came from
+    """
+    run_id: _builtins.str
+    """the training run that produced the adapter"""
+    parent: _builtins.str
+    """a reference to the revision it was trained from"""
+    data_digest: _builtins.str
+    """digest of the training data (algo:hex)"""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """aliases to move to the new revision after it is committed"""
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def eval(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """evaluation results, kept as `eval.<key>` metadata"""
+
     def __init__(
         self,
         *,
@@ -259,10 +299,15 @@ class PushHeader(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         size_bytes: _builtins.int = ...,
         expected_digest: _builtins.str = ...,
+        host: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        data_digest: _builtins.str = ...,
+        eval: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base_id", b"base_id", "expected_digest", b"expected_digest", "metadata", b"metadata", "name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base_id", b"base_id", "data_digest", b"data_digest", "eval", b"eval", "expected_digest", b"expected_digest", "host", b"host", "metadata", b"metadata", "name", b"name", "parent", b"parent", "run_id", b"run_id", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,24 +385,61 @@ Global___ResolveRequest: _TypeAlias = ResolveRequest  # noqa: Y015
 class ListAdaptersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PREFIX_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    BASE_ID_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     """"", "tenant" or "tenant/name" """
     page_size: _builtins.int
     """0: the default (100); at most 1000"""
     page_token: _builtins.str
+    base_id: _builtins.str
+    """Filters, answered from the index; an adapter matches when its `latest` revision does.
+    A filtered page may hold fewer than page_size adapters and still have a next token.
+    latest revision trained for this base
+    """
+    alias: _builtins.str
+    """the adapter has this alias set"""
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """latest revision's metadata holds every KEY=VALUE"""
+
     def __init__(
         self,
         *,
         prefix: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        base_id: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        alias: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "base_id", b"base_id", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,12 +525,15 @@ class SetAliasRequest(_message.Message):
     ALIAS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     alias: _builtins.str
     revision: _builtins.int
     """0 removes the alias"""
     expected_revision: _builtins.int
     """unset: no check; 0: the alias must be unset"""
+    target: _builtins.str
+    """instead of `revision`: a number, an alias or a digest"""
     def __init__(
         self,
         *,
@@ -456,10 +541,11 @@ class SetAliasRequest(_message.Message):
         alias: _builtins.str = ...,
         revision: _builtins.int = ...,
         expected_revision: _builtins.int | None = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "alias", b"alias", "expected_revision", b"expected_revision", "name", b"name", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "alias", b"alias", "expected_revision", b"expected_revision", "name", b"name", "revision", b"revision", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
     _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
@@ -474,19 +560,25 @@ class RollbackRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     alias: _builtins.str
     expected_revision: _builtins.int
+    to: _builtins.str
+    """Empty: walk back one step of the alias's history (repeated rollbacks keep walking back).
+    Otherwise the revision to move to: a number, an alias or a digest.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         alias: _builtins.str = ...,
         expected_revision: _builtins.int | None = ...,
+        to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "alias", b"alias", "expected_revision", b"expected_revision", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "alias", b"alias", "expected_revision", b"expected_revision", "name", b"name", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
     _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
@@ -563,18 +655,24 @@ class SetMetadataRequest(_message.Message):
 
     REF_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """keys to remove"""
+
     def __init__(
         self,
         *,
         ref: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        remove: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "ref", b"ref", "remove", b"remove"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -586,18 +684,22 @@ class DeleteRequest(_message.Message):
 
     REF_FIELD_NUMBER: _builtins.int
     ALL_REVISIONS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     all_revisions: _builtins.bool
     """delete every revision of the adapter `ref` names"""
+    force: _builtins.bool
+    """with all_revisions: remove aliases other than `latest` first"""
     def __init__(
         self,
         *,
         ref: _builtins.str = ...,
         all_revisions: _builtins.bool = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_revisions", b"all_revisions", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_revisions", b"all_revisions", "force", b"force", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
