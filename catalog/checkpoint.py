@@ -63,8 +63,8 @@ DEFAULT_KEEP = 2
 FETCH_BATCH = 2000
 DEFAULT_LEVEL = 3
 
-_NAME = re.compile(r"^checkpoints/(\d{12})-(\d{13})\.jsonl\.zst$")
-_TRAILER = re.compile(rb'^\{"sha256":"([0-9a-f]{64})"\}\n$')
+_NAME = re.compile(r"checkpoints/(\d{12})-(\d{13})\.jsonl\.zst")
+_TRAILER = re.compile(rb'\{"sha256":"([0-9a-f]{64})"\}\n')
 _TRAILER_LEN = len(b'{"sha256":""}\n') + 64
 _READ_CHUNK = 1 << 20
 #: Uncompressed bytes handed to the compressor at a time while writing.
@@ -81,7 +81,7 @@ def checkpoint_key(events: int, created_at: float) -> str:
 
 def list_checkpoints(store: BlobStore) -> list[str]:
     """Checkpoint object keys, newest first; other objects under ``checkpoints/`` are ignored."""
-    names = [key for key in store.list(CHECKPOINT_PREFIX) if _NAME.match(key)]
+    names = [key for key in store.list(CHECKPOINT_PREFIX) if _NAME.fullmatch(key)]
     return sorted(names, reverse=True)
 
 
@@ -194,7 +194,7 @@ def _open_checkpoint(name: str, blob: bytes) -> _Checkpoint:
                 header_done = end >= 0
     except zstandard.ZstdError as exc:
         raise DataLoss(f"checkpoint {name} does not decompress: {exc}") from exc
-    trailer = _TRAILER.match(held)
+    trailer = _TRAILER.fullmatch(held)
     if trailer is None or not header_done or last_byte != ord("\n"):
         raise DataLoss(f"checkpoint {name} is truncated: it does not end with its checksum")
     if trailer.group(1).decode() != hasher.hexdigest():

@@ -33,7 +33,7 @@ HASHERS: dict[str, tuple[Callable[[], Hasher], int]] = {
 }
 DEFAULT_ALGORITHM = "sha256"
 MIN_PREFIX_HEX = 12
-_HEX = re.compile(r"^[0-9a-f]+$")
+_HEX = re.compile(r"[0-9a-f]+")  # always fullmatch: `$` accepts a trailing newline
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -47,7 +47,7 @@ class Digest:
         if self.algorithm not in HASHERS:
             raise InvalidReference(f"unknown digest algorithm {self.algorithm!r}")
         width = HASHERS[self.algorithm][1]
-        if len(self.hex) != width or not _HEX.match(self.hex):
+        if len(self.hex) != width or not _HEX.fullmatch(self.hex):
             raise InvalidReference(
                 f"digest {self.algorithm}:{self.hex[:80]} is not {width} lowercase hex digits"
             )
@@ -87,7 +87,7 @@ def parse_digest_prefix(text: str) -> tuple[str, str]:
     if not sep or algorithm not in HASHERS:
         raise InvalidReference(f"digest {text[:80]!r}: expected <algorithm>:<hex>")
     width = HASHERS[algorithm][1]
-    if not _HEX.match(hexpart) or not MIN_PREFIX_HEX <= len(hexpart) <= width:
+    if not _HEX.fullmatch(hexpart) or not MIN_PREFIX_HEX <= len(hexpart) <= width:
         raise InvalidReference(
             f"digest {text[:80]!r}: need {MIN_PREFIX_HEX} to {width} lowercase hex digits"
         )

@@ -15,14 +15,15 @@ from typing import Any, Generic, TypeVar
 from catalog.digest import Digest, parse_digest_prefix
 from catalog.errors import InvalidName, InvalidReference
 
-NAME_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+#: fullmatch, never match with `$`: `$` also matches before a trailing newline ("latest\n").
+NAME_PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LATEST = "latest"
 RESERVED_ALIASES = frozenset({LATEST})
 
 
 def check_part(kind: str, value: str) -> str:
     """Validate one name part (tenant, name or alias) against ``[a-z0-9][a-z0-9._-]{0,62}``."""
-    if not isinstance(value, str) or not NAME_PART.match(value):
+    if not isinstance(value, str) or not NAME_PART.fullmatch(value):
         shown = value if isinstance(value, str) else type(value).__name__
         raise InvalidName(f"invalid {kind} {shown[:80]!r}: must match [a-z0-9][a-z0-9._-]{{0,62}}")
     return value

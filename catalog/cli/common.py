@@ -11,20 +11,58 @@ from catalog.model import AdapterName
 
 DEFAULT_SERVER = "127.0.0.1:7070"
 
-server_option = click.option(
+_server = click.option(
     "--server",
     envvar="LORACAT_SERVER",
     default=DEFAULT_SERVER,
     show_default=True,
-    help="Catalog address HOST:PORT (or $LORACAT_SERVER).",
+    help="Catalog address HOST:PORT, grpcs://HOST:PORT for TLS (or $LORACAT_SERVER).",
 )
+#: Connection options beside --server; ``connect`` reads them from the click context, so the
+#: commands take only ``server``.
+_CONNECTION_OPTIONS = (
+    ("--token", "LORACAT_TOKEN", "Bearer token for a catalog served with --auth."),
+    ("--tls-ca", "LORACAT_TLS_CA", "CA certificate (PEM) that signed the server's: use TLS."),
+    ("--tls-cert", "LORACAT_TLS_CERT", "Client certificate (PEM) for mutual TLS."),
+    ("--tls-key", "LORACAT_TLS_KEY", "Client key (PEM) for mutual TLS."),
+)
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta[f"loracat.{param.name}"] = value
+    return value
+
+
+def server_option(command: Any) -> Any:
+    """--server plus the token and TLS options every client command takes."""
+    for flag, env, text in reversed(_CONNECTION_OPTIONS):
+        command = click.option(
+            flag,
+            envvar=env,
+            default=None,
+            expose_value=False,
+            callback=_remember,
+            help=f"{text} (or ${env})",
+        )(command)
+    return _server(command)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON only, on stdout.")
 
 
 def connect(server: str) -> Any:
+    """A client for ``server`` with the command's --token and --tls-* options."""
     from catalog.client import CatalogClient
 
-    return CatalogClient(server)
+    context = click.get_current_context(silent=True)
+    meta = context.meta if context is not None else {}
+    return CatalogClient(
+        server,
+        token=meta.get("loracat.token"),
+        tls_ca=meta.get("loracat.tls_ca"),
+        tls_cert=meta.get("loracat.tls_cert"),
+        tls_key=meta.get("loracat.tls_key"),
+    )
 
 
 def parse_name(text: str) -> AdapterName:

@@ -118,6 +118,29 @@ def cli() -> None:
     help="Digest that identifies new revisions; every pack read is checked against it "
     "(blake3 hashes ~3x faster, which shows when fetching large packs).",
 )
+@click.option(
+    "--auth",
+    "auth_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file of principals (token hashes, tenants, roles); SIGHUP reloads it.",
+)
+@click.option(
+    "--audit-log", default=None, help="Write one JSON line per write-side call here ('-': stderr)."
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CA (PEM) that client certificates must be signed by: mutual TLS.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a non-loopback --host without --auth (anyone could then write).",
+)
 def serve(
     root: Path,
     store_url: str | None,
@@ -130,6 +153,12 @@ def serve(
     max_workers: int,
     max_hint_watchers: int,
     digest_algorithm: str,
+    auth_file: Path | None,
+    audit_log: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    insecure: bool,
 ) -> None:
     """Run the catalog server."""
     import logging
@@ -153,6 +182,12 @@ def serve(
         max_workers=max_workers,
         max_hint_watchers=max_hint_watchers,
         digest_algorithm=digest_algorithm,
+        auth_file=auth_file,
+        audit_log=audit_log,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        insecure=insecure,
     )
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
-
-import grpc
-import grpc.aio
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+from catalog.client.channel import channel_settings, open_aio_channel
 from catalog.client.errors import translated
 from catalog.client.requests import (
-    CHANNEL_OPTIONS,
     PackSource,
     PushResult,
     check_range,
@@ -30,10 +28,26 @@ from catalog.model import AdapterName, AdapterSummary, AliasMove, Page, Ref, Rev
 class AsyncCatalogClient:
     """``async with AsyncCatalogClient("127.0.0.1:7070") as c: await c.resolve("t/n")``."""
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.target = target
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> None:
+        """Connect to ``target`` (``host:port``; ``grpcs://host:port`` for TLS). ``token`` is
+        sent as ``authorization: Bearer <token>``; ``tls_ca`` verifies the server, ``tls_cert``
+        and ``tls_key`` answer a server that asks for mutual TLS (each falls back to its
+        ``$LORACAT_*`` variable, see ``catalog.client.channel``). Raises ``InvalidArgument``."""
+        settings = channel_settings(
+            target, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        self.target = settings.address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_aio_channel(settings)
         self._stub = pb_grpc.CatalogStub(self._channel)
         # FetchPack's messages arrive undecoded (see catalog.client.transfer).
         self._fetch_pack = self._channel.unary_stream(

@@ -47,7 +47,7 @@ MAX_TENSOR_NDIM = 8
 _HEADER_LEN = struct.Struct("<Q")
 _HEADER_ALIGN = 8
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
-_DECIMAL = re.compile(r"^(0|[1-9][0-9]*)$")
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -373,4 +373,4 @@ def library_order(
 
 def is_decimal(text: str) -> bool:
     """``text`` is a canonical non-negative decimal integer (no sign, no leading zeros)."""
-    return bool(_DECIMAL.match(text))
+    return bool(_DECIMAL.fullmatch(text))

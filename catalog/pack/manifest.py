@@ -33,7 +33,7 @@ MAX_BASE_ID_LENGTH = 1024
 
 #: A module path relative to a decoder layer: dotted identifiers, no numeric parts (a numeric
 #: part would be a layer or expert index, which the stacking axes carry instead).
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 _MODULE_KEYS = frozenset(
     {"name", "in_features", "out_features", "rank", "alpha", "layers", "num_experts"}
@@ -99,7 +99,7 @@ class ModuleSpec:
         if (
             not isinstance(self.name, str)
             or len(self.name) > MAX_NAME_LENGTH
-            or not _MODULE_NAME.match(self.name)
+            or not _MODULE_NAME.fullmatch(self.name)
         ):
             _fail(f"module name {self.name!r} is not a dotted identifier path")
         where = f"module {self.name!r}"

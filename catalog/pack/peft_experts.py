@@ -67,7 +67,7 @@ FUSED_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
 #: returns to it: for both, ``in(first) == out(down_proj)``, which checks the nesting order.
 _INPUT_PARAMETERS = ("gate_up_proj", "up_proj")
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -93,7 +93,7 @@ class ExpertLayout:
         parts = self.key_module.split(".") if isinstance(self.key_module, str) else []
         placeholders = parts.count(EXPERT_PLACEHOLDER)
         named = [p for p in parts if p != EXPERT_PLACEHOLDER]
-        if not parts or not all(_IDENTIFIER.match(p) for p in named):
+        if not parts or not all(_IDENTIFIER.fullmatch(p) for p in named):
             _fail(f"expert key path {self.key_module!r} is not a dotted identifier path")
         if self.kind == LAYOUT_PER_EXPERT:
             if placeholders != 1 or parts[0] == EXPERT_PLACEHOLDER:

@@ -34,7 +34,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 import grpc
@@ -42,6 +42,7 @@ import grpc
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.errors import ResourceExhausted
 from catalog.locks import WouldBlock
+from catalog.service.auth import Guard
 from catalog.service.errors import ERROR_CLASS_KEY, status_for
 from catalog.service.metrics import RPC_LATENCY
 
@@ -56,17 +57,29 @@ _END = object()
 
 
 class CallState:
-    """What a handler running on a pool thread may ask of its call: whether it is still active.
+    """What a handler running on a pool thread may ask of its call: whether it is still active,
+    its metadata (for ``catalog.service.auth``) and the time left before its deadline.
 
-    (The ``grpc.aio`` context belongs to the loop; this reads a flag its done-callback sets.)
+    (The ``grpc.aio`` context belongs to the loop; this copies what it needs there and reads a
+    flag its done-callback sets.)
     """
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._done = threading.Event()
         context.add_done_callback(lambda _: self._done.set())
+        self._metadata = context.invocation_metadata()
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else monotonic() + remaining
 
     def is_active(self) -> bool:
         return not self._done.is_set()
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the client's deadline (negative once past); None without one."""
+        return None if self._deadline is None else self._deadline - monotonic()
 
 
 async def _abort(
@@ -207,15 +220,18 @@ def _bounded_stream(behavior: Behavior, slots: int) -> Behavior:
 
 
 def catalog_handlers(
-    servicer: object, pool: Executor, *, max_hint_watchers: int
+    servicer: object, pool: Executor, *, max_hint_watchers: int, guard: Guard | None = None
 ) -> dict[str, grpc.RpcMethodHandler]:
     """One ``grpc.aio`` method handler per method of the ``Catalog`` service, calling the
-    same-named method of ``servicer`` (sync methods taking ``(request, context)``)."""
+    same-named method of ``servicer`` (sync methods taking ``(request, context)``), behind
+    ``guard`` (authentication, authorization, audit) when one is given."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE.methods:
         behavior: Behavior = getattr(servicer, method.name)
         if method.name == HINT_WATCH_METHOD:
             behavior = _bounded_stream(behavior, max_hint_watchers)
+        if guard is not None:  # outermost: nothing runs for a caller it refuses
+            behavior = guard.wrap(method.name, behavior, client_streaming=method.client_streaming)
         observe = RPC_LATENCY.labels(method.name).observe
         decode = getattr(pb, method.input_type.name).FromString
         encode = getattr(pb, method.output_type.name).SerializeToString

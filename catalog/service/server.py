@@ -15,9 +15,12 @@ from grpc_reflection.v1alpha import reflection
 
 from catalog.core import Catalog, Limits
 from catalog.digest import DEFAULT_ALGORITHM
+from catalog.errors import InvalidArgument
 from catalog.locks import never_wait_here
+from catalog.service.auth import Authenticator, Guard, check_exposure, open_audit_log
 from catalog.service.handlers import SERVICE_NAME, catalog_handlers
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
+from catalog.service.tls import server_credentials
 from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
 
@@ -76,6 +79,16 @@ def open_catalog(
         log.warning("index is empty but %s holds a log: rebuilding the index", store.url)
         catalog.reindex()
     return catalog
+
+
+def _reload(authenticator: Authenticator) -> None:
+    """SIGHUP: read the auth file again; a bad file keeps the principals in force."""
+    try:
+        count = authenticator.reload()
+    except InvalidArgument as exc:
+        log.error("auth file not reloaded, the previous principals stay in force: %s", exc)
+    else:
+        log.info("auth file %s reloaded: %d principals", authenticator.path, count)
 
 
 #: Threads for the calls that do not run on the event loop: writes, fetches, prefetch and the
@@ -150,12 +163,16 @@ def create_server(
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
+    guard: Guard | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[CatalogServer, int]:
     """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one).
 
     Index reads run on the server's event loop; ``max_workers`` pool threads serve the other
     unary calls and short streams, and up to ``max_hint_watchers`` more serve ``WatchHints``
-    streams, which each hold a thread while their engine runs.
+    streams, which each hold a thread while their engine runs. ``guard`` authenticates and
+    authorizes every call (``catalog.service.auth``); ``credentials`` serve TLS
+    (``catalog.service.tls``). Raises ``OSError`` when the address cannot be bound.
     """
     pool = ThreadPoolExecutor(
         max_workers=max_workers + max_hint_watchers, thread_name_prefix="loracat-rpc"
@@ -168,7 +185,7 @@ def create_server(
         never_wait_here()  # the loop thread: index reads that would wait move to the pool
         server = grpc.aio.server(options=server_options())
         handlers = catalog_handlers(
-            CatalogServicer(catalog), pool, max_hint_watchers=max_hint_watchers
+            CatalogServicer(catalog), pool, max_hint_watchers=max_hint_watchers, guard=guard
         )
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
@@ -181,7 +198,10 @@ def create_server(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"could not bind the catalog server to {address}")
         await server.start()
@@ -211,8 +231,33 @@ def serve_forever(
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
     digest_algorithm: str = DEFAULT_ALGORITHM,
+    auth_file: Path | None = None,
+    audit_log: str | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_client_ca: Path | None = None,
+    insecure: bool = False,
 ) -> None:
-    """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index."""
+    """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index.
+
+    ``auth_file`` turns on authentication (``catalog.service.auth``; SIGHUP reloads it), and
+    without it a non-loopback ``host`` is refused unless ``insecure``. ``audit_log`` (a file or
+    ``-``) gets a line per write-side call; ``tls_cert``/``tls_key`` serve TLS, mutual with
+    ``tls_client_ca``. Raises ``InvalidArgument`` for a bad auth file, TLS file or exposure.
+    """
+    check_exposure(host, authenticated=auth_file is not None, insecure=insecure)
+    authenticator = None if auth_file is None else Authenticator(auth_file)
+    audit = None if audit_log is None else open_audit_log(audit_log)
+    guard = None if authenticator is None and audit is None else Guard(authenticator, audit)
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
+    credentials = (
+        None
+        if tls_cert is None or tls_key is None
+        else server_credentials(tls_cert, tls_key, tls_client_ca)
+    )
     catalog = open_catalog(
         root,
         store_url,
@@ -222,7 +267,12 @@ def serve_forever(
         digest_algorithm=digest_algorithm,
     )
     server, bound = create_server(
-        catalog, f"{host}:{port}", max_workers=max_workers, max_hint_watchers=max_hint_watchers
+        catalog,
+        f"{host}:{port}",
+        max_workers=max_workers,
+        max_hint_watchers=max_hint_watchers,
+        guard=guard,
+        credentials=credentials,
     )
     stop = threading.Event()
 
@@ -232,12 +282,19 @@ def serve_forever(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        if authenticator is not None:
+            signal.signal(signal.SIGHUP, lambda signum, frame: _reload(authenticator))
     if metrics_port is not None:
         from catalog.service.metrics import start_metrics_server
 
         metrics_bound = start_metrics_server(catalog, host, metrics_port)
         print(f"loracat metrics on http://{host}:{metrics_bound}/metrics", flush=True)
-    print(f"loracat catalog serving on {host}:{bound} (store {catalog.store.url})", flush=True)
+    scheme = "grpc" if credentials is None else "grpcs"
+    print(
+        f"loracat catalog serving on {scheme}://{host}:{bound} (store {catalog.store.url}"
+        f"{', auth ' + str(auth_file) if auth_file else ''})",
+        flush=True,
+    )
     try:
         while not stop.wait(demand_hint_interval_s):
             catalog.publish_demand_hints()
