@@ -7,19 +7,11 @@ Reads go through the cache: a hit returns verified cached bytes, a miss calls th
 call per cold digest however many threads ask at once), stores what it returns under the byte
 budget, evicting what the eviction policy (:mod:`catalog.cache.policies`) chooses, and returns it.
 
-Layout (one LMDB environment per directory, owned by one process at a time)::
-
-    chunks   entry key + u32 big-endian chunk index -> chunk bytes (``chunk_bytes`` each, the
-             last one shorter)
-    entries  entry key -> meta: format, codec, size, chunk_bytes, chunk count, insert time
-             (unix ns), pin count, then one 32-byte BLAKE3 checksum per chunk
-    info     b"schema" -> schema version
-
-An entry key is ``algorithm:`` followed by the raw digest bytes (``sha256:`` + 32 bytes), so
-every chunk key of a pack starts with its entry key and no other pack's key does, and chunks
-sort in index order. The bytes are stored uncompressed: ``bench/bench_pack_cache.py`` measured
-zstd shrinking bf16 LoRA weights only 1.28x (1.46x byte-shuffled), with a compressed hit,
-decoding included, at about half the speed of an uncompressed one; it pays on S3 and the wire.
+Layout: one LMDB environment per directory, written by one process at a time (this class) and
+readable by colocated engines in other processes; :mod:`catalog.cache.layout` defines it.
+The bytes are stored uncompressed: ``bench/bench_pack_cache.py`` measured zstd shrinking
+bf16 LoRA weights only 1.28x (1.46x byte-shuffled), with a compressed hit, decoding included,
+at about half the speed of an uncompressed one; it pays on S3 and the wire.
 
 Integrity. A whole-pack read is hashed and compared with the digest (sha256 of the
 uncompressed pack). A ranged read checks only the chunks it touches, against the BLAKE3
@@ -35,6 +27,13 @@ victims in one LMDB write transaction, so after a SIGKILL (or a power loss, with
 ``sync=True``) a pack is either wholly present or absent. Opening a directory still scans for
 chunks without a valid meta (and metas that cannot be decoded) and deletes them, so nothing a
 future writer or a damaged file leaves behind can be served or counted.
+
+Holds. A colocated engine reads a pack's chunks straight from the environment (see
+:mod:`catalog.client.colocated`); while it does, the catalog keeps a :meth:`PackCache.hold` on
+the entry (a pin kept in memory, granted and ended by the lease RPCs, see
+:mod:`catalog.cache.leases`), so the entry is neither evicted nor rewritten under it. A reader's
+LMDB read transaction would keep its snapshot's pages from reuse anyway; the hold keeps the
+entry itself, so that a granted lease is a hit for its reader.
 
 Restart. Opening a directory rebuilds the policy from the entries on disk in insertion order
 (pinned entries first, so they keep their room), with their pins; if the capacity shrank, the
@@ -53,9 +52,8 @@ import fcntl
 import functools
 import logging
 import os
-import struct
+import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -63,9 +61,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import blake3
 import lmdb
 
+from catalog.cache.layout import (
+    CHUNKS_DB,
+    DATA_FILE,
+    DEFAULT_CHUNK_BYTES,
+    ENTRIES_DB,
+    INDEX_BYTES,
+    INFO_DB,
+    INSTANCE_KEY,
+    MAX_CHUNK_BYTES,
+    MAX_INDEX,
+    MIN_CHUNK_BYTES,
+    SCHEMA_KEY,
+    SCHEMA_VERSION,
+    EntryMeta,
+    checksum,
+    chunk_key,
+    digest_of_key,
+    entry_key,
+)
 from catalog.cache.policies import DEFAULT_POLICY, EvictionPolicy, make_policy
 from catalog.digest import Digest
 from catalog.errors import (
@@ -91,22 +107,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bytes per stored chunk: the unit a ranged read fetches and checks.
-DEFAULT_CHUNK_BYTES = 1 << 20
-MIN_CHUNK_BYTES = 256
-MAX_CHUNK_BYTES = 1 << 30
-SCHEMA_VERSION = 1
-
 #: A loader returns the pack's bytes, already verified against its digest, or raises.
 Loader = Callable[[], bytes]
 
-_FORMAT = 1
-_CODEC_RAW = 0  # room for a compressed codec later without a schema change
-_META = struct.Struct(">BBQIIQI")  # format, codec, size, chunk_bytes, count, inserted_ns, pins
-_CHECKSUM_BYTES = 32
-_INDEX_BYTES = 4
-_MAX_INDEX = (1 << (8 * _INDEX_BYTES)) - 1
-_SCHEMA_KEY = b"schema"
 _LOCK_FILE = "cache.lock"
 _MIN_MAP_SIZE = 64 << 20
 _MAP_ALIGN = 1 << 20
@@ -114,26 +117,6 @@ _MAP_ALIGN = 1 << 20
 T = TypeVar("T")
 if TYPE_CHECKING:
     _Txn = lmdb.Transaction[Any]  # reads use buffers=True: values are memoryviews
-
-
-def entry_key(digest: Digest) -> bytes:
-    """The key of ``digest``'s meta, and the prefix of every one of its chunk keys."""
-    return digest.algorithm.encode() + b":" + bytes.fromhex(digest.hex)
-
-
-def chunk_key(digest: Digest, index: int) -> bytes:
-    """The key of chunk ``index`` (from 0) of ``digest``'s pack."""
-    return entry_key(digest) + index.to_bytes(_INDEX_BYTES, "big")
-
-
-def _digest_of_key(key: bytes) -> Digest:
-    """Inverse of :func:`entry_key`; raises ``InvalidReference`` for a key that is not one."""
-    algorithm, _, raw = key.partition(b":")
-    return Digest(algorithm.decode(errors="replace"), raw.hex())
-
-
-def _checksum(chunk: bytes | memoryview) -> bytes:
-    return blake3.blake3(chunk).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,65 +149,6 @@ class _CorruptEntry(Exception):
     def __init__(self, why: str, seen_meta: bytes) -> None:
         super().__init__(why)
         self.seen_meta = seen_meta
-
-
-@dataclass(frozen=True, slots=True)
-class _EntryMeta:
-    size: int
-    chunk_bytes: int
-    inserted_ns: int
-    pins: int
-    checksums: bytes  # _CHECKSUM_BYTES per chunk
-
-    @property
-    def chunk_count(self) -> int:
-        return len(self.checksums) // _CHECKSUM_BYTES
-
-    def chunk_length(self, index: int) -> int:
-        return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
-
-    def checksum(self, index: int) -> bytes:
-        return self.checksums[index * _CHECKSUM_BYTES : (index + 1) * _CHECKSUM_BYTES]
-
-    def encode(self) -> bytes:
-        header = _META.pack(
-            _FORMAT,
-            _CODEC_RAW,
-            self.size,
-            self.chunk_bytes,
-            self.chunk_count,
-            self.inserted_ns,
-            self.pins,
-        )
-        return header + self.checksums
-
-    def with_pins(self, pins: int) -> _EntryMeta:
-        return _EntryMeta(self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums)
-
-    @classmethod
-    def decode(cls, raw: bytes | memoryview) -> _EntryMeta:
-        """Raises ``ValueError`` naming what is wrong with ``raw``."""
-        if len(raw) < _META.size:
-            raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
-        fmt, codec, size, chunk_bytes, count, inserted_ns, pins = _META.unpack_from(raw)
-        if fmt != _FORMAT or codec != _CODEC_RAW:
-            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1/0")
-        if size <= 0 or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"meta has size {size}, chunk_bytes {chunk_bytes}")
-        if count != -(-size // chunk_bytes):
-            raise ValueError(f"meta has {count} chunks for {size} bytes of {chunk_bytes}")
-        if len(raw) != _META.size + count * _CHECKSUM_BYTES:
-            raise ValueError(f"meta is {len(raw)} bytes, expected {count} checksums")
-        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size :]))
-
-    @classmethod
-    def for_data(cls, data: bytes, chunk_bytes: int) -> _EntryMeta:
-        view = memoryview(data)
-        checksums = b"".join(
-            _checksum(view[start : start + chunk_bytes])
-            for start in range(0, len(data), chunk_bytes)
-        )
-        return cls(len(data), chunk_bytes, time.time_ns(), 0, checksums)
 
 
 @dataclass
@@ -313,7 +237,7 @@ class PackCache:
             raise Unavailable(f"cannot create pack cache directory {self.path}: {exc}") from exc
         self._lock_file = self._lock_directory()
         try:
-            data_file = self.path / "data.mdb"
+            data_file = self.path / DATA_FILE
             existing = data_file.stat().st_size if data_file.exists() else 0
             self._env = lmdb.open(
                 str(self.path),
@@ -333,12 +257,13 @@ class PackCache:
         self._counters = _Counters()
         self._pins: dict[str, int] = {}  # pin counts of resident entries (also in their meta)
         self._pending_pins: dict[str, int] = {}  # pins to apply when the key is next filled
+        self._holds: dict[str, int] = {}  # in-memory pins of readers in other processes
         self._inflight: dict[str, Future[bytes]] = {}
         self._closed = False
         try:
-            self._chunks = self._env.open_db(b"chunks")
-            self._entries = self._env.open_db(b"entries")
-            self._info = self._env.open_db(b"info")
+            self._chunks = self._env.open_db(CHUNKS_DB)
+            self._entries = self._env.open_db(ENTRIES_DB)
+            self._info = self._env.open_db(INFO_DB)
             self._check_schema()
             self._restore()
         except BaseException:
@@ -359,41 +284,47 @@ class PackCache:
 
     def _check_schema(self) -> None:
         with self._env.begin(write=True) as txn:
-            found = txn.get(_SCHEMA_KEY, db=self._info)
+            found = txn.get(SCHEMA_KEY, db=self._info)
             if found is None:
-                txn.put(_SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self._info)
+                txn.put(SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self._info)
             elif found != str(SCHEMA_VERSION).encode():
                 raise FailedPrecondition(
                     f"pack cache at {self.path} has schema {found.decode(errors='replace')!r}, "
                     f"this version reads {SCHEMA_VERSION}; delete the directory to start empty"
                 )
+            instance = txn.get(INSTANCE_KEY, db=self._info)
+            if instance is None:
+                instance = secrets.token_hex(16).encode()
+                txn.put(INSTANCE_KEY, instance, db=self._info)
+            #: A random id kept in the environment: readers in other processes check it.
+            self.instance_id = bytes(instance).decode()
 
     def _restore(self) -> None:
         """Rebuild the policy from disk; delete orphan chunks, bad metas and what no longer fits."""
-        metas: dict[bytes, _EntryMeta] = {}
+        metas: dict[bytes, EntryMeta] = {}
         doomed: list[bytes] = []  # entry keys to delete with all their chunks
         orphans: list[bytes] = []  # single chunk keys to delete
         with self._env.begin() as txn:
             for key, raw in txn.cursor(db=self._entries):
                 try:
-                    _digest_of_key(key)
-                    metas[key] = _EntryMeta.decode(raw)
+                    digest_of_key(key)
+                    metas[key] = EntryMeta.decode(raw)
                 except (ValueError, LookupError) as exc:
                     log.warning("pack cache %s: dropping entry %r: %s", self.path, key[:80], exc)
                     doomed.append(key)
             dropped = set(doomed)
             for key in txn.cursor(db=self._chunks).iternext(keys=True, values=False):
-                owner = key[:-_INDEX_BYTES]
+                owner = key[:-INDEX_BYTES]
                 meta = metas.get(owner)
                 if meta is None and owner in dropped:
                     continue  # deleted with its entry
-                if meta is None or int.from_bytes(key[-_INDEX_BYTES:], "big") >= meta.chunk_count:
+                if meta is None or int.from_bytes(key[-INDEX_BYTES:], "big") >= meta.chunk_count:
                     orphans.append(key)
         policy = self._policy
         # Pinned entries first so they keep their room, then the rest oldest first.
         order = sorted(metas.items(), key=lambda item: (item[1].pins == 0, item[1].inserted_ns))
         for key, meta in order:
-            name = str(_digest_of_key(key))
+            name = str(digest_of_key(key))
             if meta.size > policy.capacity_bytes - policy.pinned_bytes:
                 log.warning(
                     "pack cache %s: %s (%d bytes, %d pins) does not fit the capacity %d beside "
@@ -522,6 +453,67 @@ class PackCache:
             raise InvalidArgument(f"piece_bytes must be a positive integer, got {piece_bytes!r}")
         return self._iter_range(digest, offset, length, loader, name_for_errors, piece_bytes)
 
+    def hold(self, digest: Digest, loader: Loader | None = None, *, name_for_errors: str) -> bool:
+        """Keep ``digest``'s cached pack from eviction and rewrite until :meth:`release`.
+
+        A hold is a pin kept in memory only (a restarted cache has none), for a reader in
+        another process (a colocated engine) that reads the chunks itself; it counts as a hit
+        of the whole pack. A pack that is not cached is first loaded through ``loader`` (single
+        flight, admitted by the policy, as in :meth:`read_through`). Returns ``False`` (nothing
+        held) when the pack is not cached and there is no loader, or the policy did not admit
+        it, or it was evicted again before it could be held.
+
+        Raises:
+            As :meth:`read_through` for the loader.
+            FailedPrecondition: the cache is closed.
+        """
+        self._check_open()
+        key = str(digest)
+        for attempt in range(2):
+            with self._lock:
+                if key in self._policy:
+                    self._policy.pin(key)
+                    self._holds[key] = self._holds.get(key, 0) + 1
+                    self._policy.record_hit(key)
+                    self._counters.hits += 1
+                    self._counters.bytes_read += self._policy.size_of(key)
+                    return True
+            if loader is None or attempt:
+                return False
+            self._load(digest, loader, name_for_errors, recheck=True)
+        return False
+
+    def release(self, digest: Digest) -> None:
+        """Drop one :meth:`hold` of ``digest``; a no-op when it holds none (a copy dropped as
+        corrupt loses its holds)."""
+        key = str(digest)
+        with self._lock:
+            count = self._holds.get(key, 0)
+            if not count:
+                return
+            if count == 1:
+                del self._holds[key]
+            else:
+                self._holds[key] = count - 1
+            self._policy.unpin(key)
+
+    def holds(self, digest: Digest) -> int:
+        """How many :meth:`hold` calls on ``digest`` are not released."""
+        with self._lock:
+            return self._holds.get(str(digest), 0)
+
+    def clear_stale_readers(self) -> int:
+        """Free the LMDB reader slots of processes that died mid-read (a stale slot keeps
+        every page freed after its snapshot from reuse, so the file grows). Returns how many.
+
+        Raises:
+            FailedPrecondition: the cache is closed.
+        """
+
+        with self._gate.shared():
+            self._check_open()
+            return int(self._env.reader_check())
+
     def contains(self, digest: Digest) -> bool:
         """Whether ``digest``'s pack is cached (not counted as a request)."""
         with self._lock:
@@ -539,8 +531,8 @@ class PackCache:
             found = []
             for key, raw in txn.cursor(db=self._entries):
                 try:
-                    meta = _EntryMeta.decode(raw)
-                    digest = _digest_of_key(bytes(key))
+                    meta = EntryMeta.decode(raw)
+                    digest = digest_of_key(bytes(key))
                 except (ValueError, LookupError):
                     continue  # a damaged meta; reading it drops it
                 found.append(CacheEntry(digest, meta.size, meta.pins, meta.inserted_ns / 1e9))
@@ -572,7 +564,7 @@ class PackCache:
             }
         with self._gate.shared():
             map_size = 0 if self._closed else int(self._env.info()["map_size"])
-        data_file = self.path / "data.mdb"
+        data_file = self.path / DATA_FILE
         return {
             **occupancy,
             **counters,
@@ -701,6 +693,11 @@ class PackCache:
                     raise FailedPrecondition(
                         f"{digest} is pinned {pins} time(s) in the pack cache; unpin it first"
                     )
+                if self._holds.get(key):
+                    raise FailedPrecondition(
+                        f"{digest} is leased by an engine reading it from the pack cache; "
+                        "evict it after the lease ends"
+                    )
                 self._policy.remove(key)
                 self._counters.evicted_on_request += 1
             # If this fails the bytes stay on disk untracked; the next fill of the digest, or
@@ -782,7 +779,7 @@ class PackCache:
             meta = _decode_meta(seen, name)
             views = []
             for index in range(meta.chunk_count):
-                view = txn.get(ekey + index.to_bytes(_INDEX_BYTES, "big"), db=self._chunks)
+                view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=self._chunks)
                 if view is None or len(view) != meta.chunk_length(index):
                     got = "missing" if view is None else f"{len(view)} bytes"
                     raise _CorruptEntry(f"chunk {index} of {name} is {got}", seen)
@@ -818,11 +815,11 @@ class PackCache:
             size = meta.chunk_bytes
             pieces = []
             for index in range(offset // size, (end - 1) // size + 1):
-                view = txn.get(ekey + index.to_bytes(_INDEX_BYTES, "big"), db=self._chunks)
+                view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=self._chunks)
                 if view is None or len(view) != meta.chunk_length(index):
                     got = "missing" if view is None else f"{len(view)} bytes"
                     raise _CorruptEntry(f"chunk {index} of {name} is {got}", seen)
-                if _checksum(view) != meta.checksum(index):
+                if checksum(view) != meta.checksum(index):
                     raise _CorruptEntry(f"chunk {index} of {name} fails its checksum", seen)
                 start = index * size
                 pieces.append(view[max(offset, start) - start : min(end, start + size) - start])
@@ -879,11 +876,11 @@ class PackCache:
                 raise Internal(f"pack cache: {name} ({digest}) vanished while reading")
             yield from _pieces(loaded, position, end, piece_bytes, name)
 
-    def _read_meta(self, digest: Digest, name: str) -> _EntryMeta | None:
+    def _read_meta(self, digest: Digest, name: str) -> EntryMeta | None:
         """The cached pack's meta; ``None`` when not cached. Raises ``_CorruptEntry``."""
         ekey = entry_key(digest)
 
-        def get(txn: _Txn) -> _EntryMeta | None:
+        def get(txn: _Txn) -> EntryMeta | None:
             raw = txn.get(ekey, db=self._entries)
             return None if raw is None else _decode_meta(bytes(raw), name)
 
@@ -894,7 +891,7 @@ class PackCache:
         digest: Digest,
         name: str,
         *,
-        cached: _EntryMeta,
+        cached: EntryMeta,
         position: int,
         end: int,
         piece_bytes: int,
@@ -919,11 +916,11 @@ class PackCache:
                 meta.checksums,
             ):
                 return None
-            view = txn.get(ekey + index.to_bytes(_INDEX_BYTES, "big"), db=self._chunks)
+            view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=self._chunks)
             if view is None or len(view) != meta.chunk_length(index):
                 got = "missing" if view is None else f"{len(view)} bytes"
                 raise _CorruptEntry(f"chunk {index} of {name} is {got}", bytes(raw))
-            if _checksum(view) != meta.checksum(index):
+            if checksum(view) != meta.checksum(index):
                 raise _CorruptEntry(f"chunk {index} of {name} fails its checksum", bytes(raw))
             return [
                 bytes(view[at - start : min(stop, at + piece_bytes) - start])
@@ -976,7 +973,7 @@ class PackCache:
         """Cache ``data`` if it is admitted; a failure to write is logged, never raised."""
         if not data:
             return
-        meta = _EntryMeta.for_data(data, self.chunk_bytes)
+        meta = EntryMeta.for_data(data, self.chunk_bytes)
         try:
             self._install(digest, data, meta)
         except (lmdb.Error, CatalogError) as exc:
@@ -985,7 +982,7 @@ class PackCache:
             with self._lock:
                 self._counters.fill_failures += 1
 
-    def _install(self, digest: Digest, data: bytes, meta: _EntryMeta) -> None:
+    def _install(self, digest: Digest, data: bytes, meta: EntryMeta) -> None:
         key, size = str(digest), len(data)
         policy = self._policy
         with self._write_lock:
@@ -1079,7 +1076,9 @@ class PackCache:
             with self._lock:
                 if key in self._policy:
                     pins = self._pins.pop(key, 0)
-                    for _ in range(pins):
+                    # A reader holding the corrupt copy found it corrupt too (or will): its
+                    # release finds no hold and is a no-op.
+                    for _ in range(pins + self._holds.pop(key, 0)):
                         self._policy.unpin(key)
                     self._policy.remove(key)
                     if pins:
@@ -1137,7 +1136,7 @@ class PackCache:
         txn: _Txn,
         digest: Digest,
         data: bytes,
-        meta: _EntryMeta,
+        meta: EntryMeta,
         victims: list[str],
     ) -> None:
         for victim in victims:
@@ -1146,11 +1145,11 @@ class PackCache:
         self._txn_delete_entry(txn, ekey)  # leftovers of an untracked copy
         view = memoryview(data)
         size = meta.chunk_bytes
-        if meta.chunk_count - 1 > _MAX_INDEX:
-            raise ResourceExhausted(f"{digest} has more than {_MAX_INDEX} chunks")
+        if meta.chunk_count - 1 > MAX_INDEX:
+            raise ResourceExhausted(f"{digest} has more than {MAX_INDEX} chunks")
         for index in range(meta.chunk_count):
             txn.put(
-                ekey + index.to_bytes(_INDEX_BYTES, "big"),
+                ekey + index.to_bytes(INDEX_BYTES, "big"),
                 view[index * size : (index + 1) * size],
                 db=self._chunks,
             )
@@ -1163,14 +1162,14 @@ class PackCache:
         raw = txn.get(ekey, db=self._entries)
         if raw is None:
             raise Internal(f"pack cache {self.path}: {digest} is tracked but has no meta on disk")
-        txn.put(ekey, _EntryMeta.decode(raw).with_pins(pins).encode(), db=self._entries)
+        txn.put(ekey, EntryMeta.decode(raw).with_pins(pins).encode(), db=self._entries)
 
     def _txn_delete_entry(self, txn: _Txn, ekey: bytes) -> None:
         txn.delete(ekey, db=self._entries)
         cursor = txn.cursor(db=self._chunks)
         if not cursor.set_range(ekey):
             return
-        width = len(ekey) + _INDEX_BYTES
+        width = len(ekey) + INDEX_BYTES
         while True:
             found = cursor.key()
             if len(found) != width or not found.startswith(ekey):
@@ -1187,9 +1186,9 @@ def _pieces(data: bytes, start: int, end: int, piece_bytes: int, name: str) -> I
         yield bytes(view[at : min(end, at + piece_bytes)])
 
 
-def _decode_meta(raw: bytes, name: str) -> _EntryMeta:
+def _decode_meta(raw: bytes, name: str) -> EntryMeta:
     try:
-        return _EntryMeta.decode(raw)
+        return EntryMeta.decode(raw)
     except ValueError as exc:
         raise _CorruptEntry(f"meta of {name}: {exc}", raw) from None
 

@@ -1402,3 +1402,146 @@ class CheckpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckpointResponse: _TypeAlias = CheckpointResponse  # noqa: Y015
+
+@_typing.final
+class PackCacheLocationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackCacheLocationRequest: _TypeAlias = PackCacheLocationRequest  # noqa: Y015
+
+@_typing.final
+class PackCacheLocation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CACHE_DIR_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    cache_dir: _builtins.str
+    """the LMDB environment's directory; empty: no NVMe tier"""
+    instance_id: _builtins.str
+    """the random id stored in that environment (info/instance)"""
+    host_id: _builtins.str
+    """hostname/boot id of the catalog's host"""
+    pid: _builtins.int
+    """the catalog's process (it must not be opened twice in one)"""
+    def __init__(
+        self,
+        *,
+        cache_dir: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        host_id: _builtins.str = ...,
+        pid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_dir", b"cache_dir", "host_id", b"host_id", "instance_id", b"instance_id", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackCacheLocation: _TypeAlias = PackCacheLocation  # noqa: Y015
+
+@_typing.final
+class LeasePackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    ttl_s: _builtins.float
+    """0: the catalog's default (30 s); at most 600"""
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeasePackRequest: _TypeAlias = LeasePackRequest  # noqa: Y015
+
+@_typing.final
+class PackLease(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    ttl_s: _builtins.float
+    @_builtins.property
+    def revision(self) -> Global___Revision: ...
+    def __init__(
+        self,
+        *,
+        revision: Global___Revision | None = ...,
+        lease_id: _builtins.str = ...,
+        ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "revision", b"revision", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackLease: _TypeAlias = PackLease  # noqa: Y015
+
+@_typing.final
+class ReleasePackLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    CORRUPT_OFFSET_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    corrupt_offset: _builtins.int
+    """Set: the reader found the chunk holding this byte failing its checksum; the catalog
+    re-reads it and, when it is corrupt, drops the copy and refills it from the durable tier.
+    """
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        corrupt_offset: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_corrupt_offset", b"_corrupt_offset", "corrupt_offset", b"corrupt_offset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_corrupt_offset", b"_corrupt_offset", "corrupt_offset", b"corrupt_offset", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__corrupt_offset: _TypeAlias = _typing.Literal["corrupt_offset"]  # noqa: Y015
+    _WhichOneofArgType__corrupt_offset: _TypeAlias = _typing.Literal["_corrupt_offset", b"_corrupt_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__corrupt_offset) -> _WhichOneofReturnType__corrupt_offset | None: ...
+
+Global___ReleasePackLeaseRequest: _TypeAlias = ReleasePackLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleasePackLeaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """false: the lease had expired already"""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasePackLeaseResponse: _TypeAlias = ReleasePackLeaseResponse  # noqa: Y015

@@ -134,6 +134,21 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ListCacheRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.ListCacheResponse.FromString,
                 _registered_method=True)
+        self.GetPackCacheLocation = channel.unary_unary(
+                '/loracat.v1.Catalog/GetPackCacheLocation',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PackCacheLocationRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.PackCacheLocation.FromString,
+                _registered_method=True)
+        self.LeasePack = channel.unary_unary(
+                '/loracat.v1.Catalog/LeasePack',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.LeasePackRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.PackLease.FromString,
+                _registered_method=True)
+        self.ReleasePackLease = channel.unary_unary(
+                '/loracat.v1.Catalog/ReleasePackLease',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseResponse.FromString,
+                _registered_method=True)
         self.RegisterEngine = channel.unary_unary(
                 '/loracat.v1.Catalog/RegisterEngine',
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.RegisterEngineRequest.SerializeToString,
@@ -285,6 +300,27 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPackCacheLocation(self, request, context):
+        """Colocated engines (same host as the catalog) read pack bytes straight from the NVMe tier:
+        where it is (empty cache_dir: no NVMe tier), then a lease per read that keeps the pack's
+        entry from eviction and rewrite until released or expired (so a dead engine pins nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeasePack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleasePackLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterEngine(self, request, context):
         """Engines.
         """
@@ -407,6 +443,21 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.ListCache,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ListCacheRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.ListCacheResponse.SerializeToString,
+            ),
+            'GetPackCacheLocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPackCacheLocation,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PackCacheLocationRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.PackCacheLocation.SerializeToString,
+            ),
+            'LeasePack': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeasePack,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.LeasePackRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.PackLease.SerializeToString,
+            ),
+            'ReleasePackLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePackLease,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseResponse.SerializeToString,
             ),
             'RegisterEngine': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEngine,
@@ -964,6 +1015,87 @@ class Catalog:
             '/loracat.v1.Catalog/ListCache',
             loracat_dot_v1_dot_catalog__pb2.ListCacheRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.ListCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPackCacheLocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/GetPackCacheLocation',
+            loracat_dot_v1_dot_catalog__pb2.PackCacheLocationRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.PackCacheLocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeasePack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/LeasePack',
+            loracat_dot_v1_dot_catalog__pb2.LeasePackRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.PackLease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePackLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/ReleasePackLease',
+            loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,13 @@ class CatalogStub:
     UnpinPack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]
     EvictPack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]
     ListCache: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListCacheRequest, _catalog_pb2.ListCacheResponse]
+    GetPackCacheLocation: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PackCacheLocationRequest, _catalog_pb2.PackCacheLocation]
+    """Colocated engines (same host as the catalog) read pack bytes straight from the NVMe tier:
+    where it is (empty cache_dir: no NVMe tier), then a lease per read that keeps the pack's
+    entry from eviction and rewrite until released or expired (so a dead engine pins nothing).
+    """
+    LeasePack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.LeasePackRequest, _catalog_pb2.PackLease]
+    ReleasePackLease: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReleasePackLeaseRequest, _catalog_pb2.ReleasePackLeaseResponse]
     RegisterEngine: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RegisterEngineRequest, _catalog_pb2.RegisterEngineResponse]
     """Engines."""
     ReportResidency: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]
@@ -115,6 +122,13 @@ class CatalogAsyncStub(CatalogStub):
     UnpinPack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]  # type: ignore[assignment]
     EvictPack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PackRefRequest, _catalog_pb2.Revision]  # type: ignore[assignment]
     ListCache: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListCacheRequest, _catalog_pb2.ListCacheResponse]  # type: ignore[assignment]
+    GetPackCacheLocation: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PackCacheLocationRequest, _catalog_pb2.PackCacheLocation]  # type: ignore[assignment]
+    """Colocated engines (same host as the catalog) read pack bytes straight from the NVMe tier:
+    where it is (empty cache_dir: no NVMe tier), then a lease per read that keeps the pack's
+    entry from eviction and rewrite until released or expired (so a dead engine pins nothing).
+    """
+    LeasePack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.LeasePackRequest, _catalog_pb2.PackLease]  # type: ignore[assignment]
+    ReleasePackLease: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReleasePackLeaseRequest, _catalog_pb2.ReleasePackLeaseResponse]  # type: ignore[assignment]
     RegisterEngine: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RegisterEngineRequest, _catalog_pb2.RegisterEngineResponse]  # type: ignore[assignment]
     """Engines."""
     ReportResidency: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]  # type: ignore[assignment]
@@ -273,6 +287,31 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.ListCacheRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ListCacheResponse, _abc.Awaitable[_catalog_pb2.ListCacheResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPackCacheLocation(
+        self,
+        request: _catalog_pb2.PackCacheLocationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PackCacheLocation, _abc.Awaitable[_catalog_pb2.PackCacheLocation]]:
+        """Colocated engines (same host as the catalog) read pack bytes straight from the NVMe tier:
+        where it is (empty cache_dir: no NVMe tier), then a lease per read that keeps the pack's
+        entry from eviction and rewrite until released or expired (so a dead engine pins nothing).
+        """
+
+    @_abc_1.abstractmethod
+    def LeasePack(
+        self,
+        request: _catalog_pb2.LeasePackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PackLease, _abc.Awaitable[_catalog_pb2.PackLease]]: ...
+
+    @_abc_1.abstractmethod
+    def ReleasePackLease(
+        self,
+        request: _catalog_pb2.ReleasePackLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ReleasePackLeaseResponse, _abc.Awaitable[_catalog_pb2.ReleasePackLeaseResponse]]: ...
 
     @_abc_1.abstractmethod
     def RegisterEngine(

@@ -1,0 +1,171 @@
+"""The NVMe tier's on-disk layout: what the catalog writes and colocated engines read.
+
+One LMDB environment per directory; the catalog's :class:`~catalog.cache.pack_cache.PackCache`
+is its only writer, and engines on the same host may open it read-only
+(:mod:`catalog.client.colocated`), so everything both sides must agree on lives here::
+
+    chunks   entry key + u32 big-endian chunk index -> chunk bytes (``chunk_bytes`` each, the
+             last one shorter)
+    entries  entry key -> meta: format, codec, size, chunk_bytes, chunk count, insert time
+             (unix ns), pin count, then one 32-byte BLAKE3 checksum per chunk
+    info     b"schema" -> schema version; b"instance" -> a random id naming this environment
+             (a reader checks it, so that a path that names another directory on another host
+             or in another mount namespace is never taken for the catalog's cache)
+
+An entry key is ``algorithm:`` followed by the raw digest bytes (``sha256:`` + 32 bytes), so
+every chunk key of a pack starts with its entry key and no other pack's key does, and chunks
+sort in index order.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from catalog.digest import Digest
+
+__all__ = [
+    "CHECKSUM_BYTES",
+    "CHUNKS_DB",
+    "DATA_FILE",
+    "DEFAULT_CHUNK_BYTES",
+    "ENTRIES_DB",
+    "INDEX_BYTES",
+    "INFO_DB",
+    "INSTANCE_KEY",
+    "MAX_CHUNK_BYTES",
+    "MAX_INDEX",
+    "MIN_CHUNK_BYTES",
+    "SCHEMA_KEY",
+    "SCHEMA_VERSION",
+    "EntryMeta",
+    "checksum",
+    "chunk_key",
+    "digest_of_key",
+    "entry_key",
+    "host_id",
+]
+
+#: Bytes per stored chunk: the unit a ranged read fetches and checks.
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 256
+MAX_CHUNK_BYTES = 1 << 30
+SCHEMA_VERSION = 1
+
+CHUNKS_DB = b"chunks"
+ENTRIES_DB = b"entries"
+INFO_DB = b"info"
+SCHEMA_KEY = b"schema"
+INSTANCE_KEY = b"instance"
+DATA_FILE = "data.mdb"
+
+CHECKSUM_BYTES = 32
+INDEX_BYTES = 4
+MAX_INDEX = (1 << (8 * INDEX_BYTES)) - 1
+
+_FORMAT = 1
+_CODEC_RAW = 0  # room for a compressed codec later without a schema change
+_META = struct.Struct(">BBQIIQI")  # format, codec, size, chunk_bytes, count, inserted_ns, pins
+
+
+def entry_key(digest: Digest) -> bytes:
+    """The key of ``digest``'s meta, and the prefix of every one of its chunk keys."""
+    return digest.algorithm.encode() + b":" + bytes.fromhex(digest.hex)
+
+
+def chunk_key(digest: Digest, index: int) -> bytes:
+    """The key of chunk ``index`` (from 0) of ``digest``'s pack."""
+    return entry_key(digest) + index.to_bytes(INDEX_BYTES, "big")
+
+
+def digest_of_key(key: bytes) -> Digest:
+    """Inverse of :func:`entry_key`; raises ``InvalidReference`` for a key that is not one."""
+    algorithm, _, raw = key.partition(b":")
+    return Digest(algorithm.decode(errors="replace"), raw.hex())
+
+
+def checksum(chunk: bytes | memoryview) -> bytes:
+    """A chunk's BLAKE3 checksum, as recorded in its entry's meta."""
+    return blake3.blake3(chunk).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMeta:
+    """The decoded meta of one cached pack."""
+
+    size: int
+    chunk_bytes: int
+    inserted_ns: int
+    pins: int
+    checksums: bytes  # CHECKSUM_BYTES per chunk
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.checksums) // CHECKSUM_BYTES
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
+
+    def checksum(self, index: int) -> bytes:
+        return self.checksums[index * CHECKSUM_BYTES : (index + 1) * CHECKSUM_BYTES]
+
+    def same_bytes(self, other: EntryMeta) -> bool:
+        """Whether ``other`` describes the same chunks (a refill may differ in pins and time)."""
+        return (self.size, self.chunk_bytes, self.checksums) == (
+            other.size,
+            other.chunk_bytes,
+            other.checksums,
+        )
+
+    def encode(self) -> bytes:
+        header = _META.pack(
+            _FORMAT,
+            _CODEC_RAW,
+            self.size,
+            self.chunk_bytes,
+            self.chunk_count,
+            self.inserted_ns,
+            self.pins,
+        )
+        return header + self.checksums
+
+    def with_pins(self, pins: int) -> EntryMeta:
+        return EntryMeta(self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums)
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview) -> EntryMeta:
+        """Raises ``ValueError`` naming what is wrong with ``raw``."""
+        if len(raw) < _META.size:
+            raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
+        fmt, codec, size, chunk_bytes, count, inserted_ns, pins = _META.unpack_from(raw)
+        if fmt != _FORMAT or codec != _CODEC_RAW:
+            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1/0")
+        if size <= 0 or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"meta has size {size}, chunk_bytes {chunk_bytes}")
+        if count != -(-size // chunk_bytes):
+            raise ValueError(f"meta has {count} chunks for {size} bytes of {chunk_bytes}")
+        if len(raw) != _META.size + count * CHECKSUM_BYTES:
+            raise ValueError(f"meta is {len(raw)} bytes, expected {count} checksums")
+        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size :]))
+
+    @classmethod
+    def for_data(cls, data: bytes, chunk_bytes: int) -> EntryMeta:
+        view = memoryview(data)
+        starts = range(0, len(data), chunk_bytes)
+        checksums = b"".join(checksum(view[start : start + chunk_bytes]) for start in starts)
+        return cls(len(data), chunk_bytes, time.time_ns(), 0, checksums)
+
+
+def host_id() -> str:
+    """This machine and boot, as its kernel names them: equal in every process of one boot of
+    one host (containers included), different on another host or after a reboot."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
