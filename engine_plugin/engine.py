@@ -448,6 +448,26 @@ class ResidentEngine:
             raise InvalidArgument(
                 f"adapters has {len(adapters)} entries but the batch has {rows} rows"
             )
+        with self.leased_rows(adapters) as row_slots:
+            plan = self._plan(row_slots)
+            previous = self._context.plan
+            self._context.plan = plan
+            try:
+                yield plan
+            finally:
+                self._context.plan = previous
+
+    @contextlib.contextmanager
+    def leased_rows(self, adapters: Sequence[str | None]) -> Iterator[tuple[int, ...]]:
+        """Lease the slot of every adapter named (attaching what is not resident) and yield
+        each row's slot (the zero slot for None); the slots stay put until the block ends.
+
+        On CUDA the current stream first waits for every slot write issued so far.
+
+        Raises:
+            ResourceExhausted: more distinct adapters than slots, or every slot is busy.
+            Anything :meth:`attach` raises.
+        """
         distinct = list(dict.fromkeys(a for a in adapters if a is not None))
         if len(distinct) > self.num_slots:
             raise ResourceExhausted(
@@ -458,18 +478,9 @@ class ResidentEngine:
         try:
             for ref in distinct:
                 leases[ref] = self._lease_ref(self._parse(ref))
-            row_slots = tuple(
-                self.pool.zero_slot if a is None else leases[a].slot for a in adapters
-            )
-            plan = self._plan(row_slots)
             if self._cuda and self._last_write is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._last_write)
-            previous = self._context.plan
-            self._context.plan = plan
-            try:
-                yield plan
-            finally:
-                self._context.plan = previous
+            yield tuple(self.pool.zero_slot if a is None else leases[a].slot for a in adapters)
         finally:
             if leases:
                 with self._cond:

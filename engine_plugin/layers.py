@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine_plugin import lora_kernels
 from engine_plugin.slots import ModuleSlots, SlotPool
 
 #: Up to this many tokens per row a call takes the wide path (decode, speculative steps).
@@ -58,11 +59,19 @@ class ModulePlan:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Per-row routing of one batch: a plan per target module, None where no row adapts it."""
+    """Per-row routing of one batch: a plan per target module, None where no row adapts it.
+
+    ``fused_index`` (``[rows]`` slots on the device) is set where the fused kernel of
+    ``lora_kernels`` adds the deltas (CUDA): it routes from that tensor and the pool's device
+    scales alone. A ``static`` plan (captured graphs, see ``graphs``) has no per-module plans:
+    every dense module launches the kernel, whichever slots ``fused_index`` holds at replay.
+    """
 
     rows: int
     row_slots: tuple[int, ...]
     modules: dict[str, ModulePlan | None]
+    fused_index: torch.Tensor | None = None
+    static: bool = False
 
 
 class BatchContext(threading.local):
@@ -82,7 +91,12 @@ def plan_batch(pool: SlotPool, row_slots: Sequence[int]) -> BatchPlan:
     modules: dict[str, ModulePlan | None] = {}
     for name, slots in pool.modules.items():
         modules[name] = _plan_module(slots, row_slots, index, pool.dtype, device)
-    return BatchPlan(rows=rows, row_slots=tuple(row_slots), modules=modules)
+    return BatchPlan(
+        rows=rows,
+        row_slots=tuple(row_slots),
+        modules=modules,
+        fused_index=index if lora_kernels.kernel_available(device) else None,
+    )
 
 
 def _plan_module(
@@ -142,6 +156,7 @@ class MultiLoRALinear(nn.Module):
         # Views into the pool, made once: [S + 1, R, in] and [S + 1, R, out] of this layer.
         self._lora_a = slots.lora_a[layer]
         self._lora_bt = slots.lora_bt[layer]
+        self._scales = slots.scales
 
     def extra_repr(self) -> str:
         return f"module={self.module_name!r}, layer={self.layer}, max_rank={self.max_rank}"
@@ -157,9 +172,16 @@ class MultiLoRALinear(nn.Module):
         if plan is None:
             return out
         module = plan.modules.get(self.module_name)
-        if module is None:
+        if module is None and not plan.static:
             return out
         rows = plan.rows
+        if plan.fused_index is not None:
+            lora_kernels.add_lora(
+                x, out, self._lora_a, self._lora_bt, self._scales, plan.fused_index, rows
+            )
+            return out
+        if module is None:
+            raise ValueError("a static batch plan needs fused_index")
         tokens = x.numel() // (rows * self.in_features)
         if module.wide_slots and tokens <= WIDE_MAX_TOKENS_PER_ROW:
             add_wide(x, out, self._lora_a, self._lora_bt, module, rows, tokens)

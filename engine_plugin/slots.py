@@ -76,6 +76,9 @@ class ModuleSlots:
         self._slot_a = [self.lora_a.select(self.slot_axis, s) for s in range(num_slots + 1)]
         self._slot_bt = [self.lora_bt.select(self.slot_axis, s) for s in range(num_slots + 1)]
         self._rows_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: Each slot's scale on the device (a column of ``SlotPool.scales``), for kernels that
+        #: route on the device alone (``lora_kernels``, captured graphs).
+        self.scales = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
 
     def _rows(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``rank`` rows of ``slot``: ``[L, (E,) rank, in]`` and ``[L, (E,) rank, out]``
@@ -125,6 +128,7 @@ class ModuleSlots:
             and not bool(self._slot_bt[slot].any())
             and self.ranks[slot] == 0
             and self.scalings[slot] == 0.0
+            and not bool(self.scales[slot])
         )
 
     def record(self, slot: int, staged: StagedModule) -> None:
@@ -171,6 +175,15 @@ class SlotPool:
         self.modules = {
             name: ModuleSlots(t, num_slots, max_rank, dtype, device) for name, t in targets.items()
         }
+        #: ``[S + 1, modules]``: slot ``s``'s scale in every module, one contiguous row, so an
+        #: attach sets them with one copy; each module reads its column.
+        self.scales = torch.zeros(
+            (num_slots + 1, len(self.modules)), dtype=torch.float32, device=device
+        )
+        for column, module in enumerate(self.modules.values()):
+            module.scales = self.scales[:, column]
+        # Host rows of scales by value, pinned on CUDA so their copy is asynchronous.
+        self._scale_rows: dict[tuple[float, ...], torch.Tensor] = {}
         #: Bumped on every write or clear; batch plans cached against it go stale.
         self.generation = 0
         # (slot, StagedAdapter.layout_key) -> the slot views its tensors are copied into.
@@ -208,7 +221,23 @@ class SlotPool:
             # One call for every stacked tensor: a rank-1 adapter's copies take about as long
             # as the Python dispatch of 14 separate ``copy_`` calls.
             torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+        self.scales[slot].copy_(self._scale_row(staged), non_blocking=non_blocking)
         return staged.copied_nbytes
+
+    def _scale_row(self, staged: StagedAdapter) -> torch.Tensor:
+        values = tuple(
+            m.scaling if (m := staged.modules.get(name)) is not None else 0.0
+            for name in self.modules
+        )
+        row = self._scale_rows.get(values)
+        if row is None:
+            row = torch.tensor(values, dtype=torch.float32)
+            if self.device.type == "cuda":
+                row = row.pin_memory()
+            if len(self._scale_rows) >= _COPY_TARGETS_LIMIT:
+                self._scale_rows.clear()
+            self._scale_rows[values] = row
+        return row
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every module, so stale weights never reach a later tenant."""
@@ -235,8 +264,8 @@ class SlotPool:
                 slot, incoming.modules.get(name) if incoming is not None else None
             )
         ]
-        if views:
-            torch._foreach_zero_(views)
+        views.append(self.scales[slot])
+        torch._foreach_zero_(views)
         for module in self.modules.values():
             module.forget(slot)
 

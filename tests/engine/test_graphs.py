@@ -1,0 +1,162 @@
+"""Captured decode (``engine_plugin.graphs``) and the fused LoRA kernel (``lora_kernels``).
+
+On CPU the decoder runs its steps eagerly through the same static routing a CUDA graph
+captures, and the kernel runs under Triton's interpreter: both are checked against PEFT and the
+torch reference here; ``test_cuda.py`` checks the captured graphs on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_plugin import lora_kernels
+from engine_plugin.graphs import GraphedDecoder
+from tests.engine.conftest import Arch, make_ids, rel_err
+
+MIXED = ["t/qv-r8", "t/all-r4", None, "t/mlp-r16-rs", "t/one-layer"]
+
+
+def _greedy_reference(arch: Arch, adapter: str | None, ids: torch.Tensor, steps: int) -> list:
+    """Each step's last logits for one row, from PEFT (or the bare base) without a cache."""
+    model = arch.base if adapter is None else arch.peft(adapter)
+    seq = ids.clone()
+    out = []
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            logits = model(input_ids=seq).logits[0, -1]
+            out.append(logits)
+            seq = torch.cat([seq, logits.argmax().view(1, 1)], dim=1)
+    return out
+
+
+def test_decoder_matches_peft_per_row(llama: Arch) -> None:
+    engine = llama.engine(num_slots=5)
+    decoder = GraphedDecoder(engine=engine, max_len=32)
+    ids = make_ids(len(MIXED), 6, seed=41)
+    steps = 4
+    with decoder.session(ids, MIXED) as session:
+        got = [session.logits.clone()]
+        for _ in range(steps):
+            got.append(session.step(got[-1].argmax(-1, keepdim=True)).clone())
+    for row, adapter in enumerate(MIXED):
+        want = _greedy_reference(llama, adapter, ids[row : row + 1], steps)
+        for step in range(steps + 1):
+            assert rel_err(got[step][row], want[step]) <= 1e-4, (row, adapter, step)
+
+
+def test_bare_base_decoder_matches_the_base(qwen2: Arch) -> None:
+    decoder = GraphedDecoder(qwen2.fresh_base(), max_len=16)
+    ids = make_ids(3, 5, seed=42)
+    with decoder.session(ids) as session:
+        first = session.logits.clone()
+        second = session.step(first.argmax(-1, keepdim=True)).clone()
+    for row in range(3):
+        want = _greedy_reference(qwen2, None, ids[row : row + 1], 1)
+        assert rel_err(first[row], want[0]) <= 1e-5
+        assert rel_err(second[row], want[1]) <= 1e-5
+
+
+def test_hot_swap_and_rebinding_reuse_the_bucket(llama: Arch) -> None:
+    """Other adapters on the rows, a swap behind a name, a rewind: the same step, re-routed."""
+    source = llama.source()
+    engine = llama.engine(source, num_slots=3)
+    decoder = GraphedDecoder(engine=engine, max_len=32)
+    ids = make_ids(2, 5, seed=43)
+    with decoder.session(ids, ["t/qv-r8", None]) as session:
+        session.step(ids[:, -1:])
+        session.rewind(1)
+        again = session.step(ids[:, -1:]).clone()
+        first = session.logits.clone()
+    # The name now serves other bytes: the next session routes to the new slot.
+    source.publish("t/qv-r8", llama.packs["t/all-r4"])
+    engine.attach("t/qv-r8")
+    with decoder.session(ids, ["t/qv-r8", "t/ko-r2-bf16"]) as session:
+        swapped = session.step(ids[:, -1:]).clone()
+    assert len(decoder._buckets) == 1
+    assert torch.equal(first, again)
+    full = torch.cat([ids, ids[:, -1:]], dim=1)
+    assert rel_err(swapped[0], llama.reference_logits("t/all-r4", full[:1])[0, -1]) <= 1e-4
+    assert rel_err(swapped[1], llama.reference_logits("t/ko-r2-bf16", full[1:])[0, -1]) <= 1e-4
+
+
+def test_session_refusals(llama: Arch) -> None:
+    engine = llama.engine(num_slots=2)
+    decoder = GraphedDecoder(engine=engine, max_len=8)
+    with pytest.raises(ValueError, match="max_len"), decoder.session(make_ids(1, 8), ["t/qv-r8"]):
+        pass
+    with pytest.raises(ValueError, match="adapters"), decoder.session(make_ids(1, 3)):
+        pass
+    with decoder.session(make_ids(1, 7), ["t/qv-r8"]) as session:
+        session.step(make_ids(1, 1))
+        with pytest.raises(ValueError, match="max_len"):
+            session.step(make_ids(1, 1))
+    # The session's lease ended: the slot can be taken by others.
+    assert all(e.leases == 0 for e in engine.slots)
+
+
+# ----------------------------------------------------------------- the kernel, interpreted
+
+
+@pytest.fixture
+def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    if not lora_kernels.kernel_available(torch.device("cpu")):
+        pytest.skip("Triton is disabled (LORACAT_TRITON=0) or was imported uninterpreted")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("rows", "tokens", "k", "n", "rank"),
+    [(3, 1, 40, 70, 4), (2, 20, 96, 33, 16), (4, 1, 256, 300, 8), (2, 70, 64, 130, 1)],
+)
+def test_kernel_matches_the_reference(
+    interpreted: None, dtype: torch.dtype, rows: int, tokens: int, k: int, n: int, rank: int
+) -> None:
+    gen = torch.Generator().manual_seed(rows * tokens + k)
+    slots = 5
+    lora_a = torch.randn(slots + 1, rank, k, generator=gen).to(dtype)
+    lora_bt = torch.randn(slots + 1, rank, n, generator=gen).to(dtype)
+    lora_a[slots] = 0
+    lora_bt[slots] = 0
+    scales = torch.rand(slots + 1, generator=gen)
+    scales[slots] = 0
+    index = torch.tensor([i % (slots + 1) for i in range(rows)])
+    index[-1] = slots  # a base row
+    x = torch.randn(rows, tokens, k, generator=gen).to(dtype)
+    out = torch.randn(rows, tokens, n, generator=gen).to(dtype)
+    got, want = out.clone(), out.clone()
+    lora_kernels.add_lora(x, got, lora_a, lora_bt, scales, index, rows)
+    lora_kernels.add_lora_reference(x, want, lora_a, lora_bt, scales, index, rows)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(got.float(), want.float()) <= tolerance
+    assert torch.equal(got[-1], out[-1])  # the base row untouched
+
+
+def test_kernel_reads_scales_through_a_strided_column(interpreted: None) -> None:
+    """The pool's scales are ``[S + 1, modules]``: a module's column has stride ``modules``."""
+    pool_scales = torch.zeros(4, 3)
+    pool_scales[:, 1] = torch.tensor([0.5, 2.0, 0.0, 0.0])
+    lora_a = torch.ones(4, 2, 8)
+    lora_bt = torch.ones(4, 2, 5)
+    x = torch.ones(2, 1, 8)
+    out = torch.zeros(2, 1, 5)
+    lora_kernels.add_lora(x, out, lora_a, lora_bt, pool_scales[:, 1], torch.tensor([1, 2]), 2)
+    assert torch.equal(out[0], torch.full((1, 5), 2.0 * 2 * 8))
+    assert torch.equal(out[1], torch.zeros(1, 5))
+
+
+def test_decoder_through_the_interpreted_kernel_matches_peft(
+    interpreted: None, llama: Arch
+) -> None:
+    engine = llama.engine(num_slots=5)
+    decoder = GraphedDecoder(engine=engine, max_len=16)
+    ids = make_ids(len(MIXED), 4, seed=44)
+    with decoder.session(ids, MIXED) as session:
+        first = session.logits.clone()
+        second = session.step(first.argmax(-1, keepdim=True)).clone()
+    for row, adapter in enumerate(MIXED):
+        want = _greedy_reference(llama, adapter, ids[row : row + 1], 1)
+        assert rel_err(first[row], want[0]) <= 1e-4, (row, adapter)
+        assert rel_err(second[row], want[1]) <= 1e-4, (row, adapter)
