@@ -31,6 +31,7 @@ from catalog.cli.output import (
     print_table,
     transfer_progress,
 )
+from catalog.cli.plan import plan
 from catalog.errors import CatalogError, InvalidArgument, InvalidPack
 from catalog.model import Ref, Revision
 
@@ -572,6 +573,7 @@ def demo(root: Path | None, adapters: int, num_slots: int, waves: int) -> None:
 
 cli.add_command(cache)
 cli.add_command(prefetch)
+cli.add_command(plan)  # catalog/cli/plan.py: `loracat plan`, `plan calibrate`
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""``loracat plan calibrate``: measure what a load from each tier costs on this host.
+
+For each reference (several sizes let the fit separate latency from rate), best of ``repeats``:
+
+* ``durable_read``: the catalog fetch right after ``EvictPack`` dropped the pack from the NVMe
+  cache, so the server reads the durable store (S3, or the local directory) and streams it;
+* ``nvme_read``: the same fetch again, now served from the NVMe cache;
+* ``host_stage``: parsing and checking the pack (``read_pack``) plus one copy of its bytes, the
+  torch-free part of what ``ResidentEngine`` does to stage it;
+* ``device_load``: one more copy of the bytes, what filling a slot costs on a CPU engine. On a
+  GPU host, measure the engine's ``time_s.copy_s`` per attach instead and edit the file: nothing
+  under ``catalog/`` may import torch.
+
+Each step is then fitted as ``latency + bytes / rate`` (``profile.fit_cost``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalog.errors import FailedPrecondition, InvalidArgument, NotFound
+from catalog.pack import read_pack
+from catalog.plan.profile import STEPS, TierProfile, fit_cost
+
+
+def _best(repeats: int, action: Any) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def calibrate(client: Any, refs: list[str], *, repeats: int = 3) -> TierProfile:
+    """Time each step for ``refs`` through ``client`` (a ``CatalogClient``).
+
+    Raises:
+        InvalidArgument: no references.
+        NotFound, InvalidReference: from the catalog.
+        FailedPrecondition: the catalog has no NVMe cache (nothing to tell the tiers apart).
+    """
+    if not refs:
+        raise InvalidArgument("calibrate needs at least one --ref")
+    timings: dict[str, tuple[list[int], list[float]]] = {step: ([], []) for step in STEPS}
+
+    def record(step: str, size: int, seconds: float) -> None:
+        timings[step][0].append(size)
+        timings[step][1].append(seconds)
+
+    for ref in refs:
+        revision = client.resolve(ref)
+        size = int(revision.size_bytes)
+
+        cold = float("inf")
+        for _ in range(repeats):
+            try:
+                client.evict_pack(ref)
+            except NotFound:
+                pass
+            except FailedPrecondition as exc:
+                raise FailedPrecondition(
+                    f"the catalog cannot evict {ref} from its NVMe cache ({exc}); calibrate "
+                    "needs a server with --cache-bytes > 0"
+                ) from None
+            started = time.perf_counter()
+            client.fetch(revision)
+            cold = min(cold, time.perf_counter() - started)
+        record("durable_read", size, cold)
+        data = client.fetch(revision)
+        record("nvme_read", size, _best(repeats, lambda r=revision: client.fetch(r)))
+        payload = bytes(data)
+        record(
+            "host_stage",
+            size,
+            _best(repeats, lambda p=payload: (read_pack(p), bytearray(p))),
+        )
+        source = np.frombuffer(payload, dtype=np.uint8)
+        target = np.empty_like(source)
+        record("device_load", size, _best(repeats, lambda t=target, s=source: np.copyto(t, s)))
+    costs = {step: fit_cost(*timings[step]) for step in STEPS}
+    return TierProfile(**costs, source=f"calibrated on {os.uname().nodename} with {len(refs)} refs")
+
+
+def write_profile(profile: TierProfile, path: str | os.PathLike[str]) -> None:
+    """Write ``profile`` as JSON (temporary name, then rename)."""
+    target = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(profile.to_json(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
