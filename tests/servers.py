@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from catalog.client import CatalogClient
 from catalog.core import Catalog
@@ -57,9 +58,11 @@ def serve_subprocess(
     store_url: str | None = None,
     env: dict[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    client_options: dict[str, Any] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`loracat serve` (plus ``extra_args``) in a child process; yields (process, address) once
-    it answers health."""
+    it answers health (asked with a ``CatalogClient(address, **client_options)``: a token or
+    TLS files for a server started with ``--auth`` or ``--tls-*``)."""
     port = free_port()
     args = [*loracat_command(), "serve", "--root", str(root), "--port", str(port), *extra_args]
     if store_url:
@@ -70,7 +73,7 @@ def serve_subprocess(
     )
     address = f"127.0.0.1:{port}"
     try:
-        with CatalogClient(address) as client:
+        with CatalogClient(address, **(client_options or {})) as client:
             deadline = time.monotonic() + 60
             while True:
                 if proc.poll() is not None:

@@ -254,10 +254,16 @@ METHOD_RULES: dict[str, MethodRule] = {
     "Reindex": MethodRule("admin"),
     "Checkpoint": MethodRule("admin"),
     "Prefetch": MethodRule("engine", _of_refs),
-    "PinPack": MethodRule("admin"),
-    "UnpinPack": MethodRule("admin"),
-    "EvictPack": MethodRule("admin"),
+    "PinPack": MethodRule("admin", _of_ref),
+    "UnpinPack": MethodRule("admin", _of_ref),
+    "EvictPack": MethodRule("admin", _of_ref),
     "ListCache": MethodRule("admin"),
+    # The colocated read path (issue 14): zero-copy reads of the NVMe tier by an engine on the
+    # catalog's host. Whoever can open the cache files reads every tenant's packs: file
+    # permissions, not this table, guard that.
+    "GetPackCacheLocation": MethodRule("engine"),
+    "LeasePack": MethodRule("engine", _of_ref),
+    "ReleasePackLease": MethodRule("engine"),
     "RegisterEngine": MethodRule("engine"),
     "ReportResidency": MethodRule("engine"),
     "WatchHints": MethodRule("engine"),
@@ -307,11 +313,13 @@ class Guard:
 
         def guarded(request: Any, context: CallContext) -> Any:
             first = next(request, None) if client_streaming else request
-            principal = self._authorize(rule, context, first)
             if client_streaming:
                 request = chain((first,), request)
+            principal: Principal | None = None
             outcome = "OK"
-            try:
+            try:  # refusals are audited too, under the principal when it is known
+                principal = self._authenticate(context)
+                self._authorize(principal, rule, first)
                 with acting_as(principal.name):
                     response = behavior(request, context)
             except CatalogError as exc:
@@ -323,16 +331,18 @@ class Guard:
             finally:
                 if audited:
                     self._audit(principal, method, first, outcome)
-            if rule.answer is not None:
+            if rule.answer is not None and principal is not None:  # set when no error
                 response = rule.answer(principal, request, response)
             return response
 
         return guarded
 
-    def _authorize(self, rule: MethodRule, context: CallContext, request: Any) -> Principal:
+    def _authenticate(self, context: CallContext) -> Principal:
         if self.authenticator is None:
             return ANONYMOUS
-        principal = self.authenticator.authenticate(context.invocation_metadata())
+        return self.authenticator.authenticate(context.invocation_metadata())
+
+    def _authorize(self, principal: Principal, rule: MethodRule, request: Any) -> None:
         if not principal.may(rule.capability):
             raise PermissionDenied(
                 f"principal {principal.name!r} (role {principal.role}) may not do this:"
@@ -344,13 +354,12 @@ class Guard:
                     raise PermissionDenied(
                         f"principal {principal.name!r} may not act on tenant {tenant!r}"
                     )
-        return principal
 
-    def _audit(self, principal: Principal, method: str, request: Any, outcome: str) -> None:
+    def _audit(self, principal: Principal | None, method: str, request: Any, outcome: str) -> None:
         assert self.audit is not None
         line = {
             "at": round(time.time(), 3),
-            "principal": principal.name,
+            "principal": None if principal is None else principal.name,
             "method": method,
             "target": _target(request) if request is not None else "",
             "outcome": outcome,
