@@ -48,6 +48,7 @@ from catalog.events import (
     parse_blob_key,
 )
 from catalog.hints import HintBroker
+from catalog.identity import caller
 from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
 from catalog.index.rules import check_alias_name
 from catalog.locks import KeyedLocks, ReadWriteLock
@@ -58,15 +59,23 @@ from catalog.model import (
     AliasMove,
     Page,
     PrefetchProgress,
+    PushProvenance,
     Ref,
     Revision,
     Selector,
     check_part,
     every_item,
 )
+from catalog.pack_leasing import PackLeasing
 from catalog.prefetch import PrefetchQueue
 from catalog.push_upload import Limits, PushUpload
-from catalog.revision_metadata import MetadataEdits, check_metadata
+from catalog.revision_metadata import (
+    ANONYMOUS,
+    MetadataEdits,
+    Provenance,
+    check_metadata,
+    check_user_keys,
+)
 from catalog.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -75,7 +84,7 @@ IndexOpener = Callable[[Path], RevisionIndex]
 REPLAY_BATCH = 2000
 
 
-class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
+class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
     """The catalog over one durable store and one index. Thread-safe.
 
     Every public method documents what it raises; all errors derive from ``CatalogError``.
@@ -106,6 +115,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
         self._on_close = on_close
         #: The NVMe tier; ``None`` reads every pack from the durable store.
         self.pack_cache = pack_cache
+        self._open_leases()  # leases on NVMe entries for colocated engines (pack_leasing)
         self.hints = HintBroker()
         self.attach_aliases = attach_aliases
         self.counters: Counter[str] = Counter()
@@ -158,6 +168,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
         self.prefetcher.close()
         with self._swap.exclusive():
             self.index.close()
+        self._close_leases()
         if self.pack_cache is not None:
             self.pack_cache.close()
         if self._on_close is not None:
@@ -198,6 +209,30 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
                 check_part("name", name)
         with self._swap.shared():
             return self.index.list_adapters(prefix, page_size, page_token)
+
+    def search_adapters(
+        self,
+        prefix: str = "",
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        *,
+        base_id: str = "",
+        tags: dict[str, str] | None = None,
+        alias: str = "",
+    ) -> Page[AdapterSummary]:
+        """A page of adapters passing the filters (``RevisionIndex.search_adapters``).
+
+        Raises ``InvalidName`` (bad prefix or alias), ``InvalidArgument`` (size or token).
+        """
+        if prefix:
+            tenant, _, name = prefix.partition("/")
+            check_part("tenant", tenant)
+            if name:
+                check_part("name", name)
+        with self._swap.shared():
+            return self.index.search_adapters(
+                prefix, page_size, page_token, base_id=base_id, tags=tags, alias=alias
+            )
 
     def list_revisions(
         self, adapter: AdapterName, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
@@ -358,9 +393,14 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
         aliases: tuple[str, ...] | list[str] = (),
         metadata: dict[str, str] | None = None,
         expected_digest: str = "",
+        provenance: PushProvenance | None = None,
     ) -> PushUpload:
-        """Start a push of ``size_bytes`` pack bytes. Raises ``InvalidArgument``/``InvalidName``
-        for a bad header and ``ResourceExhausted`` for a pack over the size limit."""
+        """Start a push of ``size_bytes`` pack bytes. ``provenance`` is recorded on the new
+        revision as ``provenance.*`` and ``eval.*`` metadata (see ``catalog.revision_metadata``).
+
+        Raises ``InvalidArgument``/``InvalidName`` for a bad header (``provenance.*`` keys in
+        ``metadata`` included), ``NotFound`` for a provenance parent that does not resolve, and
+        ``ResourceExhausted`` for a pack over the size limit."""
         if size_bytes <= 0:
             raise InvalidArgument(f"push of {adapter}: size_bytes must be positive")
         if size_bytes > self.limits.max_pack_bytes:
@@ -371,7 +411,9 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
         if len(aliases) > self.limits.max_aliases_per_push:
             raise InvalidArgument(f"at most {self.limits.max_aliases_per_push} aliases per push")
         clean_aliases = tuple(dict.fromkeys(check_alias_name(a) for a in aliases))
-        clean_metadata = check_metadata(metadata or {}, self.limits)
+        check_user_keys(metadata or {}, f"push of {adapter}")
+        recorded = self._provenance_of(provenance or PushProvenance()).metadata()
+        clean_metadata = check_metadata({**(metadata or {}), **recorded}, self.limits)
         expected = Digest.parse(expected_digest) if expected_digest else None
         return PushUpload(
             self,
@@ -381,6 +423,18 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
             aliases=clean_aliases,
             metadata=clean_metadata,
             expected_digest=expected,
+        )
+
+    def _provenance_of(self, stated: PushProvenance) -> Provenance:
+        parent = self.resolve(stated.parent) if stated.parent else None
+        return Provenance(
+            # who the service authenticated (catalog.identity); anonymous without --auth
+            principal=caller() or ANONYMOUS,
+            host=stated.host,
+            run_id=stated.run_id,
+            parent=parent,
+            data_digest=stated.data_digest,
+            eval=tuple(sorted(stated.eval.items())),
         )
 
     def push_bytes(
@@ -472,12 +526,15 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
             )
         self.index.apply(event)
 
-    def delete(self, ref: Ref | str, *, all_revisions: bool = False) -> list[int]:
+    def delete(
+        self, ref: Ref | str, *, all_revisions: bool = False, force: bool = False
+    ) -> list[int]:
         """Delete the revision ``ref`` names, or with ``all_revisions`` the whole adapter.
 
-        Deleting one revision that an alias points at raises ``FailedPrecondition`` naming the
-        alias; deleting all revisions removes the aliases first. Numbers are never reused.
-        Pack bytes stay in the durable store until ``gc``. Raises ``NotFound``.
+        Deleting a revision an alias points at raises ``FailedPrecondition`` naming the alias,
+        for one revision and for all of them alike; with ``all_revisions`` and ``force`` the
+        aliases are removed first. Numbers are never reused. Pack bytes stay in the durable
+        store until ``gc``. Raises ``NotFound``, ``FailedPrecondition``.
         """
         parsed = Ref.parse(ref) if isinstance(ref, str) else ref
         adapter = parsed.adapter
@@ -486,9 +543,15 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
             if state is None:
                 raise NotFound(f"adapter {adapter} not found")
             if all_revisions:
-                for alias in sorted(state.aliases):
-                    if alias != LATEST:
-                        self._move_alias_locked(adapter, alias, 0, expected=None)
+                held = sorted(a for a in state.aliases if a != LATEST)
+                if held and not force:
+                    raise FailedPrecondition(
+                        f"{adapter} has alias{'es' if len(held) > 1 else ''} "
+                        f"{', '.join(f'{a}->{state.aliases[a]}' for a in held)}; move or "
+                        "remove them first, or force the delete to drop them"
+                    )
+                for alias in held:
+                    self._move_alias_locked(adapter, alias, 0, expected=None)
                 numbers = [r.number for r in self._all_live_revisions(adapter)]
                 if not numbers:
                     raise NotFound(f"adapter {adapter} has no live revisions")
@@ -699,6 +762,8 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry):
         }
         if cache is not None:
             counters.update({f"nvme_{k}": v for k, v in cache.items() if isinstance(v, int)})
+        if self.leases is not None:
+            counters.update({f"lease_{k}": v for k, v in self.leases.stats().items()})
         return {
             "adapters": int(counts.get("adapters", 0)),
             "revisions": int(counts.get("revisions", 0)),

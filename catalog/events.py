@@ -70,7 +70,8 @@ class Event:
       manifest as JSON), ``metadata``.
     - ``alias``: ``alias`` moves from ``previous`` to ``revision`` (0 removes it).
     - ``delete``: ``revision`` is deleted (its number is never reused).
-    - ``metadata``: ``metadata`` is merged into ``revision``'s metadata (eval results).
+    - ``metadata``: ``metadata`` is merged into ``revision``'s metadata (eval results), then
+      the keys in ``removed`` are dropped from it.
     """
 
     adapter: AdapterName
@@ -84,6 +85,7 @@ class Event:
     metadata: dict[str, str] = field(default_factory=dict)
     alias: str = ""
     previous: int = 0
+    removed: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -106,6 +108,8 @@ class Event:
             doc.update(alias=self.alias, previous=self.previous)
         elif self.op == "metadata":
             doc.update(metadata=self.metadata)
+            if self.removed:  # absent when empty: events written before removal existed match
+                doc.update(removed=list(self.removed))
         return doc
 
     def encode(self) -> bytes:
@@ -130,6 +134,7 @@ class Event:
             metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
             alias=str(doc.get("alias", "")),
             previous=int(doc.get("previous", 0)),
+            removed=tuple(str(k) for k in doc.get("removed", ())),
         )
 
     @classmethod

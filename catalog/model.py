@@ -226,6 +226,22 @@ class Hint:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class PushProvenance:
+    """Where a pushed adapter came from, as the pusher states it (all optional).
+
+    ``parent`` is a reference the catalog resolves and records with its digest; ``eval`` holds
+    evaluation results (kept as ``eval.<key>`` metadata). The pushing principal is not stated:
+    the catalog records who the call was authenticated as (anonymous without authentication).
+    """
+
+    host: str = ""
+    run_id: str = ""
+    parent: str = ""
+    data_digest: str = ""
+    eval: dict[str, str] = field(default_factory=dict)
+
+
 def every_item(fetch_page: Callable[[str], Page[T]]) -> Iterator[T]:
     """Walk a paged listing: ``fetch_page(token)`` until a page has no ``next_token``."""
     token = ""

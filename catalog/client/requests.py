@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.digest import DEFAULT_ALGORITHM, Digest, new_hasher
 from catalog.errors import InvalidArgument
-from catalog.model import AdapterName, Ref, Revision
+from catalog.model import AdapterName, PushProvenance, Ref, Revision
 
 PUSH_CHUNK_BYTES = 1 << 20
 MAX_CHANNEL_MESSAGE = 8 << 20
@@ -75,8 +76,11 @@ def push_header(
     base_id: str,
     aliases: list[str] | tuple[str, ...],
     metadata: dict[str, str] | None,
+    provenance: PushProvenance | None = None,
 ) -> pb.PushHeader:
+    """The header of a push; provenance's ``host`` defaults to this machine's name."""
     adapter = AdapterName.parse(name) if isinstance(name, str) else name
+    stated = provenance or PushProvenance()
     return pb.PushHeader(
         name=str(adapter),
         base_id=base_id,
@@ -84,7 +88,22 @@ def push_header(
         metadata=dict(metadata or {}),
         size_bytes=size,
         expected_digest=str(digest),
+        host=stated.host or socket.gethostname(),
+        run_id=stated.run_id,
+        parent=stated.parent,
+        data_digest=stated.data_digest,
+        eval=dict(stated.eval),
     )
+
+
+def alias_request(name: AdapterName | str, alias: str, revision: int | str) -> pb.SetAliasRequest:
+    """A move of ``alias`` to a revision number, or to a number/alias/digest given as text."""
+    adapter = str(AdapterName.parse(name) if isinstance(name, str) else name)
+    if isinstance(revision, int):
+        return pb.SetAliasRequest(name=adapter, alias=alias, revision=revision)
+    if revision.isdigit():
+        return pb.SetAliasRequest(name=adapter, alias=alias, revision=int(revision))
+    return pb.SetAliasRequest(name=adapter, alias=alias, target=revision)
 
 
 def ref_text(ref: Ref | Revision | str) -> str:

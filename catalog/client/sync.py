@@ -16,12 +16,25 @@ import grpc
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+from catalog.client.answers import (
+    cache_entries,
+    checkpoint_doc,
+    gc_doc,
+    hint_from_pb,
+    prefetch_progress,
+    register_request,
+    reindex_doc,
+    stats_doc,
+    verify_doc,
+)
 from catalog.client.channel import channel_settings, open_channel
+from catalog.client.colocated import ColocatedPath
 from catalog.client.errors import translated
 from catalog.client.requests import (
     PackSource,
     ProgressCallback,
     PushResult,
+    alias_request,
     check_range,
     push_header,
     push_requests,
@@ -48,6 +61,7 @@ from catalog.model import (
     Hint,
     Page,
     PrefetchProgress,
+    PushProvenance,
     Ref,
     Revision,
     every_item,
@@ -72,7 +86,7 @@ class HintStream:
     def __iter__(self) -> Iterator[Hint]:
         with translated(self._target):
             for hint in self._call:
-                yield Hint(hint.kind, hint.ref, hint.digest, hint.base_id, hint.reason, hint.at)
+                yield hint_from_pb(hint)
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -80,6 +94,14 @@ class HintStream:
 
 def _name(adapter: AdapterName | str) -> str:
     return str(AdapterName.parse(adapter) if isinstance(adapter, str) else adapter)
+
+
+def _leased_ref(ref: Ref | Revision | str) -> str:
+    """The reference a lease names: a revision by its digest, so the bytes leased are the
+    ones the caller resolved."""
+    if isinstance(ref, Revision):
+        return f"{ref.adapter}@{ref.digest}"
+    return ref_text(ref)
 
 
 class CatalogClient:
@@ -94,11 +116,16 @@ class CatalogClient:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        colocated: bool = True,
     ) -> None:
         """Connect to ``target`` (``host:port``; ``grpcs://host:port`` for TLS). ``token`` is
         sent as ``authorization: Bearer <token>``; ``tls_ca`` verifies the server, ``tls_cert``
         and ``tls_key`` answer a server that asks for mutual TLS (each falls back to its
-        ``$LORACAT_*`` variable, see ``catalog.client.channel``). Raises ``InvalidArgument``."""
+        ``$LORACAT_*`` variable, see ``catalog.client.channel``). Raises ``InvalidArgument``.
+
+        Whole-pack fetches read the catalog's NVMe tier directly when this process can (same
+        host, its environment readable here; see ``catalog.client.colocated``), with gRPC for
+        control only; ``colocated=False`` always streams the bytes over gRPC."""
         settings = channel_settings(
             target, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
         )
@@ -109,6 +136,10 @@ class CatalogClient:
         # FetchPack's messages arrive undecoded (see catalog.client.transfer).
         self._fetch_pack = self._channel.unary_stream(
             FETCH_PACK_METHOD, request_serializer=serialize_request, response_deserializer=None
+        )
+        #: The colocated read path (``None``: disabled); decides on the first fetch.
+        self.colocated = (
+            ColocatedPath(self._stub, self.target, timeout=timeout) if colocated else None
         )
 
     # -- revisions --------------------------------------------------------------------------
@@ -121,16 +152,20 @@ class CatalogClient:
         base_id: str = "",
         aliases: list[str] | tuple[str, ...] = (),
         metadata: dict[str, str] | None = None,
+        provenance: PushProvenance | None = None,
         progress: ProgressCallback | None = None,
         timeout: float = TRANSFER_TIMEOUT,
     ) -> PushResult:
         """Push pack bytes (or a pack file) as a new revision of ``name``.
 
         The digest is computed locally first and sent ahead, so a corrupted transfer is refused.
-        Raises ``InvalidPack``, ``InvalidName``, ``ResourceExhausted``, ``Conflict``.
+        ``provenance`` (run id, parent, data digest, eval results; host defaults to this
+        machine) is kept on the revision as ``provenance.*``/``eval.*`` metadata.
+        Raises ``InvalidPack``, ``InvalidName``, ``InvalidArgument`` (``base_id`` differs from
+        the pack's), ``NotFound`` (provenance parent), ``ResourceExhausted``, ``Conflict``.
         """
         size, digest = source_size_and_digest(pack)
-        header = push_header(name, size, digest, base_id, aliases, metadata)
+        header = push_header(name, size, digest, base_id, aliases, metadata, provenance)
         with translated(self.target):
             response = self._stub.Push(
                 push_requests(pack, header, progress=progress), timeout=timeout
@@ -145,19 +180,40 @@ class CatalogClient:
             )
 
     def list_adapters(
-        self, prefix: str = "", *, page_size: int = 100, page_token: str = ""
+        self,
+        prefix: str = "",
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        base_id: str = "",
+        tags: dict[str, str] | None = None,
+        alias: str = "",
     ) -> Page[AdapterSummary]:
+        """A page of adapters under ``prefix`` (``""``, ``tenant`` or ``tenant/name``), kept to
+        those whose latest revision has ``base_id`` and every ``tags`` metadata entry and that
+        have ``alias`` set, answered by the server's index. A filtered page may be short (even
+        empty) and still have a ``next_token``. Raises ``InvalidName``, ``InvalidArgument``."""
+        request = pb.ListAdaptersRequest(
+            prefix=prefix,
+            page_size=page_size,
+            page_token=page_token,
+            base_id=base_id,
+            tags=dict(tags or {}),
+            alias=alias,
+        )
         with translated(self.target):
-            response = self._stub.ListAdapters(
-                pb.ListAdaptersRequest(prefix=prefix, page_size=page_size, page_token=page_token),
-                timeout=self.timeout,
-            )
+            response = self._stub.ListAdapters(request, timeout=self.timeout)
         return Page(tuple(summary_from_pb(s) for s in response.adapters), response.next_page_token)
 
-    def iter_adapters(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[AdapterSummary]:
-        """Every adapter under ``prefix``, fetching pages as the iteration goes."""
+    def iter_adapters(
+        self, prefix: str = "", *, page_size: int = 1000, **filters: Any
+    ) -> Iterator[AdapterSummary]:
+        """Every adapter under ``prefix`` passing ``filters`` (as :meth:`list_adapters`),
+        fetching pages as the iteration goes."""
         return every_item(
-            lambda token: self.list_adapters(prefix, page_size=page_size, page_token=token)
+            lambda token: self.list_adapters(
+                prefix, page_size=page_size, page_token=token, **filters
+            )
         )
 
     def list_revisions(
@@ -185,23 +241,37 @@ class CatalogClient:
     # -- aliases ----------------------------------------------------------------------------
 
     def set_alias(
-        self, name: AdapterName | str, alias: str, revision: int, *, expected: int | None = None
+        self,
+        name: AdapterName | str,
+        alias: str,
+        revision: int | str,
+        *,
+        expected: int | None = None,
     ) -> AliasMove:
         """Move ``alias`` to ``revision`` (0 removes it) if it points at ``expected`` now.
+        ``revision`` may also name the revision as text: ``"3"``, an alias (``"canary"``) or a
+        digest (prefix), resolved by the server under the same lock as the move.
 
         Raises ``Conflict`` when it does not (a lost compare-and-swap), ``NotFound``.
         """
-        request = pb.SetAliasRequest(name=_name(name), alias=alias, revision=revision)
+        request = alias_request(name, alias, revision)
         if expected is not None:
             request.expected_revision = expected
         with translated(self.target):
             return move_from_pb(self._stub.SetAlias(request, timeout=self.timeout))
 
     def rollback(
-        self, name: AdapterName | str, alias: str, *, expected: int | None = None
+        self,
+        name: AdapterName | str,
+        alias: str,
+        *,
+        expected: int | None = None,
+        to: int | str = "",
     ) -> AliasMove:
-        """Move ``alias`` back to its previous revision; ``FailedPrecondition``, ``Conflict``."""
-        request = pb.RollbackRequest(name=_name(name), alias=alias)
+        """Move ``alias`` back one step of its history (repeated calls keep walking back), or
+        to ``to`` (a number, alias or digest). Raises ``FailedPrecondition`` (nothing earlier,
+        or it was deleted), ``Conflict`` (moved meanwhile), ``NotFound``."""
+        request = pb.RollbackRequest(name=_name(name), alias=alias, to=str(to) if to else "")
         if expected is not None:
             request.expected_revision = expected
         with translated(self.target):
@@ -214,23 +284,32 @@ class CatalogClient:
             )
         return [move_from_pb(m) for m in response.moves]
 
-    def set_metadata(self, ref: Ref | str, metadata: dict[str, str]) -> Revision:
-        """Merge ``metadata`` (e.g. eval results) into a revision's metadata."""
+    def set_metadata(
+        self,
+        ref: Ref | str,
+        metadata: dict[str, str] | None = None,
+        *,
+        remove: list[str] | tuple[str, ...] = (),
+    ) -> Revision:
+        """Merge ``metadata`` (eval results, ``description``, tags) into a revision's, then drop
+        the keys in ``remove``. Raises ``NotFound``, ``InvalidArgument`` (``provenance.*`` keys
+        are the catalog's own, limits)."""
+        request = pb.SetMetadataRequest(
+            ref=ref_text(ref), metadata=dict(metadata or {}), remove=list(remove)
+        )
         with translated(self.target):
-            return revision_from_pb(
-                self._stub.SetMetadata(
-                    pb.SetMetadataRequest(ref=ref_text(ref), metadata=metadata),
-                    timeout=self.timeout,
-                )
-            )
+            return revision_from_pb(self._stub.SetMetadata(request, timeout=self.timeout))
 
-    def delete(self, ref: Ref | str, *, all_revisions: bool = False) -> list[int]:
-        """Delete a revision (or every revision of the adapter); returns the deleted numbers."""
+    def delete(
+        self, ref: Ref | str, *, all_revisions: bool = False, force: bool = False
+    ) -> list[int]:
+        """Delete a revision (or every revision of the adapter); returns the deleted numbers.
+
+        Raises ``FailedPrecondition`` when an alias points at a revision to delete, unless
+        ``all_revisions`` and ``force`` (which remove the aliases first); ``NotFound``."""
+        request = pb.DeleteRequest(ref=ref_text(ref), all_revisions=all_revisions, force=force)
         with translated(self.target):
-            response = self._stub.Delete(
-                pb.DeleteRequest(ref=ref_text(ref), all_revisions=all_revisions),
-                timeout=self.timeout,
-            )
+            response = self._stub.Delete(request, timeout=self.timeout)
         return list(response.deleted)
 
     # -- packs ------------------------------------------------------------------------------
@@ -273,8 +352,16 @@ class CatalogClient:
         each written straight into its place in the one buffer (for large packs over a real
         network; on loopback one stream is as fast). The ranges name the revision by its
         digest, so an alias that moves mid-fetch cannot mix two revisions.
+        A whole pack comes from the NVMe tier directly when the client is colocated (the
+        returned view then is a private copy, every chunk checked against its checksum).
         """
         check_range(offset, length)
+        if self.colocated is not None and offset == 0 and length == 0:
+            read = self.colocated.fetch(_leased_ref(ref), str(ref))
+            if read is not None:
+                if progress:
+                    progress(read[0].size_bytes, read[0].size_bytes)
+                return read
         if parallel > 1 and offset == 0 and length == 0:
             return self._fetch_parallel(ref, parallel, verify, progress, timeout)
         return self._fetch_stream(
@@ -342,70 +429,34 @@ class CatalogClient:
     # -- administration ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        """Catalog counts, per-tier occupancy and traffic, and counters."""
         with translated(self.target):
-            response = self._stub.Stats(pb.StatsRequest(), timeout=self.timeout)
-        return {
-            "adapters": response.adapters,
-            "revisions": response.revisions,
-            "aliases": response.aliases,
-            "index_bytes": response.index_bytes,
-            "store_url": response.store_url,
-            "engines": response.engines,
-            "tiers": [
-                {
-                    "tier": t.tier,
-                    "bytes": t.bytes,
-                    "entries": t.entries,
-                    "hits": t.hits,
-                    "misses": t.misses,
-                    "evictions": t.evictions,
-                    "capacity_bytes": t.capacity_bytes,
-                    "bytes_in": t.bytes_in,
-                    "bytes_out": t.bytes_out,
-                }
-                for t in response.tiers
-            ],
-            "counters": dict(response.counters),
-        }
+            return stats_doc(self._stub.Stats(pb.StatsRequest(), timeout=self.timeout))
 
     def gc(self, *, dry_run: bool = False, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        """Delete pack blobs no live revision references (``dry_run``: only report them)."""
         with translated(self.target):
             response = self._stub.GarbageCollect(
                 pb.GarbageCollectRequest(dry_run=dry_run), timeout=timeout
             )
-        return {
-            "deleted": list(response.deleted),
-            "freed_bytes": response.freed_bytes,
-            "kept": response.kept,
-            "dry_run": dry_run,
-        }
+        return gc_doc(response, dry_run)
 
     def verify(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        """Check every log event and referenced blob; ``problems`` lists what is wrong."""
         with translated(self.target):
-            response = self._stub.Verify(pb.VerifyRequest(), timeout=timeout)
-        return {
-            "checked_blobs": response.checked_blobs,
-            "checked_events": response.checked_events,
-            "problems": list(response.problems),
-        }
+            return verify_doc(self._stub.Verify(pb.VerifyRequest(), timeout=timeout))
 
     def reindex(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
+        """Rebuild the server's index from the durable store and swap it in."""
         with translated(self.target):
-            response = self._stub.Reindex(pb.ReindexRequest(), timeout=timeout)
-        return {
-            "adapters": response.adapters,
-            "revisions": response.revisions,
-            "events": response.events,
-            "seconds": response.seconds,
-        }
+            return reindex_doc(self._stub.Reindex(pb.ReindexRequest(), timeout=timeout))
 
     def checkpoint(self, *, keep: int = 0, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """Fold the durable log into a checkpoint (``keep``: how many to keep; 0 = default)."""
         with translated(self.target):
-            response = self._stub.Checkpoint(pb.CheckpointRequest(keep=keep), timeout=timeout)
-        return {
-            field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields
-        } | {"pruned": list(response.pruned)}
+            return checkpoint_doc(
+                self._stub.Checkpoint(pb.CheckpointRequest(keep=keep), timeout=timeout)
+            )
 
     # -- the NVMe tier -----------------------------------------------------------------------
 
@@ -423,9 +474,7 @@ class CatalogClient:
         )
         with translated(self.target):
             for item in self._stub.Prefetch(request, timeout=timeout):
-                yield PrefetchProgress(
-                    item.ref, item.state, item.digest, item.size_bytes, item.error
-                )
+                yield prefetch_progress(item)
 
     def pin_pack(self, ref: Ref | str) -> Revision:
         """Load ``ref``'s pack into the NVMe tier and keep it there until unpinned."""
@@ -447,17 +496,9 @@ class CatalogClient:
             )
 
     def list_cache(self) -> list[dict[str, Any]]:
+        """The NVMe tier's entries: digest, size, pins, when inserted."""
         with translated(self.target):
-            response = self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout)
-        return [
-            {
-                "digest": e.digest,
-                "size_bytes": e.size_bytes,
-                "pins": e.pins,
-                "inserted_at": e.inserted_at,
-            }
-            for e in response.entries
-        ]
+            return cache_entries(self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout))
 
     # -- engines ----------------------------------------------------------------------------
 
@@ -474,13 +515,7 @@ class CatalogClient:
     ) -> None:
         with translated(self.target):
             self._stub.RegisterEngine(
-                pb.RegisterEngineRequest(
-                    engine_id=engine_id,
-                    base_id=base_id,
-                    num_slots=num_slots,
-                    max_rank=max_rank,
-                    host_bytes=host_bytes,
-                ),
+                register_request(engine_id, base_id, num_slots, max_rank, host_bytes),
                 timeout=self.timeout,
             )
 
@@ -517,6 +552,8 @@ class CatalogClient:
             raise Unavailable(f"catalog at {self.target} is unavailable") from None
 
     def close(self) -> None:
+        if self.colocated is not None:
+            self.colocated.close()
         self._channel.close()
 
     def __enter__(self) -> CatalogClient:

@@ -108,6 +108,28 @@ class RevisionIndex(ABC):
         ``InvalidArgument`` for a negative size or a token not from this listing.
         """
 
+    def search_adapters(
+        self,
+        prefix: str = "",
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        *,
+        base_id: str = "",
+        tags: dict[str, str] | None = None,
+        alias: str = "",
+    ) -> Page[AdapterSummary]:
+        """``list_adapters`` keeping only adapters whose ``latest`` revision was trained for
+        ``base_id`` and whose metadata holds every ``tags`` entry, and that have ``alias`` set.
+
+        Pages with the same tokens as ``list_adapters``; a filtered page may hold fewer than
+        ``page_size`` adapters and still have a next token (``catalog.index.search``). Raises
+        ``InvalidName`` (prefix or alias), ``InvalidArgument`` (size or token).
+        """
+        from catalog.index.search import AdapterFilter, search_adapters
+
+        wanted = AdapterFilter(base_id=base_id, tags=dict(tags or {}), alias=alias)
+        return search_adapters(self, prefix, page_size, page_token, wanted)
+
     @abstractmethod
     def list_revisions(
         self, adapter: AdapterName, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""

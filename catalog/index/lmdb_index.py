@@ -522,7 +522,7 @@ class LmdbIndex(RevisionIndex):
         value = batch.txn.get(revision_key, db=self._revisions)
         if value is None:
             raise rules.not_live(event, record.next_revision)
-        merged = records.merge_metadata(value, event.metadata)
+        merged = records.merge_metadata(value, event.metadata, event.removed)
         batch.txn.put(revision_key, merged, db=self._revisions)
 
     def _highest_live_below(

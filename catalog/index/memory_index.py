@@ -149,7 +149,8 @@ class MemoryIndex(RevisionIndex):
         if revision is None:
             raise rules.not_live(event, entry.next_revision)
         entry.revisions[event.revision] = replace(
-            revision, metadata={**revision.metadata, **event.metadata}
+            revision,
+            metadata=rules.edited_metadata(revision.metadata, event.metadata, event.removed),
         )
 
     # -- reading --------------------------------------------------------------------------------

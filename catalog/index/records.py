@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from catalog.digest import Digest
 from catalog.errors import DataLoss
 from catalog.index.base import AdapterState
-from catalog.index.rules import PackSummary
+from catalog.index.rules import PackSummary, edited_metadata
 from catalog.model import AdapterName, Revision
 
 RECORD_FORMAT = 1
@@ -183,8 +183,8 @@ def decode_revision(
     )
 
 
-def merge_metadata(value: bytes, update: dict[str, str]) -> bytes:
-    """The same revision record with ``update`` merged into its metadata."""
+def merge_metadata(value: bytes, update: dict[str, str], removed: tuple[str, ...] = ()) -> bytes:
+    """The same revision record with ``update`` merged into its metadata, ``removed`` dropped."""
     _, _, body = _split_revision(value)
     end = body + _REVISION_BODY.size
     tail = value[end:]
@@ -192,8 +192,7 @@ def merge_metadata(value: bytes, update: dict[str, str]) -> bytes:
         metadata: dict[str, str] = json.loads(tail.decode()) if tail else {}
     except ValueError as exc:
         raise DataLoss(f"corrupt revision metadata in the index: {exc}") from None
-    metadata.update(update)
-    return value[:end] + _encode_metadata(metadata)
+    return value[:end] + _encode_metadata(edited_metadata(metadata, update, removed))
 
 
 def encode_move(previous: int, revision: int, at: float) -> bytes:

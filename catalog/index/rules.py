@@ -146,6 +146,18 @@ def check_event_shape(event: Event) -> None:
         type(k) is str and type(v) is str for k, v in event.metadata.items()
     ):
         raise InvalidArgument(f"{event.adapter}: metadata keys and values must be strings")
+    if not all(type(k) is str for k in event.removed):
+        raise InvalidArgument(f"{event.adapter}: removed metadata keys must be strings")
+
+
+def edited_metadata(
+    metadata: dict[str, str], update: dict[str, str], removed: tuple[str, ...]
+) -> dict[str, str]:
+    """A revision's metadata after a ``metadata`` event: ``update`` merged, ``removed`` dropped."""
+    merged = {**metadata, **update}
+    for key in removed:
+        merged.pop(key, None)
+    return merged
 
 
 # -- the words both backends fail with --------------------------------------------------------

@@ -15,7 +15,7 @@ from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import InvalidArgument
-from catalog.model import AdapterName, Ref
+from catalog.model import AdapterName, PushProvenance, Ref
 from catalog.service.resolve_cache import GenerationCache
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -49,6 +49,13 @@ class CatalogServicer(pb_grpc.CatalogServicer):
             aliases=list(header.aliases),
             metadata=dict(header.metadata),
             expected_digest=header.expected_digest,
+            provenance=PushProvenance(
+                host=header.host,
+                run_id=header.run_id,
+                parent=header.parent,
+                data_digest=header.data_digest,
+                eval=dict(header.eval),
+            ),
         ) as upload:
             for message in request_iterator:
                 if message.WhichOneof("payload") != "chunk":
@@ -74,8 +81,13 @@ class CatalogServicer(pb_grpc.CatalogServicer):
     def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        page = self.catalog.list_adapters(
-            request.prefix, request.page_size or 100, request.page_token
+        page = self.catalog.search_adapters(
+            request.prefix,
+            request.page_size or 100,
+            request.page_token,
+            base_id=request.base_id,
+            tags=dict(request.tags),
+            alias=request.alias,
         )
         return pb.ListAdaptersResponse(
             adapters=[summary_to_pb(s) for s in page.items], next_page_token=page.next_token
@@ -97,12 +109,16 @@ class CatalogServicer(pb_grpc.CatalogServicer):
             request.alias,
             request.revision,
             expected=_expected(request),
+            target=request.target,
         )
         return move_to_pb(move)
 
     def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.AliasMove:
         move = self.catalog.rollback(
-            AdapterName.parse(request.name), request.alias, expected=_expected(request)
+            AdapterName.parse(request.name),
+            request.alias,
+            expected=_expected(request),
+            to=request.to,
         )
         return move_to_pb(move)
 
@@ -115,10 +131,16 @@ class CatalogServicer(pb_grpc.CatalogServicer):
     def SetMetadata(
         self, request: pb.SetMetadataRequest, context: grpc.ServicerContext
     ) -> pb.Revision:
-        return revision_to_pb(self.catalog.set_metadata(request.ref, dict(request.metadata)))
+        return revision_to_pb(
+            self.catalog.set_metadata(
+                request.ref, dict(request.metadata), remove=list(request.remove)
+            )
+        )
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        deleted = self.catalog.delete(request.ref, all_revisions=request.all_revisions)
+        deleted = self.catalog.delete(
+            request.ref, all_revisions=request.all_revisions, force=request.force
+        )
         return pb.DeleteResponse(deleted=deleted)
 
     def FetchPack(
@@ -209,6 +231,36 @@ class CatalogServicer(pb_grpc.CatalogServicer):
                 for e in entries
             ]
         )
+
+    def GetPackCacheLocation(
+        self, request: pb.PackCacheLocationRequest, context: grpc.ServicerContext
+    ) -> pb.PackCacheLocation:
+        location = self.catalog.pack_cache_location()
+        if location is None:
+            return pb.PackCacheLocation()
+        return pb.PackCacheLocation(
+            cache_dir=location.cache_dir,
+            instance_id=location.instance_id,
+            host_id=location.host_id,
+            pid=location.pid,
+        )
+
+    def LeasePack(
+        self, request: pb.LeasePackRequest, context: grpc.ServicerContext
+    ) -> pb.PackLease:
+        revision, lease = self.catalog.lease_pack(request.ref, ttl_s=request.ttl_s)
+        return pb.PackLease(
+            revision=revision_to_pb(revision), lease_id=lease.lease_id, ttl_s=lease.ttl_s
+        )
+
+    def ReleasePackLease(
+        self, request: pb.ReleasePackLeaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleasePackLeaseResponse:
+        corrupt = request.corrupt_offset if request.HasField("corrupt_offset") else -1
+        if request.HasField("corrupt_offset") and corrupt < 0:
+            raise InvalidArgument(f"corrupt_offset must be >= 0, got {corrupt}")
+        released = self.catalog.release_pack_lease(request.lease_id, corrupt_offset=corrupt)
+        return pb.ReleasePackLeaseResponse(released=released)
 
     def WatchHints(
         self, request: pb.WatchHintsRequest, context: grpc.ServicerContext

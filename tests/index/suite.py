@@ -24,7 +24,7 @@ from catalog.errors import (
 )
 from catalog.events import Event
 from catalog.index.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, RevisionIndex
-from catalog.model import AdapterName, Ref, Selector
+from catalog.model import AdapterName, Ref, Selector, every_item
 from tests.index.writer import MANIFEST, Writer, digest_of, name
 
 ACME_X = name("acme/x")
@@ -431,6 +431,67 @@ class RevisionIndexSuite:
         assert revision is not None
         assert revision.metadata == {"a": "1", "b": "3", "eval.acc": "0.93"}
         assert revision.rank == 8  # the rest of the record is untouched
+
+    def test_metadata_removes_keys(self, index: RevisionIndex, writer: Writer) -> None:
+        writer.push(ACME_X, metadata={"a": "1", "b": "2", "c": "3"})
+        writer.apply(
+            writer.event(ACME_X, "metadata", revision=1, metadata={"d": "4"}, removed=("b", "zz"))
+        )
+        revision = index.get_revision(ACME_X, 1)
+        assert revision is not None and revision.metadata == {"a": "1", "c": "3", "d": "4"}
+
+    # -- filtered listings ----------------------------------------------------------------------
+
+    def test_search_filters_on_latest_base_tags_and_alias(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        other = {**MANIFEST, "base_id": "other-base"}
+        writer.push(name("acme/a"), metadata={"task": "chat"})
+        writer.push(name("acme/b"), manifest=other, metadata={"task": "chat"})
+        writer.push(name("acme/c"))
+        writer.apply(writer.event(name("acme/c"), "alias", revision=1, alias="serving"))
+        # the latest revision decides: acme/d was on the other base, is on ours now
+        writer.push(name("acme/d"), manifest=other, metadata={"task": "sql"})
+        writer.push(name("acme/d"), metadata={"task": "chat"})
+        writer.push(name("zeta/e"), metadata={"task": "chat"})
+
+        def found(prefix: str = "", **filters: Any) -> list[str]:
+            return [
+                str(a.adapter)
+                for a in every_item(
+                    lambda token: index.search_adapters(prefix, 1, token, **filters)
+                )
+            ]
+
+        base = MANIFEST["base_id"]
+        assert found(base_id=base) == ["acme/a", "acme/c", "acme/d", "zeta/e"]
+        assert found(base_id="other-base") == ["acme/b"]
+        assert found(tags={"task": "chat"}) == ["acme/a", "acme/b", "acme/d", "zeta/e"]
+        assert found("acme", base_id=base, tags={"task": "chat"}) == ["acme/a", "acme/d"]
+        assert found(alias="serving") == ["acme/c"]
+        assert found(alias="latest") == ["acme/a", "acme/b", "acme/c", "acme/d", "zeta/e"]
+        assert found(base_id="nobody") == []
+        assert found() == [str(a.adapter) for a in index.list_adapters().items]
+        # every revision deleted: no latest, so no base or tag can match
+        writer.delete(name("acme/a"), 1)
+        assert found(tags={"task": "chat"}) == ["acme/b", "acme/d", "zeta/e"]
+        with pytest.raises(InvalidName):
+            index.search_adapters(alias="Bad Alias")
+        with pytest.raises(InvalidArgument):
+            index.search_adapters(base_id=base, page_token="not-a-token")
+
+    def test_search_pages_resume_after_the_last_adapter_examined(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        for number in range(12):
+            writer.push(name(f"acme/p{number:02d}"), metadata={"even": str(number % 2 == 0)})
+        page = index.search_adapters(page_size=2, tags={"even": "True"})
+        assert [a.adapter.name for a in page.items] == ["p00", "p02"]
+        rest = index.search_adapters(
+            page_size=100, page_token=page.next_token, tags={"even": "True"}
+        )
+        assert [a.adapter.name for a in rest.items] == ["p04", "p06", "p08", "p10"]
+        assert rest.next_token == ""
 
     def test_metadata_of_deleted_revision(self, index: RevisionIndex, writer: Writer) -> None:
         writer.push(ACME_X)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from pathlib import Path
 
 import grpc
@@ -93,9 +95,10 @@ def test_push_with_alias_and_metadata(client, packs):
         "acme/ev", packs["qv-r4"], aliases=["canary"], metadata={"trainer": "t1"}
     ).revision
     assert "canary" in client.resolve("acme/ev@canary").aliases
-    assert rev.metadata == {"trainer": "t1"}
+    recorded = {"provenance.principal": "anonymous", "provenance.host": socket.gethostname()}
+    assert rev.metadata == {"trainer": "t1", **recorded}
     updated = client.set_metadata("acme/ev@1", {"eval.accuracy": "0.91"})
-    assert updated.metadata == {"trainer": "t1", "eval.accuracy": "0.91"}
+    assert updated.metadata == {"trainer": "t1", "eval.accuracy": "0.91", **recorded}
 
 
 def test_listing_pages_and_prefixes(client, packs):
@@ -125,7 +128,11 @@ def test_delete_rules_and_gc(client, served, packs):
     result = client.gc()
     assert result["deleted"] == [str(Digest.of(packs["all-r8"]))]
     assert served.catalog.store.get(blob_key(Digest.of(packs["qv-r4"]))) is not None
-    assert client.delete("acme/del", all_revisions=True) == [1]
+    # the whole adapter too: serving still points at 1, so only a forced delete goes ahead
+    with pytest.raises(FailedPrecondition, match="serving->1"):
+        client.delete("acme/del", all_revisions=True)
+    assert client.resolve("acme/del@serving").number == 1
+    assert client.delete("acme/del", all_revisions=True, force=True) == [1]
     with pytest.raises(NotFound):
         client.resolve("acme/del")
 
