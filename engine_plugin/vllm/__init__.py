@@ -1,0 +1,58 @@
+"""loracat as the adapter source of vLLM (the ``loracat[vllm]`` extra).
+
+vLLM loads this through the entry point ``loracat`` of the ``vllm.general_plugins`` group
+(``VLLM_PLUGINS=loracat`` selects it) and calls :func:`register` in each of its processes::
+
+    LORACAT_SERVER=127.0.0.1:7070 VLLM_PLUGINS=loracat VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
+      python -m vllm.entrypoints.openai.api_server --model BASE_DIR --enable-lora ...
+
+Then a request whose ``model`` is a loracat reference (``acme/support@serving``) is served by
+that revision. The parts: ``resolver`` (vLLM's ``LoRAResolver``), ``runtime`` (names, hot swap,
+warming, residency), ``adapters`` (parse, resolve, base check, materialize), ``node_cache``
+(node-local PEFT directories shared by the host's vLLM processes), ``admin`` (vLLM's HTTP admin
+routes), ``settings`` (environment). Only ``resolver`` and :func:`register` import vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+
+log = logging.getLogger(__name__)
+
+#: The resolver's name in vLLM's ``LoRAResolverRegistry``.
+RESOLVER_NAME = "loracat"
+
+
+def register() -> None:
+    """vLLM's plugin hook: register the loracat resolver (``LORACAT_SERVER`` must be set).
+
+    vLLM calls it in every process it starts; the resolver is used only by the API server, the
+    main process, so only there does the plugin connect to the catalog (once vLLM's server
+    answers) and follow its hints, which warms adapters before their first request.
+
+    Raises:
+        InvalidArgument: a malformed ``LORACAT_*`` setting.
+    """
+    if multiprocessing.parent_process() is not None:
+        return  # an engine-core or worker process: it never resolves names
+    from engine_plugin.vllm.settings import PluginSettings
+
+    settings = PluginSettings.from_environment()
+    if not settings.server:
+        log.warning("loracat vLLM plugin loaded without LORACAT_SERVER: not registering")
+        return
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from engine_plugin.vllm.resolver import LoracatResolver
+    from engine_plugin.vllm.runtime import RuntimeStarter
+
+    # The catalog connection opens once vLLM serves (see RuntimeStarter), not here.
+    starter = RuntimeStarter(settings)
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, LoracatResolver(starter))
+    log.info(
+        "loracat resolver registered: catalog %s, node cache %s, engine id %s",
+        settings.server,
+        settings.cache_dir,
+        settings.engine_id,
+    )

@@ -1,0 +1,163 @@
+"""From a name vLLM was asked for to a PEFT directory on node-local disk (no vLLM imports).
+
+``CatalogAdapters`` is the resolver's whole decision, kept free of vLLM so that it is tested in
+the project's own venv: parse the name as a loracat reference (anything else is refused),
+resolve it through the catalog, refuse a revision trained for another base before fetching a
+byte, and materialize the revision's pack as a PEFT directory in the node cache, held until the
+caller releases it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from catalog.errors import IncompatibleAdapter
+from catalog.model import Ref, Revision, Selector
+from catalog.pack import export_peft_dir
+from engine_plugin.vllm.node_cache import PeftDirCache
+
+
+class AdapterCatalog(Protocol):
+    """What the resolver needs of a catalog (``catalog.client.CatalogClient`` has it)."""
+
+    def resolve(self, ref: Ref | str) -> Revision: ...
+
+    def fetch(self, ref: Ref | Revision | str) -> memoryview: ...
+
+
+def base_identity(text: str) -> str:
+    """A base model's identity for comparison: an existing local path becomes its resolved
+    absolute path (so ``./base``, ``base/`` and a symlink to it are one base); anything else
+    (a hub id such as ``meta-llama/Llama-3.1-8B``) is compared as written."""
+    text = text.strip()
+    if not text:
+        return ""
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return text
+
+
+def is_mutable(ref: Ref) -> bool:
+    """Whether ``ref`` can name another revision later: aliases (``latest`` included) move;
+    revision numbers and digests never do."""
+    return ref.selector is Selector.ALIAS
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """A revision on node-local disk, held for the caller until released."""
+
+    name: str  # the name vLLM was asked for
+    ref: Ref
+    revision: Revision
+    path: Path
+
+
+class CatalogAdapters:
+    """Resolve loracat references for one served base and materialize them on this node.
+
+    Args:
+        catalog: a catalog client.
+        cache: the node-local directory cache.
+        served_base: the base the vLLM serves, as ``base_identity`` normalizes it
+            (``LORACAT_BASE_ID`` when set, else the model path vLLM passes).
+        max_rank: the largest rank the server takes (vLLM's ``--max-lora-rank``); 0: any.
+    """
+
+    def __init__(
+        self,
+        catalog: AdapterCatalog,
+        cache: PeftDirCache,
+        served_base: str,
+        *,
+        max_rank: int = 0,
+    ) -> None:
+        self.catalog = catalog
+        self.cache = cache
+        self.served_base = served_base
+        self.max_rank = max_rank
+
+    @staticmethod
+    def parse(name: str) -> Ref:
+        """``name`` as a loracat reference. Raises ``InvalidReference`` for anything else
+        (``../../etc``, spaces, 300 characters, a digest prefix shorter than 12 hex digits)."""
+        return Ref.parse(name)
+
+    def resolve(self, name: str) -> tuple[Ref, Revision]:
+        """The revision ``name`` names now, checked against the served base.
+
+        Raises:
+            InvalidReference: ``name`` is not a loracat reference.
+            NotFound: no such adapter, revision or alias.
+            IncompatibleAdapter: the revision was trained for another base, or its rank is
+                above ``max_rank``.
+            Unavailable, DeadlineExceeded: the catalog cannot be reached.
+        """
+        ref = self.parse(name)
+        revision = self.catalog.resolve(ref)
+        self.check_fits(name, revision)
+        return ref, revision
+
+    def check_fits(self, name: str, revision: Revision) -> None:
+        """Refuse a revision whose ``base_id`` names another base (an empty one is accepted:
+        vLLM still checks the shapes when it loads the adapter) or whose rank the server
+        cannot take.
+
+        Raises:
+            IncompatibleAdapter: the bases differ, or the rank is above ``max_rank``.
+        """
+        if self.max_rank and revision.rank > self.max_rank:
+            raise IncompatibleAdapter(
+                f"{name} resolves to {revision.adapter}@{revision.number} of rank "
+                f"{revision.rank}, above this server's --max-lora-rank {self.max_rank}"
+            )
+        if not revision.base_id or not self.served_base:
+            return
+        trained_for = base_identity(revision.base_id)
+        if trained_for != self.served_base:
+            raise IncompatibleAdapter(
+                f"{name} resolves to {revision.adapter}@{revision.number} "
+                f"({revision.digest.short}), trained for base {revision.base_id!r}, but this "
+                f"vLLM serves {self.served_base!r} (set LORACAT_BASE_ID to the catalog's base "
+                "id for the served model if they are the same base)"
+            )
+
+    def materialize(self, name: str, ref: Ref, revision: Revision) -> Materialized:
+        """Make ``revision`` a PEFT directory on node-local disk (fetched at most once per host)
+        and hold it for the caller; :meth:`release` drops the hold.
+
+        Raises:
+            NotFound: the revision was deleted meanwhile.
+            DataLoss: the fetched bytes do not match the digest.
+            InvalidPack: the pack cannot be written as a PEFT directory.
+            Unavailable, DeadlineExceeded: the catalog cannot be reached.
+        """
+        pinned = f"{revision.adapter}@{revision.digest}"
+
+        def write(into: Path) -> int:
+            data = self.catalog.fetch(pinned)
+            export_peft_dir(data, into)
+            return len(data)
+
+        path = self.cache.acquire(revision.digest, write)
+        return Materialized(name, ref, revision, path)
+
+    def load(self, name: str) -> Materialized:
+        """:meth:`resolve`, then :meth:`materialize` (see both for what they raise)."""
+        ref, revision = self.resolve(name)
+        return self.materialize(name, ref, revision)
+
+    def release(self, materialized: Materialized) -> None:
+        self.cache.release(materialized.revision.digest)
+
+
+def served_base_identity(model: str, declared: str | None = None) -> str:
+    """The served base's identity: ``declared`` (``LORACAT_BASE_ID``) when given, else the
+    model path vLLM was started with, normalized by :func:`base_identity`."""
+    if declared is None:
+        declared = os.environ.get("LORACAT_BASE_ID") or None
+    return base_identity(declared if declared else model)

@@ -1,0 +1,202 @@
+"""The resolver's decisions without vLLM: reference parsing, the base check before any fetch,
+materialization as a PEFT directory that PEFT reads back, and the plugin's settings. A real
+catalog over real gRPC, real PEFT adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catalog.client import CatalogClient
+from catalog.errors import IncompatibleAdapter, InvalidArgument, InvalidReference, NotFound
+from catalog.model import Ref, Revision
+from catalog.pack import import_peft_dir, read_pack
+from engine_plugin.vllm.adapters import CatalogAdapters, base_identity, served_base_identity
+from engine_plugin.vllm.node_cache import PeftDirCache
+from engine_plugin.vllm.runtime import lora_name_for
+from engine_plugin.vllm.settings import PluginSettings
+from tests import factories
+from tests.servers import running_catalog
+
+
+class CountingCatalog:
+    """The real client, counting the fetches it makes (to show what was never fetched)."""
+
+    def __init__(self, client: CatalogClient) -> None:
+        self.client = client
+        self.fetches = 0
+
+    def resolve(self, ref: Ref | str) -> Revision:
+        return self.client.resolve(ref)
+
+    def fetch(self, ref: Any) -> memoryview:
+        self.fetches += 1
+        return self.client.fetch(ref)
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = factories.build_model(factories.tiny_llama_config())
+    return factories.make_peft_adapter(
+        model, tmp_path_factory.mktemp("peft") / "a", rank=4, target_modules=("q_proj", "v_proj")
+    )
+
+
+@pytest.fixture
+def catalog(tmp_path: Path, peft_dir: Path) -> Iterator[CountingCatalog]:
+    with running_catalog(tmp_path / "catalog") as running, running.client() as client:
+        client.push(
+            "acme/support", import_peft_dir(peft_dir, base_id="org/base-7b"), aliases=["serving"]
+        )
+        client.push("acme/other", import_peft_dir(peft_dir, base_id="org/another-base"))
+        yield CountingCatalog(client)
+
+
+def adapters_for(catalog: CountingCatalog, tmp_path: Path, base: str = "org/base-7b"):  # type: ignore[no-untyped-def]
+    return CatalogAdapters(catalog, PeftDirCache(tmp_path / "node"), base, max_rank=16)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc",
+        "acme/support/../../x",
+        "acme/has space",
+        "a" * 300,
+        "acme/" + "n" * 300,
+        "acme/support@sha256:abc",  # a digest prefix under 12 hex digits
+        "acme/support@0",
+        "Acme/Support",
+        "acme/support@",
+        "",
+    ],
+)
+def test_anything_but_a_reference_is_refused(
+    name: str, catalog: CountingCatalog, tmp_path: Path
+) -> None:
+    adapters = adapters_for(catalog, tmp_path)
+    with pytest.raises(InvalidReference):
+        adapters.load(name)
+    assert catalog.fetches == 0
+
+
+def test_every_reference_form_resolves_to_one_materialized_directory(
+    catalog: CountingCatalog, tmp_path: Path, peft_dir: Path
+) -> None:
+    adapters = adapters_for(catalog, tmp_path)
+    digest = catalog.resolve("acme/support").digest
+    names = [
+        "acme/support",
+        "acme/support@1",
+        "acme/support@serving",
+        f"acme/support@{digest}",
+        f"acme/support@{digest.algorithm}:{digest.hex[:12]}",
+    ]
+    loaded = [adapters.load(n) for n in names]
+    assert {m.path for m in loaded} == {loaded[0].path}
+    assert catalog.fetches == 1  # one fetch per host, whatever the name
+    # The directory is a PEFT adapter that imports back to the very pack the catalog holds.
+    assert import_peft_dir(loaded[0].path, base_id="org/base-7b") == bytes(
+        catalog.client.fetch(f"acme/support@{digest}")
+    )
+    assert (loaded[0].path / "adapter_config.json").read_bytes() == (
+        peft_dir / "adapter_config.json"
+    ).read_bytes()
+    for m in loaded:
+        adapters.release(m)
+
+
+def test_a_wrong_base_is_refused_before_any_fetch(catalog: CountingCatalog, tmp_path: Path) -> None:
+    adapters = adapters_for(catalog, tmp_path)
+    with pytest.raises(IncompatibleAdapter, match="trained for base 'org/another-base'"):
+        adapters.load("acme/other")
+    assert catalog.fetches == 0
+    assert list((tmp_path / "node" / "adapters").iterdir()) == []
+
+
+def test_a_rank_above_the_server_limit_is_refused_before_any_fetch(
+    catalog: CountingCatalog, tmp_path: Path
+) -> None:
+    adapters = CatalogAdapters(catalog, PeftDirCache(tmp_path / "node"), "org/base-7b", max_rank=2)
+    with pytest.raises(IncompatibleAdapter, match="rank 4, above this server's --max-lora-rank 2"):
+        adapters.load("acme/support")
+    assert catalog.fetches == 0
+
+
+def test_unknown_references_are_not_found(catalog: CountingCatalog, tmp_path: Path) -> None:
+    adapters = adapters_for(catalog, tmp_path)
+    for name in ("acme/nope", "acme/support@9", "acme/support@canary", "zz/support"):
+        with pytest.raises(NotFound):
+            adapters.load(name)
+
+
+def test_base_identity_normalizes_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    same = {base_identity(p) for p in ("models/base", "models/base/", str(base), "link")}
+    assert same == {str(base.resolve())}
+    assert base_identity("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    monkeypatch.delenv("LORACAT_BASE_ID", raising=False)
+    assert served_base_identity("models/base") == str(base.resolve())
+    # LORACAT_BASE_ID declares the catalog's id for a local copy of a hub model.
+    assert served_base_identity("models/base", "org/base-7b") == "org/base-7b"
+    monkeypatch.setenv("LORACAT_BASE_ID", "org/base-7b")
+    assert served_base_identity("models/base") == "org/base-7b"
+
+
+def test_a_local_copy_is_served_under_its_declared_base(
+    catalog: CountingCatalog, tmp_path: Path
+) -> None:
+    local = tmp_path / "base-copy"
+    local.mkdir()
+    refused = adapters_for(catalog, tmp_path, base=served_base_identity(str(local), None))
+    with pytest.raises(IncompatibleAdapter):
+        refused.resolve("acme/support")
+    declared = adapters_for(catalog, tmp_path, base=served_base_identity(str(local), "org/base-7b"))
+    assert declared.resolve("acme/support")[1].number == 1
+
+
+def test_mutable_names_get_one_lora_name_per_revision(catalog: CountingCatalog) -> None:
+    revision = catalog.resolve("acme/support")
+    assert lora_name_for("acme/support@serving", Ref.parse("acme/support@serving"), revision) == (
+        "acme/support@serving#1"
+    )
+    assert lora_name_for("acme/support", Ref.parse("acme/support"), revision) == "acme/support#1"
+    assert (
+        lora_name_for("acme/support@1", Ref.parse("acme/support@1"), revision) == "acme/support@1"
+    )
+
+
+def test_settings_read_the_environment_and_vllm_flags(tmp_path: Path) -> None:
+    settings = PluginSettings.from_environment(
+        {
+            "LORACAT_SERVER": "127.0.0.1:7070",
+            "LORACAT_VLLM_CACHE_DIR": str(tmp_path),
+            "LORACAT_VLLM_CACHE_BYTES": "1000",
+        },
+        ["--model", "/m", "--port=8123", "--max-loras", "4", "--max-lora-rank", "32", "--x"],
+    )
+    assert settings.server == "127.0.0.1:7070"
+    assert settings.vllm_url == "http://127.0.0.1:8123"
+    assert (settings.max_loras, settings.max_lora_rank, settings.max_cpu_loras) == (4, 32, 4)
+    assert settings.cache_bytes == 1000 and settings.cache_dir == tmp_path
+    assert settings.model == "/m"
+    with pytest.raises(InvalidArgument, match="LORACAT_VLLM_CACHE_BYTES"):
+        PluginSettings.from_environment({"LORACAT_VLLM_CACHE_BYTES": "lots"}, [])
+    with pytest.raises(InvalidArgument, match="must be >= 0"):
+        PluginSettings.from_environment({"LORACAT_VLLM_CACHE_BYTES": "-1"}, [])
+
+
+def test_read_pack_of_the_materialized_revision_matches(
+    catalog: CountingCatalog, tmp_path: Path
+) -> None:
+    adapters = adapters_for(catalog, tmp_path)
+    materialized = adapters.load("acme/support@serving")
+    pack = read_pack(import_peft_dir(materialized.path, base_id="org/base-7b"))
+    assert pack.manifest.rank == 4
+    assert materialized.revision.number == 1
