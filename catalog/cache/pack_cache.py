@@ -48,6 +48,7 @@ and the environment change in the same order; hits never take it. Every transact
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -469,18 +470,27 @@ class PackCache:
         """
         self._check_open()
         key = str(digest)
-        for attempt in range(2):
+        for attempt in range(3):
             with self._lock:
-                if key in self._policy:
+                # A fill records the key in the policy before its transaction commits; while
+                # its flight is open the entry may not be readable by another process yet.
+                flight = self._inflight.get(key)
+                if flight is None and key in self._policy:
                     self._policy.pin(key)
                     self._holds[key] = self._holds.get(key, 0) + 1
                     self._policy.record_hit(key)
                     self._counters.hits += 1
                     self._counters.bytes_read += self._policy.size_of(key)
                     return True
-            if loader is None or attempt:
-                return False
-            self._load(digest, loader, name_for_errors, recheck=True)
+            if attempt == 2:
+                break
+            if flight is not None:
+                with contextlib.suppress(Exception):  # the loader's error is the leader's
+                    flight.result()
+            elif loader is not None:
+                self._load(digest, loader, name_for_errors, recheck=True)
+            else:
+                break
         return False
 
     def release(self, digest: Digest) -> None:

@@ -277,6 +277,8 @@ class ColocatedPath:
         #: Why the colocated path is not used ("" while it is, or before the first fetch).
         self.reason = ""
         self._releases: set[Any] = set()
+        #: How long a lease lives unreleased (0: the catalog's default, 30 s).
+        self.lease_ttl_s = 0.0
         #: Reads served from the NVMe tier, fallbacks to the stream, corrupt chunks reported.
         self.counters = {"reads": 0, "fallbacks": 0, "corrupt_reported": 0}
 
@@ -302,7 +304,8 @@ class ColocatedPath:
             try:
                 with translated(self._target):
                     lease = self._stub.LeasePack(
-                        pb.LeasePackRequest(ref=ref), timeout=TRANSFER_TIMEOUT
+                        pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s),
+                        timeout=TRANSFER_TIMEOUT,
                     )
             except ResourceExhausted as exc:  # not admitted to the tier: stream it
                 log.debug("colocated fetch of %s falls back to the stream: %s", name, exc)
