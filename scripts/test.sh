@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/install_chromium.sh  # the report's real-browser test (skips only where none can be had)
 marker=(-m "not slow")
 if [ "${CI:-}" = "true" ]; then marker=(); fi
 if [ "${1:-}" = "--all" ]; then marker=(); shift; fi

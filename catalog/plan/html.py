@@ -55,7 +55,7 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
 
 def _svg(figure: Any) -> str:
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
     # Keep the <svg> element only: the XML prolog and DOCTYPE do not belong inside HTML.
     return text[text.index("<svg") :]
@@ -108,7 +108,7 @@ def _delay_figure(plan: dict[str, Any]) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(11, 3.5))
+    figure, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(plan["configurations"])))
     try:
         rows = []
         for c in plan["configurations"]:
@@ -236,6 +236,11 @@ def render_html(plan: dict[str, Any]) -> str:
         )
         if doc["requests"]:
             parts.append(f"<figure class='plot'>{_curve_figure(tier, doc)}</figure>")
+        else:
+            parts.append(
+                "<p><strong>No request reaches this tier</strong> in the recommended "
+                "configuration: the tiers above serve them all, so its curves are all zero.</p>"
+            )
         policies = list(dict.fromkeys(p["policy"] for p in doc["curves"]))
         by_key = {(p["policy"], p["capacity"]): p for p in doc["curves"]}
         parts.append(

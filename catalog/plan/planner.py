@@ -33,6 +33,7 @@ from catalog.cache.policies import POLICIES, resolve_policy_name
 from catalog.errors import InvalidArgument
 from catalog.plan.curves import TierStream, tier_curves
 from catalog.plan.profile import TierProfile
+from catalog.plan.text import format_bytes
 from catalog.plan.tiers import SERVED_FROM, Configuration, Outcome, TierModel
 from catalog.plan.workload import Workload
 
@@ -351,7 +352,8 @@ def build_plan(workload: Workload, request: PlanRequest, profile: TierProfile) -
         ),
         "nvme": (
             _stream(model, nvme_positions, nvme_needs, "nvme"),
-            f"the host misses at {ref.gpu_slots} slots and {ref.host_bytes} host bytes per engine",
+            f"the host misses at {ref.gpu_slots} slots and {format_bytes(ref.host_bytes)} "
+            "host memory per engine",
         ),
     }
     tiers: dict[str, Any] = {}
@@ -409,8 +411,6 @@ def build_plan(workload: Workload, request: PlanRequest, profile: TierProfile) -
 
 
 def _met_statement(described: dict[str, Any], request: PlanRequest) -> str:
-    from catalog.plan.text import format_bytes
-
     parts = [
         f"{described['gpu_slots']} GPU slots and {format_bytes(described['host_bytes'])} host "
         f"memory per engine, {format_bytes(described['nvme_bytes'])} NVMe",

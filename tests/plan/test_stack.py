@@ -26,7 +26,9 @@ def _as_requests(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
 
 @settings(max_examples=150, deadline=None)
 @given(traces, st.lists(st.integers(40, 400), min_size=1, max_size=5))
-def test_byte_capacities_match_the_lru_policy(pairs: list[tuple[int, int]], caps: list[int]) -> None:
+def test_byte_capacities_match_the_lru_policy(
+    pairs: list[tuple[int, int]], caps: list[int]
+) -> None:
     ids, sizes = _as_requests(pairs)
     needs = lru_needs(stack_distances(ids, sizes), sizes, unit="bytes")
     hits, hit_bytes = lru_hits(needs, sizes, np.array(caps))
