@@ -26,6 +26,7 @@ forced, to show why prefill gathers and decode goes wide.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -41,7 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import print_table, write_results
+from bench.common import (
+    add_device_argument,
+    device_info,
+    print_table,
+    synchronizer,
+    write_results,
+)
 
 ATTN_QV = ("q_proj", "v_proj")
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,11 +82,37 @@ def qwen2_05b_config(small: bool = False) -> Any:
     )
 
 
-def build_base(config: Any, dtype: torch.dtype = torch.bfloat16) -> Any:
+def large_config() -> Any:
+    """A Llama-3-8B-wide base cut to 4 layers (hidden 4096, intermediate 14336, GQA 32/8)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def shape_config(shape: str) -> Any:
+    if shape == "large":
+        return large_config()
+    return qwen2_05b_config(small=shape == "small")
+
+
+def build_base(
+    config: Any, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Any:
+    """The base with random weights, initialised on ``device`` (fast for large shapes on a GPU)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def linear_shapes(model: Any, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -124,33 +157,47 @@ def write_peft_adapter(
     return directory
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one call.
+def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call, the device's queue drained
+    before and after.
 
     On a shared machine (2 cores here, other jobs running) wall time includes waiting for a
-    core; with one torch thread, CPU time is the work itself and is far steadier.
+    core; with one torch thread, CPU time is the work itself and is far steadier. On a GPU only
+    wall time means anything.
     """
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+    variants: dict[str, Callable[[], Any]],
+    repeats: dict[str, int],
+    sync: Callable[[], None],
+    warmup: int = 1,
 ) -> dict[str, dict[str, list[float]]]:
-    """Run each variant ``warmup`` times, then ``repeats`` rounds of one run each, in turn."""
+    """Run each variant ``warmup`` times, then rounds of one run each, in turn (a variant
+    drops out of the rounds once it has its ``repeats``)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, dict[str, list[float]]] = {
         name: {"wall": [], "cpu": []} for name in variants
     }
-    for _ in range(repeats):
+    for round_ in range(max(repeats.values())):
         for name, fn in variants.items():
-            wall, cpu = timed(fn)
+            if round_ >= repeats[name]:
+                continue
+            wall, cpu = timed(fn, sync)
             samples[name]["wall"].append(wall)
             samples[name]["cpu"].append(cpu)
     return samples
+
+
+def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
 def main() -> None:
@@ -161,22 +208,45 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--prefill-repeats", type=int, default=5)
     parser.add_argument("--decode-repeats", type=int, default=20)
+    parser.add_argument(
+        "--peft-repeats", type=int, default=0, help="rounds for PEFT (default: as the others)"
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--small", action="store_true", help="a tiny model, for a quick check")
+    parser.add_argument("--shape", choices=["0.5b", "small", "large"], default="0.5b")
+    parser.add_argument("--small", action="store_true", help="same as --shape small")
+    parser.add_argument("--no-peft-default", action="store_true")
     parser.add_argument("--no-forced-paths", action="store_true")
+    parser.add_argument(
+        "--graphs",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="captured variants: auto = on CUDA only; on = also on CPU (run eagerly, a check)",
+    )
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.small:
+        args.shape = "small"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = synchronizer(device)
+    graphs = args.graphs == "on" or (args.graphs == "auto" and cuda)
 
     from peft import PeftModel
 
     from catalog.pack import import_peft_dir
     from engine_plugin import LocalPackSource, ResidentEngine
     from engine_plugin import layers as lora_layers
+    from engine_plugin.graphs import CapturedCall, GraphedDecoder
 
     targets = ALL_LINEARS if args.targets == "all" else ATTN_QV
-    config = qwen2_05b_config(args.small)
-    print(f"building the base ({config.num_hidden_layers} layers, bf16) ...", flush=True)
-    base = build_base(config)
+    config = shape_config(args.shape)
+    print(
+        f"building the base ({args.shape}: {config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}, bf16, {device}) ...",
+        flush=True,
+    )
+    base = build_base(config, device=device)
     shapes = linear_shapes(base, targets)
     names = [f"bench/a{i}" for i in range(args.rows)]
     tmp = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
@@ -197,6 +267,7 @@ def main() -> None:
         max_rank=args.rank,
         base_id=BASE_ID,
         target_modules=targets,
+        device=device,
     )
     for name in names:
         engine.attach(name)
@@ -210,15 +281,17 @@ def main() -> None:
         )
         for name in names[1:]:
             model.load_adapter(str(dirs[name]), adapter_name=name, autocast_adapter_dtype=autocast)
-        return model.eval()
+        return model.to(device).eval()
 
-    pefts = {"peft": load_peft(False), "peft_default": load_peft(True)}
+    peft_kinds = ["peft"] if args.no_peft_default else ["peft", "peft_default"]
+    pefts = {kind: load_peft(kind == "peft_default") for kind in peft_kinds}
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (args.rows, args.prompt), generator=gen)
     step = torch.randint(0, config.vocab_size, (args.rows, 1), generator=gen)
+    prompt, step = prompt.to(device), step.to(device)
 
-    # Serving engines compute logits for the last position only in prefill; so do all three.
+    # Serving engines compute logits for the last position only in prefill; so do all.
     def base_prefill() -> Any:
         with torch.inference_mode():
             return base(input_ids=prompt, use_cache=False, logits_to_keep=1)
@@ -226,7 +299,7 @@ def main() -> None:
     def engine_prefill() -> Any:
         return engine.forward(prompt, names, use_cache=False, logits_to_keep=1)
 
-    def peft_prefill(kind: str = "peft") -> Callable[[], Any]:
+    def peft_prefill(kind: str) -> Callable[[], Any]:
         def run() -> Any:
             with torch.inference_mode():
                 return pefts[kind](
@@ -239,9 +312,10 @@ def main() -> None:
     # logits (adapted minus base) of the engine against PEFT's, both in bf16.
     with torch.inference_mode():
         plain = base_prefill().logits[:, -1].float()
-        got = engine_prefill().logits[:, -1].float() - plain
-        want = peft_prefill()().logits[:, -1].float() - plain
-    agreement = float((got - want).norm() / want.norm())
+        engine_last = engine_prefill().logits[:, -1].float()
+        got = engine_last - plain
+        want = peft_prefill("peft")().logits[:, -1].float() - plain
+    agreement = rel_diff(got, want)
     print(f"engine vs PEFT, LoRA delta of the last logits: relative difference {agreement:.2e}")
 
     caches: dict[str, Any] = {}
@@ -278,8 +352,81 @@ def main() -> None:
 
         return run
 
+    prefill_variants: dict[str, Callable[[], Any]] = {
+        "base": base_prefill,
+        "engine": engine_prefill,
+        **{kind: peft_prefill(kind) for kind in peft_kinds},
+    }
+    decode_variants: dict[str, Callable[[], Any]] = {
+        "base": decode("base", base_step),
+        "engine": decode("engine", engine_step),
+        **{kind: decode(kind, peft_step(kind)) for kind in peft_kinds},
+    }
+
+    checks: dict[str, Any] = {"engine_vs_peft_lora_delta_rel_diff": agreement}
+    sessions = contextlib.ExitStack()
+    if graphs:
+        try:
+            # Graph against graph: the bare base and the engine, each step captured once and
+            # replayed; prefill captured as one call on a fixed prompt.
+            max_len = args.prompt + 8
+            base_decoder = GraphedDecoder(base, max_len=max_len, capture=cuda)
+            engine_decoder = GraphedDecoder(engine=engine, max_len=max_len, capture=cuda)
+            base_session = sessions.enter_context(base_decoder.session(prompt))
+            # Leaves the engine's static routing current on this thread, so the prefill capture
+            # below routes through it too.
+            engine_session = sessions.enter_context(engine_decoder.session(prompt, names))
+            checks["graph_engine_prefill_vs_eager_rel_diff"] = rel_diff(
+                engine_session.logits, engine_last
+            )
+
+            def graph_step(session: Any) -> Callable[[], Any]:
+                def once() -> Any:
+                    out = session.step(step)
+                    session.rewind(1)
+                    return out
+
+                return once
+
+            def prefill_call(model: Any) -> Callable[[], torch.Tensor]:
+                def run() -> torch.Tensor:
+                    with torch.inference_mode():
+                        logits: torch.Tensor = model(
+                            input_ids=prompt, use_cache=False, logits_to_keep=1
+                        ).logits
+                        return logits
+
+                return run
+
+            base_prefill_graph = CapturedCall(prefill_call(base), device, capture=cuda)
+            engine_prefill_graph = CapturedCall(prefill_call(engine.model), device, capture=cuda)
+            prefill_variants["base_graph"] = base_prefill_graph
+            prefill_variants["engine_graph"] = engine_prefill_graph
+            decode_variants["base_graph"] = graph_step(base_session)
+            decode_variants["engine_graph"] = graph_step(engine_session)
+            with torch.inference_mode():
+                graph_last = engine_prefill_graph()[:, -1].float()
+                checks["graph_engine_prefill_call_vs_eager_rel_diff"] = rel_diff(
+                    graph_last, engine_last
+                )
+                eager_next = decode("engine", engine_step)().logits[:, -1]
+                graph_next = decode_variants["engine_graph"]()
+                checks["graph_engine_decode_vs_eager_rel_diff"] = rel_diff(graph_next, eager_next)
+            print("captured vs eager:", json.dumps(checks))
+
+        except Exception as exc:  # a failed capture still leaves the eager figures
+            import traceback
+
+            traceback.print_exc()
+            checks["graph_error"] = f"{type(exc).__name__}: {exc}"
+            for variants in (prefill_variants, decode_variants):
+                variants.pop("base_graph", None)
+                variants.pop("engine_graph", None)
+            sessions.close()
+            graphs = False
     results: dict[str, Any] = {
         "config": {
+            "shape": args.shape,
             "layers": config.num_hidden_layers,
             "hidden": config.hidden_size,
             "intermediate": config.intermediate_size,
@@ -294,71 +441,76 @@ def main() -> None:
             "adapter_bytes": engine.host.nbytes // args.rows,
             "base_params": sum(p.numel() for p in base.parameters()),
             "load_average_at_start": os.getloadavg()[0],
+            "graphs": graphs,
+            "fused_kernel": engine._plan(tuple(range(args.rows))).fused_index is not None,
         },
-        "engine_vs_peft_lora_delta_rel_diff": agreement,
+        "device": device_info(device),
+        "checks": checks,
     }
+    peft_repeats = args.peft_repeats or None
+    # With one thread CPU time is the steadier clock; with more, it also counts the time the
+    # OpenMP workers spin or sleep, and on a GPU it means nothing: the floors use wall time.
+    clock = "cpu" if args.threads == 1 and not cuda else "wall"
     phases = {
-        "prefill": (
-            {
-                "base": base_prefill,
-                "engine": engine_prefill,
-                "peft": peft_prefill("peft"),
-                "peft_default": peft_prefill("peft_default"),
-            },
-            args.prefill_repeats,
-            args.rows * args.prompt,
-        ),
-        "decode": (
-            {
-                "base": decode("base", base_step),
-                "engine": decode("engine", engine_step),
-                "peft": decode("peft", peft_step("peft")),
-                "peft_default": decode("peft_default", peft_step("peft_default")),
-            },
-            args.decode_repeats,
-            args.rows,
-        ),
+        "prefill": (prefill_variants, args.prefill_repeats, args.rows * args.prompt),
+        "decode": (decode_variants, args.decode_repeats, args.rows),
     }
     table = []
     for phase, (variants, repeats, tokens) in phases.items():
+        counts = {
+            name: (peft_repeats or repeats) if name.startswith("peft") else repeats
+            for name in variants
+        }
         print(f"timing {phase} ({repeats} rounds) ...", flush=True)
-        samples = interleaved(variants, repeats)
+        with torch.inference_mode():
+            samples = interleaved(variants, counts, sync)
         phase_result: dict[str, Any] = {"samples_s": samples}
-        for clock in ("cpu", "wall"):
-            med = {k: statistics.median(v[clock]) for k, v in samples.items()}
-            phase_result[clock] = {
+        for which in ("cpu", "wall"):
+            med = {k: statistics.median(v[which]) for k, v in samples.items()}
+            summary: dict[str, Any] = {
                 "median_s": med,
                 "tokens_per_s": {k: tokens / v for k, v in med.items()},
                 "engine_over_base": med["engine"] / med["base"],
                 "peft_over_base": med["peft"] / med["base"],
                 "engine_speedup_over_peft": med["peft"] / med["engine"],
-                "peft_default_over_base": med["peft_default"] / med["base"],
-                "engine_speedup_over_peft_default": med["peft_default"] / med["engine"],
             }
-            for kind in ("base", "engine", "peft", "peft_default"):
+            if "peft_default" in med:
+                summary["peft_default_over_base"] = med["peft_default"] / med["base"]
+                summary["engine_speedup_over_peft_default"] = med["peft_default"] / med["engine"]
+            if "engine_graph" in med:
+                summary["engine_graph_over_base_graph"] = med["engine_graph"] / med["base_graph"]
+                summary["base_graph_speedup"] = med["base"] / med["base_graph"]
+                summary["engine_graph_speedup_over_peft"] = med["peft"] / med["engine_graph"]
+            phase_result[which] = summary
+            if which != clock:
+                continue
+            for kind in med:
+                like = "base_graph" if kind.endswith("_graph") else "base"
                 table.append(
                     [
                         phase,
-                        clock,
+                        which,
                         kind,
                         med[kind] * 1e3,
                         tokens / med[kind],
-                        med[kind] / med["base"],
+                        med[kind] / med[like],
                         med["peft"] / med[kind],
                     ]
                 )
         results[phase] = phase_result
 
-    if not args.no_forced_paths:
+    if not args.no_forced_paths and not cuda:
         # The same engine with each LoRA path forced, to show why the split is where it is.
         forced: dict[str, dict[str, float]] = {}
         default_wide = lora_layers.WIDE_MAX_TOKENS_PER_ROW
         for path, limit in (("gather", 0), ("wide", 1 << 30)):
             lora_layers.WIDE_MAX_TOKENS_PER_ROW = limit
             try:
+                n = max(3, args.prefill_repeats // 2)
                 samples = interleaved(
                     {"prefill": engine_prefill, "decode": decode("engine", engine_step)},
-                    max(3, args.prefill_repeats // 2),
+                    {"prefill": n, "decode": n},
+                    sync,
                 )
             finally:
                 lora_layers.WIDE_MAX_TOKENS_PER_ROW = default_wide
@@ -370,30 +522,49 @@ def main() -> None:
                 t = forced[path][phase]
                 row = [phase, "cpu", f"engine, {path} forced", t * 1e3, "", t / base_med, ""]
                 table.append(row)
+    sessions.close()
 
     print_table(
         f"{args.rows}-adapter mixed batch, {args.targets} modules, rank {args.rank}, "
-        f"{config.num_hidden_layers} layers, {args.threads} thread(s), medians",
+        f"{args.shape} shape ({config.num_hidden_layers} layers), {device}, "
+        f"{args.threads} thread(s), medians ({clock} time; x base: graph rows against the "
+        "base's graph)",
         ["phase", "clock", "variant", "ms", "tokens/s", "x base", "PEFT / this"],
         table,
     )
-    # CPU time is the steadier clock with one thread; with more, it also counts the time the
-    # OpenMP workers spin or sleep, which differs between variants, so the floors use wall time.
-    clock = "cpu" if args.threads == 1 else "wall"
-    cpu = {phase: results[phase][clock] for phase in ("prefill", "decode")}
-    floors = {
-        "prefill_engine_over_base_le_1.25": cpu["prefill"]["engine_over_base"] <= 1.25,
-        "decode_engine_over_base_le_1.25": cpu["decode"]["engine_over_base"] <= 1.25,
-        "decode_speedup_over_peft_bf16_ge_2": cpu["decode"]["engine_speedup_over_peft"] >= 2.0,
-        "decode_speedup_over_peft_default_ge_2": (
-            cpu["decode"]["engine_speedup_over_peft_default"] >= 2.0
-        ),
-    }
+    measured = {phase: results[phase][clock] for phase in ("prefill", "decode")}
+    if cuda:
+        limit = 1.15 if args.shape == "large" else 1.25
+        floors = {
+            f"decode_engine_graph_over_base_graph_le_{limit}": (
+                measured["decode"].get("engine_graph_over_base_graph", float("inf")) <= limit
+            ),
+            "decode_engine_speedup_over_peft_ge_5": (
+                measured["decode"]["engine_speedup_over_peft"] >= 5.0
+            ),
+        }
+        if args.shape != "large":
+            floors["prefill_engine_graph_over_base_graph_le_1.25"] = (
+                measured["prefill"].get("engine_graph_over_base_graph", float("inf")) <= 1.25
+            )
+            floors["prefill_engine_speedup_over_peft_ge_5"] = (
+                measured["prefill"]["engine_speedup_over_peft"] >= 5.0
+            )
+    else:
+        floors = {
+            "prefill_engine_over_base_le_1.25": measured["prefill"]["engine_over_base"] <= 1.25,
+            "decode_engine_over_base_le_1.25": measured["decode"]["engine_over_base"] <= 1.25,
+            "decode_speedup_over_peft_bf16_ge_2": (
+                measured["decode"]["engine_speedup_over_peft"] >= 2.0
+            ),
+        }
     results[f"floors_met_{clock}_time"] = floors
     print(f"\nfloors ({clock}-time medians):", json.dumps(floors))
     suffix = "" if args.targets == "all" else f"_{args.targets}"
     suffix += "" if args.threads == 1 else f"_t{args.threads}"
-    write_results(f"mixed_batch{suffix}{'_small' if args.small else ''}", results)
+    suffix += "" if args.shape == "0.5b" else f"_{args.shape}"
+    suffix += "" if not cuda else f"_cuda_r{args.rows}"
+    write_results(f"mixed_batch{suffix}", results)
     engine.close()
 
 

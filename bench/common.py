@@ -71,3 +71,35 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
     path.write_text(json.dumps(doc, indent=2, sort_keys=True))
     print(f"\nresults written to {path}")
     return path
+
+
+def add_device_argument(parser: Any) -> None:
+    """``--device cpu|cuda|cuda:N`` for the engine benchmarks."""
+    parser.add_argument(
+        "--device", default="cpu", help="where the engine runs: cpu, cuda or cuda:N"
+    )
+
+
+def device_info(device: Any) -> dict[str, Any]:
+    """What the timings ran on: the device, its name and the torch/CUDA versions."""
+    import torch
+
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        props = torch.cuda.get_device_properties(device)
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def synchronizer(device: Any) -> Any:
+    """A function that waits for the device's queued work (a no-op on CPU), so a wall-clock
+    interval around a call covers the work it launched."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
