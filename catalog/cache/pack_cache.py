@@ -64,6 +64,8 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
+from catalog.cache import chunk_reads
+from catalog.cache.chunk_reads import CorruptEntry, check_offset
 from catalog.cache.layout import (
     CHUNKS_DB,
     DATA_FILE,
@@ -78,7 +80,6 @@ from catalog.cache.layout import (
     SCHEMA_KEY,
     SCHEMA_VERSION,
     EntryMeta,
-    checksum,
     chunk_key,
     digest_of_key,
     entry_key,
@@ -142,14 +143,6 @@ class CacheVerifyReport:
     checked: int
     checked_bytes: int
     corrupt: tuple[Digest, ...]
-
-
-class _CorruptEntry(Exception):
-    """A cached copy failed a check; ``seen_meta`` is its meta as read (to drop only that)."""
-
-    def __init__(self, why: str, seen_meta: bytes) -> None:
-        super().__init__(why)
-        self.seen_meta = seen_meta
 
 
 @dataclass
@@ -264,6 +257,7 @@ class PackCache:
         try:
             self._chunks = self._env.open_db(CHUNKS_DB)
             self._entries = self._env.open_db(ENTRIES_DB)
+            self._tables = chunk_reads.Tables(self._chunks, self._entries)
             self._info = self._env.open_db(INFO_DB)
             self._check_schema()
             self._restore()
@@ -413,7 +407,7 @@ class PackCache:
                 return data
             loaded = self._load(digest, loader, name_for_errors, recheck=attempt == 0)
             if loaded is not None:
-                _check_offset(offset, len(loaded), name_for_errors)
+                check_offset(offset, len(loaded), name_for_errors)
                 return loaded[offset : offset + length]
         raise Internal(f"pack cache: {name_for_errors} ({digest}) vanished twice while reading")
 
@@ -599,7 +593,7 @@ class PackCache:
             name = str(entry.digest)
             try:
                 data = self._read_whole(entry.digest, name)
-            except _CorruptEntry as exc:
+            except CorruptEntry as exc:
                 if self._drop_corrupt(entry.digest, exc, name):
                     corrupt.append(entry.digest)
                 continue
@@ -766,7 +760,7 @@ class PackCache:
         turned into ``None`` (a miss) so that the caller falls back to its loader."""
         try:
             return read(digest, name)
-        except _CorruptEntry as exc:
+        except CorruptEntry as exc:
             self._drop_corrupt(digest, exc, name)
         except lmdb.Error as exc:
             log.warning("pack cache %s: reading %s (%s) failed: %s", self.path, name, digest, exc)
@@ -777,65 +771,23 @@ class PackCache:
     def _read_whole(self, digest: Digest, name: str) -> bytes | None:
         """The cached pack verified against its digest; ``None`` when not cached.
 
-        Raises ``_CorruptEntry`` when it is cached but fails verification.
+        Raises ``CorruptEntry`` when it is cached but fails verification.
         """
         ekey = entry_key(digest)
-
-        def gather(txn: _Txn) -> tuple[bytes, bytes] | None:
-            raw = txn.get(ekey, db=self._entries)
-            if raw is None:
-                return None
-            seen = bytes(raw)
-            meta = _decode_meta(seen, name)
-            views = []
-            for index in range(meta.chunk_count):
-                view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=self._chunks)
-                if view is None or len(view) != meta.chunk_length(index):
-                    got = "missing" if view is None else f"{len(view)} bytes"
-                    raise _CorruptEntry(f"chunk {index} of {name} is {got}", seen)
-                views.append(view)
-            # The one copy out of the map; hashing happens after the transaction ends.
-            return b"".join(views), seen
-
-        found = self._read(gather)
+        found = self._read(lambda txn: chunk_reads.read_whole(txn, self._tables, ekey, name))
         if found is None:
             return None
         data, seen = found
-        actual = Digest.of(data, digest.algorithm)
+        actual = Digest.of(data, digest.algorithm)  # after the transaction ended
         if actual != digest:
-            raise _CorruptEntry(f"cached bytes of {name} hash to {actual}, not {digest}", seen)
+            raise CorruptEntry(f"cached bytes of {name} hash to {actual}, not {digest}", seen)
         return data
 
     def _read_span(self, digest: Digest, offset: int, length: int, name: str) -> bytes | None:
-        """Bytes ``[offset, offset + length)`` of a cached pack, each touched chunk checked
-        against its fill-time checksum; ``None`` when not cached. Raises ``_CorruptEntry`` and
-        ``InvalidArgument`` (offset past the end)."""
         ekey = entry_key(digest)
-
-        def gather(txn: _Txn) -> bytes | None:
-            raw = txn.get(ekey, db=self._entries)
-            if raw is None:
-                return None
-            seen = bytes(raw)
-            meta = _decode_meta(seen, name)
-            _check_offset(offset, meta.size, name)
-            end = min(meta.size, offset + length)
-            if end <= offset:
-                return b""
-            size = meta.chunk_bytes
-            pieces = []
-            for index in range(offset // size, (end - 1) // size + 1):
-                view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=self._chunks)
-                if view is None or len(view) != meta.chunk_length(index):
-                    got = "missing" if view is None else f"{len(view)} bytes"
-                    raise _CorruptEntry(f"chunk {index} of {name} is {got}", seen)
-                if checksum(view) != meta.checksum(index):
-                    raise _CorruptEntry(f"chunk {index} of {name} fails its checksum", seen)
-                start = index * size
-                pieces.append(view[max(offset, start) - start : min(end, start + size) - start])
-            return b"".join(pieces)
-
-        return self._read(gather)
+        return self._read(
+            lambda txn: chunk_reads.read_span(txn, self._tables, ekey, offset, length, name)
+        )
 
     def _iter_range(
         self,
@@ -854,11 +806,11 @@ class PackCache:
                 break
             loaded = self._load(digest, loader, name, recheck=attempt == 0)
             if loaded is not None:
-                yield from _pieces(loaded, offset, offset + length, piece_bytes, name)
+                yield from chunk_reads.pieces(loaded, offset, offset + length, piece_bytes, name)
                 return
         if cached is None:
             raise Internal(f"pack cache: {name} ({digest}) vanished twice while reading")
-        _check_offset(offset, cached.size, name)
+        check_offset(offset, cached.size, name)
         position, end = offset, min(cached.size, offset + length)
         served = 0
         try:
@@ -884,60 +836,17 @@ class PackCache:
             loaded = self._load(digest, loader, name, recheck=False)
             if loaded is None:  # unreachable without recheck; keeps the type checker honest
                 raise Internal(f"pack cache: {name} ({digest}) vanished while reading")
-            yield from _pieces(loaded, position, end, piece_bytes, name)
+            yield from chunk_reads.pieces(loaded, position, end, piece_bytes, name)
 
     def _read_meta(self, digest: Digest, name: str) -> EntryMeta | None:
-        """The cached pack's meta; ``None`` when not cached. Raises ``_CorruptEntry``."""
         ekey = entry_key(digest)
+        return self._read(lambda txn: chunk_reads.read_meta(txn, self._tables, ekey, name))
 
-        def get(txn: _Txn) -> EntryMeta | None:
-            raw = txn.get(ekey, db=self._entries)
-            return None if raw is None else _decode_meta(bytes(raw), name)
-
-        return self._read(get)
-
-    def _read_chunk_pieces(
-        self,
-        digest: Digest,
-        name: str,
-        *,
-        cached: EntryMeta,
-        position: int,
-        end: int,
-        piece_bytes: int,
-    ) -> list[bytes] | None:
-        """Copies of the chunk holding ``position``, from there up to ``end``, checked against
-        its checksum and cut into pieces; ``None`` when the entry ``cached`` describes is gone
-        (a refill of the same digest with the same chunks counts as the same entry: its pins
-        and insertion time may differ). Raises ``_CorruptEntry``."""
-        meta, ekey = cached, entry_key(digest)
-        index = position // meta.chunk_bytes
-        start = index * meta.chunk_bytes
-        stop = min(end, start + meta.chunk_bytes)
-
-        def gather(txn: _Txn) -> list[bytes] | None:
-            raw = txn.get(ekey, db=self._entries)
-            if raw is None:
-                return None
-            current = _decode_meta(bytes(raw), name)
-            if (current.size, current.chunk_bytes, current.checksums) != (
-                meta.size,
-                meta.chunk_bytes,
-                meta.checksums,
-            ):
-                return None
-            view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=self._chunks)
-            if view is None or len(view) != meta.chunk_length(index):
-                got = "missing" if view is None else f"{len(view)} bytes"
-                raise _CorruptEntry(f"chunk {index} of {name} is {got}", bytes(raw))
-            if checksum(view) != meta.checksum(index):
-                raise _CorruptEntry(f"chunk {index} of {name} fails its checksum", bytes(raw))
-            return [
-                bytes(view[at - start : min(stop, at + piece_bytes) - start])
-                for at in range(position, stop, piece_bytes)
-            ]
-
-        return self._read(gather)
+    def _read_chunk_pieces(self, digest: Digest, name: str, **where: Any) -> list[bytes] | None:
+        ekey = entry_key(digest)
+        return self._read(
+            lambda txn: chunk_reads.read_chunk_pieces(txn, self._tables, ekey, name, **where)
+        )
 
     def _count_hit(self, key: str, size: int) -> None:
         with self._lock:
@@ -1062,7 +971,7 @@ class PackCache:
         else:
             self._pins.pop(key, None)
 
-    def _drop_corrupt(self, digest: Digest, corrupt: _CorruptEntry, name: str) -> bool:
+    def _drop_corrupt(self, digest: Digest, corrupt: CorruptEntry, name: str) -> bool:
         """Delete the copy that failed verification, unless it was replaced meanwhile.
 
         Its pins wait for the next fill. Returns whether this call dropped it.
@@ -1185,27 +1094,6 @@ class PackCache:
             if len(found) != width or not found.startswith(ekey):
                 return
             cursor.delete()
-
-
-def _pieces(data: bytes, start: int, end: int, piece_bytes: int, name: str) -> Iterator[bytes]:
-    """``data[start:end]`` (``end`` clipped to its length) in copies of ``piece_bytes``."""
-    _check_offset(start, len(data), name)
-    view = memoryview(data)
-    end = min(end, len(data))
-    for at in range(start, end, piece_bytes):
-        yield bytes(view[at : min(end, at + piece_bytes)])
-
-
-def _decode_meta(raw: bytes, name: str) -> EntryMeta:
-    try:
-        return EntryMeta.decode(raw)
-    except ValueError as exc:
-        raise _CorruptEntry(f"meta of {name}: {exc}", raw) from None
-
-
-def _check_offset(offset: int, size: int, name: str) -> None:
-    if offset > size:
-        raise InvalidArgument(f"offset {offset} is past the end of {name} ({size} bytes)")
 
 
 def _as_bytes(data: object, name: str) -> bytes:

@@ -39,13 +39,12 @@ import grpc
 import lmdb
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
+from catalog.cache.chunk_reads import CorruptEntry, Tables, chunk_view, read_meta
 from catalog.cache.layout import (
     CHUNKS_DB,
     ENTRIES_DB,
-    INDEX_BYTES,
     INFO_DB,
     INSTANCE_KEY,
-    EntryMeta,
     checksum,
     entry_key,
     host_id,
@@ -126,8 +125,10 @@ class _SharedEnvironment:
             max_readers=1024,
         )
         try:
-            self.chunks = self.env.open_db(CHUNKS_DB, create=False)
-            self.entries = self.env.open_db(ENTRIES_DB, create=False)
+            self.tables = Tables(
+                self.env.open_db(CHUNKS_DB, create=False),
+                self.env.open_db(ENTRIES_DB, create=False),
+            )
             self.info = self.env.open_db(INFO_DB, create=False)
         except BaseException:
             self.env.close()
@@ -228,24 +229,22 @@ class ColocatedReader:
         shared = self._shared
         ekey = entry_key(digest)
         with shared.begin() as txn:
-            raw = txn.get(ekey, db=shared.entries)
-            if raw is None:
-                raise EntryMissing(f"{name} is not in the NVMe tier at {self.path}")
             try:
-                meta = EntryMeta.decode(raw)
-            except ValueError as exc:
-                raise CorruptChunk(f"the meta of {name} in {self.path}: {exc}", 0) from None
+                meta = read_meta(txn, shared.tables, ekey, name)
+            except CorruptEntry as exc:
+                raise CorruptChunk(f"{exc} (in {self.path})", 0) from None
+            if meta is None:
+                raise EntryMissing(f"{name} is not in the NVMe tier at {self.path}")
             if meta.size != size:
                 raise EntryMissing(f"{name} is {meta.size} bytes in {self.path}, not {size}")
             buffer = new_buffer(size)
             out = memoryview(buffer)
-            step = meta.chunk_bytes
             for index in range(meta.chunk_count):
-                start = index * step
-                view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=shared.chunks)
-                if view is None or len(view) != meta.chunk_length(index):
-                    got = "missing" if view is None else f"{len(view)} bytes"
-                    raise CorruptChunk(f"chunk {index} of {name} is {got}", start)
+                start = index * meta.chunk_bytes
+                try:
+                    view = chunk_view(txn, shared.tables, ekey, meta, index, name, b"")
+                except CorruptEntry as exc:
+                    raise CorruptChunk(str(exc), start) from None
                 piece = out[start : start + len(view)]
                 piece[:] = view
                 # The copy is what is checked, so what is returned is exactly what matched.

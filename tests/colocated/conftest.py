@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from catalog.pack import write_pack
+from catalog.pack import TensorBytes, write_pack
 from catalog.pack.manifest import ModuleSpec
 from tests.pack.synth import random_tensors, small_manifest
 from tests.servers import serve_subprocess
@@ -40,7 +41,16 @@ def big_pack(mib: int, seed: int) -> bytes:
             ),
         ),
     )
-    return write_pack(manifest, random_tensors(manifest, seed=seed))
+    rng = np.random.default_rng(seed)
+    tensors = {
+        name: TensorBytes(
+            "F32",
+            tb.shape,
+            memoryview(rng.standard_normal(tb.data.nbytes // 4, dtype=np.float32).tobytes()),
+        )
+        for name, tb in random_tensors(manifest, seed=seed).items()
+    }
+    return write_pack(manifest, tensors)  # random and finite: every 64-byte run is unique
 
 
 @dataclass
