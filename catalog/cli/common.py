@@ -10,13 +10,26 @@ from catalog.errors import InvalidArgument
 from catalog.model import AdapterName
 
 DEFAULT_SERVER = "127.0.0.1:7070"
+DEFAULT_CALL_TIMEOUT = 30.0
+DEFAULT_TRANSFER_TIMEOUT = 3600.0
 
 _server = click.option(
     "--server",
     envvar="LORACAT_SERVER",
     default=DEFAULT_SERVER,
     show_default=True,
-    help="Catalog address HOST:PORT, grpcs://HOST:PORT for TLS (or $LORACAT_SERVER).",
+    help="Catalog address: HOST, HOST:PORT (port 7070 by default), grpc://HOST[:PORT], or "
+    "grpcs://HOST[:PORT] for TLS (or $LORACAT_SERVER).",
+)
+_timeout = click.option(
+    "--timeout",
+    envvar="LORACAT_TIMEOUT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    expose_value=False,
+    callback=lambda ctx, param, value: _remember(ctx, param, value),
+    help="Seconds to wait for the catalog's answer (default: 30 for calls, 3600 for pack "
+    "transfers, gc, verify and reindex); past it the command exits 6 (or $LORACAT_TIMEOUT).",
 )
 #: Connection options beside --server; ``connect`` reads them from the click context, so the
 #: commands take only ``server``.
@@ -28,13 +41,13 @@ _CONNECTION_OPTIONS = (
 )
 
 
-def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     ctx.meta[f"loracat.{param.name}"] = value
     return value
 
 
 def server_option(command: Any) -> Any:
-    """--server plus the token and TLS options every client command takes."""
+    """--server, --timeout and the token and TLS options every client command takes."""
     for flag, env, text in reversed(_CONNECTION_OPTIONS):
         command = click.option(
             flag,
@@ -44,7 +57,7 @@ def server_option(command: Any) -> Any:
             callback=_remember,
             help=f"{text} (or ${env})",
         )(command)
-    return _server(command)
+    return _server(_timeout(command))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON only, on stdout.")
@@ -56,13 +69,22 @@ def connect(server: str) -> Any:
 
     context = click.get_current_context(silent=True)
     meta = context.meta if context is not None else {}
+    timeout = meta.get("loracat.timeout")
     return CatalogClient(
         server,
+        timeout=timeout or DEFAULT_CALL_TIMEOUT,
         token=meta.get("loracat.token"),
         tls_ca=meta.get("loracat.tls_ca"),
         tls_cert=meta.get("loracat.tls_cert"),
         tls_key=meta.get("loracat.tls_key"),
     )
+
+
+def transfer_timeout() -> float:
+    """The deadline of a long call (a pack transfer, gc, verify, reindex): --timeout if given."""
+    context = click.get_current_context(silent=True)
+    timeout = context.meta.get("loracat.timeout") if context is not None else None
+    return float(timeout or DEFAULT_TRANSFER_TIMEOUT)
 
 
 def parse_name(text: str) -> AdapterName:

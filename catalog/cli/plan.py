@@ -199,3 +199,54 @@ def plan_calibrate(
                     f"{cost['bytes_per_s'] / 1e6:10.1f} MB/s"
                 )
         click.echo(f"profile: {out_path}")
+
+
+@click.group()
+def trace() -> None:
+    """Request traces for `loracat plan`."""
+
+
+@trace.command("export")
+@click.option(
+    "--since",
+    type=float,
+    default=0.0,
+    help="Seconds since the epoch; negative: that many seconds before now.",
+)
+@click.option("--engine", default="", help="Only this caller's requests.")
+@click.option(
+    "--kind",
+    type=click.Choice(["all", "resolve", "fetch"]),
+    default="all",
+    show_default=True,
+    help="resolve: names asked (engines' first uses); fetch: packs loaded.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the trace here (default: standard output).",
+)
+@server_option
+def trace_export(since: float, engine: str, kind: str, out_path: Path | None, server: str) -> None:
+    """Write the catalog's request record as a trace: REF SIZE_BYTES TIMESTAMP_S a line."""
+    import time
+
+    from catalog.cli.common import connect
+    from catalog.plan.workload import format_trace_line
+
+    if since < 0:
+        since = time.time() + since
+    with connect(server) as client:
+        entries = client.export_requests(since=since, engine=engine)
+    chosen = [e for e in entries if kind == "all" or e["kind"] == kind]
+    lines = [f"# loracat trace export from {server}: {len(chosen)} {kind} requests"]
+    lines += [format_trace_line(e["ref"], e["size_bytes"], e["time"]) for e in chosen]
+    text = "\n".join(lines) + "\n"
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        from catalog.plan.calibrate import write_text
+
+        write_text(out_path, text)
+        click.echo(f"{len(chosen)} requests -> {out_path}", err=True)

@@ -428,6 +428,24 @@ class AsyncCatalogClient:
                 await self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout)
             )
 
+    async def export_requests(
+        self, *, since: float = 0.0, engine: str = "", timeout: float = TRANSFER_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """As :meth:`CatalogClient.export_requests`."""
+        request = pb.ExportRequestsRequest(since=since, engine=engine)
+        with translated(self.target):
+            return [
+                {
+                    "time": r.time,
+                    "kind": r.kind,
+                    "ref": r.ref,
+                    "size_bytes": r.size_bytes,
+                    "engine": r.engine,
+                }
+                async for message in self._stub.ExportRequests(request, timeout=timeout)
+                for r in message.requests
+            ]
+
     # -- engines ----------------------------------------------------------------------------
 
     async def watch_hints(self, engine_id: str) -> AsyncIterator[Hint]:

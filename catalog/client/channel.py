@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from catalog.client.address import parse_address
 from catalog.client.requests import CHANNEL_OPTIONS
 from catalog.errors import InvalidArgument
 
@@ -69,8 +70,7 @@ def channel_settings(
     tls_ca = os.environ.get(TLS_CA_ENV) if tls_ca is None else tls_ca
     tls_cert = os.environ.get(TLS_CERT_ENV) if tls_cert is None else tls_cert
     tls_key = os.environ.get(TLS_KEY_ENV) if tls_key is None else tls_key
-    tls = target.startswith(TLS_SCHEME)
-    address = target.removeprefix(TLS_SCHEME).removeprefix(PLAIN_SCHEME)
+    address, tls = parse_address(target)  # host, host:port, grpc:// and grpcs:// URLs
     if bool(tls_cert) != bool(tls_key):
         raise InvalidArgument("a TLS client certificate needs its key, and a key its certificate")
     if token is not None and (

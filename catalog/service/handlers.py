@@ -24,13 +24,15 @@ What runs where:
   pool and the loop; a client stream (``Push``) is read by the pool thread through the loop.
 
 Each handler maps exceptions to status codes (``catalog.service.errors.status_for``), observes
-its duration in ``loracat_rpc_seconds`` (streams: until the last message), and ``WatchHints``
+its duration and status code in ``loracat_rpc_seconds`` (streams: until the last message)
+and, with ``serve --access-log``, logs one line per call, and ``WatchHints``
 refuses more than ``max_hint_watchers`` streams with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
@@ -44,7 +46,7 @@ from catalog.errors import ResourceExhausted
 from catalog.locks import WouldBlock
 from catalog.service.auth import Guard
 from catalog.service.errors import ERROR_CLASS_KEY, status_for
-from catalog.service.metrics import RPC_LATENCY
+from catalog.service.metrics import Observe, rpc_observer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Catalog"]
 SERVICE_NAME = SERVICE.full_name
@@ -54,11 +56,13 @@ INLINE_METHODS = frozenset({"Resolve", "ListAdapters", "ListRevisions", "AliasHi
 
 Behavior = Callable[[Any, Any], Any]
 _END = object()
+#: The status code a call that raised nothing is observed with.
+OK = grpc.StatusCode.OK.name
 
 
 class CallState:
     """What a handler running on a pool thread may ask of its call: whether it is still active,
-    its metadata (for ``catalog.service.auth``) and the time left before its deadline.
+    its metadata (for ``catalog.service.auth``), its peer and the time left before its deadline.
 
     (The ``grpc.aio`` context belongs to the loop; this copies what it needs there and reads a
     flag its done-callback sets.)
@@ -68,6 +72,7 @@ class CallState:
         self._done = threading.Event()
         context.add_done_callback(lambda _: self._done.set())
         self._metadata = context.invocation_metadata()
+        self._peer = context.peer()  # who asked, for the request record
         remaining = context.time_remaining()
         self._deadline = None if remaining is None else monotonic() + remaining
 
@@ -77,6 +82,9 @@ class CallState:
     def invocation_metadata(self) -> Any:
         return self._metadata
 
+    def peer(self) -> str:
+        return str(self._peer)
+
     def time_remaining(self) -> float | None:
         """Seconds until the client's deadline (negative once past); None without one."""
         return None if self._deadline is None else self._deadline - monotonic()
@@ -85,23 +93,23 @@ class CallState:
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any],
     exc: Exception,
-    observe: Callable[[float], None],
+    observe: Observe,
     start: float,
+    peer: str,
 ) -> None:
-    # timed before the status goes out: a client that saw the error sees the call counted
-    observe(perf_counter() - start)
     code, details, error_class = status_for(exc)
+    # timed before the status goes out: a client that saw the error sees the call counted
+    observe(perf_counter() - start, code.name, peer)
     if error_class:
         context.set_trailing_metadata(((ERROR_CLASS_KEY, error_class),))
     await context.abort(code, details)
 
 
-def _unary(
-    behavior: Behavior, observe: Callable[[float], None], pool: Executor, run_inline: bool
-) -> Any:
+def _unary(behavior: Behavior, observe: Observe, pool: Executor, run_inline: bool) -> Any:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         inline = run_inline
         start = perf_counter()
+        peer = context.peer()
         try:
             try:
                 if inline:
@@ -112,8 +120,8 @@ def _unary(
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(pool, behavior, request, CallState(context))
         except Exception as exc:
-            await _abort(context, exc, observe, start)
-        observe(perf_counter() - start)
+            await _abort(context, exc, observe, start, peer)
+        observe(perf_counter() - start, OK, peer)
         return response
 
     return handle
@@ -141,11 +149,12 @@ class _Pump:
                 close()
 
 
-def _server_stream(behavior: Behavior, observe: Callable[[float], None], pool: Executor) -> Any:
+def _server_stream(behavior: Behavior, observe: Observe, pool: Executor) -> Any:
     async def handle(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         start = perf_counter()
+        peer = context.peer()
         loop = asyncio.get_running_loop()
         state = CallState(context)
         pump = _Pump(lambda: behavior(request, state))
@@ -155,14 +164,14 @@ def _server_stream(behavior: Behavior, observe: Callable[[float], None], pool: E
                 yield item
         except Exception as exc:
             failed = True
-            await _abort(context, exc, observe, start)
+            await _abort(context, exc, observe, start, peer)
         finally:
             # also when the client went away mid-stream: end the generator on the pool (its
             # own cleanup, such as a watcher's slot, runs there), then time the call
             def close_and_time() -> None:
                 pump.close()
                 if not failed:
-                    observe(perf_counter() - start)
+                    observe(perf_counter() - start, OK, peer)
 
             try:
                 pool.submit(close_and_time)
@@ -179,11 +188,12 @@ async def _next_or_end(messages: AsyncIterator[Any]) -> Any:
         return _END
 
 
-def _client_stream(behavior: Behavior, observe: Callable[[float], None], pool: Executor) -> Any:
+def _client_stream(behavior: Behavior, observe: Observe, pool: Executor) -> Any:
     async def handle(
         messages: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         start = perf_counter()
+        peer = context.peer()
         loop = asyncio.get_running_loop()
 
         def requests() -> Iterator[Any]:  # iterated on a pool thread
@@ -196,8 +206,8 @@ def _client_stream(behavior: Behavior, observe: Callable[[float], None], pool: E
         try:
             response = await loop.run_in_executor(pool, behavior, requests(), CallState(context))
         except Exception as exc:
-            await _abort(context, exc, observe, start)
-        observe(perf_counter() - start)
+            await _abort(context, exc, observe, start, peer)
+        observe(perf_counter() - start, OK, peer)
         return response
 
     return handle
@@ -220,11 +230,17 @@ def _bounded_stream(behavior: Behavior, slots: int) -> Behavior:
 
 
 def catalog_handlers(
-    servicer: object, pool: Executor, *, max_hint_watchers: int, guard: Guard | None = None
+    servicer: object,
+    pool: Executor,
+    *,
+    max_hint_watchers: int,
+    guard: Guard | None = None,
+    access_log: logging.Logger | None = None,
 ) -> dict[str, grpc.RpcMethodHandler]:
     """One ``grpc.aio`` method handler per method of the ``Catalog`` service, calling the
     same-named method of ``servicer`` (sync methods taking ``(request, context)``), behind
-    ``guard`` (authentication, authorization, audit) when one is given."""
+    ``guard`` (authentication, authorization, audit) when one is given; ``access_log`` gets a
+    line per call."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE.methods:
         behavior: Behavior = getattr(servicer, method.name)
@@ -232,7 +248,7 @@ def catalog_handlers(
             behavior = _bounded_stream(behavior, max_hint_watchers)
         if guard is not None:  # outermost: nothing runs for a caller it refuses
             behavior = guard.wrap(method.name, behavior, client_streaming=method.client_streaming)
-        observe = RPC_LATENCY.labels(method.name).observe
+        observe = rpc_observer(method.name, access_log)
         decode = getattr(pb, method.input_type.name).FromString
         encode = getattr(pb, method.output_type.name).SerializeToString
         if method.client_streaming and method.server_streaming:

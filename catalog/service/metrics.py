@@ -1,16 +1,26 @@
-"""Prometheus metrics: per-tier occupancy, hits, misses, evictions, bytes moved, RPC latency.
+"""Prometheus metrics, the health endpoint and the access log of the catalog server.
 
 Catalog state is read at scrape time by a collector (one source of truth, nothing to keep in
-sync); RPC latency is a histogram observed by the wrapper ``catalog.service.server`` puts around
-every servicer method.
+sync): what only goes up is a counter (``loracat_events_total``, ``loracat_tier_hits_total``,
+...), what goes up and down a gauge (``loracat_state``, ``loracat_tier_bytes``, ...). Every RPC
+is observed once by its handler (``catalog.service.handlers``) with its status code:
+``loracat_rpc_seconds{method, code}``, and, when the access log is on, one log line.
+
+``/healthz`` answers 200 only while the catalog can answer: its index reads and its durable
+store answers a lookup; otherwise 503 naming what failed. Other paths than ``/metrics`` and
+``/healthz`` are 404.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import REGISTRY, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,10 +28,43 @@ from catalog.core import Catalog
 
 RPC_LATENCY = Histogram(
     "loracat_rpc_seconds",
-    "Catalog RPC latency by method",
-    ["method"],
+    "Catalog RPC latency by method and status code",
+    ["method", "code"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
 )
+#: One line per RPC when ``serve --access-log`` is on.
+ACCESS_LOGGER = "loracat.access"
+#: Entries of ``Catalog.stats()["counters"]`` that go down as well as up: exported as gauges.
+GAUGE_COUNTERS = frozenset(
+    {
+        "hint_subscribers",
+        "nvme_bytes",
+        "nvme_entries",
+        "nvme_capacity_bytes",
+        "nvme_pinned",
+        "nvme_pinned_bytes",
+        "nvme_chunk_bytes",
+        "nvme_file_bytes",
+        "nvme_map_size",
+    }
+)
+
+Observe = Callable[[float, str, str], None]
+
+
+def rpc_observer(method: str, access_log: logging.Logger | None = None) -> Observe:
+    """What a handler calls once per call of ``method``: ``(seconds, status code, peer)``."""
+    by_code: dict[str, Any] = {}
+
+    def observe(seconds: float, code: str, peer: str) -> None:
+        histogram = by_code.get(code)
+        if histogram is None:
+            histogram = by_code[code] = RPC_LATENCY.labels(method, code)
+        histogram.observe(seconds)
+        if access_log is not None:
+            access_log.info("%s %s %s %.3fms", peer or "-", method, code, seconds * 1000)
+
+    return observe
 
 
 class CatalogCollector(Collector):
@@ -50,14 +93,65 @@ class CatalogCollector(Collector):
         yield occupancy
         yield entries
         yield from traffic.values()
-        counters = CounterMetricFamily("loracat_events", "Catalog event counters", labels=["event"])
+        counters = CounterMetricFamily(
+            "loracat_events", "Catalog event counters (only go up)", labels=["event"]
+        )
+        gauges = GaugeMetricFamily(
+            "loracat_state", "Catalog levels that go up and down", labels=["name"]
+        )
         for key, value in sorted(stats["counters"].items()):
-            counters.add_metric([key], float(value))
+            (gauges if key in GAUGE_COUNTERS else counters).add_metric([key], float(value))
         yield counters
+        yield gauges
+
+
+def health_problems(catalog: Catalog) -> list[str]:
+    """What stops the catalog from answering now; empty when it is healthy."""
+    problems = []
+    try:
+        catalog.generation()
+        catalog.index.counts()
+    except Exception as exc:  # any failure here is the answer, not a crash of the endpoint
+        problems.append(f"index: {exc}")
+    try:
+        catalog.store.size("healthz")
+    except Exception as exc:
+        problems.append(f"durable store {catalog.store.url}: {exc}")
+    return problems
+
+
+def _handler(catalog: Catalog) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.partition("?")[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+            elif path == "/healthz":
+                problems = health_problems(catalog)
+                doc = {"status": "unhealthy" if problems else "ok", "problems": problems}
+                body = json.dumps(doc).encode()
+                self._send(503 if problems else 200, "application/json", body)
+            else:
+                self._send(404, "text/plain", b"not found: /metrics or /healthz\n")
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds would drown the server's log
+
+    return MetricsHandler
 
 
 def start_metrics_server(catalog: Catalog, host: str, port: int) -> int:
-    """Serve ``/metrics`` on ``host:port`` (0 picks a port); returns the bound port."""
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` (0 picks a port); returns the bound
+    port. Raises ``OSError`` when the port cannot be bound."""
     REGISTRY.register(CatalogCollector(catalog))
-    server, _ = start_http_server(port, addr=host)
+    server = ThreadingHTTPServer((host, port), _handler(catalog))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="loracat-metrics", daemon=True).start()
     return int(server.server_address[1])

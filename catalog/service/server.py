@@ -19,6 +19,8 @@ from catalog.errors import InvalidArgument
 from catalog.locks import never_wait_here
 from catalog.service.auth import Authenticator, Guard, check_exposure, open_audit_log
 from catalog.service.handlers import SERVICE_NAME, catalog_handlers
+from catalog.service.metrics import ACCESS_LOGGER
+from catalog.service.request_record import DEFAULT_RECORD_ENTRIES, RequestRecord
 from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
 from catalog.service.tls import server_credentials
 from catalog.shutdown import ShutdownMarker
@@ -165,6 +167,8 @@ def create_server(
     max_hint_watchers: int = DEFAULT_MAX_HINT_WATCHERS,
     guard: Guard | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    record_requests: int = DEFAULT_RECORD_ENTRIES,
+    access_log: bool = False,
 ) -> tuple[CatalogServer, int]:
     """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one).
 
@@ -172,7 +176,9 @@ def create_server(
     unary calls and short streams, and up to ``max_hint_watchers`` more serve ``WatchHints``
     streams, which each hold a thread while their engine runs. ``guard`` authenticates and
     authorizes every call (``catalog.service.auth``); ``credentials`` serve TLS
-    (``catalog.service.tls``). Raises ``OSError`` when the address cannot be bound.
+    (``catalog.service.tls``). ``record_requests``: resolves and fetches kept for ``loracat
+    trace export`` (0: none; ``catalog.service.request_record``). ``access_log``: one line per
+    call on the ``loracat.access`` logger. Raises ``OSError`` when the address cannot be bound.
     """
     pool = ThreadPoolExecutor(
         max_workers=max_workers + max_hint_watchers, thread_name_prefix="loracat-rpc"
@@ -185,7 +191,13 @@ def create_server(
         never_wait_here()  # the loop thread: index reads that would wait move to the pool
         server = grpc.aio.server(options=server_options())
         handlers = catalog_handlers(
-            CatalogServicer(catalog), pool, max_hint_watchers=max_hint_watchers, guard=guard
+            CatalogServicer(
+                catalog, RequestRecord(record_requests) if record_requests > 0 else None
+            ),
+            pool,
+            max_hint_watchers=max_hint_watchers,
+            guard=guard,
+            access_log=logging.getLogger(ACCESS_LOGGER) if access_log else None,
         )
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
@@ -237,6 +249,8 @@ def serve_forever(
     tls_key: Path | None = None,
     tls_client_ca: Path | None = None,
     insecure: bool = False,
+    record_requests: int = DEFAULT_RECORD_ENTRIES,
+    access_log: bool = False,
 ) -> None:
     """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index.
 
@@ -273,6 +287,8 @@ def serve_forever(
         max_hint_watchers=max_hint_watchers,
         guard=guard,
         credentials=credentials,
+        record_requests=record_requests,
+        access_log=access_log,
     )
     stop = threading.Event()
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -17,9 +18,14 @@ from catalog.errors import Internal, NotFound, ResourceExhausted
 from catalog.service.server import create_server, open_catalog
 
 
-def _count(method: str) -> float:
-    value = REGISTRY.get_sample_value("loracat_rpc_seconds_count", {"method": method})
-    return value or 0.0
+def _count(method: str, code: str | None = None) -> float:
+    """Calls of ``method`` observed so far (with status ``code``, or with any)."""
+    codes = [code] if code else [c.name for c in grpc.StatusCode]
+    return sum(
+        REGISTRY.get_sample_value("loracat_rpc_seconds_count", {"method": method, "code": c})
+        or 0.0
+        for c in codes
+    )
 
 
 @contextmanager
@@ -46,13 +52,15 @@ def test_catalog_errors_keep_their_class_and_latency_is_observed(tmp_path, packs
     with _serving(tmp_path / "root") as (_, client):
         client.push("acme/w", packs["qv-r4"])
         before = _count("Resolve")
+        ok, missing = _count("Resolve", "OK"), _count("Resolve", "NOT_FOUND")
         assert client.resolve("acme/w").number == 1
         with pytest.raises(NotFound, match="acme/missing"):
             client.resolve("acme/missing")
         with pytest.raises(NotFound, match="99"):
             client.resolve("acme/w@99")
-        # every call is timed, failed ones too
+        # every call is timed, failed ones too, each under its status code
         assert _count("Resolve") == before + 3
+        assert (_count("Resolve", "OK"), _count("Resolve", "NOT_FOUND")) == (ok + 1, missing + 2)
 
 
 def test_a_streaming_handler_maps_errors_and_is_timed(tmp_path):

@@ -255,4 +255,4 @@ def test_cache_simulate_cli_json(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "line 2" in proc.stderr
+    assert proc.returncode == 2 and "line 2" in proc.stderr
