@@ -500,6 +500,27 @@ class CatalogClient:
         with translated(self.target):
             return cache_entries(self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout))
 
+    def export_requests(
+        self, *, since: float = 0.0, engine: str = "", timeout: float = TRANSFER_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """The server's request record (resolves and fetches it answered, oldest first, from
+        ``since`` seconds since the epoch, of ``engine`` if given): ``time``, ``kind``, ``ref``,
+        ``size_bytes``, ``engine``. Raises ``FailedPrecondition`` when the server keeps none."""
+        with translated(self.target):
+            return [
+                {
+                    "time": r.time,
+                    "kind": r.kind,
+                    "ref": r.ref,
+                    "size_bytes": r.size_bytes,
+                    "engine": r.engine,
+                }
+                for message in self._stub.ExportRequests(
+                    pb.ExportRequestsRequest(since=since, engine=engine), timeout=timeout
+                )
+                for r in message.requests
+            ]
+
     # -- engines ----------------------------------------------------------------------------
 
     def watch_hints(self, engine_id: str) -> HintStream:

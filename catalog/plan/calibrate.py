@@ -91,12 +91,19 @@ def calibrate(client: Any, refs: list[str], *, repeats: int = 3) -> TierProfile:
 
 def write_profile(profile: TierProfile, path: str | os.PathLike[str]) -> None:
     """Write ``profile`` as JSON (temporary name, then rename)."""
+    write_text(path, json.dumps(profile.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name and a rename (never half-written)."""
     target = Path(path)
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(profile.to_json(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
     except BaseException:
         os.unlink(temporary)

@@ -267,6 +267,8 @@ METHOD_RULES: dict[str, MethodRule] = {
     "RegisterEngine": MethodRule("engine"),
     "ReportResidency": MethodRule("engine"),
     "WatchHints": MethodRule("engine"),
+    # Every tenant's refs and callers, so an operator's: `loracat trace export`.
+    "ExportRequests": MethodRule("admin"),
 }
 #: Capabilities whose calls change something: these get an audit line.
 AUDITED = frozenset({"write", "admin"})

@@ -14,8 +14,9 @@ from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
-from catalog.errors import InvalidArgument
+from catalog.errors import FailedPrecondition, InvalidArgument
 from catalog.model import AdapterName, PushProvenance, Ref
+from catalog.service.request_record import RequestRecord, caller_of
 from catalog.service.resolve_cache import GenerationCache
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -23,6 +24,8 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 #: chunk gets a precise INVALID_ARGUMENT rather than a transport error.
 MAX_CHUNK_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = 8 << 20
+#: Recorded requests per ExportRequests message (~100 bytes each).
+EXPORT_BATCH = 1000
 
 
 def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
@@ -30,9 +33,12 @@ def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
 
 
 class CatalogServicer(pb_grpc.CatalogServicer):
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, record: RequestRecord | None = None) -> None:
+        """``record``: where resolves and fetches are recorded for capacity planning (None:
+        nowhere, and ``ExportRequests`` answers FAILED_PRECONDITION)."""
         self.catalog = catalog
         self.resolves: GenerationCache[pb.Revision] = GenerationCache(catalog.generation)
+        self.record = record
 
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -76,7 +82,12 @@ class CatalogServicer(pb_grpc.CatalogServicer):
             generation, revision = self.catalog.resolve_at_generation(ref)
             return generation, revision_to_pb(revision)
 
-        return self.resolves.get(ref, lookup)
+        answer = self.resolves.get(ref, lookup)
+        if self.record is not None:
+            self.record.add(
+                "resolve", f"{answer.name}@{answer.revision}", answer.size_bytes, caller_of(context)
+            )
+        return answer
 
     def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
@@ -148,6 +159,10 @@ class CatalogServicer(pb_grpc.CatalogServicer):
     ) -> Iterator[pb.PackChunk]:
         revision = self.catalog.resolve(Ref.parse(request.ref))
         size = revision.size_bytes
+        if self.record is not None:
+            self.record.add(
+                "fetch", f"{revision.adapter}@{revision.number}", size, caller_of(context)
+            )
         if request.offset > size:
             raise InvalidArgument(f"offset {request.offset} is beyond the {size}-byte pack")
         length = size - request.offset if request.length == 0 else request.length
@@ -161,6 +176,29 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         for piece in pieces:
             yield pb.PackChunk(offset=position, data=piece)
             position += len(piece)
+
+    def ExportRequests(
+        self, request: pb.ExportRequestsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RecordedRequests]:
+        if self.record is None:
+            raise FailedPrecondition(
+                "this server keeps no request record (started with --request-record 0)"
+            )
+        entries = self.record.since(request.since, request.engine)
+        for start in range(0, max(1, len(entries)), EXPORT_BATCH):
+            message = pb.RecordedRequests(
+                requests=[
+                    pb.RecordedRequest(
+                        time=e.time, ref=e.ref, size_bytes=e.size_bytes, engine=e.engine,
+                        kind=e.kind,
+                    )
+                    for e in entries[start : start + EXPORT_BATCH]
+                ]
+            )
+            if start == 0:
+                message.capacity = self.record.capacity
+                message.dropped = self.record.dropped
+            yield message
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats = self.catalog.stats()

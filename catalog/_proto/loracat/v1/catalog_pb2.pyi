@@ -1545,3 +1545,91 @@ class ReleasePackLeaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleasePackLeaseResponse: _TypeAlias = ReleasePackLeaseResponse  # noqa: Y015
+
+@_typing.final
+class ExportRequestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    since: _builtins.float
+    """seconds since the epoch; 0: everything still recorded"""
+    engine: _builtins.str
+    """only this caller's requests; empty: everyone's"""
+    def __init__(
+        self,
+        *,
+        since: _builtins.float = ...,
+        engine: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRequestsRequest: _TypeAlias = ExportRequestsRequest  # noqa: Y015
+
+@_typing.final
+class RecordedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    time: _builtins.float
+    """seconds since the epoch, when the server answered"""
+    ref: _builtins.str
+    """the revision it resolved to: tenant/name@N (one pack, one size)"""
+    size_bytes: _builtins.int
+    """the resolved revision's pack size"""
+    engine: _builtins.str
+    """the caller: its `loracat-engine` metadata, else its peer address"""
+    kind: _builtins.str
+    """"resolve" or "fetch" """
+    def __init__(
+        self,
+        *,
+        time: _builtins.float = ...,
+        ref: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        engine: _builtins.str = ...,
+        kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "kind", b"kind", "ref", b"ref", "size_bytes", b"size_bytes", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordedRequest: _TypeAlias = RecordedRequest  # noqa: Y015
+
+@_typing.final
+class RecordedRequests(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    capacity: _builtins.int
+    """entries the record keeps (first message only)"""
+    dropped: _builtins.int
+    """entries rotated out since the server started (first message only)"""
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordedRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___RecordedRequest] | None = ...,
+        capacity: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "dropped", b"dropped", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordedRequests: _TypeAlias = RecordedRequests  # noqa: Y015

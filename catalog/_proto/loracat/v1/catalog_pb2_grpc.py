@@ -164,6 +164,11 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.WatchHintsRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.Hint.FromString,
                 _registered_method=True)
+        self.ExportRequests = channel.unary_stream(
+                '/loracat.v1.Catalog/ExportRequests',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.ExportRequestsRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.RecordedRequests.FromString,
+                _registered_method=True)
 
 
 class CatalogServicer:
@@ -341,6 +346,14 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRequests(self, request, context):
+        """Capacity planning: the bounded, rotating record of the resolves and fetches this server
+        answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -473,6 +486,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.WatchHints,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.WatchHintsRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.Hint.SerializeToString,
+            ),
+            'ExportRequests': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRequests,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.ExportRequestsRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.RecordedRequests.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1177,6 +1195,33 @@ class Catalog:
             '/loracat.v1.Catalog/WatchHints',
             loracat_dot_v1_dot_catalog__pb2.WatchHintsRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.Hint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loracat.v1.Catalog/ExportRequests',
+            loracat_dot_v1_dot_catalog__pb2.ExportRequestsRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.RecordedRequests.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,10 @@ class CatalogStub:
     ReportResidency: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]
     WatchHints: _grpc.UnaryStreamMultiCallable[_catalog_pb2.WatchHintsRequest, _catalog_pb2.Hint]
     """What a registered engine should stage or attach next (deployment waves, demand)."""
+    ExportRequests: _grpc.UnaryStreamMultiCallable[_catalog_pb2.ExportRequestsRequest, _catalog_pb2.RecordedRequests]
+    """Capacity planning: the bounded, rotating record of the resolves and fetches this server
+    answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
+    """
 
 @_typing.type_check_only
 class CatalogAsyncStub(CatalogStub):
@@ -134,6 +138,10 @@ class CatalogAsyncStub(CatalogStub):
     ReportResidency: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]  # type: ignore[assignment]
     WatchHints: _aio.UnaryStreamMultiCallable[_catalog_pb2.WatchHintsRequest, _catalog_pb2.Hint]  # type: ignore[assignment]
     """What a registered engine should stage or attach next (deployment waves, demand)."""
+    ExportRequests: _aio.UnaryStreamMultiCallable[_catalog_pb2.ExportRequestsRequest, _catalog_pb2.RecordedRequests]  # type: ignore[assignment]
+    """Capacity planning: the bounded, rotating record of the resolves and fetches this server
+    answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
+    """
 
 class CatalogServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -335,5 +343,15 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_catalog_pb2.Hint], _abc.AsyncIterator[_catalog_pb2.Hint]]:
         """What a registered engine should stage or attach next (deployment waves, demand)."""
+
+    @_abc_1.abstractmethod
+    def ExportRequests(
+        self,
+        request: _catalog_pb2.ExportRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_catalog_pb2.RecordedRequests], _abc.AsyncIterator[_catalog_pb2.RecordedRequests]]:
+        """Capacity planning: the bounded, rotating record of the resolves and fetches this server
+        answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
+        """
 
 def add_CatalogServicer_to_server(servicer: CatalogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
