@@ -9,8 +9,11 @@ uni``), with its KV cache capped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import socket
 import subprocess
 import time
 import urllib.error
@@ -109,6 +112,25 @@ def make_adapter(
 # ------------------------------------------------------------------------------- the catalog
 
 
+def restartable_port() -> int:
+    """A free port below the kernel's ephemeral range. A server restarted on a port from that
+    range can find it taken by its own clients: a client reconnecting to a closed loopback port
+    may be given that very port as its source and connect to itself."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class CatalogProcess:
     """``loracat serve`` in a child process on a fixed port, so it can be stopped and started
     again at the same address (a catalog restart as vLLM sees it)."""
@@ -117,7 +139,7 @@ class CatalogProcess:
         self.root = root
         self.store_url = store_url
         self.env = dict(env)
-        self.port = free_port()
+        self.port = restartable_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
