@@ -26,6 +26,9 @@ def check_port_free(host: str, port: int, option: str) -> None:
         fail(f"{option}: cannot resolve host {host!r}: {exc.strerror}", UNAVAILABLE)
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As gRPC binds: a port whose last connections sit in TIME_WAIT (a restart within a
+        # minute) is free to listen on; one with a listener is still refused.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
@@ -114,6 +117,16 @@ def check_port_free(host: str, port: int, option: str) -> None:
     help="Engines that may hold a WatchHints stream at once (each holds a thread).",
 )
 @click.option(
+    "--request-record",
+    "record_requests",
+    envvar="LORACAT_REQUEST_RECORD",
+    show_envvar=True,
+    default=100_000,
+    show_default=True,
+    type=click.IntRange(0, 100_000_000),
+    help="Resolves and fetches kept for `loracat trace export` (0: keep none).",
+)
+@click.option(
     "--digest",
     "digest_algorithm",
     envvar="LORACAT_DIGEST",
@@ -187,6 +200,7 @@ def serve(
     metrics_port: int | None,
     max_workers: int,
     max_hint_watchers: int,
+    record_requests: int,
     digest_algorithm: str,
     auth_file: Path | None,
     audit_log: str | None,
@@ -227,6 +241,7 @@ def serve(
             metrics_port=metrics_port,
             max_workers=max_workers,
             max_hint_watchers=max_hint_watchers,
+            record_requests=record_requests,
             digest_algorithm=digest_algorithm,
             auth_file=auth_file,
             audit_log=audit_log,
