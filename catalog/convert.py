@@ -75,6 +75,7 @@ def move_to_pb(move: AliasMove) -> pb.AliasMove:
         revision=move.revision,
         at=move.at,
         seq=move.seq,
+        principal=move.principal,
     )
 
 
@@ -86,4 +87,5 @@ def move_from_pb(msg: pb.AliasMove) -> AliasMove:
         revision=msg.revision,
         at=msg.at,
         seq=msg.seq,
+        principal=msg.principal,
     )

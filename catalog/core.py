@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ from catalog.revision_metadata import (
     check_metadata,
     check_user_keys,
 )
+from catalog.spool import PushSpool
 from catalog.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,9 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
         self._open_index = open_index
         self.limits = limits or Limits()
         self.spool_dir = Path(spool_dir) if spool_dir else self.index_path.parent / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        #: Pushes in flight: swept of what a crash left, bounded in bytes (``catalog.spool``).
+        self.spool = PushSpool(self.spool_dir, self.limits.max_spool_bytes)
+        self.spool.sweep()
         self._swap = ReadWriteLock()
         self._adapter_locks = KeyedLocks()
         # Digests whose blob a push is writing right now; GC must not delete them.
@@ -171,6 +175,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
         self._close_leases()
         if self.pack_cache is not None:
             self.pack_cache.close()
+        self.spool.close()
         if self._on_close is not None:
             self._on_close()
 
@@ -423,6 +428,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
             aliases=clean_aliases,
             metadata=clean_metadata,
             expected_digest=expected,
+            reservation=self.spool.reserve(f"push of {adapter}", size_bytes),
         )
 
     def _provenance_of(self, stated: PushProvenance) -> Provenance:
@@ -450,6 +456,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
     ) -> tuple[Revision, bool]:
         adapter = upload.adapter
         with self._swap.shared(), self._adapter_locks.hold(adapter):
+            upload.check_deadline()  # the lock may have been waited for
             existing = self._live_revision_with_digest(adapter, digest)
             if existing is not None:
                 created = False
@@ -500,6 +507,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
                 manifest=manifest,
                 metadata=upload.metadata,
             )
+            upload.check_deadline()  # the blob write may have been slow: last chance to refuse
             self._append(event)
         finally:
             with self._blob_guard:
@@ -509,7 +517,11 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
         return number
 
     def _append(self, event: Event) -> None:
-        """Intent, durable log write (conditional), index apply: the one write path."""
+        """Intent, durable log write (conditional), index apply: the one write path.
+
+        The event is stamped with the principal the call acts for (``catalog.identity``)."""
+        if not event.principal and caller():
+            event = replace(event, principal=caller())
         self.index.add_intent(event)
         try:
             written = self.store.put(

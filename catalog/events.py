@@ -86,6 +86,8 @@ class Event:
     alias: str = ""
     previous: int = 0
     removed: tuple[str, ...] = ()
+    #: Who made the change: the authenticated principal's name, "" when anonymous.
+    principal: str = ""
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -110,6 +112,8 @@ class Event:
             doc.update(metadata=self.metadata)
             if self.removed:  # absent when empty: events written before removal existed match
                 doc.update(removed=list(self.removed))
+        if self.principal:  # absent when anonymous, as in events written before auth existed
+            doc["principal"] = self.principal
         return doc
 
     def encode(self) -> bytes:
@@ -135,6 +139,7 @@ class Event:
             alias=str(doc.get("alias", "")),
             previous=int(doc.get("previous", 0)),
             removed=tuple(str(k) for k in doc.get("removed", ())),
+            principal=str(doc.get("principal", "")),
         )
 
     @classmethod

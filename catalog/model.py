@@ -180,6 +180,7 @@ class AliasMove:
     revision: int  # 0 = the alias was removed
     at: float
     seq: int
+    principal: str = ""  # who moved it; "" when anonymous (a catalog without --auth)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -189,6 +190,7 @@ class AliasMove:
             "revision": self.revision,
             "at": self.at,
             "seq": self.seq,
+            "principal": self.principal,
         }
 
 

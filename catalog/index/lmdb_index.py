@@ -6,7 +6,7 @@ Layout (named sub-databases; keys are ``catalog.keys`` tuples, ``t, n`` = tenant
     revisions         (t, n, number)        -> revision record (digest, pack summary, metadata)
     aliases           (t, n, alias)         -> u32 revision
     revision_aliases  (t, n, number, alias) -> b""  (which aliases point at a revision)
-    alias_history     (t, n, alias, seq)    -> (previous, revision, at)
+    alias_history     (t, n, alias, seq)    -> (previous, revision, at) + principal
     digests           (t, n, algo, raw)     -> u32 revision numbers holding that digest
     blob_refs         (algo, raw)           -> u32 live revisions pointing at the blob (for GC)
     intents           (t, n, seq)           -> the event JSON, until applied or dropped
@@ -485,7 +485,7 @@ class LmdbIndex(RevisionIndex):
             txn.delete(alias_key, db=self._aliases)
         txn.put(
             adapter_key + keys.encode(event.alias, event.seq),
-            records.encode_move(current, event.revision, event.at),
+            records.encode_move(current, event.revision, event.at, event.principal),
             db=self._history,
         )
 
@@ -760,8 +760,10 @@ class LmdbIndex(RevisionIndex):
             moves: list[AliasMove] = []
             for key, value in self._scan(txn, self._history, scan, None, 1 << 62):
                 name, seq = keys.decode(key[len(adapter_key) :])
-                previous, revision, at = records.decode_move(value)
-                moves.append(AliasMove(adapter, str(name), previous, revision, at, int(seq)))
+                previous, revision, at, principal = records.decode_move(value)
+                moves.append(
+                    AliasMove(adapter, str(name), previous, revision, at, int(seq), principal)
+                )
             moves.sort(key=lambda move: move.seq)
             return moves
 

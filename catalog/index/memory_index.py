@@ -127,7 +127,15 @@ class MemoryIndex(RevisionIndex):
         else:
             entry.aliases[event.alias] = event.revision
         entry.history.append(
-            AliasMove(event.adapter, event.alias, current, event.revision, event.at, event.seq)
+            AliasMove(
+                event.adapter,
+                event.alias,
+                current,
+                event.revision,
+                event.at,
+                event.seq,
+                event.principal,
+            )
         )
 
     def _delete(self, entry: _Adapter, event: Event) -> None:

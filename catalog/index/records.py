@@ -195,16 +195,18 @@ def merge_metadata(value: bytes, update: dict[str, str], removed: tuple[str, ...
     return value[:end] + _encode_metadata(edited_metadata(metadata, update, removed))
 
 
-def encode_move(previous: int, revision: int, at: float) -> bytes:
-    return _MOVE.pack(previous, revision, at)
+def encode_move(previous: int, revision: int, at: float, principal: str = "") -> bytes:
+    """An alias move; the principal who made it follows the fixed part as UTF-8."""
+    return _MOVE.pack(previous, revision, at) + principal.encode()
 
 
-def decode_move(value: bytes) -> tuple[int, int, float]:
+def decode_move(value: bytes) -> tuple[int, int, float, str]:
     try:
-        previous, revision, at = _MOVE.unpack(value)
-    except struct.error as exc:
+        previous, revision, at = _MOVE.unpack_from(value)
+        principal = value[_MOVE.size :].decode()
+    except (struct.error, UnicodeDecodeError) as exc:
         raise DataLoss(f"corrupt alias history entry in the index: {exc}") from None
-    return previous, revision, at
+    return previous, revision, at, principal
 
 
 def encode_number(number: int) -> bytes:

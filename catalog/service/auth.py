@@ -16,8 +16,10 @@ comes before the catalog is asked anything, so the answer is the same whether or
 exists (no existence leak). Listings are filtered to reachable tenants, and ``Stats`` hides the
 durable store's URL (a filesystem path on the embedded default) from non-admins.
 
-Methods whose handlers are generators (``FetchPack``, ``Prefetch``, ``WatchHints``) are checked
-before their first message; they write nothing, so they run without ``acting_as``.
+Every call runs inside ``catalog.identity.acting_as(principal)``, so the core stamps the
+principal on the events it writes and keys engine records by it; a server stream's generator
+(``FetchPack``, ``Prefetch``, ``WatchHints``) is checked before its first message and then
+stepped as its principal.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import re
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from itertools import chain
@@ -293,6 +295,27 @@ def _target(request: Any) -> str:
     return ""
 
 
+def _stepped_as(principal: str, stream: Iterable[Any]) -> Iterator[Any]:
+    """``stream`` with every step (and its closing) run as ``principal``: a server stream's
+    generator runs a step at a time on whichever pool thread the handler hands it to."""
+    iterator = iter(stream)
+    try:
+        while True:
+            with acting_as(principal):
+                item = next(iterator, _DONE)
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            with acting_as(principal):
+                close()
+
+
+_DONE = object()
+
+
 class Guard:
     """Authentication, authorization and the audit log around every method of the service.
 
@@ -307,7 +330,14 @@ class Guard:
         self.authenticator = authenticator
         self.audit = audit
 
-    def wrap(self, method: str, behavior: Behavior, *, client_streaming: bool) -> Behavior:
+    def wrap(
+        self,
+        method: str,
+        behavior: Behavior,
+        *,
+        client_streaming: bool,
+        server_streaming: bool = False,
+    ) -> Behavior:
         """``behavior`` with the checks of ``METHOD_RULES[method]`` in front. Raises
         ``KeyError`` at registration for a method without a rule."""
         rule = METHOD_RULES[method]
@@ -324,6 +354,8 @@ class Guard:
                 self._authorize(principal, rule, first)
                 with acting_as(principal.name):
                     response = behavior(request, context)
+                if server_streaming:  # its body runs later, a step at a time
+                    response = _stepped_as(principal.name, response)
             except CatalogError as exc:
                 outcome = exc.grpc_code
                 raise

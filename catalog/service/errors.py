@@ -18,9 +18,27 @@ log = logging.getLogger(__name__)
 ERROR_CLASS_KEY = "loracat-error"
 
 
+#: The longest status message sent. Messages may quote client input; unbounded, a 100 KB
+#: ``base_id`` came back as a transport error (status details travel in trailing metadata,
+#: which gRPC caps at 8-16 KB) instead of the precise status.
+MAX_DETAILS_CHARS = 1024
+
+
+def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """``details`` cut to ``limit`` characters, saying how much was cut."""
+    if len(details) <= limit:
+        return details
+    return f"{details[:limit]}... ({len(details) - limit} more characters cut)"
+
+
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
-    """``(status code, details, error class for the trailing metadata or None)`` for ``exc``."""
+    """``(status code, details, error class for the trailing metadata or None)`` for ``exc``;
+    the details are cut to ``MAX_DETAILS_CHARS``."""
     if isinstance(exc, CatalogError):
-        return grpc.StatusCode[exc.grpc_code], exc.message, type(exc).__name__
+        return grpc.StatusCode[exc.grpc_code], bounded(exc.message), type(exc).__name__
     log.error("unexpected error in a catalog handler", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", None
+    return (
+        grpc.StatusCode.INTERNAL,
+        bounded(f"internal error: {type(exc).__name__}: {exc}"),
+        None,
+    )

@@ -247,7 +247,12 @@ def catalog_handlers(
         if method.name == HINT_WATCH_METHOD:
             behavior = _bounded_stream(behavior, max_hint_watchers)
         if guard is not None:  # outermost: nothing runs for a caller it refuses
-            behavior = guard.wrap(method.name, behavior, client_streaming=method.client_streaming)
+            behavior = guard.wrap(
+                method.name,
+                behavior,
+                client_streaming=method.client_streaming,
+                server_streaming=method.server_streaming,
+            )
         observe = rpc_observer(method.name, access_log)
         decode = getattr(pb, method.input_type.name).FromString
         encode = getattr(pb, method.output_type.name).SerializeToString

@@ -63,6 +63,7 @@ class CatalogServicer(pb_grpc.CatalogServicer):
                 eval=dict(header.eval),
             ),
         ) as upload:
+            upload.time_left = getattr(context, "time_remaining", None)
             for message in request_iterator:
                 if message.WhichOneof("payload") != "chunk":
                     raise InvalidArgument("a push carries one header followed only by chunks")

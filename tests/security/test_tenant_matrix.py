@@ -27,22 +27,35 @@ TARGETS = (OWN, OTHER, MISSING_OWN, MISSING_OTHER)
 CALLERS = ("none", "wrong", "read", "write", "engine", "admin")
 
 
+#: The engine id of the caller under test: an engine id belongs to the principal that
+#: registered it (another principal's is refused).
+_ENGINE: list[str] = ["eng-1"]
+
+
 def _hints(client: CatalogClient, name: str) -> None:
     # a registered engine's stream stays open: an allowed call ends at its short deadline
-    call = client._stub.WatchHints(pb.WatchHintsRequest(engine_id="eng-1"), timeout=0.3)
+    call = client._stub.WatchHints(pb.WatchHintsRequest(engine_id=_ENGINE[0]), timeout=0.3)
     with translated(client.target):
         for _ in call:
             break
 
 
 def _engine_register(client: CatalogClient, name: str) -> None:
-    client.register_engine("eng-1", "tiny-llama-test", 4, 8)
+    client.register_engine(_ENGINE[0], "tiny-llama-test", 4, 8)
 
 
 def _raw(method: str, request: Any) -> Callable[[CatalogClient, str], Any]:
     def call(client: CatalogClient, name: str) -> Any:
         with translated(client.target):
             return getattr(client._stub, method)(request, timeout=5)
+
+    return call
+
+
+def _streamed(method: str, request: Any) -> Callable[[CatalogClient, str], Any]:
+    def call(client: CatalogClient, name: str) -> Any:
+        with translated(client.target):
+            return list(getattr(client._stub, method)(request, timeout=5))
 
     return call
 
@@ -76,8 +89,9 @@ CALLS: dict[str, tuple[Callable[[CatalogClient, str], Any], bool]] = {
     ),
     "ReleasePackLease": (_raw("ReleasePackLease", pb.ReleasePackLeaseRequest(lease_id="x")), False),
     "RegisterEngine": (_engine_register, False),
-    "ReportResidency": (lambda c, n: c.report_residency("eng-1", [], []), False),
+    "ReportResidency": (lambda c, n: c.report_residency(_ENGINE[0], [], []), False),
     "WatchHints": (_hints, False),
+    "ExportRequests": (_streamed("ExportRequests", pb.ExportRequestsRequest()), False),
 }
 _PACK: list[bytes] = []
 
@@ -127,6 +141,7 @@ def test_status_for_every_caller_and_target(
     auth_catalog: AuthCatalog, packs: dict[str, bytes], caller: str, method: str
 ) -> None:
     _PACK[:] = [packs["qv-r4"]]
+    _ENGINE[:] = [f"eng-{caller}"]
     token = {"none": None, "wrong": "not-a-token"}.get(caller, TOKENS.get(caller))
     call, scoped = CALLS[method]
     with auth_catalog.client(token) as client:

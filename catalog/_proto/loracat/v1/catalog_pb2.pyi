@@ -180,6 +180,7 @@ class AliasMove(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     alias: _builtins.str
     previous: _builtins.int
@@ -188,6 +189,8 @@ class AliasMove(_message.Message):
     """0: the alias was removed"""
     at: _builtins.float
     seq: _builtins.int
+    principal: _builtins.str
+    """who moved it; empty when anonymous (no --auth)"""
     def __init__(
         self,
         *,
@@ -197,10 +200,11 @@ class AliasMove(_message.Message):
         revision: _builtins.int = ...,
         at: _builtins.float = ...,
         seq: _builtins.int = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "at", b"at", "name", b"name", "previous", b"previous", "revision", b"revision", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "at", b"at", "name", b"name", "previous", b"previous", "principal", b"principal", "revision", b"revision", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

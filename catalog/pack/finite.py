@@ -1,0 +1,52 @@
+"""Refuse packs whose weights are not all finite: a NaN or an infinity in one adapter would
+poison every row of a mixed batch that uses it (and stays hidden until an engine serves it).
+
+The check reads the bits, not the values: a float is NaN or infinite exactly when its exponent
+bits are all ones, so every dtype (BF16 included, which numpy has no type for) is one integer
+mask-and-compare over the tensor's bytes, without converting anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from catalog.errors import InvalidPack
+from catalog.pack.format import Pack
+
+#: dtype -> (unsigned integer view, mask of the exponent bits)
+_EXPONENT_BITS: dict[str, tuple[type[np.unsignedinteger], int]] = {
+    "F32": (np.uint32, 0x7F80_0000),
+    "BF16": (np.uint16, 0x7F80),
+    "F16": (np.uint16, 0x7C00),
+    "F64": (np.uint64, 0x7FF0_0000_0000_0000),
+}
+#: Bytes looked at per step, so a large tensor never needs a full-size temporary.
+_STEP_BYTES = 8 << 20
+
+
+def first_non_finite(data: memoryview, dtype: str) -> int | None:
+    """Index of the first NaN or infinite element of ``data`` (raw little-endian ``dtype``
+    values), or None when all are finite (and for non-float dtypes)."""
+    if dtype not in _EXPONENT_BITS:
+        return None
+    view_type, mask = _EXPONENT_BITS[dtype]
+    values = np.frombuffer(data, dtype=np.dtype(view_type).newbyteorder("<"))
+    step = max(1, _STEP_BYTES // values.itemsize)
+    exponent = view_type(mask)
+    for start in range(0, values.size, step):
+        bad = np.flatnonzero((values[start : start + step] & exponent) == exponent)
+        if bad.size:
+            return start + int(bad[0])
+    return None
+
+
+def check_finite(pack: Pack, *, what: str = "pack") -> None:
+    """Raise ``InvalidPack`` naming the first tensor (and element) that is NaN or infinite."""
+    for name in pack.tensor_names():
+        tensor = pack.tensor(name)
+        index = first_non_finite(tensor.data, tensor.dtype)
+        if index is not None:
+            raise InvalidPack(
+                f"{what}: tensor {name!r} holds a non-finite value (NaN or infinity) at flat "
+                f"index {index}; a pack's weights must all be finite"
+            )
