@@ -6,9 +6,9 @@ sync): what only goes up is a counter (``loracat_events_total``, ``loracat_tier_
 is observed once by its handler (``catalog.service.handlers``) with its status code:
 ``loracat_rpc_seconds{method, code}``, and, when the access log is on, one log line.
 
-``/healthz`` answers 200 only while the catalog can answer: its index reads and its durable
-store answers a lookup; otherwise 503 naming what failed. Other paths than ``/metrics`` and
-``/healthz`` are 404.
+``/healthz`` answers 200 only while the catalog can answer: its index reads, and its durable
+store answers and still holds a blob the index references; otherwise 503 naming what failed.
+Other paths than ``/metrics`` and ``/healthz`` are 404.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from catalog.core import Catalog
+from catalog.events import blob_key
 
 RPC_LATENCY = Histogram(
     "loracat_rpc_seconds",
@@ -50,6 +51,8 @@ GAUGE_COUNTERS = frozenset(
 )
 
 Observe = Callable[[float, str, str], None]
+#: What ``/healthz`` asks an empty catalog's store for (it need not exist).
+HEALTH_PROBE_KEY = "healthz"
 
 
 def rpc_observer(method: str, access_log: logging.Logger | None = None) -> Observe:
@@ -114,7 +117,16 @@ def health_problems(catalog: Catalog) -> list[str]:
     except Exception as exc:  # any failure here is the answer, not a crash of the endpoint
         problems.append(f"index: {exc}")
     try:
-        catalog.store.size("healthz")
+        # one blob the index says exists must be in the durable store: this asks the store
+        # (S3 reachable, directory mounted) and checks it still holds what the index names
+        first = next(iter(catalog.index.referenced_digests()), None)
+        if first is None:
+            catalog.store.size(HEALTH_PROBE_KEY)
+        elif catalog.store.size(blob_key(first[0])) is None:
+            problems.append(
+                f"durable store {catalog.store.url}: blob {first[0]} the index references "
+                "is missing"
+            )
     except Exception as exc:
         problems.append(f"durable store {catalog.store.url}: {exc}")
     return problems
