@@ -10,6 +10,7 @@ catalog; per-tier statistics at the end.
 from __future__ import annotations
 
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -20,6 +21,7 @@ import torch
 
 from catalog.client import CatalogClient
 from catalog.pack.synthetic import random_pack
+from catalog.service.auth import Authenticator, Guard, token_sha256
 from catalog.service.server import create_server, open_catalog
 from engine_plugin.engine import ResidentEngine
 from engine_plugin.hints import HintFollower
@@ -74,6 +76,20 @@ def table(headers: list[str], rows: list[list[Any]]) -> None:
         say("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
+def demo_tokens(root: Path) -> dict[str, str]:
+    """Fresh tokens for the demo's two principals; their hashes go to ``root/auth.toml``."""
+    tokens = {name: secrets.token_urlsafe(24) for name in ("trainer", "gpu-node")}
+    roles = {"trainer": "write", "gpu-node": "engine"}
+    (root / "auth.toml").write_text(
+        "\n".join(
+            f'[[principal]]\nname = "{name}"\ntoken_sha256 = "{token_sha256(token)}"\n'
+            f'tenants = ["tenant*"]\nrole = "{roles[name]}"\n'
+            for name, token in tokens.items()
+        )
+    )
+    return tokens
+
+
 def run_demo(
     *,
     root: Path | None = None,
@@ -82,16 +98,23 @@ def run_demo(
     waves: int = 4,
     batches_per_wave: int = 6,
     seed: int = 0,
+    auth: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo; returns the final statistics (also printed)."""
+    """Run the demo; returns the final statistics (also printed). With ``auth`` the catalog
+    requires tokens: the trainer pushes with a write principal's, the engine serves with an
+    engine principal's (``catalog.service.auth``)."""
     rng = random.Random(seed)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     keep = root is not None
     root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="loracat-demo-"))
     catalog = open_catalog(root)
-    server, port = create_server(catalog, "127.0.0.1:0")
+    tokens = demo_tokens(root) if auth else {}
+    guard = Guard(Authenticator(root / "auth.toml")) if auth else None
+    server, port = create_server(catalog, "127.0.0.1:0", guard=guard)
     address = f"127.0.0.1:{port}"
     say(f"catalog: serving on {address}, durable store {catalog.store.url}, index {root / 'index'}")
+    if auth:
+        say(f"auth:    principals in {root / 'auth.toml'}: trainer (write), gpu-node (engine)")
     try:
         model = build_base(seed)
         shapes = linear_shapes(model)
@@ -99,7 +122,8 @@ def run_demo(
         params = sum(p.numel() for p in model.parameters())
         say(f"base:    {BASE_ID}, {layers} layers, {params / 1e6:.1f}M parameters (random init)")
 
-        client = CatalogClient(address)
+        client = CatalogClient(address, token=tokens.get("trainer"))
+        engine_client = CatalogClient(address, token=tokens["gpu-node"]) if auth else client
         names = [f"tenant{i % 6:02d}/policy-{i:03d}" for i in range(adapters)]
         t0 = time.perf_counter()
         pushed_bytes = 0
@@ -121,10 +145,10 @@ def run_demo(
         )
 
         engine = ResidentEngine(
-            model, catalog=client, num_slots=num_slots, max_rank=16, base_id=BASE_ID
+            model, catalog=engine_client, num_slots=num_slots, max_rank=16, base_id=BASE_ID
         )
         # The engine follows the catalog's hints: moving `serving` is a deployment wave.
-        follower = HintFollower(engine, client)
+        follower = HintFollower(engine, engine_client)
         wave_size = max(1, num_slots - 2)
         say(
             f"engine:  {num_slots} slots x rank 16 on {engine.device}; "
@@ -244,6 +268,7 @@ def run_demo(
         follower.close()
         engine.close()
         client.close()
+        engine_client.close()
         return {"engine": stats, "catalog": catalog_stats}
     finally:
         server.stop(grace=None).wait()

@@ -14,7 +14,15 @@ import threading
 from collections import Counter
 from typing import Any, Protocol
 
-from catalog.errors import Cancelled, CatalogError, NotFound, ResourceExhausted, Unavailable
+from catalog.errors import (
+    Cancelled,
+    CatalogError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from catalog.model import Hint
 
 log = logging.getLogger(__name__)
@@ -53,8 +61,9 @@ class HintFollower:
                     self._apply(hint)
             except Cancelled:
                 return
-            except (NotFound, ResourceExhausted) as exc:
-                # Unregistered, or the server's cap on hint watchers is reached: try again later.
+            except (NotFound, ResourceExhausted, Unauthenticated, PermissionDenied) as exc:
+                # Unregistered, the server's cap on hint watchers is reached, or the token was
+                # revoked or lacks the engine role (it may be restored): try again later.
                 log.warning("hint stream refused: %s", exc)
                 self.counters["refused"] += 1
             except Unavailable as exc:

@@ -80,6 +80,12 @@ def test_cli_with_and_without_token(auth_server: tuple[str, Path, Path, int]) ->
     assert reader_push.returncode != 0 and "needs the write capability" in reader_push.stderr
     writer = cli(address, "alias", "set", "acme/own", "canary", "1", "--token", TOKENS["write"])
     assert writer.returncode == 0, writer.stderr
+    # who did it: alias history names the mover, show the pusher
+    history = cli(address, "alias", "history", "acme/own", "canary", "--token", TOKENS["read"])
+    assert history.returncode == 0, history.stderr
+    assert "write-user" in history.stdout.splitlines()[-1]
+    shown = cli(address, "show", "acme/own", "--json", "--token", TOKENS["read"])
+    assert json.loads(shown.stdout)["metadata"]["provenance.principal"] == "root"
 
 
 def test_sighup_revokes_a_token_without_restart(auth_server: tuple[str, Path, Path, int]) -> None:

@@ -8,6 +8,7 @@ allowed gets its ordinary answer: OK, or NOT_FOUND for the missing adapter of it
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -201,3 +202,26 @@ def test_malformed_authorization_header_is_unauthenticated(auth_catalog: AuthCat
             assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         channel.close()
+
+
+def test_every_event_names_its_principal_and_history_shows_who(
+    auth_catalog: AuthCatalog, packs: dict[str, bytes]
+) -> None:
+    with auth_catalog.client(TOKENS["write"]) as writer:
+        pushed = writer.push("acme-audit/model", packs["down-r2"]).revision
+        writer.set_alias("acme-audit/model", "canary", pushed.number)
+        writer.set_metadata(f"acme-audit/model@{pushed.number}", {"note": "x"})
+        assert pushed.metadata["provenance.principal"] == "write-user"
+        moves = writer.alias_history("acme-audit/model", "canary")
+        assert [(m.revision, m.principal) for m in moves] == [(pushed.number, "write-user")]
+    store_root = auth_catalog.root / "catalog" / "store" / "log" / "acme-audit" / "model"
+    events = [json.loads(p.read_text()) for p in sorted(store_root.glob("*.json"))]
+    assert [(e["op"], e["principal"]) for e in events] == [
+        ("push", "write-user"),
+        ("alias", "write-user"),
+        ("metadata", "write-user"),
+    ]
+    with auth_catalog.client(ROOT_TOKEN) as root:
+        root.reindex()  # the index is rebuilt from the log: who moved it survives
+        assert root.alias_history("acme-audit/model", "canary")[0].principal == "write-user"
+        assert root.resolve("acme-audit/model").metadata["provenance.principal"] == "write-user"
