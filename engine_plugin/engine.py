@@ -55,6 +55,7 @@ from engine_plugin.layers import (
     BatchPlan,
     MultiLoRALinear,
     find_decoder_layers,
+    group_shared_inputs,
     linear_targets,
     plan_batch,
     replace_module,
@@ -165,6 +166,7 @@ class ResidentEngine:
                     layer.get_submodule(path), target, slots, index, self._context
                 )
                 replace_module(layer, path, wrapped_experts)
+            group_shared_inputs(layer)
 
         self._cond = threading.Condition(threading.RLock())
         self.slots = SlotTable(num_slots, slot_policy)

@@ -157,6 +157,8 @@ class MultiLoRALinear(nn.Module):
         self._lora_a = slots.lora_a[layer]
         self._lora_bt = slots.lora_bt[layer]
         self._scales = slots.scales
+        #: Set when siblings read the same input (q/k/v, gate/up): see ``LinearGroup``.
+        self.group: LinearGroup | None = None
 
     def extra_repr(self) -> str:
         return f"module={self.module_name!r}, layer={self.layer}, max_rank={self.max_rank}"
@@ -167,27 +169,96 @@ class MultiLoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.base(x)
         plan = self._context.plan
+        if plan is not None and plan.fused_index is not None:
+            if self.group is not None:
+                return self.group.output(self, x, plan.fused_index, plan.rows)
+            out: torch.Tensor = self.base(x)
+            lora_kernels.add_lora(
+                x, out, self._lora_a, self._lora_bt, self._scales, plan.fused_index, plan.rows
+            )
+            return out
+        out = self.base(x)
         if plan is None:
             return out
         module = plan.modules.get(self.module_name)
-        if module is None and not plan.static:
+        if module is None:
+            if plan.static:
+                raise ValueError("a static batch plan needs fused_index")
             return out
         rows = plan.rows
-        if plan.fused_index is not None:
-            lora_kernels.add_lora(
-                x, out, self._lora_a, self._lora_bt, self._scales, plan.fused_index, rows
-            )
-            return out
-        if module is None:
-            raise ValueError("a static batch plan needs fused_index")
         tokens = x.numel() // (rows * self.in_features)
         if module.wide_slots and tokens <= WIDE_MAX_TOKENS_PER_ROW:
             add_wide(x, out, self._lora_a, self._lora_bt, module, rows, tokens)
         else:
             add_gathered(x, out, self._lora_a, self._lora_bt, module, rows, tokens)
         return out
+
+
+#: Sibling linears that a decoder layer calls on one input tensor, by their last path part.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class LinearGroup(threading.local):
+    """Siblings that read one input (q/k/v; gate/up): one kernel launch adds all their deltas.
+
+    Whichever member is called first computes every member's base output and adds their
+    deltas in one ``add_lora_group``; the others, called next on the very same input tensor,
+    return their output from this thread's stash. A member called on another input (a model
+    that does not share it after all) simply recomputes the group, so the result is always
+    what the members would compute alone.
+    """
+
+    def __init__(self, members: Sequence[MultiLoRALinear]) -> None:
+        self.members = tuple(members)
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def output(
+        self, member: MultiLoRALinear, x: torch.Tensor, index: torch.Tensor, rows: int
+    ) -> torch.Tensor:
+        if self._input is x:
+            stashed = self._pending.pop(id(member), None)
+            if stashed is not None:
+                if not self._pending:
+                    self._input = None
+                return stashed
+        outs = [m.base(x) for m in self.members]
+        lora_kernels.add_lora_group(
+            x,
+            outs,
+            [m._lora_a for m in self.members],
+            [m._lora_bt for m in self.members],
+            [m._scales for m in self.members],
+            index,
+            rows,
+        )
+        self._input = x
+        self._pending = {id(m): o for m, o in zip(self.members, outs, strict=True)}
+        return self._pending.pop(id(member))
+
+
+def group_shared_inputs(layer: nn.Module) -> list[LinearGroup]:
+    """Join the wrapped sibling linears of ``layer`` that read one input into groups."""
+    wrapped = {
+        name: m for name, m in layer.named_modules() if isinstance(m, MultiLoRALinear) and name
+    }
+    groups = []
+    for names in SHARED_INPUT_GROUPS:
+        parents: dict[str, list[MultiLoRALinear]] = {}
+        for path, module in wrapped.items():
+            parent, _, last = path.rpartition(".")
+            if last in names:
+                parents.setdefault(parent, []).append(module)
+        for members in parents.values():
+            members.sort(key=lambda m: names.index(m.module_name.rpartition(".")[2]))
+            same_input = len({m.in_features for m in members}) == 1
+            if len(members) > 1 and same_input and len(members) <= lora_kernels.MAX_GROUP:
+                group = LinearGroup(members)
+                for member in members:
+                    member.group = group
+                groups.append(group)
+    return groups
 
 
 def add_gathered(

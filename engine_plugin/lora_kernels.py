@@ -1,51 +1,65 @@
-"""One fused launch per LoRA module: ``out[t] += scale[s] * (x[t] @ A[s]^T) @ B[s]^T``.
+"""LoRA deltas in one or two Triton launches per group of modules that share an input.
 
-The eager paths of ``layers`` add a module's LoRA delta with four or five stock ops (gather or
-mask, two matmuls, a scale), each a kernel launch. On a GPU a decode step of a small model is
-bound by launches, not by bytes: the 0.5B shape's base launches ~1,000 kernels a step, and four
-more per wrapped module (168 modules) made the engine 1.7x slower than its base. Here the whole
-delta is one Triton kernel (the shrink ``x @ A^T`` and the expand ``h @ B^T`` of Punica's SGMV,
-fused): a program takes ``BLOCK_M`` tokens of one row (so one slot, and ``tl.dot`` on the tensor
-cores) and ``BLOCK_N`` output features; it recomputes the row's ``[BLOCK_M, R]`` shrink, which
-costs ``K * R`` per token, small next to reading ``B``'s tile for shapes up to ``K`` ~ 16k.
+``out_g[t] += scale_g[s] * (x[t] @ A_g[s]^T) @ B_g[s]^T`` for every output ``g`` of a group
+(``q/k/v`` read one input, so do ``gate/up``), ``s`` the slot of token ``t``'s row.
 
-Routing is read from device tensors only (``index``: each row's slot; ``scales``: each slot's
-scale, 0 for the zero slot and for empty slots), never from the host. That is what lets a
-CUDA graph capture the launch once and stay valid while adapters are attached, detached and
-swapped: the engine rewrites those tensors in place (see ``graphs``). A row whose slot has
-scale 0 returns at once, so base rows cost nothing but their program's start.
+Why: the eager paths of ``layers`` add a module's delta with four or five stock ops, each a
+kernel launch, and on a GPU a decode step of a small model is bound by launches: the 0.5B
+shape's base launches ~1,000 kernels a step and four more per wrapped module (168 modules) made
+the engine 1.7x slower than its base. Under a CUDA graph the launch cost goes, and what is left
+is each kernel's own latency, so both the count and the length of the kernels matter:
 
-``add_lora`` picks the Triton kernel on CUDA (or under Triton's CPU interpreter, for tests) and
-``add_lora_reference`` otherwise: the same sum with stock torch ops, the CPU path and the
-reference the kernel is tested against.
+* **fused** (inputs up to ``FUSED_MAX_K`` features): one launch for the group. A program takes
+  ``BLOCK_M`` tokens of one row (one slot, so ``tl.dot`` on the tensor cores) and ``BLOCK_N``
+  features of one output; it computes the tokens' shrink ``x @ A^T`` (``K * R`` a token,
+  recomputed per output tile) and adds ``h @ B^T`` (Punica's SGMV shrink and expand, fused).
+* **split** (wider inputs, e.g. ``down_proj``): the shrink's ``K`` loop would be the kernel's
+  whole latency, so it is split over ``SPLIT_K`` chunks in parallel (partial sums in a small fp32
+  buffer), and a second launch sums them and adds ``h @ B^T``.
+
+Routing is read from device tensors only (``index``: each row's slot; each output's column of
+the pool's ``scales``: each slot's scale, 0 for the zero slot and for empty slots), never from
+the host. That is what lets a CUDA graph capture the launches once and stay valid while
+adapters are attached, detached and swapped: the engine rewrites those tensors in place (see
+``graphs``). An output whose slot has scale 0 is skipped, so base rows cost only their
+programs' start.
+
+``add_lora_group`` runs the kernels on CUDA (or under Triton's CPU interpreter, for tests) and
+``add_lora_reference`` per output otherwise: the same sum with stock torch ops, the CPU path
+and the reference the kernels are tested against.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 #: Off switch (``LORACAT_TRITON=0``): every device takes the torch path.
 _DISABLED = os.environ.get("LORACAT_TRITON", "1") == "0"
-#: Run the kernel on CPU tensors through Triton's interpreter (tests). Triton must have been
+#: Run the kernels on CPU tensors through Triton's interpreter (tests). Triton must have been
 #: imported with ``TRITON_INTERPRET=1`` already: its own library functions are compiled or
-#: interpreted from the moment it is imported (``tests/conftest.py`` sets it on CPU machines).
+#: interpreted from the moment it is imported (``tests/engine/conftest.py`` sets it on CPU
+#: machines before this module is imported).
 INTERPRET_ON_CPU = False
+#: Inputs up to this many features take the fused kernel; wider ones the split one.
+FUSED_MAX_K = 1024
+#: Features of the input each program of the split shrink reads.
+SPLIT_CHUNK = 512
+#: Outputs one launch serves (q/k/v).
+MAX_GROUP = 3
 
-
-@functools.cache
-def _triton() -> Any:
-    """The ``triton`` module, or None where it is missing or unusable."""
+try:
     if _DISABLED:
-        return None
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton
+        raise ImportError("disabled by LORACAT_TRITON=0")
+    import triton as _triton
+    import triton.language as _triton_language
+except ImportError:
+    _triton = _triton_language = None
+triton: Any = _triton
+tl: Any = _triton_language
 
 
 def interpreting() -> bool:
@@ -54,40 +68,143 @@ def interpreting() -> bool:
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Whether ``add_lora`` runs the Triton kernel for tensors on ``device``."""
-    if _triton() is None:
+    """Whether ``add_lora_group`` runs the Triton kernels for tensors on ``device``."""
+    if triton is None:
         return False
     if device.type == "cuda":
         return not interpreting()
     return device.type == "cpu" and INTERPRET_ON_CPU and interpreting()
 
 
-@functools.cache
-def _kernel(interpret: bool) -> Any:
-    """Build the kernel (Triton decides at decoration time whether to interpret)."""
-    del interpret  # part of the cache key only
-    triton = _triton()
-    import triton.language as tl
+if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def fused_lora(  # type: ignore[no-untyped-def]
+    def _shrink(  # type: ignore[no-untyped-def]
         x_ptr,
-        out_ptr,
         a_ptr,
+        tok,
+        mask_m,
+        k_start,
+        k_stop,
+        stride_xt,
+        stride_ar,
+        RANK: tl.constexpr,
+        RANK_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """``x[tok, k_start:k_stop] @ A[:, k_start:k_stop]^T`` as ``[BLOCK_M, RANK_PAD]`` fp32
+        (``a_ptr`` at the slot's ``[R, K]`` block)."""
+        offs_r = tl.arange(0, RANK_PAD)
+        mask_r = offs_r < RANK
+        h = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_stop
+            x = tl.load(
+                x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            a_t = tl.load(
+                a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None],
+                mask=mask_r[None, :] & mask_k[:, None],
+                other=0.0,
+            )
+            if IEEE:
+                h += tl.dot(x.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+            else:
+                h += tl.dot(x, a_t)
+        return h
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _expand(  # type: ignore[no-untyped-def]
+        h,
         bt_ptr,
-        scale_ptr,
+        out_ptr,
+        tok,
+        mask_m,
+        n_block,
+        n_features,
+        stride_br,
+        stride_ot,
+        RANK: tl.constexpr,
+        RANK_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """``out[tok, block] += h @ B^T[:, block]`` (``bt_ptr`` at the slot's ``[R, N]``)."""
+        offs_r = tl.arange(0, RANK_PAD)
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_features
+        bt = tl.load(
+            bt_ptr + offs_r[:, None] * stride_br + offs_n[None, :],
+            mask=(offs_r < RANK)[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            delta = tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        else:
+            delta = tl.dot(h.to(bt.dtype), bt)
+        out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :]
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        current = tl.load(out_ptrs, mask=mask_out, other=0.0)
+        tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=mask_out)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _output_of(pid_n, nb0, nb1, NUM: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Which output (0, 1, 2) an output-tile program serves, and its tile there."""
+        which = pid_n * 0
+        n_block = pid_n
+        if NUM > 1:  # noqa: SIM102 (Triton: constexpr and runtime tests apart)
+            if pid_n >= nb0:
+                which = pid_n * 0 + 1
+                n_block = pid_n - nb0
+        if NUM > 2:  # noqa: SIM102
+            if pid_n >= nb0 + nb1:
+                which = pid_n * 0 + 2
+                n_block = pid_n - nb0 - nb1
+        return which, n_block
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _fused_group_kernel(  # type: ignore[no-untyped-def]
+        x_ptr,
         index_ptr,
+        a0,
+        a1,
+        a2,
+        b0,
+        b1,
+        b2,
+        o0,
+        o1,
+        o2,
+        s0,
+        s1,
+        s2,
+        n0,
+        n1,
+        n2,
+        nb0,
+        nb1,
+        sb0,
+        sb1,
+        sb2,
+        so0,
+        so1,
+        so2,
+        br0,
+        br1,
+        br2,
         tokens,
         k_features,
-        n_features,
         m_blocks,
         stride_xt,
-        stride_ot,
         stride_as,
         stride_ar,
-        stride_bs,
-        stride_br,
         stride_scale,
+        NUM: tl.constexpr,
         RANK: tl.constexpr,
         RANK_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -96,53 +213,201 @@ def _kernel(interpret: bool) -> Any:
         IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
         row = pid_m // m_blocks
         slot = tl.load(index_ptr + row)
+        which, n_block = _output_of(tl.program_id(1), nb0, nb1, NUM)
+        # One output's pointers, picked by scalar branches (the same code for each).
+        a_ptr, bt_ptr, out_ptr, scale_ptr = a0, b0, o0, s0
+        n_features, stride_bs, stride_ot, stride_br = n0, sb0, so0, br0
+        if NUM > 1 and which == 1:
+            a_ptr, bt_ptr, out_ptr, scale_ptr = a1, b1, o1, s1
+            n_features, stride_bs, stride_ot, stride_br = n1, sb1, so1, br1
+        if NUM > 2 and which == 2:
+            a_ptr, bt_ptr, out_ptr, scale_ptr = a2, b2, o2, s2
+            n_features, stride_bs, stride_ot, stride_br = n2, sb2, so2, br2
+        scale = tl.load(scale_ptr + slot * stride_scale)
+        if scale != 0.0:
+            offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < tokens
+            tok = row * tokens + offs_m
+            h = _shrink(
+                x_ptr,
+                a_ptr + slot * stride_as,
+                tok,
+                mask_m,
+                0,
+                k_features,
+                stride_xt,
+                stride_ar,
+                RANK,
+                RANK_PAD,
+                BLOCK_M,
+                BLOCK_K,
+                IEEE,
+            )
+            _expand(
+                h * scale,
+                bt_ptr + slot * stride_bs,
+                out_ptr,
+                tok,
+                mask_m,
+                n_block,
+                n_features,
+                stride_br,
+                stride_ot,
+                RANK,
+                RANK_PAD,
+                BLOCK_N,
+                IEEE,
+            )
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _split_shrink_kernel(  # type: ignore[no-untyped-def]
+        x_ptr,
+        index_ptr,
+        partial_ptr,
+        a0,
+        a1,
+        a2,
+        s0,
+        s1,
+        s2,
+        tokens,
+        total_tokens,
+        k_features,
+        m_blocks,
+        stride_xt,
+        stride_as,
+        stride_ar,
+        stride_scale,
+        NUM: tl.constexpr,
+        RANK: tl.constexpr,
+        RANK_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        CHUNK: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Partial shrinks: program ``(m, chunk, g)`` writes ``partial[g, chunk, tok, :]``."""
+        pid_m = tl.program_id(0)
+        chunk = tl.program_id(1)
+        which = tl.program_id(2)
+        row = pid_m // m_blocks
+        slot = tl.load(index_ptr + row)
+        a_ptr, scale_ptr = a0, s0
+        if NUM > 1 and which == 1:
+            a_ptr, scale_ptr = a1, s1
+        if NUM > 2 and which == 2:
+            a_ptr, scale_ptr = a2, s2
+        scale = tl.load(scale_ptr + slot * stride_scale)
+        if scale != 0.0:
+            offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < tokens
+            tok = row * tokens + offs_m
+            k_start = chunk * CHUNK
+            h = _shrink(
+                x_ptr,
+                a_ptr + slot * stride_as,
+                tok,
+                mask_m,
+                k_start,
+                tl.minimum(k_start + CHUNK, k_features),
+                stride_xt,
+                stride_ar,
+                RANK,
+                RANK_PAD,
+                BLOCK_M,
+                BLOCK_K,
+                IEEE,
+            )
+            offs_r = tl.arange(0, RANK_PAD)
+            dst = (
+                partial_ptr
+                + ((which * tl.num_programs(1) + chunk) * total_tokens + tok[:, None]) * RANK_PAD
+                + offs_r[None, :]
+            )
+            tl.store(dst, h, mask=mask_m[:, None])
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _split_expand_kernel(  # type: ignore[no-untyped-def]
+        partial_ptr,
+        index_ptr,
+        b0,
+        b1,
+        b2,
+        o0,
+        o1,
+        o2,
+        s0,
+        s1,
+        s2,
+        n0,
+        n1,
+        n2,
+        nb0,
+        nb1,
+        sb0,
+        sb1,
+        sb2,
+        so0,
+        so1,
+        so2,
+        br0,
+        br1,
+        br2,
+        tokens,
+        total_tokens,
+        chunks,
+        m_blocks,
+        stride_scale,
+        NUM: tl.constexpr,
+        RANK: tl.constexpr,
+        RANK_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        row = pid_m // m_blocks
+        slot = tl.load(index_ptr + row)
+        which, n_block = _output_of(tl.program_id(1), nb0, nb1, NUM)
+        bt_ptr, out_ptr, scale_ptr = b0, o0, s0
+        n_features, stride_bs, stride_ot, stride_br = n0, sb0, so0, br0
+        if NUM > 1 and which == 1:
+            bt_ptr, out_ptr, scale_ptr = b1, o1, s1
+            n_features, stride_bs, stride_ot, stride_br = n1, sb1, so1, br1
+        if NUM > 2 and which == 2:
+            bt_ptr, out_ptr, scale_ptr = b2, o2, s2
+            n_features, stride_bs, stride_ot, stride_br = n2, sb2, so2, br2
         scale = tl.load(scale_ptr + slot * stride_scale)
         if scale != 0.0:
             offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < tokens
             tok = row * tokens + offs_m
             offs_r = tl.arange(0, RANK_PAD)
-            mask_r = offs_r < RANK
-            a_base = a_ptr + slot * stride_as
             h = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
-            for k0 in range(0, k_features, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < k_features
-                x = tl.load(
-                    x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0,
+            for chunk in range(0, chunks):
+                src = (
+                    partial_ptr
+                    + ((which * chunks + chunk) * total_tokens + tok[:, None]) * RANK_PAD
+                    + offs_r[None, :]
                 )
-                a_t = tl.load(
-                    a_base + offs_r[None, :] * stride_ar + offs_k[:, None],
-                    mask=mask_r[None, :] & mask_k[:, None],
-                    other=0.0,
-                )
-                if IEEE:
-                    h += tl.dot(x.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
-                else:
-                    h += tl.dot(x, a_t)
-            h = (h * scale).to(bt_ptr.dtype.element_ty)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < n_features
-            bt = tl.load(
-                bt_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
-                mask=mask_r[:, None] & mask_n[None, :],
-                other=0.0,
+                h += tl.load(src, mask=mask_m[:, None], other=0.0)
+            _expand(
+                h * scale,
+                bt_ptr + slot * stride_bs,
+                out_ptr,
+                tok,
+                mask_m,
+                n_block,
+                n_features,
+                stride_br,
+                stride_ot,
+                RANK,
+                RANK_PAD,
+                BLOCK_N,
+                IEEE,
             )
-            if IEEE:
-                delta = tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-            else:
-                delta = tl.dot(h, bt)
-            out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :]
-            mask_out = mask_m[:, None] & mask_n[None, :]
-            current = tl.load(out_ptrs, mask=mask_out, other=0.0)
-            tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=mask_out)
-
-    return fused_lora
 
 
 def _next_pow2(n: int) -> int:
@@ -154,12 +419,86 @@ def _block_m(tokens: int) -> int:
     return 16 if tokens <= 16 else (32 if tokens <= 32 else 64)
 
 
-def _block_n(n_features: int, k_features: int) -> int:
-    # Each program recomputes its tokens' shrink (K * R): wide output tiles keep that
-    # recomputation (and the reads of A it takes) to a few passes over A for large K.
-    if k_features >= 2048 and n_features >= 2048:
-        return 256
-    return 128
+def _block_n(n_features: int) -> int:
+    return 256 if n_features >= 2048 else 128
+
+
+def _padded(items: Sequence[Any], fill: Any) -> list[Any]:
+    return [*items, *([fill] * (MAX_GROUP - len(items)))]
+
+
+def add_lora_group(
+    x: torch.Tensor,
+    outs: Sequence[torch.Tensor],
+    lora_as: Sequence[torch.Tensor],
+    lora_bts: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    index: torch.Tensor,
+    rows: int,
+) -> None:
+    """For each output ``g``: ``outs[g][b, t] += scales[g][s_b] * x[b, t] @ lora_as[g][s_b]^T
+    @ lora_bts[g][s_b]``, in place.
+
+    ``x`` ``[rows * tokens, K]`` (any leading shape), ``outs[g]`` likewise with ``N_g``
+    features (a contiguous last axis); ``lora_as[g]`` ``[S + 1, R, K]`` and ``lora_bts[g]``
+    ``[S + 1, R, N_g]`` (one layer's slots; every ``lora_as[g]`` with the same strides);
+    ``scales[g]`` ``[S + 1]`` (any stride, the same for all); ``index`` ``[rows]`` integer
+    slots. Up to ``MAX_GROUP`` outputs.
+    Rows whose slot has scale 0 in an output are left as they are there.
+    """
+    if not kernel_available(x.device):
+        for out, lora_a, lora_bt, scale in zip(outs, lora_as, lora_bts, scales, strict=True):
+            add_lora_reference(x, out, lora_a, lora_bt, scale, index, rows)
+        return
+    num = len(outs)
+    k_features = lora_as[0].shape[-1]
+    x2 = x.reshape(-1, k_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    total = x2.shape[0]
+    tokens = total // rows
+    rank = lora_as[0].shape[-2]
+    rank_pad = max(16, _next_pow2(rank))
+    block_m = _block_m(tokens)
+    m_blocks = -(-tokens // block_m)
+    outs2 = [o.view(-1, o.shape[-1]) for o in outs]
+    n_feats = [o.shape[-1] for o in outs2]
+    block_n = _block_n(max(n_feats))
+    n_blocks = [-(-n // block_n) for n in n_feats]
+    ieee = x2.dtype == torch.float32 or interpreting()
+    a = _padded(lora_as, lora_as[0])
+    b = _padded(lora_bts, lora_bts[0])
+    o = _padded(outs2, outs2[0])
+    s = _padded(scales, scales[0])
+    n = _padded(n_feats, 0)
+    nb = _padded(n_blocks, 0)
+    sb = _padded([t.stride(0) for t in lora_bts], 0)
+    so = _padded([t.stride(0) for t in outs2], 0)
+    br = _padded([t.stride(1) for t in lora_bts], 0)
+    out_tiles = (rows * m_blocks, sum(n_blocks))
+    if k_features <= FUSED_MAX_K:
+        _fused_group_kernel[out_tiles](
+            x2, index, *a, *b, *o, *s, *n, nb[0], nb[1], *sb, *so, *br,
+            tokens, k_features, m_blocks, x2.stride(0),
+            a[0].stride(0), a[0].stride(1), s[0].stride(0),
+            NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=min(256, max(64, _next_pow2(k_features))), IEEE=ieee,
+        )  # fmt: skip
+        return
+    chunks = -(-k_features // SPLIT_CHUNK)
+    partial = torch.empty((num, chunks, total, rank_pad), dtype=torch.float32, device=x.device)
+    _split_shrink_kernel[(rows * m_blocks, chunks, num)](
+        x2, index, partial, *a, *s,
+        tokens, total, k_features, m_blocks, x2.stride(0),
+        a[0].stride(0), a[0].stride(1), s[0].stride(0),
+        NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_K=128,
+        CHUNK=SPLIT_CHUNK, IEEE=ieee,
+    )  # fmt: skip
+    _split_expand_kernel[out_tiles](
+        partial, index, *b, *o, *s, *n, nb[0], nb[1], *sb, *so, *br,
+        tokens, total, chunks, m_blocks, s[0].stride(0),
+        NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
+    )  # fmt: skip
 
 
 def add_lora(
@@ -171,55 +510,8 @@ def add_lora(
     index: torch.Tensor,
     rows: int,
 ) -> None:
-    """``out[b, t] += scales[s_b] * x[b, t] @ lora_a[s_b]^T @ lora_bt[s_b]``, in place.
-
-    ``x`` ``[rows * tokens, K]`` (any leading shape), ``out`` likewise with ``N`` features,
-    ``lora_a`` ``[S + 1, R, K]``, ``lora_bt`` ``[S + 1, R, N]`` (one layer's slots, each slot's
-    ``[R, *]`` block contiguous in its last axis), ``scales`` ``[S + 1]`` (any stride),
-    ``index`` ``[rows]`` integer slots. Rows whose slot has scale 0 are left as they are.
-    """
-    if not kernel_available(x.device):
-        add_lora_reference(x, out, lora_a, lora_bt, scales, index, rows)
-        return
-    k_features = lora_a.shape[-1]
-    n_features = lora_bt.shape[-1]
-    x2 = x.reshape(-1, k_features)
-    out2 = out.view(-1, n_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    tokens = x2.shape[0] // rows
-    rank = lora_a.shape[-2]
-    block_m = _block_m(tokens)
-    block_n = _block_n(n_features, k_features)
-    m_blocks = -(-tokens // block_m)
-    grid = (rows * m_blocks, -(-n_features // block_n))
-    _kernel(interpreting())[grid](
-        x2,
-        out2,
-        lora_a,
-        lora_bt,
-        scales,
-        index,
-        tokens,
-        k_features,
-        n_features,
-        m_blocks,
-        x2.stride(0),
-        out2.stride(0),
-        lora_a.stride(0),
-        lora_a.stride(1),
-        lora_bt.stride(0),
-        lora_bt.stride(1),
-        scales.stride(0),
-        RANK=rank,
-        RANK_PAD=max(16, _next_pow2(rank)),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=64 if k_features < 128 else 128,
-        # fp32 products in IEEE precision (not TF32): fp32 models, and the interpreter, whose
-        # bf16 dot is wrong (Triton 3.9 on numpy).
-        IEEE=x2.dtype == torch.float32 or interpreting(),
-    )
+    """``add_lora_group`` for one output."""
+    add_lora_group(x, [out], [lora_a], [lora_bt], [scales], index, rows)
 
 
 def add_lora_reference(

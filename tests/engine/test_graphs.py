@@ -7,6 +7,8 @@ torch reference here; ``test_cuda.py`` checks the captured graphs on a GPU.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -109,29 +111,49 @@ def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("rows", "tokens", "k", "n", "rank"),
-    [(3, 1, 40, 70, 4), (2, 20, 96, 33, 16), (4, 1, 256, 300, 8), (2, 70, 64, 130, 1)],
+    [
+        (3, 1, 40, (70,), 4),
+        (2, 20, 96, (33, 17, 128), 16),
+        (4, 1, 256, (300, 40), 8),
+        (2, 70, 64, (130,), 1),
+        (3, 2, 1500, (70, 33), 4),  # wider than FUSED_MAX_K: the split shrink
+        (2, 40, 1100, (20, 200, 9), 16),
+    ],
 )
-def test_kernel_matches_the_reference(
-    interpreted: None, dtype: torch.dtype, rows: int, tokens: int, k: int, n: int, rank: int
+def test_kernels_match_the_reference(
+    interpreted: None,
+    dtype: torch.dtype,
+    rows: int,
+    tokens: int,
+    k: int,
+    n: tuple[int, ...],
+    rank: int,
 ) -> None:
     gen = torch.Generator().manual_seed(rows * tokens + k)
     slots = 5
-    lora_a = torch.randn(slots + 1, rank, k, generator=gen).to(dtype)
-    lora_bt = torch.randn(slots + 1, rank, n, generator=gen).to(dtype)
-    lora_a[slots] = 0
-    lora_bt[slots] = 0
-    scales = torch.rand(slots + 1, generator=gen)
-    scales[slots] = 0
+    # Every output's slots as in a pool: [S + 1, R, *], zero slot last; scales as columns.
+    lora_as = [torch.randn(slots + 1, rank, k, generator=gen).to(dtype) for _ in n]
+    lora_bts = [torch.randn(slots + 1, rank, width, generator=gen).to(dtype) for width in n]
+    pool_scales = torch.rand(slots + 1, len(n) + 1, generator=gen)
+    pool_scales[slots] = 0
+    pool_scales[1, 0] = 0  # slot 1 holds an adapter that does not adapt output 0
+    for lora_a, lora_bt in zip(lora_as, lora_bts, strict=True):
+        lora_a[slots] = 0
+        lora_bt[slots] = 0
+    scales = [pool_scales[:, g + 1 if g else 0] for g in range(len(n))]
     index = torch.tensor([i % (slots + 1) for i in range(rows)])
     index[-1] = slots  # a base row
     x = torch.randn(rows, tokens, k, generator=gen).to(dtype)
-    out = torch.randn(rows, tokens, n, generator=gen).to(dtype)
-    got, want = out.clone(), out.clone()
-    lora_kernels.add_lora(x, got, lora_a, lora_bt, scales, index, rows)
-    lora_kernels.add_lora_reference(x, want, lora_a, lora_bt, scales, index, rows)
+    outs = [torch.randn(rows, tokens, width, generator=gen).to(dtype) for width in n]
+    got = [o.clone() for o in outs]
+    want = [o.clone() for o in outs]
+    lora_kernels.add_lora_group(x, got, lora_as, lora_bts, scales, index, rows)
+    for g in range(len(n)):
+        lora_kernels.add_lora_reference(x, want[g], lora_as[g], lora_bts[g], scales[g], index, rows)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert rel_err(got.float(), want.float()) <= tolerance
-    assert torch.equal(got[-1], out[-1])  # the base row untouched
+    for g in range(len(n)):
+        assert rel_err(got[g].float(), want[g].float()) <= tolerance, g
+        assert torch.equal(got[g][-1], outs[g][-1])  # the base row untouched
 
 
 def test_kernel_reads_scales_through_a_strided_column(interpreted: None) -> None:
@@ -160,3 +182,25 @@ def test_decoder_through_the_interpreted_kernel_matches_peft(
         want = _greedy_reference(llama, adapter, ids[row : row + 1], 1)
         assert rel_err(first[row], want[0]) <= 1e-4, (row, adapter)
         assert rel_err(second[row], want[1]) <= 1e-4, (row, adapter)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper() -> None:
+    """Every kernel variant compiles for sm_90 (the interpreter checks results, not types)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(root / "tests/engine/compile_kernels.py")],
+        cwd=root,
+        env={**env, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok ") == 27
