@@ -108,7 +108,7 @@ def run_demo(
     keep = root is not None
     root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="loracat-demo-"))
     catalog = open_catalog(root)
-    tokens = demo_tokens(root) if auth else {}
+    credentials = demo_tokens(root) if auth else {}
     guard = Guard(Authenticator(root / "auth.toml")) if auth else None
     server, port = create_server(catalog, "127.0.0.1:0", guard=guard)
     address = f"127.0.0.1:{port}"
@@ -122,8 +122,8 @@ def run_demo(
         params = sum(p.numel() for p in model.parameters())
         say(f"base:    {BASE_ID}, {layers} layers, {params / 1e6:.1f}M parameters (random init)")
 
-        client = CatalogClient(address, token=tokens.get("trainer"))
-        engine_client = CatalogClient(address, token=tokens["gpu-node"]) if auth else client
+        client = CatalogClient(address, token=credentials.get("trainer"))
+        engine_client = CatalogClient(address, token=credentials["gpu-node"]) if auth else client
         names = [f"tenant{i % 6:02d}/policy-{i:03d}" for i in range(adapters)]
         t0 = time.perf_counter()
         pushed_bytes = 0
