@@ -16,11 +16,13 @@ seven linear modules. Trainer and engine share only the durable tier:
   bytes), so no cache on the way holds it.
 
 Two settings: **S3** (a SeaweedFS server started here; the catalog's durable store and the
-checkpoint under one bucket) and **colocated** (the catalog on a local ``file://`` store with its
-default fsync, the checkpoint on a local store without fsync, page cache warm: the full path
-at memory speed, so the ratio is naturally lower). Warm-up runs first, then ``--runs`` timed
-runs, medians. Reports every component (export, transfer, copy), the ratio and the bytes ratio
-(its ceiling). Floor (issue 3): S3 ratio >= 25x at rank 16.
+checkpoint under one bucket) and **colocated** (the catalog a ``loracat serve`` process on a
+local ``file://`` store with its default fsync, the engine beside it reading packs straight
+from its NVMe tier (``catalog.client.colocated``), the checkpoint on a local store without
+fsync, page cache warm: the full path at memory speed, so the ratio is naturally lower).
+Warm-up runs first, then ``--runs`` timed runs, medians. Reports every component (export,
+transfer, copy), the ratio and the bytes ratio (its ceiling). Floors: S3 ratio >= 25x at
+rank 16 (issue 3); colocated >= 40x at rank 16 (issue 14).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_handoff.py [--runs 5] [--small]
 """
@@ -100,9 +102,17 @@ def load_in_place(model: Any, checkpoint: bytes) -> int:
 
 
 @contextmanager
-def catalog_server(root: Path, store_url: str) -> Iterator[str]:
+def catalog_server(root: Path, store_url: str, *, process: bool = False) -> Iterator[str]:
+    """A catalog serving ``store_url``: in this process, or (``process``) a ``loracat serve``
+    child, as on a node where engines beside the catalog read its NVMe tier directly."""
     from catalog.service.server import create_server, open_catalog
 
+    if process:
+        from tests.servers import serve_subprocess
+
+        with serve_subprocess(root, store_url) as (_, address):
+            yield address
+        return
     catalog = open_catalog(root, store_url)
     server, port = create_server(catalog, "127.0.0.1:0")
     try:
@@ -147,7 +157,8 @@ def run_setting(
             )
     del resident
 
-    with catalog_server(root / f"catalog-{label}", catalog_url) as address:
+    colocated = label == "colocated"
+    with catalog_server(root / f"catalog-{label}", catalog_url, process=colocated) as address:
         client = CatalogClient(address)
         engine = ResidentEngine(
             copy.deepcopy(base),
@@ -189,6 +200,10 @@ def run_setting(
                 # the adapter is usable: one forward on it
                 engine.forward(torch.zeros(1, 4, dtype=torch.long), [name])
                 result["adapter"][str(rank)] = runs
+            path = client.colocated
+            result["colocated_reads"] = 0 if path is None else path.counters["reads"]
+            if colocated and (path is None or path.reason or path.counters["fallbacks"]):
+                raise RuntimeError(f"the colocated engine streamed: {path and path.reason}")
         finally:
             engine.close()
             client.close()
@@ -383,6 +398,9 @@ def main() -> None:
     floors = {}
     if "s3" in settings:
         floors["s3_rank16_ratio_ge_25"] = settings["s3"]["adapter"]["16"]["ratio"] >= 25
+    if "colocated" in settings and "16" in settings["colocated"]["adapter"]:
+        ratio = settings["colocated"]["adapter"]["16"]["ratio"]
+        floors["colocated_rank16_ratio_ge_40"] = ratio >= 40
     print("\nfloors:", floors)
     write_results(
         f"handoff{'_small' if args.small else ''}",

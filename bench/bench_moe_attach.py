@@ -34,10 +34,16 @@ cache warm; every run fetches again)
   views of them) and the per-key copies.
 - ``transfer only``: the gRPC fetch alone, the part of both paths that packing cannot change.
 
+colocated catalog (the same ``loracat serve`` child process and loaders, issue 14): the client
+reads each pack straight from the catalog's NVMe tier (a lease over gRPC, the chunks from its
+LMDB environment read-only, each checked against its checksum, copied once into the returned
+buffer), so ``transfer only`` is that read, which feeds the unpacked loaders too.
+
 Headline: the fastest safetensors 1-by-1 unpacked loader over ``packed attach``, per setting, in
 wall-clock medians (CPU time beside it, steadier on this shared machine: this process's, plus
 the server process's over gRPC, read from ``/proc``);
-floor (issue 5): >= 10x at 64 experts. Every loader's slot is checked equal to the packed one
+floors: >= 10x at 64 experts (issue 5 from the page cache, issue 14 through a colocated
+catalog). Every loader's slot is checked equal to the packed one
 after the runs. Prints a table and writes ``bench/results/moe_attach.json``.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_moe_attach.py [--repeats 5] [--experts 8 64]
@@ -87,6 +93,11 @@ DENSE = {
     "self_attn.q_proj": (HIDDEN, HIDDEN),
     "self_attn.v_proj": (HIDDEN, HIDDEN // HEADS * KV_HEADS),
 }
+#: The loader list's settings: the pack file in the page cache, a catalog streaming it over
+#: gRPC, and a colocated catalog whose NVMe tier this process reads directly.
+SETTINGS = ("page_cache", "grpc", "colocated")
+#: The transfer-only row of each catalog setting (keyed by ``colocated``).
+TRANSFER = {False: "transfer only (gRPC fetch)", True: "transfer only (colocated read)"}
 #: The slot a loader fills: the packed attach takes slot 0 (the lowest free), the unpacked
 #: loaders write slot 1 directly (never claimed, never read by a forward here).
 PACKED_SLOT, UNPACKED_SLOT = 0, 1
@@ -366,19 +377,28 @@ def run_page_cache(experts: int, paths: dict[str, Path], repeats: int) -> dict[s
 
 
 def run_grpc(
-    experts: int, paths: dict[str, Path], repeats: int, root: Path, digest: str
+    experts: int,
+    paths: dict[str, Path],
+    repeats: int,
+    root: Path,
+    digest: str,
+    colocated: bool = False,
 ) -> dict[str, Any]:
+    """The catalog settings: bytes over the gRPC stream, or (``colocated``) read by this
+    process straight from the catalog's NVMe tier under a lease (``catalog.client.colocated``);
+    every loader, the unpacked ones included, is fed by that same client."""
     from catalog.client import CatalogClient
     from tests.servers import serve_subprocess
 
     name = "bench/moe"
-    store = (root / f"store-{experts}").as_uri()
+    label = "colocated" if colocated else "grpc"
+    store = (root / f"store-{experts}-{label}").as_uri()
     serve_args = ("--digest", digest)
-    with serve_subprocess(root / f"catalog-{experts}", store, extra_args=serve_args) as (
+    with serve_subprocess(root / f"catalog-{experts}-{label}", store, extra_args=serve_args) as (
         server,
         address,
     ):
-        client = CatalogClient(address)
+        client = CatalogClient(address, colocated=colocated)
         try:
             client.push(name, paths["pack"].read_bytes())
             engine = build_engine(experts, client)
@@ -400,7 +420,7 @@ def run_grpc(
                 "packed attach": attach,
                 "unpacked 1-by-1 (load)": lambda: unpacked(unpacked_from_bytes),
                 "unpacked 1-by-1 (raw views)": lambda: unpacked(unpacked_views),
-                "transfer only (gRPC fetch)": lambda: client.fetch(revision),
+                TRANSFER[colocated]: lambda: client.fetch(revision),
             }
             samples = time_rounds(
                 loaders, repeats, {"packed attach": lambda: engine.detach(name)}, server.pid
@@ -408,6 +428,11 @@ def run_grpc(
             engine.attach(name)
             if not slots_equal(engine, PACKED_SLOT, UNPACKED_SLOT):
                 raise AssertionError("the unpacked loader filled the slot differently")
+            path = client.colocated
+            if colocated and (path is None or path.reason or path.counters["fallbacks"]):
+                raise AssertionError(
+                    f"the colocated setting read over gRPC: {path and path.reason}"
+                )
             engine.close()
         finally:
             client.close()
@@ -432,6 +457,8 @@ def run(experts: int, repeats: int, root: Path, digest: str) -> dict[str, Any]:
     page_cache = run_page_cache(experts, paths, repeats)
     print(f"E={experts}: catalog over gRPC ...", flush=True)
     grpc = run_grpc(experts, paths, repeats, root, digest)
+    print(f"E={experts}: colocated catalog ...", flush=True)
+    colocated = run_grpc(experts, paths, repeats, root, digest, colocated=True)
     from catalog.pack import read_pack
 
     def speedup(setting: dict[str, Any], raw: bool, key: str = "x_packed_time") -> float:
@@ -449,21 +476,32 @@ def run(experts: int, repeats: int, root: Path, digest: str) -> dict[str, Any]:
         "import_peft_dir_s": import_s,
         "page_cache": page_cache,
         "grpc": grpc,
+        "colocated": colocated,
         "speedup_page_cache": speedup(page_cache, raw=False),
         "speedup_grpc": speedup(grpc, raw=False),
+        "speedup_colocated": speedup(colocated, raw=False),
         "speedup_page_cache_vs_raw_views": speedup(page_cache, raw=True),
         "speedup_grpc_vs_raw_views": speedup(grpc, raw=True),
+        "speedup_colocated_vs_raw_views": speedup(colocated, raw=True),
         "speedup_page_cache_cpu": speedup(page_cache, raw=False, key="x_packed_cpu"),
         "speedup_grpc_cpu": speedup(grpc, raw=False, key="x_packed_cpu"),
-        "transfer_mb_s": len(pack)
-        / grpc["loaders"]["transfer only (gRPC fetch)"]["median_s"]
+        "speedup_colocated_cpu": speedup(colocated, raw=False, key="x_packed_cpu"),
+        "transfer_mb_s": len(pack) / grpc["loaders"][TRANSFER[False]]["median_s"] / 1e6,
+        "colocated_transfer_mb_s": len(pack)
+        / colocated["loaders"][TRANSFER[True]]["median_s"]
         / 1e6,
         # What a packed loader doing nothing after its transfer would score over gRPC: the
         # unpacked loader pays the same transfer, so this bounds the gRPC speedup.
         "grpc_ceiling": min(
             v["median_s"] for k, v in grpc["loaders"].items() if "1-by-1" in k and "raw" not in k
         )
-        / grpc["loaders"]["transfer only (gRPC fetch)"]["median_s"],
+        / grpc["loaders"][TRANSFER[False]]["median_s"],
+        "colocated_ceiling": min(
+            v["median_s"]
+            for k, v in colocated["loaders"].items()
+            if "1-by-1" in k and "raw" not in k
+        )
+        / colocated["loaders"][TRANSFER[True]]["median_s"],
     }
 
 
@@ -487,7 +525,7 @@ def main() -> None:
 
     rows = []
     for r in runs:
-        for setting in ("page_cache", "grpc"):
+        for setting in SETTINGS:
             for name, stats in r[setting]["loaders"].items():
                 tensors = r["pack_tensors"] if name.startswith("packed") else r["peft_tensors"]
                 rows.append(
@@ -513,7 +551,8 @@ def main() -> None:
     print_table(
         "packed attach: its parts (ms); speedup over the fastest safetensors 1-by-1 unpacked "
         "loader (floor: >= 10x at E=64) and over raw views (a lower bound); ceiling: that unpacked "
-        "loader over the transfer alone, the most any packed loader could score over gRPC",
+        "loader over the transfer alone, the most any packed loader could score through that "
+        "catalog",
         [
             "experts",
             "setting",
@@ -536,18 +575,18 @@ def main() -> None:
                 r[f"speedup_{setting}"],
                 r[f"speedup_{setting}_cpu"],
                 r[f"speedup_{setting}_vs_raw_views"],
-                r["transfer_mb_s"] if setting == "grpc" else "-",
-                r["grpc_ceiling"] if setting == "grpc" else "-",
+                r.get(f"{setting}_transfer_mb_s".replace("grpc_", ""), "-"),
+                r.get(f"{setting}_ceiling", "-"),
             ]
             for r in runs
-            for setting in ("page_cache", "grpc")
+            for setting in SETTINGS
         ],
     )
     floors = {
         f"{setting}_e64_ge_10x": r[f"speedup_{setting}"] >= 10
         for r in runs
         if r["experts"] == 64
-        for setting in ("page_cache", "grpc")
+        for setting in SETTINGS
     }
     print("\nfloors:", floors)
     write_results(

@@ -13,6 +13,7 @@ transaction ends; every function here returns copies, never views.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,13 +67,31 @@ def pieces(data: bytes, start: int, end: int, piece_bytes: int, name: str) -> It
 def chunk_view(
     txn: Txn, tables: Tables, ekey: bytes, meta: EntryMeta, index: int, name: str, seen: bytes
 ) -> memoryview:
-    """Chunk ``index`` as a view into the map, present and of its recorded length (not yet
-    checked against its checksum). Raises ``CorruptEntry``."""
+    """Chunk ``index`` as a view into the map (a copy read from the file, for a reference
+    entry), present and of its recorded length (not yet checked against its checksum).
+    Raises ``CorruptEntry``."""
+    if meta.file:
+        return memoryview(
+            read_file_range(meta, index * meta.chunk_bytes, meta.chunk_length(index), name, seen)
+        )
     view = txn.get(ekey + index.to_bytes(INDEX_BYTES, "big"), db=tables.chunks)
     if view is None or len(view) != meta.chunk_length(index):
         got = "missing" if view is None else f"{len(view)} bytes"
         raise CorruptEntry(f"chunk {index} of {name} is {got}", seen)
     return memoryview(view)
+
+
+def read_file_range(meta: EntryMeta, start: int, length: int, name: str, seen: bytes) -> bytes:
+    """``length`` bytes from ``start`` of a reference entry's file. Raises ``CorruptEntry``
+    when the file is gone or shorter than the meta says."""
+    try:
+        with open(meta.file, "rb") as f:
+            data = os.pread(f.fileno(), length, start)
+    except OSError as exc:
+        raise CorruptEntry(f"the file of {name} ({meta.file}): {exc.strerror}", seen) from None
+    if len(data) != length:
+        raise CorruptEntry(f"the file of {name} ({meta.file}) is shorter than it was", seen)
+    return data
 
 
 def read_meta(txn: Txn, tables: Tables, ekey: bytes, name: str) -> EntryMeta | None:
@@ -89,6 +108,8 @@ def read_whole(txn: Txn, tables: Tables, ekey: bytes, name: str) -> tuple[bytes,
         return None
     seen = bytes(raw)
     meta = decode_meta(seen, name)
+    if meta.file:
+        return read_file_range(meta, 0, meta.size, name, seen), seen
     views = [
         chunk_view(txn, tables, ekey, meta, index, name, seen) for index in range(meta.chunk_count)
     ]

@@ -7,7 +7,8 @@ is its only writer, and engines on the same host may open it read-only
     chunks   entry key + u32 big-endian chunk index -> chunk bytes (``chunk_bytes`` each, the
              last one shorter)
     entries  entry key -> meta: format, codec, size, chunk_bytes, chunk count, insert time
-             (unix ns), pin count, then one 32-byte BLAKE3 checksum per chunk
+             (unix ns), pin count, then one 32-byte BLAKE3 checksum per chunk; for a
+             reference entry (codec 1) the absolute path of the durable tier's file follows
     info     b"schema" -> schema version; b"instance" -> a random id naming this environment
              (a reader checks it, so that a path that names another directory on another host
              or in another mount namespace is never taken for the catalog's cache)
@@ -15,6 +16,11 @@ is its only writer, and engines on the same host may open it read-only
 An entry key is ``algorithm:`` followed by the raw digest bytes (``sha256:`` + 32 bytes), so
 every chunk key of a pack starts with its entry key and no other pack's key does, and chunks
 sort in index order.
+
+A reference entry has no chunks: its bytes are the durable tier's own file (a ``file://`` store
+on the cache's filesystem keeps every pack as an immutable file, written once under a temporary
+name and renamed into place), so the tier does not hold a second copy. Its checksums are those
+of the file's chunks, checked on every read as for stored chunks.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from catalog.digest import Digest
 __all__ = [
     "CHECKSUM_BYTES",
     "CHUNKS_DB",
+    "CODEC_FILE",
+    "CODEC_RAW",
     "DATA_FILE",
     "DEFAULT_CHUNK_BYTES",
     "ENTRIES_DB",
@@ -69,7 +77,8 @@ INDEX_BYTES = 4
 MAX_INDEX = (1 << (8 * INDEX_BYTES)) - 1
 
 _FORMAT = 1
-_CODEC_RAW = 0  # room for a compressed codec later without a schema change
+CODEC_RAW = 0  # chunks stored in the environment (room for a compressed codec later)
+CODEC_FILE = 1  # no chunks: the bytes are the file whose path ends the meta
 _META = struct.Struct(">BBQIIQI")  # format, codec, size, chunk_bytes, count, inserted_ns, pins
 
 
@@ -103,6 +112,8 @@ class EntryMeta:
     inserted_ns: int
     pins: int
     checksums: bytes  # CHECKSUM_BYTES per chunk
+    #: A reference entry's file (absolute path); "" when the chunks are in the environment.
+    file: str = ""
 
     @property
     def chunk_count(self) -> int:
@@ -116,26 +127,29 @@ class EntryMeta:
 
     def same_bytes(self, other: EntryMeta) -> bool:
         """Whether ``other`` describes the same chunks (a refill may differ in pins and time)."""
-        return (self.size, self.chunk_bytes, self.checksums) == (
+        return (self.size, self.chunk_bytes, self.checksums, self.file) == (
             other.size,
             other.chunk_bytes,
             other.checksums,
+            other.file,
         )
 
     def encode(self) -> bytes:
         header = _META.pack(
             _FORMAT,
-            _CODEC_RAW,
+            CODEC_FILE if self.file else CODEC_RAW,
             self.size,
             self.chunk_bytes,
             self.chunk_count,
             self.inserted_ns,
             self.pins,
         )
-        return header + self.checksums
+        return header + self.checksums + self.file.encode()
 
     def with_pins(self, pins: int) -> EntryMeta:
-        return EntryMeta(self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums)
+        return EntryMeta(
+            self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums, self.file
+        )
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> EntryMeta:
@@ -143,22 +157,35 @@ class EntryMeta:
         if len(raw) < _META.size:
             raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
         fmt, codec, size, chunk_bytes, count, inserted_ns, pins = _META.unpack_from(raw)
-        if fmt != _FORMAT or codec != _CODEC_RAW:
-            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1/0")
+        if fmt != _FORMAT or codec not in (CODEC_RAW, CODEC_FILE):
+            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1/0-1")
         if size <= 0 or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"meta has size {size}, chunk_bytes {chunk_bytes}")
         if count != -(-size // chunk_bytes):
             raise ValueError(f"meta has {count} chunks for {size} bytes of {chunk_bytes}")
-        if len(raw) != _META.size + count * CHECKSUM_BYTES:
+        end = _META.size + count * CHECKSUM_BYTES
+        if codec == CODEC_RAW and len(raw) != end:
             raise ValueError(f"meta is {len(raw)} bytes, expected {count} checksums")
-        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size :]))
+        if codec == CODEC_FILE and len(raw) <= end:
+            raise ValueError(f"reference meta is {len(raw)} bytes, without a file path")
+        file = ""
+        if codec == CODEC_FILE:
+            try:
+                file = bytes(raw[end:]).decode()
+            except UnicodeDecodeError:
+                raise ValueError("reference meta names a file path that is not UTF-8") from None
+            if not file.startswith("/"):
+                raise ValueError(f"reference meta names a relative file path {file!r}")
+        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size : end]), file)
 
     @classmethod
-    def for_data(cls, data: bytes, chunk_bytes: int) -> EntryMeta:
+    def for_data(cls, data: bytes, chunk_bytes: int, *, file: str = "") -> EntryMeta:
+        """The meta of ``data`` cut into chunks; with ``file``, a reference entry to that file
+        (which holds exactly ``data``)."""
         view = memoryview(data)
         starts = range(0, len(data), chunk_bytes)
         checksums = b"".join(checksum(view[start : start + chunk_bytes]) for start in starts)
-        return cls(len(data), chunk_bytes, time.time_ns(), 0, checksums)
+        return cls(len(data), chunk_bytes, time.time_ns(), 0, checksums, file)
 
 
 def host_id() -> str:

@@ -161,6 +161,7 @@ class _Counters:
     corrupt_dropped: int = 0
     read_errors: int = 0
     orphan_chunks_removed: int = 0
+    referenced_fills: int = 0  # fills cached as references to the durable tier's file
     dropped_on_open: int = 0
 
 
@@ -188,6 +189,7 @@ class PackCache:
         sync: bool = True,
         map_size: int | None = None,
         max_map_size: int | None = None,
+        local_files: Callable[[Digest], Path | None] | None = None,
     ) -> None:
         """Open (creating if missing) the cache in directory ``path``.
 
@@ -203,6 +205,10 @@ class PackCache:
                 capacity plus 64 MiB). It doubles whenever LMDB reports it full...
             max_map_size: ...up to this (default 4x the initial map); beyond it fills are
                 served without caching and counted as ``fill_failures``.
+            local_files: where the durable tier keeps a pack as an immutable local file (a
+                ``file://`` store). A pack whose file is on this cache's filesystem is cached as
+                a reference to that file (its meta and checksums, no second copy; counted as
+                ``referenced_fills``); its bytes still count against ``capacity_bytes``.
 
         Raises:
             InvalidArgument: bad capacity, policy name, chunk size or map size.
@@ -216,6 +222,7 @@ class PackCache:
                 f"got {chunk_bytes!r}"
             )
         self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)
+        self._local_files = local_files
         self.path = Path(path)
         self.chunk_bytes = chunk_bytes
         initial = _initial_map_size(capacity_bytes, chunk_bytes) if map_size is None else map_size
@@ -313,7 +320,8 @@ class PackCache:
                 meta = metas.get(owner)
                 if meta is None and owner in dropped:
                     continue  # deleted with its entry
-                if meta is None or int.from_bytes(key[-INDEX_BYTES:], "big") >= meta.chunk_count:
+                index = int.from_bytes(key[-INDEX_BYTES:], "big")
+                if meta is None or meta.file or index >= meta.chunk_count:
                     orphans.append(key)
         policy = self._policy
         # Pinned entries first so they keep their room, then the rest oldest first.
@@ -892,7 +900,7 @@ class PackCache:
         """Cache ``data`` if it is admitted; a failure to write is logged, never raised."""
         if not data:
             return
-        meta = EntryMeta.for_data(data, self.chunk_bytes)
+        meta = EntryMeta.for_data(data, self.chunk_bytes, file=self._reference_for(digest, data))
         try:
             self._install(digest, data, meta)
         except (lmdb.Error, CatalogError) as exc:
@@ -900,6 +908,22 @@ class PackCache:
             log.warning("pack cache %s: caching %s (%s) failed: %s", self.path, name, digest, exc)
             with self._lock:
                 self._counters.fill_failures += 1
+
+    def _reference_for(self, digest: Digest, data: bytes) -> str:
+        """The durable file to reference instead of storing ``data`` again; "" for none."""
+        if self._local_files is None:
+            return ""
+        path = self._local_files(digest)
+        if path is None:
+            return ""
+        try:
+            path = path.resolve(strict=True)
+            found, here = path.stat(), self.path.stat()
+        except OSError:
+            return ""
+        if found.st_dev != here.st_dev or found.st_size != len(data):
+            return ""  # another filesystem: a reference would not save this disk anything
+        return str(path)
 
     def _install(self, digest: Digest, data: bytes, meta: EntryMeta) -> None:
         key, size = str(digest), len(data)
@@ -945,6 +969,7 @@ class PackCache:
             with self._lock:
                 self._counters.fills += 1
                 self._counters.bytes_filled += size
+                self._counters.referenced_fills += bool(meta.file)
 
     def _pin_resident(self, digest: Digest) -> bool:
         """Add a pin to a cached pack; ``False`` (nothing done) when it is not cached."""
@@ -1066,7 +1091,7 @@ class PackCache:
         size = meta.chunk_bytes
         if meta.chunk_count - 1 > MAX_INDEX:
             raise ResourceExhausted(f"{digest} has more than {MAX_INDEX} chunks")
-        for index in range(meta.chunk_count):
+        for index in range(0 if meta.file else meta.chunk_count):  # a reference: no chunks
             txn.put(
                 ekey + index.to_bytes(INDEX_BYTES, "big"),
                 view[index * size : (index + 1) * size],

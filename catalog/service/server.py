@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from catalog.core import Catalog, Limits
-from catalog.digest import DEFAULT_ALGORITHM
+from catalog.digest import DEFAULT_ALGORITHM, Digest
 from catalog.errors import InvalidArgument
 from catalog.locks import never_wait_here
 from catalog.service.auth import Authenticator, Guard, check_exposure, open_audit_log
@@ -25,12 +26,25 @@ from catalog.service.servicer import MAX_MESSAGE_BYTES, CatalogServicer
 from catalog.service.tls import server_credentials
 from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
+from catalog.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 7070
 
 
 DEFAULT_CACHE_BYTES = 8 << 30
+
+
+def _local_blob_files(store: BlobStore) -> Callable[[Digest], Path] | None:
+    """Where a ``file://`` store keeps each pack: the NVMe tier references those files instead
+    of holding a second copy when they are on its filesystem (``PackCache(local_files=...)``)."""
+    from catalog.events import blob_key
+    from catalog.storage.local import LocalDirStore
+
+    if not isinstance(store, LocalDirStore):
+        return None
+    root = store.root
+    return lambda digest: root / blob_key(digest)
 
 
 def open_catalog(
@@ -57,7 +71,12 @@ def open_catalog(
     root.mkdir(parents=True, exist_ok=True)
     store = open_store(store_url or (root / "store").as_uri())
     cache = (
-        PackCache(Path(cache_dir or root / "cache"), cache_bytes, cache_policy)
+        PackCache(
+            Path(cache_dir or root / "cache"),
+            cache_bytes,
+            cache_policy,
+            local_files=_local_blob_files(store),
+        )
         if cache_bytes > 0
         else None
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,7 +79,27 @@ def serving(root: Path, store: Path, *, cache_bytes: str = "64M") -> Iterator[Se
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
+    """A catalog whose ``file://`` store shares the NVMe tier's filesystem: the tier holds
+    references to the store's files, not copies."""
     with serving(tmp_path / "root", tmp_path / "store") as running:
+        yield running
+
+
+@pytest.fixture
+def other_filesystem() -> Iterator[Path]:
+    """A directory on another filesystem than the tests' temporary directories (tmpfs)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == Path(tempfile.gettempdir()).stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    directory = Path(tempfile.mkdtemp(prefix="loracat-test-", dir=shm))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def served_copies(tmp_path: Path, other_filesystem: Path) -> Iterator[Served]:
+    """A catalog whose store is on another filesystem: the NVMe tier holds copies, in chunks."""
+    with serving(tmp_path / "root-copies", other_filesystem / "store") as running:
         yield running
 
 

@@ -140,11 +140,17 @@ def test_a_cold_pack_is_read_from_the_durable_tier_once_for_all_engines(served: 
 # -- a writer changing the tier while engines read -------------------------------------------
 
 
-def test_evict_rewrite_pin_unpin_while_engines_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copies", [True, False], ids=["chunks", "references"])
+def test_evict_rewrite_pin_unpin_while_engines_read(
+    tmp_path: Path, copies: bool, request: pytest.FixtureRequest
+) -> None:
     packs = {f"acme/p{i}": big_pack(4, seed=10 + i) for i in range(3)}
+    # A store on another filesystem makes the tier hold copies (LMDB pages that a fill or an
+    # eviction frees and reuses); on the same one it holds references to the store's files.
+    store = (request.getfixturevalue("other_filesystem") if copies else tmp_path) / "store"
     # Room for about two of the three packs: fills evict each other.
     with (
-        serving(tmp_path / "root", tmp_path / "store", cache_bytes="9M") as served,
+        serving(tmp_path / "root", store, cache_bytes="9M") as served,
         CatalogClient(served.address, colocated=False) as writer,
     ):
         digests = {name: writer.push(name, pack).revision.digest for name, pack in packs.items()}
@@ -178,6 +184,7 @@ def test_evict_rewrite_pin_unpin_while_engines_read(tmp_path: Path) -> None:
         assert result["reads"] + result["fallbacks"] == 40 and result["reads"] > 0, result
     assert stats["nvme_evictions"] + stats["nvme_evicted_on_request"] > 0
     assert stats["nvme_corrupt_dropped"] == 0
+    assert (stats["nvme_referenced_fills"] == 0) is copies
 
 
 # -- crashes ---------------------------------------------------------------------------------
@@ -201,9 +208,12 @@ def test_sigkill_of_an_engine_mid_read_lets_its_lease_expire(served: Served) -> 
     assert stats["lease_stale_readers_cleared"] >= 1
 
 
-def test_sigkill_of_the_catalog_while_an_engine_reads(tmp_path: Path) -> None:
+def test_sigkill_of_the_catalog_while_an_engine_reads(
+    tmp_path: Path, other_filesystem: Path
+) -> None:
     pack = big_pack(4, seed=6)
-    root, store = tmp_path / "root", tmp_path / "store"
+    # The engine reads chunks from LMDB pages (the store elsewhere: the tier holds copies).
+    root, store = tmp_path / "root", other_filesystem / "store"
     with serving(root, store) as served:
         with CatalogClient(served.address, colocated=False) as client:
             revision = client.push("acme/big", pack).revision
@@ -227,7 +237,10 @@ def test_sigkill_of_the_catalog_while_an_engine_reads(tmp_path: Path) -> None:
 # -- integrity -------------------------------------------------------------------------------
 
 
-def test_a_flipped_byte_is_refused_then_repaired_from_the_durable_tier(served: Served) -> None:
+def test_a_flipped_byte_is_refused_then_repaired_from_the_durable_tier(
+    served_copies: Served,
+) -> None:
+    served = served_copies
     pack = big_pack(4, seed=7)
     with CatalogClient(served.address) as client:
         client.push("acme/big", pack)
@@ -244,7 +257,8 @@ def test_a_flipped_byte_is_refused_then_repaired_from_the_durable_tier(served: S
         assert stats["pack_lease_corrupt_reports"] == 1
 
 
-def test_a_byte_flipped_in_both_tiers_is_data_loss(served: Served) -> None:
+def test_a_byte_flipped_in_both_tiers_is_data_loss(served_copies: Served) -> None:
+    served = served_copies
     pack = big_pack(3, seed=8)
     with CatalogClient(served.address) as client:
         revision = client.push("acme/big", pack).revision
@@ -256,6 +270,64 @@ def test_a_byte_flipped_in_both_tiers_is_data_loss(served: Served) -> None:
         blob.write_bytes(bytes(raw))
         with pytest.raises(DataLoss, match="corrupt"):
             client.fetch("acme/big")
+
+
+# -- a file:// store on the tier's filesystem: references, not copies --------------------------
+
+
+def blob_file(served: Served, digest: Digest) -> Path:
+    return served.store / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+
+def test_a_local_store_is_referenced_not_copied(served: Served, served_copies: Served) -> None:
+    packs = [big_pack(4, seed=20 + i) for i in range(3)]
+    file_bytes = {}
+    for label, catalog in (("references", served), ("copies", served_copies)):
+        with CatalogClient(catalog.address) as client:
+            for i, pack in enumerate(packs):
+                client.push(f"acme/p{i}", pack)
+                assert bytes(client.fetch(f"acme/p{i}")) == pack  # colocated: fills the tier
+                with CatalogClient(catalog.address, colocated=False) as stream:
+                    assert bytes(stream.fetch(f"acme/p{i}")) == pack  # the catalog's own read
+            assert client.colocated is not None and client.colocated.counters["reads"] == 3
+            stats = counters(client)
+        assert stats["nvme_referenced_fills"] == (3 if label == "references" else 0)
+        assert stats["nvme_bytes"] == sum(map(len, packs))  # the budget counts them alike
+        file_bytes[label] = (catalog.cache_dir / "data.mdb").stat().st_blocks * 512
+    # Copies take the packs' size on disk again; references a few pages of metas.
+    assert file_bytes["copies"] >= sum(map(len, packs))
+    assert file_bytes["references"] < 1 << 20
+
+
+def test_a_mapped_file_outlives_its_collection(served: Served) -> None:
+    pack = big_pack(2, seed=23)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/big", pack).revision
+        data = client.fetch("acme/big")
+        client.delete("acme/big@1")
+        assert client.colocated is not None
+        client.colocated.flush()
+        client.gc()
+        assert not blob_file(served, revision.digest).exists()
+        assert bytes(data) == pack  # the engine's view of the unlinked file is intact
+
+
+def test_a_flipped_byte_in_a_referenced_file_is_data_loss(served: Served) -> None:
+    pack = big_pack(3, seed=24)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/big", pack).revision
+        assert bytes(client.fetch("acme/big")) == pack
+        blob = blob_file(served, revision.digest)
+        raw = bytearray(blob.read_bytes())
+        raw[(1 << 20) + 99] ^= 0xFF
+        blob.write_bytes(bytes(raw))
+        # The one copy is bad: refused on the colocated path and over the stream alike.
+        with pytest.raises(DataLoss):
+            client.fetch("acme/big")
+        assert client.colocated is not None
+        assert client.colocated.counters["corrupt_reported"] >= 1
+    with CatalogClient(served.address, colocated=False) as stream, pytest.raises(DataLoss):
+        stream.fetch("acme/big")
 
 
 # -- when the tier cannot be read from here --------------------------------------------------
