@@ -205,6 +205,48 @@ class SeaweedFS:
                 process.wait()
         self._kill()
 
+    # -- faults (tests of the durable tier's failures) --------------------------------------------
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open and nothing answers (a hung S3)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        self._signal(signal.SIGCONT)
+
+    def crash(self) -> None:
+        """SIGKILL the server, keeping its data and port for :meth:`restart`.
+
+        Raises:
+            FailedPrecondition: it was started without a ``data_dir`` (its data would go).
+        """
+        if self._given_data_dir is None:
+            raise FailedPrecondition("crash() needs a SeaweedFS started with data_dir")
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        """Start a crashed server again on the same port with the same data; returns once it
+        has stored an object.
+
+        Raises:
+            FailedPrecondition: it is still running, or was never started.
+            SeaweedFSError: it did not become ready.
+        """
+        if self.running or self.port == 0:
+            raise FailedPrecondition("restart() is for a crashed server")
+        weed = self._weed or find_weed()
+        self._wait_until_ready(self._launch(weed, self.port))
+
+    def _signal(self, signum: int) -> None:
+        if not self.running:
+            raise FailedPrecondition("SeaweedFS is not running")
+        assert self._process is not None
+        self._process.send_signal(signum)
+
     def __enter__(self) -> SeaweedFS:
         return self.start()
 
