@@ -7,13 +7,20 @@
 # --no-deps (so pip cannot move vLLM's pins), then its runtime dependencies one by one: those
 # vLLM already satisfies are left alone. The test suite's vLLM fixture calls this script, so a
 # fresh clone in CI installs it by itself; the install (~2-3 min, ~3.5 GB) happens once per
-# checkout, and again only when this script or pyproject.toml changes.
+# checkout, and again only when this script or the project's dependencies or entry points change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${LORACAT_VLLM_VENV:-.venv-vllm}
 stamp="$VENV/.loracat-vllm-setup"
-want=$(cat pyproject.toml scripts/vllm_venv.sh | sha256sum | cut -c1-16)
+# The stamp covers what this venv takes from pyproject.toml (runtime dependencies, entry points),
+# not the whole file, so unrelated edits there (dev tools, lint settings) cost no reinstall.
+want=$( {
+  "$PYTHON" -c 'import json, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(json.dumps([project["dependencies"], project.get("entry-points", {})], sort_keys=True))'
+  cat scripts/vllm_venv.sh
+} | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
 fi

@@ -61,17 +61,6 @@ class VllmAdmin:
             return False
         return True
 
-    def complete(self, model: str, max_tokens: int = 1) -> dict[str, Any]:
-        """One tiny completion for ``model`` (a token-id prompt): makes vLLM resolve and load
-        it exactly as a client's first request would.
-
-        Raises ``FailedPrecondition`` (a 4xx), ``NotFound``, ``Unavailable``."""
-        return self._call(
-            "POST",
-            "/v1/completions",
-            {"model": model, "prompt": [0], "max_tokens": max_tokens, "temperature": 0},
-        )
-
     def _call(
         self, method: str, route: str, payload: dict[str, Any] | None, timeout: float | None = None
     ) -> dict[str, Any]:

@@ -6,9 +6,9 @@ revision each one serves, and one background thread (the checker) that
 
 * re-resolves every mutable name (``t/n``, ``t/n@serving``) every ``recheck_s`` and at once when
   the catalog's hint stream says an alias moved, and swaps a name whose revision changed: the
-  new revision is materialized first, then the name is dropped from vLLM's table and loaded
-  again through vLLM's own resolver path, so requests already running keep the revision they
-  started with and the next ones get the new one;
+  new revision is materialized first, then the name is dropped from vLLM's table, so the next
+  request for it goes through the resolver again; requests already running keep the revision
+  they started with;
 * warms what the catalog hints at (``stage`` hints): materializes it on node-local disk and
   loads it into vLLM's LoRA cache under its reference, at most ``max_cpu_loras`` at a time;
 * keeps the table true to vLLM's (``/v1/models``) and reports residency to the catalog.
@@ -232,6 +232,11 @@ class LoracatRuntime:
     def check_once(self) -> None:
         """One pass of the checker (the thread runs it every ``recheck_s``; tests call it)."""
         self._keep_registered()
+        with self._lock:
+            urgent, self._urgent = self._urgent, set()
+        if urgent:
+            # A deployment wave: its names first, before any bookkeeping call.
+            self._recheck_mutable(urgent)
         if not self.admin.healthy():
             return  # vLLM is not serving yet (or any more): nothing to swap or warm
         self._drop_unregistered()
@@ -283,12 +288,13 @@ class LoracatRuntime:
             if self._reporter is not None:
                 self._reporter.changed()
 
-    def _recheck_mutable(self) -> None:
+    def _recheck_mutable(self, only: set[AdapterName] | None = None) -> None:
         with self._lock:
-            urgent, self._urgent = self._urgent, set()
-            mutable = [b for b in self._bindings.values() if is_mutable(b.ref)]
-        # Names of the adapters a hint named go first.
-        mutable.sort(key=lambda b: b.ref.adapter not in urgent)
+            mutable = [
+                b
+                for b in self._bindings.values()
+                if is_mutable(b.ref) and (only is None or b.ref.adapter in only)
+            ]
         for binding in mutable:
             try:
                 revision = self.catalog.resolve(binding.ref)
@@ -304,10 +310,14 @@ class LoracatRuntime:
 
     def _swap(self, binding: Binding) -> None:
         """Point ``binding.name`` at what it names now (or at nothing: then the next request
-        gets the catalog's answer, a 404 or a 400, from the resolver)."""
+        gets the catalog's answer, a 404 or a 400, from the resolver).
+
+        The new revision is fetched to node-local disk first, while the old one still serves
+        the name; then the name is dropped from vLLM's table, and the next request for it goes
+        through the resolver (a Resolve, a directory already on disk, vLLM's load from it).
+        """
         staged: Materialized | None = None
         try:
-            # Fetch ahead, while the old revision still serves the name.
             staged = self.adapters.load(binding.name)
         except CatalogError as exc:
             log.info("%s no longer resolves to a servable revision: %s", binding.name, exc)
@@ -320,14 +330,11 @@ class LoracatRuntime:
                         (time.monotonic() + self.settings.release_grace_s, binding.materialized)
                     )
             self.counters["swaps"] += 1
-            if staged is not None:
-                # One token through vLLM's own path: the resolver registers the new revision,
-                # vLLM loads it, and the next client request finds it ready.
-                self.admin.complete(binding.name)
         except CatalogError as exc:
             log.warning("swapping %s failed: %s", binding.name, exc)
         finally:
             if staged is not None:
+                # Held only across the unload: the resolver takes its own hold.
                 self.adapters.release(staged)
             if self._reporter is not None:
                 self._reporter.changed()

@@ -50,9 +50,9 @@ def ensure_vllm_venv() -> Path:
     return VLLM_PYTHON
 
 
-def build_tiny_base(directory: Path, seed: int = 0) -> tuple[Path, Any]:
-    """Save a tiny random Llama and a tokenizer for it in ``directory``; returns the path and
-    the model (for making adapters)."""
+def build_tiny_base(directory: Path, seed: int = 0, **shape: int | bool) -> tuple[Path, Any]:
+    """Save a tiny random Llama (``BASE_SHAPE``, then ``shape``) and a tokenizer for it in
+    ``directory``; returns the path and the model (for making adapters)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -69,7 +69,7 @@ def build_tiny_base(directory: Path, seed: int = 0) -> tuple[Path, Any]:
         tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>"
     )
     tokenizer.save_pretrained(str(directory))
-    config = LlamaConfig(**BASE_SHAPE, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(**{**BASE_SHAPE, **shape}, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(str(directory))
@@ -135,10 +135,18 @@ class CatalogProcess:
     """``loracat serve`` in a child process on a fixed port, so it can be stopped and started
     again at the same address (a catalog restart as vLLM sees it)."""
 
-    def __init__(self, root: Path, *, store_url: str | None = None, env: Mapping[str, str] = {}):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        store_url: str | None = None,
+        env: Mapping[str, str] = {},
+        extra_args: Sequence[str] = (),
+    ):
         self.root = root
         self.store_url = store_url
         self.env = dict(env)
+        self.extra_args = list(extra_args)
         self.port = restartable_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -147,6 +155,7 @@ class CatalogProcess:
         args = [*loracat_command(), "serve", "--root", str(self.root), "--port", str(self.port)]
         if self.store_url:
             args += ["--store", self.store_url]
+        args += self.extra_args
         log = open(self.root.parent / f"catalog-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}

@@ -1,0 +1,269 @@
+"""loracat as vLLM's adapter source: first requests, warming, hot swap (real vLLM CPU build).
+
+Questions, each answered side by side in one run against one vLLM server that has both the
+loracat resolver and vLLM's own filesystem resolver:
+
+1. Cold first request for a never-seen adapter (rank 16, all seven linears): through loracat
+   (Resolve + FetchPack from a catalog whose durable tier is S3 on SeaweedFS, NVMe cache off so
+   every pack comes from S3; materialized on node-local disk) vs what users script today
+   (download the PEFT directory from the same S3 with boto3, then let vLLM's filesystem resolver
+   load it). Adapters alternate between the two paths. Floor: ratio <= 1.0.
+2. First request for an adapter warmed by a catalog hint (an alias ``serving`` move, which the
+   plugin turns into a load into vLLM's LoRA cache) vs a request for an adapter vLLM has loaded
+   and used. Floor: <= 1.1x.
+3. Alias move to the first response served by the new revision (the response's ``model`` names
+   the revision: ``t/n@serving#N``), polled with 1-token requests. Floor: p99 <= 2 s.
+
+Run (needs .venv-vllm, made by scripts/vllm_venv.sh):
+    .venv/bin/python bench/bench_vllm.py [--adapters 12] [--moves 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import percentile, print_table, write_results
+from catalog.pack import import_peft_dir
+from catalog.testing.seaweedfs import SeaweedFS
+from tests.vllm.harness import (
+    ALL_LINEARS,
+    CatalogProcess,
+    VllmServer,
+    build_tiny_base,
+    ensure_vllm_venv,
+    make_adapter,
+)
+
+#: A base large enough that a rank-16 adapter on all seven linears is ~2.4 MB (f32).
+BENCH_SHAPE = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
+BUCKET = "bench-vllm"
+#: One token: the questions are about the adapter path; longer decodes only add the same
+#: per-token time to both sides (and noise on a shared machine).
+MAX_TOKENS = 1
+
+
+def timed_complete(vllm: VllmServer, model: str, max_tokens: int = MAX_TOKENS) -> float:
+    started = time.perf_counter()
+    status, body = vllm.complete(model, max_tokens=max_tokens)
+    elapsed = time.perf_counter() - started
+    if status != 200:
+        raise RuntimeError(f"{model}: {status} {body}")
+    return elapsed
+
+
+def upload_peft_dir(s3: Any, directory: Path, prefix: str) -> None:
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+
+
+def download_peft_dir(s3: Any, prefix: str, into: Path) -> int:
+    """What a user's script does: list the prefix, GET every object into a directory."""
+    into.mkdir(parents=True)
+    total = 0
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    for item in listing.get("Contents", []):
+        data = s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+        (into / item["Key"].rsplit("/", 1)[1]).write_bytes(data)
+        total += len(data)
+    return total
+
+
+def wait_listed(vllm: VllmServer, name: str, timeout: float = 60.0) -> float:
+    started = time.perf_counter()
+    while name not in vllm.models():
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"{name} was never loaded by a hint")
+        time.sleep(0.02)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=int, default=12, help="adapters per path and question")
+    parser.add_argument("--moves", type=int, default=40, help="alias moves timed")
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    ensure_vllm_venv()
+
+    import boto3
+
+    work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    base, model = build_tiny_base(work / "base", **BENCH_SHAPE)
+    weed = SeaweedFS().start()
+    weed.create_bucket(BUCKET)
+    env = weed.env()
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=weed.endpoint_url,
+        aws_access_key_id=weed.access_key,
+        aws_secret_access_key=weed.secret_key,
+        region_name=weed.region,
+    )
+    catalog = CatalogProcess(
+        work / "catalog",
+        store_url=f"s3://{BUCKET}/catalog",
+        env=env,
+        extra_args=["--cache-bytes", "0"],
+    ).start()
+    fs_dir = work / "fs-resolver"
+    fs_dir.mkdir()
+    n = args.adapters
+    print(f"making {4 * n + 2} PEFT adapters (rank {args.rank}, all linears)...", flush=True)
+
+    def adapter(key: str, seed: int) -> Path:
+        return make_adapter(
+            model,
+            work / "peft" / key,
+            rank=args.rank,
+            targets=ALL_LINEARS,
+            seed=seed,
+            base_name=str(base),
+        )
+
+    with catalog.client() as client:
+        cold_lc, cold_fs, hinted, loaded = [], [], [], []
+        for i in range(n):
+            path = adapter(f"cold-lc-{i}", 100 + i)
+            client.push(f"bench/cold-{i}", import_peft_dir(path))
+            path = adapter(f"cold-fs-{i}", 200 + i)
+            upload_peft_dir(s3, path, f"peft/fs-{i}")
+            path = adapter(f"hint-{i}", 300 + i)
+            client.push(f"bench/hint-{i}", import_peft_dir(path))
+            path = adapter(f"loaded-{i}", 400 + i)
+            client.push(f"bench/loaded-{i}", import_peft_dir(path))
+        swap_revisions = [adapter("swap-1", 500), adapter("swap-2", 501)]
+        for path in swap_revisions:
+            client.push("bench/swap", import_peft_dir(path))
+        client.set_alias("bench/swap", "serving", 1)
+        adapter_bytes = sum(p.stat().st_size for p in (work / "peft" / "cold-lc-0").iterdir())
+
+        vllm = VllmServer(
+            base,
+            work / "vllm.log",
+            catalog=catalog.address,
+            cache_dir=work / "node-cache",
+            plugins="loracat,lora_filesystem_resolver",
+            max_loras=4,
+            max_cpu_loras=2 * n + 4,
+            env={"VLLM_LORA_RESOLVER_CACHE_DIR": str(fs_dir)},
+        )
+        print("starting vLLM...", flush=True)
+        vllm.start()
+        try:
+            for _ in range(3):  # warm-up: the first requests after start compile and allocate
+                timed_complete(vllm, str(base))
+            timed_complete(vllm, "bench/swap@serving")
+
+            # 1. cold first requests, alternating paths
+            for i in range(n):
+                if i % 2:
+                    cold_lc.append(timed_complete(vllm, f"bench/cold-{i}@1"))
+                started = time.perf_counter()
+                download_peft_dir(s3, f"peft/fs-{i}", fs_dir / f"fs-{i}")
+                timed_complete(vllm, f"fs-{i}")
+                cold_fs.append(time.perf_counter() - started)
+                if not i % 2:
+                    cold_lc.append(timed_complete(vllm, f"bench/cold-{i}@1"))
+
+            # 2. hinted first request vs a loaded adapter's request
+            for i in range(n):
+                timed_complete(vllm, f"bench/loaded-{i}@1")  # load and use it once
+                client.set_alias(f"bench/hint-{i}", "serving", 1)  # the attach hint
+                wait_listed(vllm, f"bench/hint-{i}@1")
+                # Alternate which goes first, so drift in the machine's load cancels out.
+                if i % 2:
+                    hinted.append(timed_complete(vllm, f"bench/hint-{i}@1"))
+                    loaded.append(timed_complete(vllm, f"bench/loaded-{i}@1"))
+                else:
+                    loaded.append(timed_complete(vllm, f"bench/loaded-{i}@1"))
+                    hinted.append(timed_complete(vllm, f"bench/hint-{i}@1"))
+
+            # 3. alias move -> first response from the new revision
+            swaps = []
+            current = 1
+            for _ in range(args.moves):
+                target = 2 if current == 1 else 1
+                started = time.perf_counter()
+                client.set_alias("bench/swap", "serving", target, expected=current)
+                while True:
+                    status, body = vllm.complete("bench/swap@serving", max_tokens=1)
+                    if status == 200 and body["model"].endswith(f"#{target}"):
+                        break
+                swaps.append(time.perf_counter() - started)
+                current = target
+        finally:
+            vllm.stop()
+            catalog.stop()
+            weed.stop()
+
+    def ms(xs: list[float]) -> float:
+        return statistics.median(xs) * 1e3
+
+    def paired(xs: list[float], ys: list[float]) -> float:
+        """Median of per-pair ratios: each pair ran back to back, under the same load."""
+        return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
+
+    cold_ratio = paired(cold_lc, cold_fs)
+    hint_ratio = paired(hinted, loaded)
+    swap_p99 = percentile(swaps, 99)
+    rows = [
+        ["cold first request: loracat (S3 -> catalog -> node disk)", ms(cold_lc), "", ""],
+        ["cold first request: boto3 download + filesystem resolver", ms(cold_fs), "", ""],
+        ["  ratio loracat / download (median of pairs)", "", f"{cold_ratio:.2f}x", "<= 1.0x"],
+        ["  ratio of the medians", "", f"{ms(cold_lc) / ms(cold_fs):.2f}x", ""],
+        ["first request, hinted adapter", ms(hinted), "", ""],
+        ["request, adapter loaded and used", ms(loaded), "", ""],
+        ["  ratio hinted / loaded (median of pairs)", "", f"{hint_ratio:.2f}x", "<= 1.1x"],
+        ["  ratio of the medians", "", f"{ms(hinted) / ms(loaded):.2f}x", ""],
+        ["alias move -> new revision served, p50", ms(swaps), "", ""],
+        ["alias move -> new revision served, p99", swap_p99 * 1e3, f"{swap_p99:.2f} s", "<= 2 s"],
+    ]
+    print_table(
+        f"vLLM {MAX_TOKENS}-token completions, rank {args.rank} adapters of "
+        f"{adapter_bytes / 1e6:.1f} MB, {n} per path",
+        ["what", "median ms", "figure", "floor"],
+        rows,
+    )
+    write_results(
+        "bench_vllm",
+        {
+            "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
+            "rank": args.rank,
+            "adapter_bytes": adapter_bytes,
+            "base_shape": BENCH_SHAPE,
+            "max_tokens": MAX_TOKENS,
+            "cold_loracat_s": cold_lc,
+            "cold_download_s": cold_fs,
+            "cold_ratio": cold_ratio,
+            "cold_ratio_of_medians": ms(cold_lc) / ms(cold_fs),
+            "hinted_first_s": hinted,
+            "loaded_s": loaded,
+            "hinted_ratio": hint_ratio,
+            "hinted_ratio_of_medians": ms(hinted) / ms(loaded),
+            "alias_move_s": swaps,
+            "alias_move_p50_s": percentile(swaps, 50),
+            "alias_move_p99_s": swap_p99,
+            "floors": {"cold_ratio": 1.0, "hinted_ratio": 1.1, "alias_move_p99_s": 2.0},
+        },
+    )
+    print(json.dumps({"cold_ratio": cold_ratio, "hinted_ratio": hint_ratio, "p99_s": swap_p99}))
+
+
+if __name__ == "__main__":
+    main()
