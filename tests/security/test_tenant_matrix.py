@@ -8,6 +8,7 @@ allowed gets its ordinary answer: OK, or NOT_FOUND for the missing adapter of it
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,9 @@ import grpc
 import pytest
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
-from catalog.client import CatalogClient
+from catalog.client import AsyncCatalogClient, CatalogClient
 from catalog.client.errors import translated
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, PermissionDenied, Unauthenticated
 from catalog.service.auth import METHOD_RULES, ROLE_CAPABILITIES
 from catalog.service.handlers import SERVICE
 from tests.security.conftest import ROOT_TOKEN, TOKENS, AuthCatalog
@@ -225,3 +226,20 @@ def test_every_event_names_its_principal_and_history_shows_who(
         root.reindex()  # the index is rebuilt from the log: who moved it survives
         assert root.alias_history("acme-audit/model", "canary")[0].principal == "write-user"
         assert root.resolve("acme-audit/model").metadata["provenance.principal"] == "write-user"
+
+
+def test_the_async_client_sends_its_token_on_every_kind_of_call(
+    auth_catalog: AuthCatalog, packs: dict[str, bytes]
+) -> None:
+    async def main() -> None:
+        async with AsyncCatalogClient(auth_catalog.address, token=TOKENS["write"]) as client:
+            pushed = await client.push("acme/aio", packs["qv-r4"])  # a client stream
+            assert await client.fetch("acme/aio") == packs["qv-r4"]  # a server stream
+            assert (await client.resolve("acme/aio")).digest == pushed.revision.digest
+            with pytest.raises(PermissionDenied):
+                await client.resolve("victim/other")
+        async with AsyncCatalogClient(auth_catalog.address) as anonymous:
+            with pytest.raises(Unauthenticated):
+                await anonymous.fetch("acme/aio")
+
+    asyncio.run(main())
