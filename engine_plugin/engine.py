@@ -782,6 +782,7 @@ class ResidentEngine:
                 routes=routes,
                 # A source's read-only buffer is the immutable pack (PackSource's contract).
                 borrow=memoryview(data).readonly,
+                flat=self.pool.copier is not None,
             )
             staged_at = time.perf_counter()
         except BaseException as exc:

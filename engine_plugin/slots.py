@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_plugin import slot_copy
 from engine_plugin.staging import StagedAdapter, StagedModule, tensor_nbytes
 
 #: Bound on cached slot-view lists (one per slot and adapter layout; layouts are few).
@@ -184,6 +185,10 @@ class SlotPool:
             module.scales = self.scales[:, column]
         # Host rows of scales by value, pinned on CUDA so their copy is asynchronous.
         self._scale_rows: dict[tuple[float, ...], torch.Tensor] = {}
+        #: One-launch slot writes and zeroing (CUDA); None: ``copy_``/``zero_`` per tensor.
+        self.copier = slot_copy.SlotCopier(device) if slot_copy.available(device) else None
+        # (slot, layout) -> (word offset in the staged buffer, slot runs) per stacked tensor.
+        self._scatter_targets: dict[tuple[int, str], list[tuple[int, slot_copy.Runs]] | None] = {}
         #: Bumped on every write or clear; batch plans cached against it go stale.
         self.generation = 0
         # (slot, StagedAdapter.layout_key) -> the slot views its tensors are copied into.
@@ -199,6 +204,13 @@ class SlotPool:
         Modules the adapter does not target stay zero in this slot.
         """
         self.generation += 1
+        targets = self._scatter(slot, staged)
+        if targets is not None and staged.flat is not None and self.copier is not None:
+            for name, module in staged.modules.items():
+                self.modules[name].record(slot, module)
+            self.copier.write((slot, staged.layout_key), staged.flat, targets)
+            self.scales[slot].copy_(self._scale_row(staged), non_blocking=non_blocking)
+            return staged.copied_nbytes
         key = (slot, staged.layout_key)
         dsts = self._copy_targets.get(key)
         if dsts is None:
@@ -223,6 +235,30 @@ class SlotPool:
             torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
         self.scales[slot].copy_(self._scale_row(staged), non_blocking=non_blocking)
         return staged.copied_nbytes
+
+    def _scatter(self, slot: int, staged: StagedAdapter) -> list[tuple[int, slot_copy.Runs]] | None:
+        """Where each tensor of ``staged.flat`` goes in ``slot``, for the one-launch write; None
+        where that cannot serve (no copier, no flat buffer, a module covering some layers)."""
+        if self.copier is None or staged.flat is None or staged.layout_key is None:
+            return None
+        key = (slot, staged.layout_key)
+        if key in self._scatter_targets:
+            return self._scatter_targets[key]
+        base = staged.flat.data_ptr()
+        targets: list[tuple[int, slot_copy.Runs]] | None = []
+        for name, module in staged.modules.items():
+            views = self.modules[name]._rows(slot, module.rank)
+            for view, source in zip(views, (module.lora_a, module.lora_bt), strict=True):
+                runs = slot_copy.as_runs(view)
+                if runs is None or targets is None:
+                    targets = None
+                    break
+                targets.append(((source.data_ptr() - base) // 2, runs))
+        if len(self._scatter_targets) >= _COPY_TARGETS_LIMIT:
+            self._scatter_targets.clear()
+        # The offsets depend on the layout alone: staging carves tensors in module order.
+        self._scatter_targets[key] = targets
+        return targets
 
     def _scale_row(self, staged: StagedAdapter) -> torch.Tensor:
         values = tuple(
@@ -265,7 +301,11 @@ class SlotPool:
             )
         ]
         views.append(self.scales[slot])
-        torch._foreach_zero_(views)
+        runs = [slot_copy.as_runs(v) for v in views] if self.copier is not None else []
+        if self.copier is not None and all(r is not None for r in runs):
+            self.copier.zero(tuple(runs), [r for r in runs if r is not None])
+        else:
+            torch._foreach_zero_(views)
         for module in self.modules.values():
             module.forget(slot)
 

@@ -4,6 +4,12 @@ The engine depends on two small protocols, not on the gRPC client: ``PackSource`
 reference, fetch a pack) and, optionally, ``ResidencySink`` (register the engine, report what
 it holds). ``catalog.client.CatalogClient`` satisfies both. ``LocalPackSource`` is an in-process
 implementation over a dict, for tests and demos that need no server.
+
+On the catalog's host, ``CatalogClient.fetch`` reads the pack straight from the catalog's NVMe
+tier (``catalog.client.colocated``) and returns a read-only buffer that never changes: a private
+copy of the checked chunks, or the durable store's own immutable file mapped read-only (a
+``file://`` store on the tier's filesystem). Either way the engine may keep views into it (the
+``borrow`` of ``staging``) for as long as it likes; no lease outlives the fetch.
 """
 
 from __future__ import annotations

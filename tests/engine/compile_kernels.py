@@ -14,14 +14,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from engine_plugin import lora_kernels as kernels
+from engine_plugin import slot_copy
 
 POINTERS = {"x_ptr", "a0", "a1", "a2", "b0", "b1", "b2", "o0", "o1", "o2"}
 FP32_POINTERS = {"partial_ptr", "s0", "s1", "s2"}
 
 
 def arg_type(name: str, dtype: str) -> str:
-    if name == "index_ptr":
+    if name in ("index_ptr", "table_ptr"):
         return "*i64"
+    if name == "src_ptr":
+        return "*i16"
     if name in FP32_POINTERS:
         return "*fp32"
     if name in POINTERS:
@@ -38,7 +41,7 @@ def compile_variant(fn: object, dtype: str, constexprs: dict[str, object]) -> No
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    print(fn.__name__, dtype, constexprs["NUM"], "ok", compiled.metadata.shared)  # type: ignore[attr-defined]
+    print(fn.__name__, dtype, constexprs.get("NUM"), "ok", compiled.metadata.shared)  # type: ignore[attr-defined]
 
 
 def main() -> int:
@@ -58,6 +61,8 @@ def main() -> int:
             compile_variant(
                 kernels._split_expand_kernel, dtype, {**common, "BLOCK_M": 16, "BLOCK_N": 256}
             )
+    compile_variant(slot_copy._scatter_kernel, "i16", {"BLOCK": 4096})
+    compile_variant(slot_copy._zero_kernel, "i16", {"BLOCK": 4096})
     return 0
 
 

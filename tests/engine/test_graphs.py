@@ -203,4 +203,44 @@ def test_kernels_compile_for_hopper() -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(" ok ") == 27
+    assert done.stdout.count(" ok ") == 29
+
+
+@pytest.mark.slow
+def test_one_launch_slot_writes_match_copy_and_zero(
+    monkeypatch: pytest.MonkeyPatch, llama: Arch
+) -> None:
+    """The scatter and zero kernels (``slot_copy``, interpreted) leave every slot byte as the
+    per-tensor copies and zeroing do, through attaches, evictions, swaps and detaches."""
+    pytest.importorskip("triton")
+    plain = llama.engine(num_slots=2)
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    if not lora_kernels.kernel_available(torch.device("cpu")):
+        pytest.skip("Triton is disabled or was imported uninterpreted")
+    fast = llama.engine(num_slots=2)
+    assert plain.pool.copier is None and fast.pool.copier is not None
+    steps = [
+        ("attach", "t/all-r4"),
+        ("attach", "t/mlp-r16-rs"),
+        ("attach", "t/qv-r8"),  # evicts: rows beyond rank 8 zeroed, other modules cleared
+        ("attach", "t/ko-r2-bf16"),
+        ("detach", "t/qv-r8"),
+        ("attach", "t/one-layer"),  # one layer only: the per-tensor fallback
+        ("attach", "t/all-r4"),
+    ]
+    for op, name in steps:
+        for engine in (plain, fast):
+            getattr(engine, op)(name)
+        for module in plain.pool.modules:
+            a, b = plain.pool.modules[module], fast.pool.modules[module]
+            assert torch.equal(a.lora_a, b.lora_a), (op, name, module)
+            assert torch.equal(a.lora_bt, b.lora_bt), (op, name, module)
+        assert torch.equal(plain.pool.scales, fast.pool.scales), (op, name)
+    assert any(targets for targets in fast.pool._scatter_targets.values())
+    assert fast.pool.copier._tables  # the zero kernel ran too
+    ids = make_ids(2, 5, seed=46)
+    adapters = ["t/all-r4", "t/one-layer"]
+    logits = fast.forward(ids, adapters).logits
+    for row, adapter in enumerate(adapters):
+        expected = llama.reference_logits(adapter, ids[row : row + 1])[0]
+        assert rel_err(logits[row], expected) <= 1e-4, adapter
