@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -10,6 +11,31 @@ import click
 from catalog.cli.common import connect, json_option, server_option, transfer_timeout
 from catalog.cli.exit_codes import DATA_LOSS
 from catalog.cli.output import emit_json, format_bytes, print_fields, print_table
+from catalog.errors import Unavailable
+
+
+@click.command()
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Keep trying this many seconds (for a catalog that is starting).",
+)
+@server_option
+def health(wait: float, server: str) -> None:
+    """Check that the catalog answers (exit 0), else exit 6: for scripts that start one."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with connect(server) as client:
+                client.wait_ready(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                client.stats()
+            break
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+    click.echo(f"serving at {client.target}")
 
 
 @click.command()

@@ -6,15 +6,15 @@ exactly one JSON document on stdout, in the shapes of ``catalog.cli.shapes``. Er
 on stderr and the exit statuses of ``catalog.cli.exit_codes``.
 
 The commands live in one module per area: ``serve``, ``revisions`` (push, ls, show, pull, rm,
-meta), ``aliases`` (alias, rollback), ``admin`` (gc, verify, reindex, checkpoint, stats, demo),
-``cache`` (cache, prefetch) and ``plan``.
+meta), ``aliases`` (alias, rollback), ``admin`` (health, gc, verify, reindex, checkpoint, stats,
+demo), ``cache`` (cache, prefetch) and ``plan`` (plan, trace).
 """
 
 from __future__ import annotations
 
 import click
 
-from catalog.cli.admin import checkpoint, demo, gc, reindex, stats, verify
+from catalog.cli.admin import checkpoint, demo, gc, health, reindex, stats, verify
 from catalog.cli.aliases import alias, rollback
 from catalog.cli.cache import cache, prefetch
 from catalog.cli.exit_codes import LoracatGroup
@@ -31,6 +31,7 @@ def cli() -> None:
 
 for command in (
     serve,
+    health,
     push,
     ls,
     show,

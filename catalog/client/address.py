@@ -8,6 +8,7 @@ connection is tried.
 
 from __future__ import annotations
 
+import os
 import re
 
 from catalog.errors import InvalidArgument
@@ -17,6 +18,16 @@ TLS_SCHEME = "grpcs://"
 PLAIN_SCHEME = "grpc://"
 
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\]")
+
+
+SERVER_ENV = "LORACAT_SERVER"
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def default_target() -> str:
+    """Where a client connects when given no address: ``$LORACAT_SERVER``, else the local
+    catalog on its default port."""
+    return os.environ.get(SERVER_ENV) or DEFAULT_TARGET
 
 
 def parse_address(target: str) -> tuple[str, bool]:

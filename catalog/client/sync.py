@@ -16,6 +16,7 @@ import grpc
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+from catalog.client.address import default_target
 from catalog.client.answers import (
     cache_entries,
     checkpoint_doc,
@@ -109,7 +110,7 @@ class CatalogClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
@@ -118,7 +119,8 @@ class CatalogClient:
         tls_key: str | Path | None = None,
         colocated: bool = True,
     ) -> None:
-        """Connect to ``target`` (``host:port``; ``grpcs://host:port`` for TLS). ``token`` is
+        """Connect to ``target`` (``host``, ``host:port``, ``grpc://`` or ``grpcs://`` for TLS;
+        None: ``$LORACAT_SERVER``, else ``127.0.0.1:7070``, as the CLI does). ``token`` is
         sent as ``authorization: Bearer <token>``; ``tls_ca`` verifies the server, ``tls_cert``
         and ``tls_key`` answer a server that asks for mutual TLS (each falls back to its
         ``$LORACAT_*`` variable, see ``catalog.client.channel``). Raises ``InvalidArgument``.
@@ -127,7 +129,11 @@ class CatalogClient:
         host, its environment readable here; see ``catalog.client.colocated``), with gRPC for
         control only; ``colocated=False`` always streams the bytes over gRPC."""
         settings = channel_settings(
-            target, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+            default_target() if target is None else target,
+            token=token,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         self.target = settings.address
         self.timeout = timeout
