@@ -9,6 +9,7 @@ import click
 
 from catalog.cli.common import connect, json_option, parse_bytes, server_option
 from catalog.cli.output import emit_json, format_bytes, format_time, print_table
+from catalog.cli.shapes import iso_time
 from catalog.errors import InvalidArgument
 from catalog.model import Ref
 
@@ -60,7 +61,7 @@ def cache_ls(server: str, as_json: bool) -> None:
     with connect(server) as client:
         entries = client.list_cache()
     if as_json:
-        emit_json(entries)
+        emit_json([{**e, "inserted_at": iso_time(e["inserted_at"])} for e in entries])
         return
     print_table(
         ["digest", "size", "pins", "inserted"],

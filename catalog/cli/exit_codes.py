@@ -5,12 +5,12 @@ A script tells failures apart by status alone:
 ====  =========================================================================================
   0   success
   1   any other failure (an internal error)
-  2   invalid input: a bad name, reference, option, pack or adapter directory (click's usage
-      errors exit 2 as well)
+  2   invalid input: a bad name, reference, option, pack or adapter directory, an adapter for
+      another base than --base (click's usage errors exit 2 as well)
   3   not found: adapter, revision, alias, digest or file
   4   conflict: a lost compare-and-swap (someone moved the alias first), or it exists already
-  5   refused by the state: an aliased revision, a non-empty destination, an adapter for
-      another base, nothing to roll back to
+  5   refused by the state: an aliased revision, a non-empty destination, nothing to roll
+      back to
   6   unavailable or timed out: no catalog at the address, or no answer within --timeout
   7   permission: no or a bad token, or a principal not allowed to do this
   8   data loss: stored bytes that do not match their digest (``verify`` finding problems)

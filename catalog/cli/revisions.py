@@ -57,15 +57,16 @@ def load_pack_bytes(src: Path, base_id: str | None) -> bytes:
     """Pack bytes from a PEFT adapter directory or a pack file.
 
     ``base_id`` (``--base``) names the base when the adapter names none; when the adapter names
-    another base it is refused, never relabelled. Raises ``InvalidArgument`` (no such source),
-    ``InvalidPack`` (malformed, or no base at all), ``FailedPrecondition`` (another base).
+    another base it is refused, never relabelled (the server refuses it too, with the same
+    status). Raises ``InvalidArgument`` (no such source, another base), ``InvalidPack``
+    (malformed, or no base at all).
     """
     from catalog.pack import import_peft_dir, read_pack, write_pack
 
     if src.is_dir():
         stated = _peft_config_base(src)
         if base_id and stated and stated != base_id:
-            raise FailedPrecondition(
+            raise InvalidArgument(
                 f"{src}: the adapter was trained for base {stated!r} "
                 f"({PEFT_CONFIG_FILE} base_model_name_or_path), not {base_id!r}; "
                 "push it without --base, or with the base it names"
@@ -77,7 +78,7 @@ def load_pack_bytes(src: Path, base_id: str | None) -> bytes:
     pack = read_pack(data)
     stated = pack.manifest.base_id
     if base_id and stated and stated != base_id:
-        raise FailedPrecondition(
+        raise InvalidArgument(
             f"{src}: the pack was built for base {stated!r}, not {base_id!r}; "
             "push it without --base, or with the base it names"
         )

@@ -212,3 +212,12 @@ def test_async_client_answers_like_the_sync_one(client, served, packs):
         "prefetch": ["done"],
         "description": "d",
     }
+
+
+def test_server_refuses_a_base_the_pack_was_not_built_for(client, packs):
+    # the server checks too (a client that skips the CLI's check cannot relabel an adapter)
+    with pytest.raises(InvalidArgument, match="was built for"):
+        client.push("acme/rebased", packs["qv-r4"], base_id="another-base")
+    with pytest.raises(NotFound):
+        client.resolve("acme/rebased")
+    assert client.push("acme/rebased", packs["qv-r4"], base_id="tiny-llama-test").created
