@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from catalog.cli.common import connect, json_option, parse_bytes, server_option
+from catalog.cli.common import (
+    connect,
+    json_option,
+    parse_bytes,
+    server_option,
+    transfer_timeout,
+)
 from catalog.cli.output import emit_json, format_bytes, format_time, print_table
 from catalog.cli.shapes import iso_time
 from catalog.errors import InvalidArgument
@@ -155,7 +161,9 @@ def prefetch(
     results = []
     failed = False
     with connect(server) as client:
-        for item in client.prefetch(parsed, priority=priority, deadline_s=deadline):
+        for item in client.prefetch(
+            parsed, priority=priority, deadline_s=deadline, timeout=transfer_timeout()
+        ):
             failed |= item.state != "done"
             if as_json:
                 results.append(
