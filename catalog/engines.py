@@ -129,13 +129,7 @@ class EngineRegistry:
             NotFound: the engine is not registered.
             InvalidArgument: a digest is malformed, or a tier or counter is unknown or negative.
         """
-        limit = self.limits.max_reported_digests
-        for tier_name, digests in (("gpu", gpu), ("host", host)):
-            if len(digests) > limit:
-                raise InvalidArgument(
-                    f"a residency report names {len(digests)} {tier_name} digests; at most "
-                    f"{limit} per tier"
-                )
+        self.check_report_size(len(gpu), len(host))
         for text in (*gpu, *host):
             Digest.parse(text)
         reported = {}
@@ -164,6 +158,17 @@ class EngineRegistry:
                 record.tiers = reported
             record.last_report = time.time()
             record.last_seen = time.monotonic()
+
+    def check_report_size(self, gpu: int, host: int) -> None:
+        """Raise ``InvalidArgument`` when a residency report names more digests per tier than
+        ``Limits.max_reported_digests``."""
+        limit = self.limits.max_reported_digests
+        for tier_name, count in (("gpu", gpu), ("host", host)):
+            if count > limit:
+                raise InvalidArgument(
+                    f"a residency report names {count} {tier_name} digests; at most "
+                    f"{limit} per tier"
+                )
 
     def engines(self) -> list[EngineRecord]:
         """The engines not expired (see the module docstring)."""

@@ -336,6 +336,9 @@ class CatalogServicer(pb_grpc.CatalogServicer):
     def ReportResidency(
         self, request: pb.ReportResidencyRequest, context: grpc.ServicerContext
     ) -> pb.ReportResidencyResponse:
+        # counted before anything is copied out of the message: an oversized report is
+        # refused without making a Python string per digest
+        self.catalog.check_report_size(len(request.gpu), len(request.host))
         tiers = [
             {
                 "tier": t.tier,
