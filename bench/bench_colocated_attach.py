@@ -147,6 +147,11 @@ def main() -> None:
             path = colocated.colocated
             if path is None or path.reason or path.counters["fallbacks"]:
                 raise AssertionError(f"the colocated client streamed: {path and path.reason}")
+            counters = colocated.stats()["counters"]
+            tier = {
+                k: counters.get(f"nvme_{k}", 0)
+                for k in ("bytes", "file_bytes", "referenced_fills", "fills")
+            }
         finally:
             engine.close()
             colocated.close()
@@ -179,6 +184,11 @@ def main() -> None:
         for rank, v in results.items()
     }
     floors = {f"r{rank}_le_{FLOOR}x": ratio <= FLOOR for rank, ratio in ratios.items()}
+    print(
+        f"\nNVMe tier: {tier['bytes'] / 2**20:.1f} MiB of packs, data file "
+        f"{tier['file_bytes'] / 2**20:.1f} MiB, {tier['referenced_fills']} of {tier['fills']} "
+        "fills referenced the file:// store's files instead of copying them"
+    )
     print("\nfloors:", floors)
     write_results(
         "colocated_attach" + ("_small" if args.small else ""),
@@ -194,6 +204,7 @@ def main() -> None:
             "pack_bytes": {str(r): len(p) for r, p in packs.items()},
             "results": {str(r): v for r, v in results.items()},
             "colocated_over_host_tier": {str(r): x for r, x in ratios.items()},
+            "nvme_tier": tier,
             "floors_met": floors,
         },
     )

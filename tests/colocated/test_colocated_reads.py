@@ -140,7 +140,13 @@ def test_a_cold_pack_is_read_from_the_durable_tier_once_for_all_engines(served: 
 # -- a writer changing the tier while engines read -------------------------------------------
 
 
-@pytest.mark.parametrize("copies", [True, False], ids=["chunks", "references"])
+@pytest.mark.parametrize(
+    "copies",
+    [
+        pytest.param(True, id="chunks"),
+        pytest.param(False, id="references", marks=pytest.mark.slow),  # ~10 s, like chunks
+    ],
+)
 def test_evict_rewrite_pin_unpin_while_engines_read(
     tmp_path: Path, copies: bool, request: pytest.FixtureRequest
 ) -> None:
