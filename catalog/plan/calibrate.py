@@ -1,6 +1,7 @@
 """``loracat plan calibrate``: measure what a load from each tier costs on this host.
 
-For each reference (several sizes let the fit separate latency from rate), best of ``repeats``:
+For each reference (several sizes let the fit separate latency from rate), the median of
+``repeats``:
 
 * ``durable_read``: the catalog fetch right after ``EvictPack`` dropped the pack from the NVMe
   cache, so the server reads the durable store (S3, or the local directory) and streams it;
@@ -30,13 +31,15 @@ from catalog.pack import read_pack
 from catalog.plan.profile import STEPS, TierProfile, fit_cost
 
 
-def _best(repeats: int, action: Any) -> float:
-    best = float("inf")
+def _typical(repeats: int, action: Any) -> float:
+    """The median of ``repeats`` timings: what a load typically costs (the minimum would be
+    the best case, which the requests of a busy host do not see)."""
+    timings = []
     for _ in range(repeats):
         started = time.perf_counter()
         action()
-        best = min(best, time.perf_counter() - started)
-    return best
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings))
 
 
 def calibrate(client: Any, refs: list[str], *, repeats: int = 3) -> TierProfile:
@@ -59,7 +62,7 @@ def calibrate(client: Any, refs: list[str], *, repeats: int = 3) -> TierProfile:
         revision = client.resolve(ref)
         size = int(revision.size_bytes)
 
-        cold = float("inf")
+        cold_timings = []
         for _ in range(repeats):
             try:
                 client.evict_pack(ref)
@@ -72,19 +75,20 @@ def calibrate(client: Any, refs: list[str], *, repeats: int = 3) -> TierProfile:
                 ) from None
             started = time.perf_counter()
             client.fetch(revision)
-            cold = min(cold, time.perf_counter() - started)
+            cold_timings.append(time.perf_counter() - started)
+        cold = float(np.median(cold_timings))
         record("durable_read", size, cold)
         data = client.fetch(revision)
-        record("nvme_read", size, _best(repeats, lambda r=revision: client.fetch(r)))
+        record("nvme_read", size, _typical(repeats, lambda r=revision: client.fetch(r)))
         payload = bytes(data)
         record(
             "host_stage",
             size,
-            _best(repeats, lambda p=payload: (read_pack(p), bytearray(p))),
+            _typical(repeats, lambda p=payload: (read_pack(p), bytearray(p))),
         )
         source = np.frombuffer(payload, dtype=np.uint8)
         target = np.empty_like(source)
-        record("device_load", size, _best(repeats, lambda t=target, s=source: np.copyto(t, s)))
+        record("device_load", size, _typical(repeats, lambda t=target, s=source: np.copyto(t, s)))
     costs = {step: fit_cost(*timings[step]) for step in STEPS}
     return TierProfile(**costs, source=f"calibrated on {os.uname().nodename} with {len(refs)} refs")
 

@@ -137,10 +137,12 @@ def load_profile(path: str | os.PathLike[str] | None) -> TierProfile:
 
 
 def fit_cost(sizes: list[int], seconds: list[float]) -> TransferCost:
-    """Least-squares ``latency + size / rate`` through measured ``(size, seconds)`` points.
+    """``latency + size / rate`` through measured ``(size, seconds)`` points.
 
-    With one distinct size, or a fit that comes out non-physical (negative latency or rate),
-    the latency is taken as 0 and the rate as total bytes over total time.
+    The timings of each distinct size are averaged first, then a line is fitted through the
+    means (means, not medians: a plan's mean delay is a sum of loads, stalls included). With
+    one distinct size, or a line that comes out non-physical (negative latency or rate), the
+    latency is taken as 0 and the rate as the mean time's bytes per second.
 
     Raises:
         InvalidArgument: no points, or lengths that differ.
@@ -149,8 +151,10 @@ def fit_cost(sizes: list[int], seconds: list[float]) -> TransferCost:
         raise InvalidArgument("fit_cost needs as many sizes as timings, at least one")
     x = np.asarray(sizes, dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
-    if len(np.unique(x)) > 1:
-        slope, intercept = np.polyfit(x, y, 1)
+    distinct = np.unique(x)
+    means = np.array([y[x == size].mean() for size in distinct])
+    if len(distinct) > 1:
+        slope, intercept = np.polyfit(distinct, means, 1)
         if slope > 0 and intercept >= 0:
             return TransferCost(float(intercept), float(1.0 / slope))
     return TransferCost(0.0, float(x.sum() / max(y.sum(), 1e-9)))

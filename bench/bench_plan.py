@@ -1,0 +1,154 @@
+"""`loracat plan` at scale: 10^6 requests over 10^5 adapters.
+
+Questions: how long does the full report take (every policy and Belady at 20 capacities per
+tier, the SLO search, the HTML page), and the LRU curve for all capacities in one pass by stack
+distances, beside one replay of the LRU policy object at a single capacity (the per-capacity
+alternative)? Targets from issue 13: full report <= 60 s, the LRU pass <= 5 s on this 2-core
+machine.
+
+Run: .venv/bin/python bench/bench_plan.py [--requests 1000000] [--adapters 100000]
+     [--policies lru,s3fifo,...] [--points 20] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import print_table, write_results
+from catalog.cache.policies import LRU, POLICIES
+from catalog.plan.curves import replay_policy
+from catalog.plan.html import write_html
+from catalog.plan.planner import PlanRequest, build_plan, default_capacities
+from catalog.plan.profile import DEFAULT_PROFILE
+from catalog.plan.stack import lru_hits, lru_needs, stack_distances
+from catalog.plan.workload import synthetic_workload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--adapters", type=int, default=100_000)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--points", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--slo-p99-ms", type=float, default=300.0)
+    args = parser.parse_args()
+
+    rate = 1000.0
+    started = time.perf_counter()
+    workload = synthetic_workload(
+        adapters=args.adapters,
+        zipf=0.9,
+        rate=rate,
+        duration_s=args.requests / rate,
+        shift_every_s=args.requests / rate / 4,
+        seed=0,
+    )
+    generated = time.perf_counter() - started
+    sizes = workload.sizes
+    capacities = default_capacities(workload, 1, args.points)
+
+    # The one-pass LRU curve: stack distances, then every capacity at once (both units).
+    started = time.perf_counter()
+    distances = stack_distances(workload.ids, sizes)
+    lru_hits(lru_needs(distances, sizes, unit="slots"), sizes, np.asarray(capacities["gpu"]))
+    byte_hits, _ = lru_hits(
+        lru_needs(distances, sizes, unit="bytes"), sizes, np.asarray(capacities["host"])
+    )
+    one_pass = time.perf_counter() - started
+
+    # One replay of the real LRU object at the middle byte capacity, for comparison.
+    middle = capacities["host"][len(capacities["host"]) // 2]
+    keys = workload.request_keys()
+    size_list = sizes.tolist()
+    started = time.perf_counter()
+    replayed, _ = replay_policy(keys, size_list, size_list, LRU(middle))
+    one_replay = time.perf_counter() - started
+    stacked = int(byte_hits[len(capacities["host"]) // 2])
+    if replayed != stacked:
+        raise SystemExit(f"LRU replay {replayed} hits != stack distances {stacked}")
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    started = time.perf_counter()
+    plan = build_plan(
+        workload,
+        PlanRequest(
+            policies=policies,
+            points=args.points,
+            workers=args.workers,
+            slo_p99_ms=args.slo_p99_ms,
+            min_gpu_hit=0.5,
+        ),
+        DEFAULT_PROFILE,
+    )
+    planned = time.perf_counter() - started
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        page = Path(scratch) / "plan.html"
+        write_html(plan, page)
+        page_bytes = page.stat().st_size
+    rendered = time.perf_counter() - started
+
+    curve_points = sum(len(t["curves"]) for t in plan["tiers"].values())
+    rows = [
+        ("generate the workload", generated, ""),
+        (
+            "LRU, all capacities, one pass (stack distances)",
+            one_pass,
+            f"{len(capacities['gpu'])} slot + {len(capacities['host'])} byte capacities",
+        ),
+        (
+            "LRU policy object, one capacity (replay)",
+            one_replay,
+            f"{one_replay / one_pass:.1f}x the one-pass time for 1 point",
+        ),
+        (
+            "full plan: search + curves",
+            planned,
+            f"{len(policies)} policies + belady, {curve_points} curve points",
+        ),
+        ("HTML page (matplotlib SVG)", rendered, f"{page_bytes / 1e6:.1f} MB"),
+        ("full report (plan + page)", planned + rendered, "target <= 60 s"),
+    ]
+    print_table(
+        f"loracat plan: {workload.requests:,} requests over {workload.adapters:,} adapters "
+        f"(stream per tier: "
+        + ", ".join(f"{t} {d['requests']:,}" for t, d in plan["tiers"].items())
+        + ")",
+        ["step", "seconds", "note"],
+        rows,
+    )
+    print(f"recommendation: {plan['recommendation']['statement']}")
+    write_results(
+        "plan",
+        {
+            "requests": workload.requests,
+            "adapters": workload.adapters,
+            "policies": policies,
+            "points": args.points,
+            "workers": args.workers,
+            "tier_requests": {t: d["requests"] for t, d in plan["tiers"].items()},
+            "seconds": {
+                "generate": generated,
+                "lru_one_pass": one_pass,
+                "lru_one_replay": one_replay,
+                "plan": planned,
+                "html": rendered,
+                "full_report": planned + rendered,
+            },
+            "lru_hits_check": {"capacity": middle, "replay": replayed, "stack": stacked},
+            "recommendation": plan["recommendation"]["statement"],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
