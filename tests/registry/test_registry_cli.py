@@ -353,3 +353,14 @@ def test_metrics_health_and_access_log(tmp_path, adapter_dirs):
     access = [line for line in log.splitlines() if "loracat.access" in line]
     assert any(" Resolve NOT_FOUND " in line for line in access), log[-2000:]
     assert any(" Push OK " in line for line in access)
+
+
+def test_every_serve_option_has_an_environment_variable():
+    import click
+
+    from catalog.cli.serve import serve
+
+    options = [p for p in serve.params if isinstance(p, click.Option)]
+    missing = [p.name for p in options if not p.envvar]
+    assert missing == []
+    assert all(str(p.envvar).startswith("LORACAT_") for p in options)
