@@ -5,9 +5,10 @@ How a reference becomes a slot
 The engine keeps *bindings* from alias references (``t/a``, which means alias ``latest``, and
 ``t/a@serving``) to the revision it serves for them, so the forward path never waits on the
 catalog for an adapter it already holds. ``attach(ref)`` always asks the catalog, loads the
-revision and binds both ``ref`` and the plain name to it; that is a hot swap when the name was
-bound to another revision: calls already running keep the old slot (they hold leases on it),
-new calls get the new one, and the old slot is zeroed and freed when its last lease ends.
+revision and binds ``ref`` to it (only ``ref``: a bare ``t/a`` means ``latest`` everywhere, so
+``attach("t/a@serving")`` leaves what ``t/a`` serves alone); that is a hot swap when ``ref``
+was bound to another revision: calls already running keep the old slot (they hold leases on
+it), new calls get the new one, and the old slot is zeroed and freed when its last lease ends.
 A reference the engine has not seen is resolved through the catalog on first use and bound.
 Exact references (``t/a@3``, ``t/a@sha256:...``) name immutable revisions and are cached.
 
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from catalog.bases import base_identity
 from catalog.errors import IncompatibleAdapter, InvalidArgument, NotFound, ResourceExhausted
 from catalog.model import AdapterName, Ref, Revision, Selector
 from catalog.pack import ModuleSpec, PackManifest, read_pack
@@ -95,8 +97,10 @@ class ResidentEngine:
             and down projections, one LoRA per expert; see ``engine_plugin.experts``), are
             replaced by multi-LoRA layers in place.
         num_slots: adapters resident at once. max_rank: the largest rank a slot holds.
-        base_id: the base this engine serves; packs trained for another base are refused.
-            Defaults to the model config's ``name_or_path``; when empty, only shapes are checked.
+        base_id: the base this engine serves; packs trained for another base are refused
+            (local paths compared by the folder they name, see ``catalog.bases``). Defaults to
+            the model config's ``name_or_path`` (the folder a model was loaded from, or its hub
+            id); when empty, only shapes are checked.
         target_modules: module paths inside a decoder layer to make adaptable (``q_proj`` or
             ``self_attn.q_proj``, or an experts module: ``experts``, ``mlp.experts``); default
             every linear and every fused experts module in the layer.
@@ -221,8 +225,9 @@ class ResidentEngine:
     def attach(self, ref: str) -> Revision:
         """Resolve ``ref`` through the catalog now and make that revision resident.
 
-        Binds ``ref`` and the adapter's plain name to it, so later calls naming either get it;
-        when they were bound to another revision this is a hot swap (see the module docstring).
+        Binds ``ref`` to it (an alias reference; ``t/a`` is ``t/a@latest``), so later calls
+        naming ``ref`` get it; when it was bound to another revision this is a hot swap (see
+        the module docstring). An exact reference (``t/a@3``) binds nothing: it cannot move.
 
         Raises:
             InvalidReference, NotFound: from the catalog.
@@ -235,7 +240,7 @@ class ResidentEngine:
         entry = self._load(revision)
         with self._cond:
             self.counters["attaches"] += 1
-            self._bind(parsed, revision, name_too=True)
+            self._bind(parsed, revision)
             self._unlease(entry)
         # No residency report here: ``_load`` already flagged a change, and a binding that
         # releases a slot flags its own.
@@ -541,16 +546,14 @@ class ResidentEngine:
         known = self._known(self._parse(key))
         return str(known.digest) if known is not None else None
 
-    def _bind(self, ref: Ref, revision: Revision, *, name_too: bool) -> None:
-        """Point ``ref`` (and with ``name_too`` the plain name) at ``revision``; retire
+    def _bind(self, ref: Ref, revision: Revision) -> None:
+        """Point alias reference ``ref`` at ``revision`` (an exact one is remembered); retire
         revisions that thereby lose their last binding (lock held)."""
         keys = []
         if ref.selector is Selector.ALIAS:
             keys.append(str(ref))
         else:
             self._remember_exact(str(ref), revision)
-        if name_too:
-            keys.append(str(ref.adapter))
         if len(self._bindings) >= _BINDINGS_LIMIT:
             held = {e.digest for e in self.slots}
             for key in [k for k, r in self._bindings.items() if str(r.digest) not in held]:
@@ -608,7 +611,7 @@ class ResidentEngine:
         with self._cond:
             if ref.selector is Selector.ALIAS:
                 if str(ref) not in self._bindings:
-                    self._bind(ref, revision, name_too=False)
+                    self._bind(ref, revision)
             else:
                 self._remember_exact(str(ref), revision)
         return entry
@@ -804,11 +807,8 @@ class ResidentEngine:
     def _check_revision(self, revision: Revision) -> None:
         """Refuse from catalog metadata alone, before fetching anything."""
         where = f"{revision.adapter}@{revision.number}"
-        if self.base_id and revision.base_id and revision.base_id != self.base_id:
-            raise IncompatibleAdapter(
-                f"{where} was trained for base {revision.base_id!r}, "
-                f"but engine {self.engine_id} serves {self.base_id!r}"
-            )
+        if self.base_id and revision.base_id:
+            self._check_base(where, revision.base_id)
         if revision.rank > self.max_rank:
             raise IncompatibleAdapter(
                 f"{where} has rank {revision.rank}, above this engine's max_rank {self.max_rank}"
@@ -836,11 +836,8 @@ class ResidentEngine:
         """Refuse a pack whose manifest does not fit the base's modules, shapes and slots;
         return where each of its modules goes."""
         where = f"{revision.adapter}@{revision.number}"
-        if self.base_id and manifest.base_id != self.base_id:
-            raise IncompatibleAdapter(
-                f"{where} was trained for base {manifest.base_id!r}, "
-                f"but engine {self.engine_id} serves {self.base_id!r}"
-            )
+        if self.base_id:
+            self._check_base(where, manifest.base_id)
         num_layers = len(self._layers)
         routes: dict[str, list[SlotRoute]] = {}
         filled: dict[str, str] = {}
@@ -865,6 +862,17 @@ class ResidentEngine:
                     f"above this engine's max_rank {self.max_rank}"
                 )
         return routes
+
+    def _check_base(self, where: str, trained_for: str) -> None:
+        """Refuse an adapter trained for another base (ids compared by ``base_identity``:
+        one local folder spelled two ways is one base)."""
+        if base_identity(trained_for) == base_identity(self.base_id):
+            return
+        raise IncompatibleAdapter(
+            f"{where} was trained for base {trained_for!r}, but engine {self.engine_id} serves "
+            f"{self.base_id!r}; if this model is that base (a local copy of it, say), build the "
+            f"engine with base_id={trained_for!r}"
+        )
 
     def _routes(self, where: str, spec: ModuleSpec) -> list[SlotRoute]:
         """The slot modules ``spec`` fills, checked against their shapes and expert counts."""

@@ -51,9 +51,19 @@ def test_attach_serve_swap_and_report_over_grpc(
         pushed = client.push("t/qv-r8", llama.packs["t/ko-r2-bf16"], aliases=("serving",))
         swapped = engine.attach("t/qv-r8@serving")
         assert swapped.digest == pushed.revision.digest and swapped.number == 2
-        logits = engine.forward(ids[:1], ["t/qv-r8"]).logits
+        logits = engine.forward(ids[:2], ["t/qv-r8@serving", "t/qv-r8"]).logits
         expected = llama.reference_logits("t/ko-r2-bf16", ids[:1])[0]
         assert rel_err(logits[0], expected) <= 1e-4
+        # A bare name means `latest` and stays bound where it was until attached itself: the
+        # engine says which revision each reference serves.
+        assert engine.stats()["bindings"] == {
+            "t/qv-r8": "t/qv-r8@1",
+            "t/qv-r8@serving": "t/qv-r8@2",
+            "t/all-r4": "t/all-r4@1",
+        }
+        expected = llama.reference_logits("t/qv-r8", ids[1:2])[0]
+        assert rel_err(logits[1], expected) <= 1e-4
+        assert engine.attach("t/qv-r8").number == 2
 
         engine.flush_reports()
         (record,) = [e for e in served.catalog.engines() if e.engine_id == engine.engine_id]

@@ -297,11 +297,15 @@ def test_alias_binding_is_served_without_asking_the_catalog(llama: Arch) -> None
     source.publish("t/qv-r8", llama.packs["t/all-r4"], aliases=("serving",))
     ids = make_ids(1, 3)
     # Still revision 1: the catalog moved, the engine has not been told to swap.
-    for ref in ["t/qv-r8", "t/qv-r8@serving", "t/qv-r8@1"]:
+    for ref in ["t/qv-r8@serving", "t/qv-r8@1"]:
         logits = engine.forward(ids, [ref]).logits
         assert rel_err(logits[0], llama.reference_logits("t/qv-r8", ids)[0]) <= 1e-4, ref
-    engine.attach("t/qv-r8@serving")
+    # A bare name means `latest`, which attaching `@serving` did not bind: its first use
+    # resolves it now (revision 2).
     logits = engine.forward(ids, ["t/qv-r8"]).logits
+    assert rel_err(logits[0], llama.reference_logits("t/all-r4", ids)[0]) <= 1e-4
+    engine.attach("t/qv-r8@serving")
+    logits = engine.forward(ids, ["t/qv-r8@serving"]).logits
     assert rel_err(logits[0], llama.reference_logits("t/all-r4", ids)[0]) <= 1e-4
     stats = engine.stats()
     assert stats["bindings"] == {"t/qv-r8": "t/qv-r8@2", "t/qv-r8@serving": "t/qv-r8@2"}

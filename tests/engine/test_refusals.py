@@ -47,6 +47,40 @@ def test_other_base_is_refused(llama: Arch) -> None:
     assert source.fetches == 0  # refused from catalog metadata, nothing downloaded
 
 
+def test_a_base_loaded_from_disk_is_one_base_however_its_path_is_spelled(
+    llama: Arch, tmp_path: Path
+) -> None:
+    """A model loaded from a folder takes that folder as its base id; an adapter trained on
+    ``/x/../base`` (or a symlink to it) is for the same base, a hub id is not unless declared."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "base"
+    llama.base.save_pretrained(folder)
+    (tmp_path / "link").symlink_to(folder)
+    spelled = [str(tmp_path / "x" / ".." / "base"), str(tmp_path / "link"), f"{folder}/"]
+    (tmp_path / "x").mkdir()
+    source = LocalPackSource()
+    for i, base_id in enumerate(spelled):
+        source.publish(f"t/a{i}", import_peft_dir(llama.dirs["t/qv-r8"], base_id=base_id))
+    source.publish("t/hub", import_peft_dir(llama.dirs["t/qv-r8"], base_id="acme/tiny-llama"))
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    engine = ResidentEngine(loaded, catalog=source, num_slots=4)
+    assert engine.base_id == str(folder)
+    for i in range(len(spelled)):
+        engine.attach(f"t/a{i}")
+    with pytest.raises(
+        IncompatibleAdapter, match=r"build the engine with base_id='acme/tiny-llama'"
+    ):
+        engine.attach("t/hub")
+    declared = ResidentEngine(
+        AutoModelForCausalLM.from_pretrained(folder),
+        catalog=source,
+        num_slots=1,
+        base_id="acme/tiny-llama",
+    )
+    assert declared.attach("t/hub").number == 1
+
+
 def test_rank_above_max_rank_is_refused(llama: Arch) -> None:
     engine = llama.engine(max_rank=8)
     with pytest.raises(IncompatibleAdapter, match="rank 16, above this engine's max_rank 8"):
