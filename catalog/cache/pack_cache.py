@@ -64,7 +64,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
-from catalog.cache import chunk_reads
+from catalog.cache import chunk_reads, restore
 from catalog.cache.chunk_reads import CorruptEntry, check_offset
 from catalog.cache.layout import (
     CHUNKS_DB,
@@ -302,47 +302,12 @@ class PackCache:
             self.instance_id = bytes(instance).decode()
 
     def _restore(self) -> None:
-        """Rebuild the policy from disk; delete orphan chunks, bad metas and what no longer fits."""
-        metas: dict[bytes, EntryMeta] = {}
-        doomed: list[bytes] = []  # entry keys to delete with all their chunks
-        orphans: list[bytes] = []  # single chunk keys to delete
+        """Rebuild the policy from disk; delete orphan chunks, bad metas and what no longer fits
+        (see :mod:`catalog.cache.restore`)."""
         with self._env.begin() as txn:
-            for key, raw in txn.cursor(db=self._entries):
-                try:
-                    digest_of_key(key)
-                    metas[key] = EntryMeta.decode(raw)
-                except (ValueError, LookupError) as exc:
-                    log.warning("pack cache %s: dropping entry %r: %s", self.path, key[:80], exc)
-                    doomed.append(key)
-            dropped = set(doomed)
-            for key in txn.cursor(db=self._chunks).iternext(keys=True, values=False):
-                owner = key[:-INDEX_BYTES]
-                meta = metas.get(owner)
-                if meta is None and owner in dropped:
-                    continue  # deleted with its entry
-                index = int.from_bytes(key[-INDEX_BYTES:], "big")
-                if meta is None or meta.file or index >= meta.chunk_count:
-                    orphans.append(key)
-        policy = self._policy
-        # Pinned entries first so they keep their room, then the rest oldest first.
-        order = sorted(metas.items(), key=lambda item: (item[1].pins == 0, item[1].inserted_ns))
-        for key, meta in order:
-            name = str(digest_of_key(key))
-            if meta.size > policy.capacity_bytes - policy.pinned_bytes:
-                log.warning(
-                    "pack cache %s: %s (%d bytes, %d pins) does not fit the capacity %d beside "
-                    "%d pinned bytes; dropped",
-                    self.path, name, meta.size, meta.pins, policy.capacity_bytes,
-                    policy.pinned_bytes,
-                )  # fmt: skip
-                doomed.append(key)
-                continue
-            doomed.extend(entry_key(Digest.parse(v)) for v in policy.victims(meta.size))
-            policy.record_insert(name, meta.size)
-            for _ in range(meta.pins):
-                policy.pin(name)
-            if meta.pins:
-                self._pins[name] = meta.pins
+            found = restore.scan(txn, self._tables, str(self.path))
+        self._pins.update(restore.rebuild_policy(self._policy, found, str(self.path)))
+        doomed, orphans = found.doomed, found.orphans
         self._counters.dropped_on_open = len(doomed)
         self._counters.orphan_chunks_removed = len(orphans)
         if doomed or orphans:
