@@ -92,10 +92,15 @@ class DeadlineExceeded(CatalogError, TimeoutError):
 
 
 class Unauthenticated(CatalogError, PermissionError):
+    """The call carries no token, a malformed one, or one the catalog does not know (revoked)."""
+
     grpc_code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(CatalogError, PermissionError):
+    """The principal's role lacks the capability, or the tenant is outside its reach (said the
+    same whether or not the adapter exists)."""
+
     grpc_code = "PERMISSION_DENIED"
 
 
