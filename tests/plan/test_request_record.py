@@ -80,3 +80,41 @@ def test_resolves_and_fetches_are_recorded_and_exported(
             check=False,
         )
         assert fetched.stdout.splitlines()[1].startswith(f"acme/large@1 {len(large)} ")
+
+
+def test_calibrate_writes_a_profile_plan_reads(tmp_path: Path, plan_packs: list[bytes]) -> None:
+    from catalog.plan.profile import load_profile
+
+    with running_catalog(tmp_path / "root") as running, running.client() as client:
+        refs = []
+        for index in range(3):
+            client.push(f"acme/c{index}", plan_packs[index])
+            refs += ["--ref", f"acme/c{index}@1"]
+        out = tmp_path / "host.json"
+        result = subprocess.run(
+            [
+                *loracat_command(),
+                "plan",
+                "calibrate",
+                "--server",
+                running.address,
+                *refs,
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+    profile = load_profile(out)
+    for step in (profile.durable_read, profile.nvme_read, profile.host_stage, profile.device_load):
+        assert step.latency_s >= 0 and step.bytes_per_s > 0
+    assert profile.source.startswith("calibrated on")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"durable_read": {"latency_s": 0, "bytes_per_s": -1}}')
+    with pytest.raises(InvalidArgument, match=r"durable_read\.bytes_per_s must be > 0"):
+        load_profile(bad)
