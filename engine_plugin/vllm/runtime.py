@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from catalog.errors import CatalogError, NotFound
+from catalog.errors import CatalogError, NotFound, Unavailable
 from catalog.model import AdapterName, Ref, Revision
 from engine_plugin.hints import HintFollower
 from engine_plugin.prefetch import ResidencyReporter
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: A name vLLM does not list this long after it was bound was dropped (or failed to load).
 STALE_AFTER_S = 30.0
+#: How long a resolve waits for the catalog's channel to reconnect before answering 503.
+RECONNECT_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,17 @@ class LoracatRuntime:
         Raises what ``CatalogAdapters.load`` raises: ``InvalidReference``, ``NotFound``,
         ``IncompatibleAdapter``, ``Unavailable``, ``DeadlineExceeded``, ``DataLoss``.
         """
-        materialized = self.adapters.load(name)
+        try:
+            materialized = self.adapters.load(name)
+        except Unavailable:
+            # After an outage gRPC waits out a reconnect backoff before trying again, failing
+            # calls fast meanwhile; a catalog that is back should answer this request, not the
+            # next one, so ask the channel to connect now and try once more.
+            wait_ready = getattr(self.catalog, "wait_ready", None)
+            if wait_ready is None:
+                raise
+            wait_ready(timeout=RECONNECT_WAIT_S)
+            materialized = self.adapters.load(name)
         binding = Binding(
             materialized,
             lora_name_for(name, materialized.ref, materialized.revision),
