@@ -164,9 +164,14 @@ def stats(server: str, as_json: bool) -> None:
 @click.option("--adapters", default=48, show_default=True, type=click.IntRange(1))
 @click.option("--slots", "num_slots", default=8, show_default=True, type=click.IntRange(2))
 @click.option("--waves", default=4, show_default=True, type=click.IntRange(1))
-def demo(root: Path | None, adapters: int, num_slots: int, waves: int) -> None:
+@click.option(
+    "--auth",
+    is_flag=True,
+    help="Serve with tokens: the trainer pushes as a write principal, the engine as an engine one.",
+)
+def demo(root: Path | None, adapters: int, num_slots: int, waves: int, auth: bool) -> None:
     """Run the whole system end to end on this machine (catalog, gRPC, resident engine)."""
     # The engine side needs torch; it is imported only here, so catalog/ itself never does.
     from engine_plugin.demo import run_demo
 
-    run_demo(root=root, adapters=adapters, num_slots=num_slots, waves=waves)
+    run_demo(root=root, adapters=adapters, num_slots=num_slots, waves=waves, auth=auth)
