@@ -169,7 +169,7 @@ class Authenticator:
                 "this catalog requires a token: send 'authorization: Bearer <token>'"
                 " (loracat --token or $LORACAT_TOKEN; CatalogClient(..., token=...))"
             )
-        if not header[: len(_BEARER)].lower() == _BEARER or len(header) <= len(_BEARER):
+        if header[: len(_BEARER)].lower() != _BEARER or len(header) <= len(_BEARER):
             raise Unauthenticated("the authorization header must be 'Bearer <token>'")
         # The hash is the lookup key: a timing difference can reveal only hash bits, not token.
         principal = self._by_hash.get(token_sha256(header[len(_BEARER) :].strip()))
