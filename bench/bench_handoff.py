@@ -55,7 +55,13 @@ from bench.bench_mixed_batch import (
     qwen2_05b_config,
     write_peft_adapter,
 )
-from bench.common import print_table, write_results
+from bench.common import (
+    add_device_argument,
+    device_info,
+    print_table,
+    synchronizer,
+    write_results,
+)
 from catalog.storage import open_store
 from catalog.testing.seaweedfs import SeaweedFS
 
@@ -122,9 +128,16 @@ def catalog_server(root: Path, store_url: str, *, process: bool = False) -> Iter
         catalog.close()
 
 
+#: Where the engine (and the full path's resident model) runs: ``--device``.
+DEVICE = "cpu"
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds ``fn`` takes, the device's queue drained after it (so copies it queued count)."""
+    sync = synchronizer(DEVICE)
     start = time.perf_counter()
     value = fn()
+    sync()
     return time.perf_counter() - start, value
 
 
@@ -143,7 +156,8 @@ def run_setting(
     from engine_plugin import ResidentEngine
 
     result: dict[str, Any] = {"full": [], "adapter": {}}
-    resident = copy.deepcopy(base)  # the engine process's resident model for the full path
+    # the engine process's resident model for the full path
+    resident = copy.deepcopy(base).to(DEVICE)
     print(f"[{label}] full path ...", flush=True)
     for run in range(len(adapter_dirs[RANKS[0]])):  # warm-up runs included
         key = f"checkpoints/run-{run}-{uuid.uuid4().hex[:8]}.safetensors"
@@ -167,6 +181,7 @@ def run_setting(
             max_rank=max(RANKS),
             base_id=BASE_ID,
             host_budget_bytes=2 << 30,
+            device=DEVICE,
         )
         try:
             for rank, dirs in adapter_dirs.items():
@@ -198,7 +213,7 @@ def run_setting(
                             }
                         )
                 # the adapter is usable: one forward on it
-                engine.forward(torch.zeros(1, 4, dtype=torch.long), [name])
+                engine.forward(torch.zeros(1, 4, dtype=torch.long, device=DEVICE), [name])
                 result["adapter"][str(rank)] = runs
             path = client.colocated
             result["colocated_reads"] = 0 if path is None else path.counters["reads"]
@@ -345,8 +360,11 @@ def parse_handoff_args(description: str) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="a tiny model, for a quick check")
     parser.add_argument("--settings", nargs="+", default=["s3", "colocated"])
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
     return args
 
 
@@ -402,9 +420,11 @@ def main() -> None:
         ratio = settings["colocated"]["adapter"]["16"]["ratio"]
         floors["colocated_rank16_ratio_ge_40"] = ratio >= 40
     print("\nfloors:", floors)
+    suffix = "" if args.device == "cpu" else "_cuda"
     write_results(
-        f"handoff{'_small' if args.small else ''}",
+        f"handoff{suffix}{'_small' if args.small else ''}",
         {
+            "device": device_info(args.device),
             "config": {
                 "layers": config.num_hidden_layers,
                 "hidden": config.hidden_size,

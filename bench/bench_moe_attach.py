@@ -71,7 +71,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, load_file, save_file
 
-from bench.common import print_table, write_results
+from bench.common import (
+    add_device_argument,
+    device_info,
+    print_table,
+    synchronizer,
+    write_results,
+)
 from catalog.model import Ref, Revision
 from catalog.pack import import_peft_dir
 
@@ -103,6 +109,10 @@ TRANSFER = {False: "transfer only (gRPC fetch)", True: "transfer only (colocated
 PACKED_SLOT, UNPACKED_SLOT = 0, 1
 
 
+#: Where the engines run: ``--device``.
+DEVICE = "cpu"
+
+
 def build_engine(experts: int, catalog: Any, host_budget: int = 0) -> Any:
     """The resident engine on an uninitialised Mixtral-shaped bf16 base (fast to build)."""
     from transformers import AutoModelForCausalLM, MixtralConfig
@@ -123,7 +133,7 @@ def build_engine(experts: int, catalog: Any, host_budget: int = 0) -> Any:
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPE)
-    model.to_empty(device="cpu")
+    model.to_empty(device=DEVICE)
     return ResidentEngine(
         model,
         catalog=catalog,
@@ -132,6 +142,7 @@ def build_engine(experts: int, catalog: Any, host_budget: int = 0) -> Any:
         base_id=BASE_ID,
         target_modules=("q_proj", "v_proj", "experts"),
         host_budget_bytes=host_budget,
+        device=DEVICE,
     )
 
 
@@ -313,10 +324,13 @@ def time_rounds(
         return time.process_time() + (0.0 if server_pid is None else process_cpu_s(server_pid))
 
     samples: Samples = {name: [] for name in loaders}
+    sync = synchronizer(DEVICE)
     for round_ in range(repeats + 1):
         for name, loader in loaders.items():
+            sync()
             wall, cpu = time.perf_counter(), cpu_now()
             loader()
+            sync()  # the copies it queued on a GPU count
             elapsed = (time.perf_counter() - wall, cpu_now() - cpu)
             if name in after:
                 after[name]()
@@ -515,8 +529,11 @@ def main() -> None:
         default="sha256",
         help="what the catalog identifies (and the client verifies) revisions by",
     )
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    global DEVICE
+    DEVICE = args.device
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-moe-attach-") as tmp:
@@ -589,9 +606,11 @@ def main() -> None:
         for setting in SETTINGS
     }
     print("\nfloors:", floors)
+    name = "moe_attach" if args.digest == "sha256" else f"moe_attach_{args.digest}"
     write_results(
-        "moe_attach" if args.digest == "sha256" else f"moe_attach_{args.digest}",
+        name if args.device == "cpu" else f"{name}_cuda",
         {
+            "device": device_info(args.device),
             "config": {
                 "layers": LAYERS,
                 "hidden": HIDDEN,

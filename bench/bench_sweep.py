@@ -8,7 +8,9 @@ The catalog is built by bulk-writing the durable log of N adapters with N distin
 and rebuilding the index from it (as `bench_scale.py` does), then served by `loracat serve`.
 RSS is sampled every 1% of the sweep; the table shows the attach rate and RSS per decile.
 
-Run: .venv/bin/python bench/bench_sweep.py [--adapters 100000] [--slots 8]
+Run: .venv/bin/python bench/bench_sweep.py [--adapters 100000] [--slots 8] [--device cuda]
+(on a GPU the engine's slots live there; the attach path adds the pinned staging and the
+slot copy to the device; device memory is sampled beside RSS).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_push_resolve import serve_root
 from bench.bench_scale import bulk_write
-from bench.common import print_table, write_results
+from bench.common import add_device_argument, device_info, print_table, write_results
 from catalog.client import CatalogClient
 from catalog.core import Catalog
 from catalog.digest import Digest
@@ -75,7 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=100_000)
     parser.add_argument("--slots", type=int, default=8)
+    add_device_argument(parser)
     args = parser.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="loracat-sweep-"))
     try:
@@ -105,6 +109,7 @@ def main() -> None:
                 base_id=BASE_ID,
                 target_modules=["q_proj"],
                 host_budget_bytes=4 << 20,
+                device=args.device,
             )
             names = [f"t{i % 100:03d}/a{i:06d}" for i in range(args.adapters)]
             deciles: list[tuple[int, float, float]] = []
@@ -120,7 +125,10 @@ def main() -> None:
                     last = now
                     if i % (step * 10) == 0:
                         deciles.append(samples[-1])
+            if cuda:
+                torch.cuda.synchronize(args.device)
             total_s = time.perf_counter() - t_start
+            device_mib = torch.cuda.memory_allocated(args.device) / 2**20 if cuda else None
             stats = engine.stats()
             engine.close()
             client.close()
@@ -129,6 +137,8 @@ def main() -> None:
             server.wait(timeout=60)
         rss = [s[2] for s in samples]
         results = {
+            "device": device_info(args.device),
+            "device_memory_mib_end": device_mib,
             "adapters": args.adapters,
             "slots": args.slots,
             "setup_s": setup_s,
