@@ -34,23 +34,21 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 from torch import nn
 
-from catalog.bases import base_identity
-from catalog.errors import IncompatibleAdapter, InvalidArgument, NotFound, ResourceExhausted
+from catalog.errors import InvalidArgument, NotFound, ResourceExhausted
 from catalog.model import AdapterName, Ref, Revision, Selector
-from catalog.pack import ModuleSpec, PackManifest, read_pack
+from catalog.pack import read_pack
+from engine_plugin.compatibility import AdapterFit
 from engine_plugin.experts import (
     PROJECTIONS,
     ExpertsTarget,
     MultiLoRAExperts,
-    expert_routes,
-    find_experts,
 )
 from engine_plugin.layers import (
     BatchContext,
@@ -71,9 +69,10 @@ from engine_plugin.residency import (
     SlotState,
     SlotTable,
 )
-from engine_plugin.slots import SlotPool, TargetModule
+from engine_plugin.slots import SlotPool
 from engine_plugin.sources import PackSource, ResidencySink
-from engine_plugin.staging import SlotRoute, StagedAdapter, stage_pack
+from engine_plugin.staging import StagedAdapter, stage_pack
+from engine_plugin.targets import find_targets
 
 DEFAULT_HOST_BUDGET = 1 << 30
 _PLAN_CACHE_SIZE = 64
@@ -146,7 +145,7 @@ class ResidentEngine:
         if any(isinstance(m, MultiLoRALinear | MultiLoRAExperts) for m in self.model.modules()):
             raise ValueError("the model already carries LoRA slots (it is wrapped by an engine)")
         self._layers = find_decoder_layers(self.model)
-        targets, experts = self._find_targets(target_modules)
+        targets, experts = find_targets(self._layers, target_modules)
         first_weight = next(iter(targets.values()))[1]
         self.dtype = first_weight.dtype
         self.pool = SlotPool(
@@ -158,6 +157,10 @@ class ResidentEngine:
         )
         #: The fused MoE experts modules carrying LoRA slots, by path inside a decoder layer.
         self.experts: dict[str, ExpertsTarget] = experts
+        #: What adapters this engine can take (checked before fetching, then before staging).
+        self.fit = AdapterFit(
+            self.engine_id, self.base_id, max_rank, len(self._layers), self.pool, experts
+        )
         self._context = BatchContext()
         for index, layer in enumerate(self._layers):
             for name, base in linear_targets(layer).items():
@@ -618,7 +621,7 @@ class ResidentEngine:
 
     def _load(self, revision: Revision) -> SlotEntry:
         """Make ``revision`` resident and return a lease on its slot."""
-        self._check_revision(revision)
+        self.fit.check_revision(revision)
         digest = str(revision.digest)
         deadline = time.monotonic() + self.slot_wait_s
         claimed: tuple[SlotEntry, SlotEntry | None] | None = None
@@ -752,7 +755,7 @@ class ResidentEngine:
                 revision = self._known(parsed)
         if revision is None:
             revision = self.catalog.resolve(parsed)
-        self._check_revision(revision)
+        self.fit.check_revision(revision)
         self._staged(revision)
         return revision
 
@@ -776,7 +779,7 @@ class ResidentEngine:
             data = self.catalog.fetch(revision)
             fetched = time.perf_counter()
             pack = read_pack(data)
-            routes = self._check_manifest(revision, pack.manifest)
+            routes = self.fit.check_manifest(revision, pack.manifest)
             staged = stage_pack(
                 revision,
                 pack,
@@ -801,177 +804,6 @@ class ResidentEngine:
         future.set_result(staged)
         self._report()
         return staged
-
-    # ------------------------------------------------------------------ compatibility
-
-    def _check_revision(self, revision: Revision) -> None:
-        """Refuse from catalog metadata alone, before fetching anything."""
-        where = f"{revision.adapter}@{revision.number}"
-        if self.base_id and revision.base_id:
-            self._check_base(where, revision.base_id)
-        if revision.rank > self.max_rank:
-            raise IncompatibleAdapter(
-                f"{where} has rank {revision.rank}, above this engine's max_rank {self.max_rank}"
-            )
-        if revision.num_experts and not any(
-            e.num_experts == revision.num_experts for e in self.experts.values()
-        ):
-            raise IncompatibleAdapter(self._experts_message(where, revision.num_experts))
-        if revision.num_layers > len(self._layers):
-            raise IncompatibleAdapter(
-                f"{where} is for a base with {revision.num_layers} layers; "
-                f"this base has {len(self._layers)}"
-            )
-        unknown = [
-            m
-            for m in revision.target_modules
-            if m not in self.pool.modules and expert_routes(m, self.experts) is None
-        ]
-        if unknown:
-            raise IncompatibleAdapter(self._unknown_modules_message(where, unknown))
-
-    def _check_manifest(
-        self, revision: Revision, manifest: PackManifest
-    ) -> dict[str, list[SlotRoute]]:
-        """Refuse a pack whose manifest does not fit the base's modules, shapes and slots;
-        return where each of its modules goes."""
-        where = f"{revision.adapter}@{revision.number}"
-        if self.base_id:
-            self._check_base(where, manifest.base_id)
-        num_layers = len(self._layers)
-        routes: dict[str, list[SlotRoute]] = {}
-        filled: dict[str, str] = {}
-        for spec in manifest.modules:
-            spec_routes = self._routes(where, spec)
-            for route in spec_routes:
-                if route.slot_module in filled:
-                    raise IncompatibleAdapter(
-                        f"{where} modules {filled[route.slot_module]!r} and {spec.name!r} both "
-                        f"adapt {route.slot_module!r}"
-                    )
-                filled[route.slot_module] = spec.name
-            routes[spec.name] = spec_routes
-            if spec.layers[-1] >= num_layers:
-                raise IncompatibleAdapter(
-                    f"{where} module {spec.name!r} adapts layer {spec.layers[-1]} "
-                    f"but the base has {num_layers} layers"
-                )
-            if spec.rank > self.max_rank:
-                raise IncompatibleAdapter(
-                    f"{where} module {spec.name!r} has rank {spec.rank}, "
-                    f"above this engine's max_rank {self.max_rank}"
-                )
-        return routes
-
-    def _check_base(self, where: str, trained_for: str) -> None:
-        """Refuse an adapter trained for another base (ids compared by ``base_identity``:
-        one local folder spelled two ways is one base)."""
-        if base_identity(trained_for) == base_identity(self.base_id):
-            return
-        raise IncompatibleAdapter(
-            f"{where} was trained for base {trained_for!r}, but engine {self.engine_id} serves "
-            f"{self.base_id!r}; if this model is that base (a local copy of it, say), build the "
-            f"engine with base_id={trained_for!r}"
-        )
-
-    def _routes(self, where: str, spec: ModuleSpec) -> list[SlotRoute]:
-        """The slot modules ``spec`` fills, checked against their shapes and expert counts."""
-        if spec.num_experts:
-            routes = expert_routes(spec.name, self.experts)
-        else:
-            routes = [SlotRoute(spec.name)] if spec.name in self.pool.modules else None
-        if routes is None:
-            raise IncompatibleAdapter(self._unknown_modules_message(where, [spec.name]))
-        targets = [self.pool.modules[route.slot_module].target for route in routes]
-        base_out = sum(
-            t.out_features if r.rows is None else r.rows[1] - r.rows[0]
-            for r, t in zip(routes, targets, strict=True)
-        )
-        for target in targets:
-            if spec.num_experts != target.num_experts:
-                raise IncompatibleAdapter(
-                    f"{where} module {spec.name!r} has {spec.num_experts} experts "
-                    f"but the base's {target.name!r} has {target.num_experts}"
-                )
-            if (spec.in_features, spec.out_features) != (target.in_features, base_out):
-                raise IncompatibleAdapter(
-                    f"{where} module {spec.name!r} is {spec.in_features}->{spec.out_features} "
-                    f"but the base's is {target.in_features}->{base_out}"
-                )
-        return routes
-
-    def _experts_message(self, where: str, num_experts: int) -> str:
-        held = sorted({e.num_experts for e in self.experts.values()})
-        if not held:
-            return f"{where} is an expert (MoE) adapter; this base has no experts modules to adapt"
-        return (
-            f"{where} adapts {num_experts} experts per layer; this base's experts modules "
-            f"have {', '.join(map(str, held))}"
-        )
-
-    def _unknown_modules_message(self, where: str, unknown: Sequence[str]) -> str:
-        return (
-            f"{where} adapts {', '.join(map(repr, unknown))}, which this engine does not "
-            f"serve (its target modules: {', '.join(self._served_modules())})"
-        )
-
-    def _served_modules(self) -> list[str]:
-        dense = [n for n, m in self.pool.modules.items() if not m.target.num_experts]
-        experts = [f"{path} (gate_up_proj, down_proj)" for path in self.experts]
-        return sorted(dense) + experts
-
-    def _find_targets(
-        self, wanted: Sequence[str] | None
-    ) -> tuple[Mapping[str, tuple[TargetModule, torch.Tensor]], dict[str, ExpertsTarget]]:
-        """The slot modules to allocate (with a base weight each, for its dtype) and the
-        experts modules among them."""
-        first = linear_targets(self._layers[0])
-        first_experts = find_experts(self._layers[0])
-        if wanted is None:
-            names, paths = list(first), list(first_experts)
-        else:
-            names, paths = [], []
-            for want in wanted:
-                found = [n for n in first if n == want or n.endswith("." + want)]
-                found_experts = [p for p in first_experts if p == want or p.endswith("." + want)]
-                if len(found) + len(found_experts) != 1:
-                    raise ValueError(
-                        f"target module {want!r} matches {found + found_experts or 'nothing'} in "
-                        f"a decoder layer (linears: {', '.join(first)}; experts modules: "
-                        f"{', '.join(first_experts) or 'none'})"
-                    )
-                names.extend(found)
-                paths.extend(found_experts)
-        if not names and not paths:
-            raise ValueError("the decoder layers have no linear modules to adapt")
-        num_layers = len(self._layers)
-        targets: dict[str, tuple[TargetModule, torch.Tensor]] = {}
-        for name in names:
-            base = first[name]
-            for index, layer in enumerate(self._layers):
-                other = linear_targets(layer).get(name)
-                if other is None or other.weight.shape != base.weight.shape:
-                    raise ValueError(f"layer {index} has no linear {name!r} shaped like layer 0's")
-            target = TargetModule(name, base.in_features, base.out_features, num_layers)
-            targets[name] = (target, base.weight)
-        experts: dict[str, ExpertsTarget] = {}
-        for path in paths:
-            target_experts = first_experts[path]
-            for index, layer in enumerate(self._layers):
-                if find_experts(layer).get(path) != target_experts:
-                    raise ValueError(
-                        f"layer {index} has no experts module {path!r} shaped like layer 0's"
-                    )
-            experts[path] = target_experts
-            weight = self._layers[0].get_submodule(path).get_parameter("gate_up_proj")
-            for projection in PROJECTIONS:
-                name = target_experts.slot_module(projection)
-                in_features, out_features = target_experts.features(projection)
-                slot_target = TargetModule(
-                    name, in_features, out_features, num_layers, target_experts.num_experts
-                )
-                targets[name] = (slot_target, weight)
-        return targets, experts
 
     # ------------------------------------------------------------------ residency reports
 
