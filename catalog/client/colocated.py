@@ -309,7 +309,7 @@ class ColocatedPath:
         """Whether fetches read the NVMe tier directly (decides on first use)."""
         return self._ensure_reader() is not None
 
-    def fetch(self, ref: str, name: str) -> tuple[Revision, memoryview] | None:
+    def fetch(self, ref: str) -> tuple[Revision, memoryview] | None:
         """``ref``'s whole pack read from the NVMe tier under a lease; ``None`` when this
         fetch must take the gRPC stream (not colocated, or the pack was not admitted to the
         tier, or its entry vanished).
@@ -330,10 +330,11 @@ class ColocatedPath:
                         timeout=TRANSFER_TIMEOUT,
                     )
             except ResourceExhausted as exc:  # not admitted to the tier: stream it
-                log.debug("colocated fetch of %s falls back to the stream: %s", name, exc)
+                log.debug("colocated fetch of %s falls back to the stream: %s", ref, exc)
                 self._count("fallbacks")
                 return None
             revision = revision_from_pb(lease.revision)
+            name = f"{revision.adapter}@{revision.number}"
             try:
                 data = reader.read(revision.digest, revision.size_bytes, name)
             except EntryMissing as exc:
