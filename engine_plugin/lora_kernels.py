@@ -168,6 +168,16 @@ if triton is not None:
         return which, n_block
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _pick(which, v0, v1, v2, NUM: tl.constexpr):  # type: ignore[no-untyped-def]
+        """``v0``, ``v1`` or ``v2`` for output ``which`` (a scalar branch: no vector select)."""
+        value = v0
+        if NUM > 1 and which == 1:
+            value = v1
+        if NUM > 2 and which == 2:
+            value = v2
+        return value
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _fused_group_kernel(  # type: ignore[no-untyped-def]
         x_ptr,
         index_ptr,
@@ -216,16 +226,8 @@ if triton is not None:
         row = pid_m // m_blocks
         slot = tl.load(index_ptr + row)
         which, n_block = _output_of(tl.program_id(1), nb0, nb1, NUM)
-        # One output's pointers, picked by scalar branches (the same code for each).
-        a_ptr, bt_ptr, out_ptr, scale_ptr = a0, b0, o0, s0
-        n_features, stride_bs, stride_ot, stride_br = n0, sb0, so0, br0
-        if NUM > 1 and which == 1:
-            a_ptr, bt_ptr, out_ptr, scale_ptr = a1, b1, o1, s1
-            n_features, stride_bs, stride_ot, stride_br = n1, sb1, so1, br1
-        if NUM > 2 and which == 2:
-            a_ptr, bt_ptr, out_ptr, scale_ptr = a2, b2, o2, s2
-            n_features, stride_bs, stride_ot, stride_br = n2, sb2, so2, br2
-        scale = tl.load(scale_ptr + slot * stride_scale)
+        a_ptr = _pick(which, a0, a1, a2, NUM)
+        scale = tl.load(_pick(which, s0, s1, s2, NUM) + slot * stride_scale)
         if scale != 0.0:
             offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < tokens
@@ -247,14 +249,14 @@ if triton is not None:
             )
             _expand(
                 h * scale,
-                bt_ptr + slot * stride_bs,
-                out_ptr,
+                _pick(which, b0, b1, b2, NUM) + slot * _pick(which, sb0, sb1, sb2, NUM),
+                _pick(which, o0, o1, o2, NUM),
                 tok,
                 mask_m,
                 n_block,
-                n_features,
-                stride_br,
-                stride_ot,
+                _pick(which, n0, n1, n2, NUM),
+                _pick(which, br0, br1, br2, NUM),
+                _pick(which, so0, so1, so2, NUM),
                 RANK,
                 RANK_PAD,
                 BLOCK_N,
@@ -294,12 +296,8 @@ if triton is not None:
         which = tl.program_id(2)
         row = pid_m // m_blocks
         slot = tl.load(index_ptr + row)
-        a_ptr, scale_ptr = a0, s0
-        if NUM > 1 and which == 1:
-            a_ptr, scale_ptr = a1, s1
-        if NUM > 2 and which == 2:
-            a_ptr, scale_ptr = a2, s2
-        scale = tl.load(scale_ptr + slot * stride_scale)
+        a_ptr = _pick(which, a0, a1, a2, NUM)
+        scale = tl.load(_pick(which, s0, s1, s2, NUM) + slot * stride_scale)
         if scale != 0.0:
             offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < tokens
@@ -371,15 +369,7 @@ if triton is not None:
         row = pid_m // m_blocks
         slot = tl.load(index_ptr + row)
         which, n_block = _output_of(tl.program_id(1), nb0, nb1, NUM)
-        bt_ptr, out_ptr, scale_ptr = b0, o0, s0
-        n_features, stride_bs, stride_ot, stride_br = n0, sb0, so0, br0
-        if NUM > 1 and which == 1:
-            bt_ptr, out_ptr, scale_ptr = b1, o1, s1
-            n_features, stride_bs, stride_ot, stride_br = n1, sb1, so1, br1
-        if NUM > 2 and which == 2:
-            bt_ptr, out_ptr, scale_ptr = b2, o2, s2
-            n_features, stride_bs, stride_ot, stride_br = n2, sb2, so2, br2
-        scale = tl.load(scale_ptr + slot * stride_scale)
+        scale = tl.load(_pick(which, s0, s1, s2, NUM) + slot * stride_scale)
         if scale != 0.0:
             offs_m = (pid_m % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < tokens
@@ -395,14 +385,14 @@ if triton is not None:
                 h += tl.load(src, mask=mask_m[:, None], other=0.0)
             _expand(
                 h * scale,
-                bt_ptr + slot * stride_bs,
-                out_ptr,
+                _pick(which, b0, b1, b2, NUM) + slot * _pick(which, sb0, sb1, sb2, NUM),
+                _pick(which, o0, o1, o2, NUM),
                 tok,
                 mask_m,
                 n_block,
-                n_features,
-                stride_br,
-                stride_ot,
+                _pick(which, n0, n1, n2, NUM),
+                _pick(which, br0, br1, br2, NUM),
+                _pick(which, so0, so1, so2, NUM),
                 RANK,
                 RANK_PAD,
                 BLOCK_N,
