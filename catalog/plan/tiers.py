@@ -15,6 +15,10 @@ the catalog's cache with ``--cache-policy lru``), so each tier's hits for every 
 from one stack-distance pass over the stream that reaches it (``catalog.plan.stack``). Requests
 go to engines by adapter (``id mod engines``), the affinity routing that keeps an adapter on one
 engine.
+
+Limit: a byte capacity below the largest pack is modelled as if the oversized pack passed
+through the cache and flushed it; the real tiers hand it through untouched. The default
+capacities start at the largest pack; the curves (``curves.py``) replay the real LRU there.
 """
 
 from __future__ import annotations
