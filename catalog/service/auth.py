@@ -192,7 +192,15 @@ def _of_ref(request: Any) -> Sequence[str]:
 
 
 def _of_refs(request: Any) -> Sequence[str]:
-    return tuple({Ref.parse(ref).adapter.tenant for ref in request.refs})
+    # a reference that does not parse names no tenant and reaches nothing: the prefetch
+    # reports it as failed on its own line, as it does without --auth
+    tenants = set()
+    for ref in request.refs:
+        try:
+            tenants.add(Ref.parse(ref).adapter.tenant)
+        except InvalidArgument:
+            continue
+    return tuple(tenants)
 
 
 def _of_prefix(request: Any) -> Sequence[str]:

@@ -243,3 +243,19 @@ def test_the_async_client_sends_its_token_on_every_kind_of_call(
                 await anonymous.fetch("acme/aio")
 
     asyncio.run(main())
+
+
+def test_a_prefetch_reports_a_bad_reference_on_its_line_with_auth_as_without(
+    auth_catalog: AuthCatalog,
+) -> None:
+    # the SDK refuses a bad reference itself: this is what another client may send
+    def prefetch(client: CatalogClient, refs: list[str]) -> dict[str, str]:
+        with translated(client.target):
+            call = client._stub.Prefetch(pb.PrefetchRequest(refs=refs), timeout=30)
+            return {p.ref: p.state for p in call}
+
+    with auth_catalog.client(TOKENS["engine"]) as engine:
+        progress = prefetch(engine, ["acme/own@serving", "not a ref"])
+        assert progress == {"acme/own@serving": "done", "not a ref": "failed"}
+        with pytest.raises(PermissionDenied):
+            prefetch(engine, ["not a ref", "victim/other@serving"])
