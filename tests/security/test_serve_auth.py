@@ -149,3 +149,31 @@ def test_open_bind_without_auth_is_refused(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "refusing to serve 0.0.0.0 without --auth" in proc.stderr
     assert not (tmp_path / "index").exists()  # refused before anything was opened
+
+
+def test_audit_log_without_auth_names_the_anonymous_caller(
+    tmp_path: Path, packs: dict[str, bytes]
+) -> None:
+    from catalog.service.auth import Guard, open_audit_log
+    from catalog.service.server import create_server, open_catalog
+
+    path = tmp_path / "audit.log"
+    audit = open_audit_log(str(path))
+    catalog = open_catalog(tmp_path / "root")
+    server, port = create_server(catalog, "127.0.0.1:0", guard=Guard(None, audit))
+    try:
+        with CatalogClient(f"127.0.0.1:{port}") as client:
+            client.push("acme/open", packs["qv-r4"])
+            client.resolve("acme/open")
+            client.gc(dry_run=True)
+    finally:
+        server.stop(grace=None).wait()
+        catalog.close()
+        for handler in list(audit.handlers):
+            audit.removeHandler(handler)
+            handler.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(line["principal"], line["method"], line["outcome"]) for line in lines] == [
+        ("", "Push", "OK"),
+        ("", "GarbageCollect", "OK"),
+    ]
