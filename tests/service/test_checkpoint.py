@@ -118,7 +118,8 @@ def history_after(catalog: Catalog, packs: list[bytes]) -> None:
     catalog.push_bytes(AdapterName("aaa", "first"), packs[0])
     catalog.push_bytes(AdapterName("acme", "chat2"), packs[1], aliases=["serving"])
     catalog.push_bytes(AdapterName("zzz", "last"), packs[2])
-    catalog.delete("beta/code", all_revisions=True)
+    # forced: beta/code has a canary alias, and the aliases' removal belongs in the history too
+    catalog.delete("beta/code", all_revisions=True, force=True)
 
 
 def snapshot(index: RevisionIndex) -> dict[str, Any]:
