@@ -95,7 +95,13 @@ class EngineRegistry:
                     "to expire"
                 )
             self._engines[engine_id] = EngineRecord(
-                engine_id, base_id, num_slots, max_rank, host_bytes, principal=owner
+                engine_id,
+                base_id,
+                num_slots,
+                max_rank,
+                host_bytes,
+                principal=owner,
+                last_seen=time.monotonic(),
             )
 
     def _expire_engines_locked(self) -> None:

@@ -119,11 +119,26 @@ def test_the_spool_is_bounded_while_running(tmp_path: Path, packs: dict[str, byt
         roomy.close()
 
 
+class _Clock:
+    """Stands in for the ``time`` module in ``catalog.engines``: a monotonic clock we move."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
 def test_engine_records_are_capped_per_principal_expire_and_stay_their_owners(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("catalog.engines.time", clock)
     catalog = open_catalog(
-        tmp_path / "root", limits=Limits(max_engines_per_principal=3, engine_ttl_s=2.0)
+        tmp_path / "root", limits=Limits(max_engines_per_principal=3, engine_ttl_s=600)
     )
     try:
         with acting_as("mallory"):
@@ -134,7 +149,9 @@ def test_engine_records_are_capped_per_principal_expire_and_stay_their_owners(
                 catalog.register_engine("m-3", "base", 4, 8, 0)
             with pytest.raises(InvalidArgument, match="at most 4096 per tier"):
                 catalog.report_residency("m-0", [f"sha256:{HEX}"] * 4097, [])
-        time.sleep(1.2)
+        clock.now += 400
+        with acting_as("mallory"):
+            catalog.report_residency("m-2", [], [])  # a report keeps an engine alive
         with acting_as("alice"):
             catalog.register_engine("a-0", "base", 4, 8, 0)  # another principal is not capped
             with pytest.raises(PermissionDenied):
@@ -142,10 +159,12 @@ def test_engine_records_are_capped_per_principal_expire_and_stay_their_owners(
             with pytest.raises(NotFound):  # another's engine is not shown to exist
                 catalog.report_residency("m-0", [], [])
         assert len(catalog.engines()) == 4
-        time.sleep(1.0)  # mallory's engines are now quiet past the 2 s TTL, alice's are not
-        assert [e.engine_id for e in catalog.engines()] == ["a-0"]
+        clock.now += 300  # m-0 and m-1 are now quiet past the TTL; m-2 and a-0 are not
+        assert sorted(e.engine_id for e in catalog.engines()) == ["a-0", "m-2"]
         with acting_as("mallory"):
             catalog.register_engine("m-3", "base", 4, 8, 0)  # room again
+            with pytest.raises(NotFound):
+                catalog.report_residency("m-0", [], [])  # expired: register again
     finally:
         catalog.close()
 
