@@ -5,6 +5,7 @@ and a push whose header is garbage."""
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +266,32 @@ def test_stats_redaction_applies_only_with_auth(served: RunningCatalog) -> None:
     # without --auth every caller is the anonymous admin: today's behaviour, path included
     with served.client() as client:
         assert client.stats()["store_url"].startswith("file:///")
+
+
+def test_an_engine_watching_hints_does_not_expire(
+    served: RunningCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("catalog.engines.time", clock)
+    ttl = served.catalog.limits.engine_ttl_s
+    with served.client() as client:
+        client.register_engine("quiet", "base", 4, 8)
+        stream = client.watch_hints("quiet")
+        reader = threading.Thread(target=lambda: list(stream), daemon=True)
+        reader.start()
+
+        def watchers() -> int:
+            return sum(e.watchers for e in served.catalog.engines() if e.engine_id == "quiet")
+
+        deadline = time.monotonic() + 10
+        while watchers() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        clock.now += ttl + 1  # quiet past the TTL, but its hint stream is open
+        assert [e.engine_id for e in served.catalog.engines()] == ["quiet"]
+        stream.cancel()
+        reader.join(10)
+        deadline = time.monotonic() + 10
+        while watchers() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        clock.now += ttl + 1  # closed, and quiet again past the TTL
+        assert served.catalog.engines() == []
