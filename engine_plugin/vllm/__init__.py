@@ -44,6 +44,8 @@ def register() -> None:
         return
     from vllm.lora.resolver import LoRAResolverRegistry
 
+    _log_like_vllm()
+
     from engine_plugin.vllm.resolver import LoracatResolver
     from engine_plugin.vllm.runtime import RuntimeStarter
 
@@ -56,3 +58,22 @@ def register() -> None:
         settings.cache_dir,
         settings.engine_id,
     )
+
+
+class _ToVllmLogger(logging.Handler):
+    """Hands records to the ``vllm`` logger, whose handlers vLLM sets up (at some point after
+    plugins load), so the plugin's records appear in vLLM's log, formatted as vLLM's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)
+
+
+def _log_like_vllm() -> None:
+    """Send the plugin's log records where vLLM sends its own (vLLM configures only the
+    ``vllm`` logger, so ours would otherwise show warnings only, on stderr)."""
+    ours = logging.getLogger("engine_plugin")
+    if any(isinstance(h, _ToVllmLogger) for h in ours.handlers):
+        return
+    ours.addHandler(_ToVllmLogger())
+    ours.setLevel(logging.INFO)
+    ours.propagate = False

@@ -111,6 +111,9 @@ class PeftDirCache:
         """The complete directory of ``digest``, written by ``write(tmp_dir)`` (which returns the
         bytes it fetched) if no process has it yet, and held until :meth:`release`.
 
+        ``write`` leaves its files durable (``catalog.pack.export_peft_dir`` fsyncs each one);
+        the cache makes the directory's rename into place durable.
+
         Holds nest: each ``acquire`` needs its own ``release``. ``write`` runs at most once per
         host for concurrent callers: the others wait for its lock and use its result.
 
@@ -196,8 +199,6 @@ class PeftDirCache:
         tmp.mkdir()
         try:
             fetched = write(tmp)
-            for child in tmp.iterdir():
-                _fsync_file(child)
             _touch(tmp / USED_STAMP)
             os.rename(tmp, path)
             _fsync_dir(self._adapters)
@@ -328,14 +329,6 @@ def _touch(path: Path) -> None:
         os.utime(path, (now, now))
     except FileNotFoundError:
         path.touch()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from http import HTTPStatus
 
 from vllm.exceptions import GracefulHTTPError, VLLMNotFoundError, VLLMValidationError
@@ -54,6 +55,7 @@ class LoracatResolver(LoRAResolver):  # type: ignore[misc]  # vLLM is untyped to
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         if "/" not in lora_name:
             return None
+        started = time.perf_counter()
         runtime = await asyncio.to_thread(lambda: self.runtime)
         runtime.settle_base(base_model_name)
         try:
@@ -77,12 +79,13 @@ class LoracatResolver(LoRAResolver):  # type: ignore[misc]  # vLLM is untyped to
             ) from None
         revision = binding.revision
         log.info(
-            "loracat resolved %s to %s@%d (%s) at %s",
+            "loracat resolved %s to %s@%d (%s) at %s in %.1f ms",
             lora_name,
             revision.adapter,
             revision.number,
             revision.digest.short,
             binding.path,
+            (time.perf_counter() - started) * 1e3,
         )
         # vLLM replaces the id with its own counter; it must only be >= 1 here.
         return LoRARequest(lora_name=binding.lora_name, lora_int_id=1, lora_path=str(binding.path))

@@ -250,7 +250,10 @@ class VllmServer:
             "VLLM_PLUGINS": plugins,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "LORACAT_VLLM_CACHE_DIR": str(cache_dir),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+            # One thread: on a shared 2-core machine a second OpenMP thread spin-waits at every
+            # barrier while other processes hold the cores (vLLM warns about it too), which
+            # turns a 20 ms request into 500 ms.
+            "OMP_NUM_THREADS": "1",
             **({"LORACAT_SERVER": catalog} if catalog else {}),
             **env,
         }
