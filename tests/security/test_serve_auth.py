@@ -177,3 +177,29 @@ def test_audit_log_without_auth_names_the_anonymous_caller(
         ("", "Push", "OK"),
         ("", "GarbageCollect", "OK"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("host", "authenticated", "insecure", "refused"),
+    [
+        ("127.0.0.1", False, False, False),
+        ("::1", False, False, False),
+        ("localhost", False, False, False),
+        ("0.0.0.0", False, False, True),
+        ("::", False, False, True),
+        ("catalog.internal", False, False, True),
+        ("0.0.0.0", True, False, False),
+        ("0.0.0.0", False, True, False),
+    ],
+)
+def test_which_binds_need_auth(
+    host: str, authenticated: bool, insecure: bool, refused: bool
+) -> None:
+    from catalog.errors import InvalidArgument
+    from catalog.service.auth import check_exposure
+
+    if refused:
+        with pytest.raises(InvalidArgument, match="without --auth"):
+            check_exposure(host, authenticated=authenticated, insecure=insecure)
+    else:
+        check_exposure(host, authenticated=authenticated, insecure=insecure)
