@@ -47,6 +47,7 @@ GAUGE_COUNTERS = frozenset(
         "nvme_chunk_bytes",
         "nvme_file_bytes",
         "nvme_map_size",
+        "lease_active",  # leases on NVMe entries held by colocated engines now
     }
 )
 
