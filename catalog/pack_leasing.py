@@ -68,8 +68,8 @@ class PackLeasing:
 
         Raises:
             FailedPrecondition: this catalog runs without an NVMe tier.
-            ResourceExhausted: the tier's policy did not admit the pack (read it over
-                ``FetchPack`` instead).
+            ResourceExhausted: the tier's policy did not admit the pack, or too many leases
+                are alive (read it over ``FetchPack`` instead).
             InvalidArgument: a bad ``ttl_s``.
             As ``resolve``; ``DataLoss`` when the durable copy is missing or corrupt.
         """

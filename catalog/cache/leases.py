@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from catalog.cache.pack_cache import Loader, PackCache
 from catalog.digest import Digest
-from catalog.errors import CatalogError, InvalidArgument, Unavailable
+from catalog.errors import CatalogError, InvalidArgument, ResourceExhausted, Unavailable
 
 __all__ = ["DEFAULT_LEASE_TTL_S", "MAX_LEASE_TTL_S", "PackLease", "PackLeases"]
 
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: local NVMe (a GB/s), low enough that a dead engine's pin is gone within a minute.
 DEFAULT_LEASE_TTL_S = 30.0
 MAX_LEASE_TTL_S = 600.0
+#: Leases alive at once, at most: each pins its entry, so an engine that leased without end
+#: could pin the whole tier; beyond this a lease is refused and the engine streams instead.
+MAX_ACTIVE_LEASES = 4096
 #: How often the sweeper looks for stale LMDB reader slots when no lease is due.
 READER_CHECK_INTERVAL_S = 10.0
 
@@ -60,6 +63,7 @@ class _Counters:
     released: int = 0
     expired: int = 0
     not_admitted: int = 0
+    refused: int = 0  # over max_active
     stale_readers_cleared: int = 0
 
 
@@ -74,10 +78,12 @@ class PackLeases:
         cache: PackCache,
         *,
         default_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        max_active: int = MAX_ACTIVE_LEASES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache
         self.default_ttl_s = default_ttl_s
+        self.max_active = max_active
         self._clock = clock
         self._leases: dict[str, PackLease] = {}
         self._counters = _Counters()
@@ -103,6 +109,7 @@ class PackLeases:
 
         Raises:
             InvalidArgument: ``ttl_s`` negative or above ``MAX_LEASE_TTL_S``.
+            ResourceExhausted: ``max_active`` leases are alive already.
             As ``PackCache.hold`` (the loader's errors, e.g. ``DataLoss``).
         """
         if not 0 <= ttl_s <= MAX_LEASE_TTL_S:
@@ -111,6 +118,12 @@ class PackLeases:
                 f"{MAX_LEASE_TTL_S:g} seconds, got {ttl_s:g}"
             )
         ttl = ttl_s or self.default_ttl_s
+        with self._cond:
+            if len(self._leases) >= self.max_active:
+                self._counters.refused += 1
+                raise ResourceExhausted(
+                    f"{self.max_active} pack leases are alive already; read over FetchPack"
+                )
         if not self.cache.hold(digest, loader, name_for_errors=name_for_errors):
             with self._cond:
                 self._counters.not_admitted += 1
@@ -149,7 +162,8 @@ class PackLeases:
 
     def stats(self) -> dict[str, int]:
         """``active`` leases and the counters since start: ``granted``, ``released``,
-        ``expired``, ``not_admitted``, ``stale_readers_cleared``."""
+        ``expired``, ``not_admitted``, ``refused`` (over ``max_active``),
+        ``stale_readers_cleared``."""
         with self._cond:
             return {"active": len(self._leases), **vars(self._counters)}
 

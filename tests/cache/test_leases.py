@@ -14,7 +14,7 @@ from catalog.cache.layout import chunk_key
 from catalog.cache.leases import PackLeases
 from catalog.cache.pack_cache import PackCache
 from catalog.digest import Digest
-from catalog.errors import DataLoss, FailedPrecondition, InvalidArgument
+from catalog.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 
 class FakeClock:
@@ -80,6 +80,7 @@ def test_a_lease_loads_a_cold_pack_once_and_keeps_it_from_eviction(
         "released": 2,
         "expired": 0,
         "not_admitted": 0,
+        "refused": 0,
         "stale_readers_cleared": 0,
     }
 
@@ -163,3 +164,20 @@ def test_a_corrupt_copy_drops_its_holds(cache: PackCache, leases: PackLeases) ->
     assert got == data[1 << 20 : (1 << 20) + 1]
     assert cache.holds(digest) == 0 and cache.stats()["corrupt_dropped"] == 1
     assert leases.release(lease.lease_id) is not None  # releasing after the drop is harmless
+
+
+def test_leases_beyond_the_limit_are_refused(cache: PackCache, clock: FakeClock) -> None:
+    digest, data = pack(1 << 20, 6)
+    table = PackLeases(cache, max_active=2, clock=clock)
+    try:
+        held = [
+            table.grant(digest, lambda: data, name_for_errors="x", size_bytes=len(data))
+            for _ in range(2)
+        ]
+        with pytest.raises(ResourceExhausted, match="2 pack leases"):
+            table.grant(digest, lambda: data, name_for_errors="x", size_bytes=len(data))
+        assert cache.holds(digest) == 2 and table.stats()["refused"] == 1
+        assert held[0] is not None and table.release(held[0].lease_id) is not None
+        assert table.grant(digest, lambda: data, name_for_errors="x", size_bytes=len(data))
+    finally:
+        table.close()
