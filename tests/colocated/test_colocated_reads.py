@@ -399,3 +399,19 @@ def test_the_digest_named_by_a_revision_is_what_is_read(served: Served) -> None:
         # The alias moved on; a Revision still names its own bytes.
         assert Digest.of(client.fetch(one)) == one.digest
         assert bytes(client.fetch("acme/big")) == second
+
+
+def test_gc_of_a_pack_an_engine_holds_a_lease_on(served: Served) -> None:
+    pack = big_pack(2, seed=25)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/big", pack).revision
+        client.push("acme/big", big_pack(2, seed=26))
+        stub = client._stub
+        with translated(client.target):
+            lease = stub.LeasePack(pb.LeasePackRequest(ref=f"acme/big@{revision.digest}"))
+        client.delete("acme/big@1")
+        assert str(revision.digest) in client.gc()["deleted"]  # not refused by the lease
+        assert not blob_file(served, revision.digest).exists()
+        with translated(client.target):
+            stub.ReleasePackLease(pb.ReleasePackLeaseRequest(lease_id=lease.lease_id))
+        assert counters(client)["lease_active"] == 0
