@@ -15,7 +15,10 @@ the revision's digest, as on the catalog's own reads; see ``catalog.cache.pack_c
 bytes returned are exactly the checked ones, and the transaction's snapshot keeps every page it
 reads from reuse until it ends, whatever the catalog writes meanwhile. The returned buffer is
 private and read-only; nothing references the map after the read (an engine may keep views
-into the buffer for as long as it likes, and the lease ends at once).
+into the buffer for as long as it likes, and the lease ends at once). A reference entry (a
+``file://`` store on the tier's filesystem, see ``catalog.cache.layout``) is read with no copy
+at all: the store's immutable file is mapped read-only, every chunk checked on the map, and the
+map returned (it outlives the file's unlinking by GC).
 
 A chunk that fails its check is reported with the release; the catalog re-reads it, drops a bad
 copy and refills it from the durable tier, and the read is tried once more; a second failure
