@@ -87,6 +87,9 @@ def test_readme_blocks_run_as_written(tmp_path: Path):
         "LORACAT_SERVER": f"127.0.0.1:{port}",
         "LORACAT_CACHE_BYTES": "256M",
         "PYTHONPATH": str(ROOT),
+        # a reader runs the blocks in one shell: after the first block's `source
+        # .venv/bin/activate`, later blocks find `loracat` on PATH
+        "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     # the bash blocks start `loracat serve &`: one session for all of them, ended at the end
     sessions: list[int] = []
