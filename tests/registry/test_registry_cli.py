@@ -364,3 +364,11 @@ def test_every_serve_option_has_an_environment_variable():
     missing = [p.name for p in options if not p.envvar]
     assert missing == []
     assert all(str(p.envvar).startswith("LORACAT_") for p in options)
+
+
+def test_health_answers_for_a_catalog_and_waits_for_one_that_is_not_there(served):
+    assert run(served.address, "health").stdout.strip() == f"serving at {served.address}"
+    started = time.monotonic()
+    gone = run(f"127.0.0.1:{free_port()}", "health", "--wait", "1", check=False)
+    assert gone.returncode == 6 and "unavailable" in gone.stderr
+    assert 1 <= time.monotonic() - started < 10
