@@ -563,14 +563,19 @@ def _count_experts(groups: Mapping[str, _Group], patterns: _Patterns, model_pref
 
 
 def export_peft_dir(
-    pack: Pack | bytes | bytearray | memoryview, dest: str | os.PathLike[str]
+    pack: Pack | bytes | bytearray | memoryview,
+    dest: str | os.PathLike[str],
+    *,
+    fsync: bool = True,
 ) -> None:
     """Write ``pack`` as a PEFT adapter directory (created if missing).
 
     A pack imported from PEFT gets its original config and key names back, byte for byte,
     expert modules in the layout they came in; any other pack gets a synthesized LoRA config
     (expert modules only when they name a fused parameter, written as PEFT's
-    ``target_parameters``). Each file is written to a temporary name and renamed into place.
+    ``target_parameters``). Each file is written to a temporary name and renamed into place,
+    fsynced first unless ``fsync`` is False (for a caller whose copy need not survive a power
+    loss, such as a node-local cache on an ephemeral disk).
 
     Raises:
         InvalidPack: ``pack`` bytes are invalid, or its expert modules have no PEFT layout
@@ -621,8 +626,8 @@ def export_peft_dir(
     config_text = json.dumps(config, indent=2, sort_keys=True).encode()
     directory = Path(dest)
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(directory / PEFT_WEIGHTS_FILE, weights)
-    write_atomically(directory / PEFT_CONFIG_FILE, config_text)
+    write_atomically(directory / PEFT_WEIGHTS_FILE, weights, fsync=fsync)
+    write_atomically(directory / PEFT_CONFIG_FILE, config_text, fsync=fsync)
 
 
 def _recorded_layouts(manifest: PackManifest) -> Callable[[ModuleSpec, int], ExpertLayout | None]:
@@ -744,9 +749,11 @@ def synthesize_peft_config(manifest: PackManifest) -> dict[str, Any]:
     return config
 
 
-def write_atomically(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
+def write_atomically(
+    path: Path, data: bytes | Sequence[bytes | memoryview], *, fsync: bool = True
+) -> None:
     """Write ``data`` (bytes, or chunks written in order) to a temporary file beside ``path``,
-    fsync it, and rename it into place."""
+    fsync it (unless ``fsync`` is False), and rename it into place."""
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the adapter from other readers
@@ -756,7 +763,8 @@ def write_atomically(path: Path, data: bytes | Sequence[bytes | memoryview]) -> 
             else:
                 handle.writelines(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
