@@ -112,6 +112,11 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=12, help="adapters per path and question")
     parser.add_argument("--moves", type=int, default=40, help="alias moves timed")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="run the plugin with LORACAT_VLLM_CACHE_FSYNC=0 (node cache on an ephemeral disk)",
+    )
     args = parser.parse_args()
     ensure_vllm_venv()
 
@@ -176,7 +181,10 @@ def main() -> None:
             plugins="loracat,lora_filesystem_resolver",
             max_loras=4,
             max_cpu_loras=2 * n + 4,
-            env={"VLLM_LORA_RESOLVER_CACHE_DIR": str(fs_dir)},
+            env={
+                "VLLM_LORA_RESOLVER_CACHE_DIR": str(fs_dir),
+                "LORACAT_VLLM_CACHE_FSYNC": "0" if args.no_fsync else "1",
+            },
         )
         print("starting vLLM...", flush=True)
         vllm.start()
@@ -248,7 +256,7 @@ def main() -> None:
                 t1 = time.perf_counter()
                 data = client.fetch(f"bench/cold-{i}@{revision.digest}")
                 t2 = time.perf_counter()
-                export_peft_dir(data, work / "breakdown" / f"lc-{i}")
+                export_peft_dir(data, work / "breakdown" / f"lc-{i}", fsync=not args.no_fsync)
                 t3 = time.perf_counter()
                 download_peft_dir(s3, f"peft/fs-{i}", work / "breakdown" / f"fs-{i}")
                 t4 = time.perf_counter()
@@ -303,7 +311,8 @@ def main() -> None:
         ["alias move -> new revision served, p99", swap_p99 * 1e3, f"{swap_p99:.2f} s", "<= 2 s"],
     ]
     print_table(
-        "where a cold first request's time goes (outside vLLM)",
+        "where a cold first request's time goes (outside vLLM)"
+        + (" (no fsync)" if args.no_fsync else ""),
         ["part", "median ms"],
         [[key, ms(values)] for key, values in parts.items()]
         + [["the resolver inside vLLM, cold (its log)", ms(in_plugin) if in_plugin else ""]],
@@ -315,10 +324,11 @@ def main() -> None:
         rows,
     )
     write_results(
-        "bench_vllm",
+        "bench_vllm_no_fsync" if args.no_fsync else "bench_vllm",
         {
             "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
             "rank": args.rank,
+            "node_cache_fsync": not args.no_fsync,
             "adapter_bytes": adapter_bytes,
             "base_shape": BENCH_SHAPE,
             "max_tokens": MAX_TOKENS,

@@ -10,7 +10,8 @@ caller releases it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +56,9 @@ class Materialized:
     ref: Ref
     revision: Revision
     path: Path
+    #: Seconds spent, for the log: ``resolve``, and ``fetch``/``write`` when this call wrote
+    #: the directory (a hit on node disk has neither).
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 class CatalogAdapters:
@@ -137,19 +141,27 @@ class CatalogAdapters:
             Unavailable, DeadlineExceeded: the catalog cannot be reached.
         """
         pinned = f"{revision.adapter}@{revision.digest}"
+        timings: dict[str, float] = {}
 
         def write(into: Path) -> int:
+            started = time.perf_counter()
             data = self.catalog.fetch(pinned)
-            export_peft_dir(data, into)
+            fetched = time.perf_counter()
+            export_peft_dir(data, into, fsync=self.cache.fsync)
+            timings.update(fetch=fetched - started, write=time.perf_counter() - fetched)
             return len(data)
 
         path = self.cache.acquire(revision.digest, write)
-        return Materialized(name, ref, revision, path)
+        return Materialized(name, ref, revision, path, timings)
 
     def load(self, name: str) -> Materialized:
         """:meth:`resolve`, then :meth:`materialize` (see both for what they raise)."""
+        started = time.perf_counter()
         ref, revision = self.resolve(name)
-        return self.materialize(name, ref, revision)
+        resolved = time.perf_counter() - started
+        materialized = self.materialize(name, ref, revision)
+        materialized.timings["resolve"] = resolved
+        return materialized
 
     def release(self, materialized: Materialized) -> None:
         self.cache.release(materialized.revision.digest)

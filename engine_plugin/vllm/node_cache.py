@@ -84,17 +84,29 @@ class PeftDirCache:
         budget_bytes: bytes of complete directories to keep; 0 means unbounded. Directories held
             by a process are never evicted, so the total may exceed the budget while they are.
         policy: a ``catalog.cache.policies`` name (``lru``, ``s3fifo``, ...; ``default``).
+        fsync: make each directory durable before it is renamed into place (its writer fsyncs
+            the files, the cache the rename). False for a root whose contents need not survive
+            a power loss (an ephemeral or tmpfs disk): a process crash mid-write is safe either
+            way, since only the rename publishes a directory.
 
     Raises:
         InvalidArgument: a negative budget or an unknown policy.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, budget_bytes: int = 0, policy: str = "lru"):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        budget_bytes: int = 0,
+        policy: str = "lru",
+        fsync: bool = True,
+    ):
         if budget_bytes < 0:
             raise InvalidArgument(f"node cache budget must be >= 0 bytes, got {budget_bytes}")
         self.policy_name = resolve_policy_name(policy)
         self.root = Path(root).resolve()
         self.budget_bytes = budget_bytes
+        self.fsync = fsync
         self.counters = NodeCacheCounters()
         self._adapters = self.root / "adapters"
         self._locks = self.root / "locks"
@@ -111,8 +123,8 @@ class PeftDirCache:
         """The complete directory of ``digest``, written by ``write(tmp_dir)`` (which returns the
         bytes it fetched) if no process has it yet, and held until :meth:`release`.
 
-        ``write`` leaves its files durable (``catalog.pack.export_peft_dir`` fsyncs each one);
-        the cache makes the directory's rename into place durable.
+        With ``fsync``, ``write`` leaves its files durable (``catalog.pack.export_peft_dir``
+        fsyncs each one) and the cache makes the directory's rename into place durable.
 
         Holds nest: each ``acquire`` needs its own ``release``. ``write`` runs at most once per
         host for concurrent callers: the others wait for its lock and use its result.
@@ -201,7 +213,8 @@ class PeftDirCache:
             fetched = write(tmp)
             _touch(tmp / USED_STAMP)
             os.rename(tmp, path)
-            _fsync_dir(self._adapters)
+            if self.fsync:
+                _fsync_dir(self._adapters)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

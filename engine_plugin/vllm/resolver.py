@@ -79,13 +79,14 @@ class LoracatResolver(LoRAResolver):  # type: ignore[misc]  # vLLM is untyped to
             ) from None
         revision = binding.revision
         log.info(
-            "loracat resolved %s to %s@%d (%s) at %s in %.1f ms",
+            "loracat resolved %s to %s@%d (%s) at %s in %.1f ms (%s)",
             lora_name,
             revision.adapter,
             revision.number,
             revision.digest.short,
             binding.path,
             (time.perf_counter() - started) * 1e3,
+            ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in binding.materialized.timings.items()),
         )
         # vLLM replaces the id with its own counter; it must only be >= 1 here.
         return LoRARequest(lora_name=binding.lora_name, lora_int_id=1, lora_path=str(binding.path))

@@ -108,7 +108,10 @@ class LoracatRuntime:
             catalog = CatalogClient(settings.server, timeout=10.0)
         self.catalog: Any = catalog
         self.cache = PeftDirCache(
-            settings.cache_dir, budget_bytes=settings.cache_bytes, policy=settings.cache_policy
+            settings.cache_dir,
+            budget_bytes=settings.cache_bytes,
+            policy=settings.cache_policy,
+            fsync=settings.cache_fsync,
         )
         served = served_base_identity(settings.model or "", settings.base_id)
         self.adapters = CatalogAdapters(

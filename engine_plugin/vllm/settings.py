@@ -57,7 +57,9 @@ class PluginSettings:
       model path vLLM serves (a hub id for a local copy).
     * ``LORACAT_VLLM_CACHE_DIR``: the node-local directory cache, shared by every vLLM process
       on the host (default ``$TMPDIR/loracat-vllm``); ``LORACAT_VLLM_CACHE_BYTES`` its budget
-      (default 8 GiB; 0 = unbounded); ``LORACAT_VLLM_CACHE_POLICY`` its eviction policy.
+      (default 8 GiB; 0 = unbounded); ``LORACAT_VLLM_CACHE_POLICY`` its eviction policy;
+      ``LORACAT_VLLM_CACHE_FSYNC=0`` skips the fsyncs that make a directory survive a power
+      loss (for an ephemeral or tmpfs disk; a process crash is safe either way).
     * ``LORACAT_VLLM_URL``: this vLLM server's own URL, for the admin calls that swap and warm
       adapters (default ``http://127.0.0.1:<--port>``).
     * ``LORACAT_ENGINE_ID``: the id this vLLM registers with (default ``vllm-<host>-<port>``).
@@ -73,6 +75,7 @@ class PluginSettings:
     cache_dir: Path
     cache_bytes: int
     cache_policy: str
+    cache_fsync: bool
     vllm_url: str
     api_key: str | None
     engine_id: str
@@ -105,6 +108,7 @@ class PluginSettings:
             cache_dir=Path(cache_dir),
             cache_bytes=cache_bytes,
             cache_policy=env.get("LORACAT_VLLM_CACHE_POLICY", "lru"),
+            cache_fsync=env.get("LORACAT_VLLM_CACHE_FSYNC", "1") != "0",
             vllm_url=url.rstrip("/"),
             api_key=env.get("VLLM_API_KEY") or flags.api_key,
             engine_id=env.get("LORACAT_ENGINE_ID") or f"vllm-{socket.gethostname()}-{port}",
