@@ -63,8 +63,9 @@ tl: Any = _triton_language
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``
+    when it was imported; the kernels below are decorated accordingly)."""
+    return bool(triton is not None and triton.knobs.runtime.interpret)
 
 
 def kernel_available(device: torch.device) -> bool:

@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    # Triton decides when a kernel is decorated (its own library's when it is imported) whether
+    # it runs interpreted, and any test package may import the engine first: the engine's
+    # kernel tests run on CPU through the interpreter (lora_kernels.INTERPRET_ON_CPU opts in
+    # per test). The switch stays on in this process only: no child process (vLLM, loracat
+    # serve) inherits it.
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+
+        triton.knobs.runtime.interpret = True
+    except ImportError:
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

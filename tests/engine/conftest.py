@@ -7,15 +7,6 @@ with ``catalog.pack.import_peft_dir``. References come from ``PeftModel`` with o
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    # Triton decides when it is imported whether its library runs interpreted: the kernel
-    # tests run it on CPU (engine_plugin.lora_kernels.INTERPRET_ON_CPU opts in per test).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from catalog.pack import import_peft_dir
 from engine_plugin import LocalPackSource, ResidentEngine
