@@ -246,7 +246,7 @@ def main() -> None:
             parts: dict[str, list[float]] = {
                 "resolve": [],
                 "fetch_s3_via_catalog": [],
-                "export_peft_dir_fsynced": [],
+                "export_peft_dir": [],
                 "boto3_download": [],
             }
             for i in range(n):
