@@ -127,8 +127,10 @@ def main() -> None:
         rows,
     )
     print(f"recommendation: {plan['recommendation']['statement']}")
+    # The full report (every policy) is "plan"; a subset is named after its policies.
+    name = "plan" if set(policies) == set(POLICIES) else "plan_" + "_".join(policies)
     write_results(
-        "plan",
+        name,
         {
             "requests": workload.requests,
             "adapters": workload.adapters,
