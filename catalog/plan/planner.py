@@ -151,11 +151,15 @@ def engines_needed(request: PlanRequest, workload: Workload) -> dict[str, Any]:
     if request.engines is not None:
         return {"engines": request.engines, "rate": rate, "why": "given with --engines"}
     if rate is None or request.rows_per_batch is None:
-        return {
-            "engines": 1,
-            "rate": rate,
-            "why": "one engine: give --rate (or a timed trace) and --rows-per-batch to size more",
-        }
+        missing = " and ".join(
+            name
+            for name, value in (
+                ("--rate (or a timed trace)", rate),
+                ("--rows-per-batch", request.rows_per_batch),
+            )
+            if value is None
+        )
+        return {"engines": 1, "rate": rate, "why": f"one engine: give {missing} to size more"}
     busy = rate * request.request_s
     engines = max(1, math.ceil(busy / request.rows_per_batch))
     return {

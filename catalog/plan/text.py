@@ -15,7 +15,9 @@ def format_bytes(count: float) -> str:
 
 
 def format_capacity(unit: str, capacity: int) -> str:
-    return f"{capacity} slots" if unit == "slots" else format_bytes(capacity)
+    if unit == "slots":
+        return f"{capacity} slot" if capacity == 1 else f"{capacity} slots"
+    return format_bytes(capacity)
 
 
 def format_plan(plan: dict[str, Any]) -> str:
