@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,46 @@ class VllmServer:
         if logprobs:
             payload["logprobs"] = logprobs
         return self.post("/v1/completions", payload)
+
+    def stream_tokens(
+        self, model: str, *, max_tokens: int, started: Callable[[], None] = lambda: None
+    ) -> list[str]:
+        """A streamed greedy completion's tokens; ``started`` is called at the first chunk."""
+        payload = {
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": 1,
+            "stream": True,
+        }
+        request = urllib.request.Request(
+            self.url + "/v1/completions",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        tokens: list[str] = []
+        with urllib.request.urlopen(request, timeout=120) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                if not tokens:
+                    started()
+                tokens.extend(chunk["choices"][0]["logprobs"]["tokens"])
+        return tokens
+
+    def running_requests(self) -> float:
+        """vLLM's ``vllm:num_requests_running`` gauge."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("vllm:num_requests_running"):
+                    return float(line.rsplit(" ", 1)[1])
+        raise LookupError("vllm:num_requests_running not in /metrics")
 
     def models(self) -> list[str]:
         with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as response:
