@@ -164,6 +164,7 @@ class LoracatRuntime:
         (``LORACAT_BASE_ID``, or the ``--model`` flag this process was started with)."""
         if not self.adapters.served_base:
             self.adapters.served_base = served_base_identity(model, self.settings.base_id)
+            self._registered = False  # the checker registers again, now with the base
 
     # -- the resolver's side -----------------------------------------------------------------
 

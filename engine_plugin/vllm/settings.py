@@ -32,7 +32,10 @@ def _vllm_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--max-cpu-loras", type=int, default=None)
     parser.add_argument("--api-key", default=None)
-    flags, _ = parser.parse_known_args(list(argv))
+    flags, rest = parser.parse_known_args(list(argv))
+    # `vllm serve MODEL ...` (the GPU build's command) names the model positionally.
+    if flags.model is None and len(rest) >= 2 and rest[0] == "serve" and rest[1][:1] != "-":
+        flags.model = rest[1]
     return flags
 
 

@@ -187,6 +187,8 @@ def test_settings_read_the_environment_and_vllm_flags(tmp_path: Path) -> None:
     assert settings.cache_bytes == 1000 and settings.cache_dir == tmp_path
     assert settings.model == "/m"
     assert settings.cache_fsync
+    served = PluginSettings.from_environment({}, ["serve", "/models/base", "--enable-lora"])
+    assert served.model == "/models/base"
     assert not PluginSettings.from_environment({"LORACAT_VLLM_CACHE_FSYNC": "0"}, []).cache_fsync
     with pytest.raises(InvalidArgument, match="LORACAT_VLLM_CACHE_BYTES"):
         PluginSettings.from_environment({"LORACAT_VLLM_CACHE_BYTES": "lots"}, [])
