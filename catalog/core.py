@@ -10,7 +10,8 @@ the event that names them, so no visible revision ever lacks its bytes.
 The core knows nothing of gRPC or protobuf; the service is a thin layer over it. Its seams live
 in modules of their own, mixed into :class:`Catalog`: ``catalog.push_upload`` (a push in
 progress, limits), ``catalog.alias_moves`` (alias moves, rollback), ``catalog.revision_metadata``
-(metadata edits) and ``catalog.engines`` (engine registration, residency, hint streams).
+(metadata edits), ``catalog.name_purge`` (purge of deleted names) and ``catalog.engines``
+(engine registration, residency, hint streams).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from catalog.model import (
     check_part,
     every_item,
 )
+from catalog.name_purge import NamePurge
 from catalog.pack_leasing import PackLeasing
 from catalog.prefetch import PrefetchQueue
 from catalog.push_upload import Limits, PushUpload
@@ -86,7 +88,7 @@ IndexOpener = Callable[[Path], RevisionIndex]
 REPLAY_BATCH = 2000
 
 
-class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
+class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackLeasing):
     """The catalog over one durable store and one index. Thread-safe.
 
     Every public method documents what it raises; all errors derive from ``CatalogError``.
@@ -151,8 +153,8 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
                     self.index.drop_intent(intent.adapter, intent.seq)
                     continue
                 event = Event.decode(data, key=log_key(intent.adapter, intent.seq))
-                state = self.index.adapter_state(event.adapter)
-                if state is not None and state.next_seq > event.seq:
+                # next_seq, not adapter_state: an applied purge leaves no state but its seq
+                if self.index.next_seq(event.adapter) > event.seq:
                     self.index.drop_intent(intent.adapter, intent.seq)
                     continue
                 self.index.apply(event)
@@ -162,7 +164,10 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
         return applied
 
     def index_is_empty(self) -> bool:
-        return int(self.index.counts().get("adapters", 0)) == 0
+        """No adapter and no purged name: a catalog whose names were all purged is not empty
+        (its index holds their next seqs), so it is not rebuilt at every start."""
+        counts = self.index.counts()
+        return int(counts.get("adapters", 0)) + int(counts.get("purged", 0)) == 0
 
     def store_has_log(self) -> bool:
         return next(iter(self.store.list(LOG_PREFIX)), None) is not None
@@ -482,7 +487,7 @@ class Catalog(AliasMoves, MetadataEdits, EngineRegistry, PackLeasing):
     ) -> int:
         adapter = upload.adapter
         state = self.index.adapter_state(adapter)
-        seq = state.next_seq if state else 1
+        seq = state.next_seq if state else self.index.next_seq(adapter)  # past a purge
         number = state.next_revision if state else 1
         with self._blob_guard:
             self._inflight[digest] += 1

@@ -23,7 +23,8 @@ EVENT_VERSION = 1
 LOG_PREFIX = "log/"
 BLOB_PREFIX = "blobs/"
 
-EventOp = Literal["push", "alias", "delete", "metadata"]
+EventOp = Literal["push", "alias", "delete", "metadata", "purge"]
+EVENT_OP_NAMES = ("push", "alias", "delete", "metadata", "purge")
 
 
 def log_key(adapter: AdapterName, seq: int) -> str:
@@ -72,6 +73,9 @@ class Event:
     - ``delete``: ``revision`` is deleted (its number is never reused).
     - ``metadata``: ``metadata`` is merged into ``revision``'s metadata (eval results), then
       the keys in ``removed`` are dropped from it.
+    - ``purge``: the name, all of whose revisions were deleted, is forgotten: its aliases and
+      alias history go, and the next push starts a new adapter at revision 1. The log keeps its
+      events (and numbers the next one after the purge), so a replay arrives at the same state.
     """
 
     adapter: AdapterName
@@ -124,7 +128,7 @@ class Event:
         if doc.get("v") != EVENT_VERSION:
             raise DataLoss(f"log event has unsupported version {doc.get('v')!r}")
         op = doc["op"]
-        if op not in ("push", "alias", "delete", "metadata"):
+        if op not in EVENT_OP_NAMES:
             raise DataLoss(f"log event has unknown op {op!r}")
         return cls(
             adapter=AdapterName.parse(doc["adapter"]),

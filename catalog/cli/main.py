@@ -6,8 +6,8 @@ exactly one JSON document on stdout, in the shapes of ``catalog.cli.shapes``. Er
 on stderr and the exit statuses of ``catalog.cli.exit_codes``.
 
 The commands live in one module per area: ``serve``, ``revisions`` (push, ls, show, pull, rm,
-meta), ``aliases`` (alias, rollback), ``admin`` (health, gc, verify, reindex, checkpoint, stats,
-demo), ``cache`` (cache, prefetch) and ``plan`` (plan, trace).
+meta), ``purge``, ``aliases`` (alias, rollback), ``admin`` (health, gc, verify, reindex,
+checkpoint, stats, demo), ``cache`` (cache, prefetch) and ``plan`` (plan, trace).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from catalog.cli.aliases import alias, rollback
 from catalog.cli.cache import cache, prefetch
 from catalog.cli.exit_codes import LoracatGroup
 from catalog.cli.plan import plan, trace
+from catalog.cli.purge import purge
 from catalog.cli.revisions import ls, meta, pull, push, rm, show
 from catalog.cli.serve import serve
 
@@ -40,6 +41,7 @@ for command in (
     rollback,
     pull,
     rm,
+    purge,  # catalog/cli/purge.py: `loracat purge NAME`
     gc,
     verify,
     reindex,

@@ -248,6 +248,13 @@ class AsyncCatalogClient:
             response = await self._stub.Delete(request, timeout=self.timeout)
         return list(response.deleted)
 
+    async def purge(self, name: AdapterName | str) -> int:
+        """As :meth:`CatalogClient.purge`."""
+        request = pb.PurgeRequest(name=_name(name))
+        with translated(self.target):
+            response = await self._stub.Purge(request, timeout=self.timeout)
+        return int(response.revisions)
+
     async def fetch_with_revision(
         self,
         ref: Ref | Revision | str,

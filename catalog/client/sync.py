@@ -318,6 +318,17 @@ class CatalogClient:
             response = self._stub.Delete(request, timeout=self.timeout)
         return list(response.deleted)
 
+    def purge(self, name: AdapterName | str) -> int:
+        """Forget a name all of whose revisions are deleted (its aliases and alias history
+        go; a later push starts again at revision 1); returns how many revisions it had held.
+
+        Raises ``FailedPrecondition`` naming the live revisions while any remain (delete them
+        with ``delete(name, all_revisions=True)`` first), ``NotFound``, ``InvalidName``."""
+        request = pb.PurgeRequest(name=_name(name))
+        with translated(self.target):
+            response = self._stub.Purge(request, timeout=self.timeout)
+        return int(response.revisions)
+
     # -- packs ------------------------------------------------------------------------------
 
     def fetch(

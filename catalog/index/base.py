@@ -39,7 +39,14 @@ class RevisionIndex(ABC):
 
     @abstractmethod
     def adapter_state(self, adapter: AdapterName) -> AdapterState | None:
-        """Current state of ``adapter``, or ``None`` if it has never had an event."""
+        """Current state of ``adapter``, or ``None`` if it has never had an event or its last
+        event purged it."""
+
+    @abstractmethod
+    def next_seq(self, adapter: AdapterName) -> int:
+        """The seq the next event of ``adapter`` must carry: ``adapter_state(...).next_seq``,
+        1 for a name that never had an event, and one past the purge for a purged name (the
+        log keeps a purged name's events, so its numbering goes on)."""
 
     @abstractmethod
     def apply(self, event: Event) -> None:
@@ -50,9 +57,12 @@ class RevisionIndex(ABC):
         its current target (0 = unset). Raises ``FailedPrecondition`` when the event contradicts
         the state: an alias, delete or metadata event naming a missing or deleted revision,
         removing an unset alias, or deleting a revision an alias points at (the message names
-        the aliases). Raises ``InvalidArgument`` for a malformed event: no digest on a push, an
-        alias named ``latest`` (the index keeps it on the highest live revision) or all digits
-        (it would read as a revision number), a manifest field of the wrong type.
+        the aliases), or purging a name that has live revisions (the message names them) or no
+        events. A purge removes the adapter, its aliases and alias history; only its next seq is
+        kept (:meth:`next_seq`).
+        Raises ``InvalidArgument`` for a malformed event: no digest on a push, an alias named
+        ``latest`` (the index keeps it on the highest live revision) or all digits (it would
+        read as a revision number), a manifest field of the wrong type.
         A refused event changes nothing and keeps its intent.
         """
 
@@ -170,7 +180,8 @@ class RevisionIndex(ABC):
 
     @abstractmethod
     def counts(self) -> dict[str, Any]:
-        """``adapters``, ``revisions`` (live), ``aliases``, ``bytes_on_disk`` and the like."""
+        """``adapters``, ``revisions`` (live), ``aliases``, ``purged`` (names whose last event
+        purged them), ``bytes_on_disk`` and the like."""
 
     @abstractmethod
     def close(self) -> None:

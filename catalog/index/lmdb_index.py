@@ -10,6 +10,7 @@ Layout (named sub-databases; keys are ``catalog.keys`` tuples, ``t, n`` = tenant
     digests           (t, n, algo, raw)     -> u32 revision numbers holding that digest
     blob_refs         (algo, raw)           -> u32 live revisions pointing at the blob (for GC)
     intents           (t, n, seq)           -> the event JSON, until applied or dropped
+    purged            (t, n)                -> u64 next seq of a purged name (no adapter record)
     interned          (id,)                 -> JSON text of a repeated string or module list
     meta              (name,)               -> schema version, next intern id
 
@@ -23,6 +24,7 @@ while it grows, as ``mdb_env_set_mapsize`` requires.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -79,9 +81,11 @@ _DB_NAMES = (
     "intents",
     "interned",
     "meta",
+    "purged",
 )
 _SCHEMA_KEY = keys.encode("schema")
 _NEXT_INTERN_KEY = keys.encode("next_intern_id")
+_SEQ = struct.Struct(">Q")
 
 T = TypeVar("T")
 
@@ -154,6 +158,10 @@ class _WriteBatch:
         self.has_intents = txn.stat(intents_db)["entries"] > 0
         self.last_adapter: AdapterName | None = None
         self.last_adapter_key = b""
+        #: names purged in this batch -> their next seq (tombstones written at flush)
+        self.purged: dict[bytes, int] = {}
+        #: names pushed again after a purge: their tombstones are deleted at flush
+        self.revived: set[bytes] = set()
 
 
 class LmdbIndex(RevisionIndex):
@@ -201,6 +209,8 @@ class LmdbIndex(RevisionIndex):
         self._intents = self._env.open_db(b"intents")
         self._interned = self._env.open_db(b"interned")
         self._meta = self._env.open_db(b"meta")
+        # created on first open by this version; an index from before purge simply has none
+        self._purged = self._env.open_db(b"purged")
         self._handlers: dict[str, Callable[[_WriteBatch, bytes, AdapterRecord, Event], None]] = {
             "push": self._apply_push,
             "alias": self._apply_alias,
@@ -315,6 +325,11 @@ class LmdbIndex(RevisionIndex):
         txn = batch.txn
         for key, record in sorted(batch.adapters.items()):
             txn.put(key, record.encode(), db=self._adapters)
+            if key in batch.revived:
+                txn.delete(key, db=self._purged)
+        for key, next_seq in sorted(batch.purged.items()):
+            if key not in batch.adapters:
+                txn.put(key, _SEQ.pack(next_seq), db=self._purged)
         for key, delta in sorted(batch.ref_deltas.items()):
             if not delta:
                 continue
@@ -414,17 +429,61 @@ class LmdbIndex(RevisionIndex):
             adapter_key = keys.encode(adapter.tenant, adapter.name)
             batch.last_adapter, batch.last_adapter_key = adapter, adapter_key
         record = batch.adapters.get(adapter_key)
+        after_purge = False
         if record is None:
             stored = batch.txn.get(adapter_key, db=self._adapters)
-            record = AdapterRecord.decode(stored) if stored else AdapterRecord.new(event.at)
+            if stored:
+                record = AdapterRecord.decode(stored)
+            else:
+                record = AdapterRecord.new(event.at)
+                record.next_seq = self._tombstone_seq(batch, adapter_key)
+                after_purge = record.next_seq > 1
         if event.seq != record.next_seq:
             raise rules.stale_seq(event, record.next_seq)
-        self._handlers[event.op](batch, adapter_key, record, event)
-        record.next_seq += 1
-        record.updated_at = event.at
-        batch.adapters[adapter_key] = record
+        if event.op == "purge":
+            self._apply_purge(batch, adapter_key, record, event)
+            batch.adapters.pop(adapter_key, None)
+            batch.revived.discard(adapter_key)
+            batch.purged[adapter_key] = event.seq + 1
+        else:
+            self._handlers[event.op](batch, adapter_key, record, event)
+            record.next_seq += 1
+            record.updated_at = event.at
+            batch.adapters[adapter_key] = record
+            if after_purge:
+                batch.revived.add(adapter_key)
         if batch.has_intents:
             batch.txn.delete(adapter_key + keys.encode(event.seq), db=self._intents)
+
+    def _tombstone_seq(self, batch: _WriteBatch, adapter_key: bytes) -> int:
+        """The next seq of a name without an adapter record: past its purge, or 1."""
+        if adapter_key in batch.purged:
+            return batch.purged[adapter_key]
+        found = batch.txn.get(adapter_key, db=self._purged)
+        return _SEQ.unpack(found)[0] if found else 1
+
+    def _apply_purge(
+        self, batch: _WriteBatch, adapter_key: bytes, record: AdapterRecord, event: Event
+    ) -> None:
+        """Remove every row of the adapter; refused while it has live revisions or no events
+        (the first event of a name is always a push, so ``next_revision`` 1 means none)."""
+        txn = batch.txn
+        if record.next_revision == 1:
+            raise rules.purge_unknown(event)
+        if record.live:
+            live = [
+                _number_at(key, len(adapter_key))
+                for key, _ in self._scan(txn, self._revisions, adapter_key, None, 10)
+            ]
+            raise rules.purge_live(event, live)
+        # Aliases, their reverse rows and digests cannot outlive the last live revision (the
+        # apply rules see to that); they are swept too so a purge leaves no row whatever came.
+        for db in (self._aliases, self._revision_aliases, self._history, self._digests):
+            cursor = txn.cursor(db=db)
+            positioned = cursor.set_range(adapter_key)
+            while positioned and cursor.key().startswith(adapter_key):
+                positioned = cursor.delete()
+        txn.delete(adapter_key, db=self._adapters)
 
     def _apply_push(
         self, batch: _WriteBatch, adapter_key: bytes, record: AdapterRecord, event: Event
@@ -546,6 +605,18 @@ class LmdbIndex(RevisionIndex):
                 return None
             aliases = self._adapter_aliases(txn, adapter_key)
             return AdapterRecord.decode(stored).state(adapter, aliases)
+
+        return self._read(read)
+
+    def next_seq(self, adapter: AdapterName) -> int:
+        adapter_key = keys.encode(adapter.tenant, adapter.name)
+
+        def read(txn: lmdb.Transaction[bytes]) -> int:
+            stored = txn.get(adapter_key, db=self._adapters)
+            if stored is not None:
+                return AdapterRecord.decode(stored).next_seq
+            found = txn.get(adapter_key, db=self._purged)
+            return _SEQ.unpack(found)[0] if found else 1
 
         return self._read(read)
 
@@ -849,6 +920,7 @@ class LmdbIndex(RevisionIndex):
                 "aliases": txn.stat(self._aliases)["entries"],
                 "intents": txn.stat(self._intents)["entries"],
                 "blobs": txn.stat(self._blob_refs)["entries"],
+                "purged": txn.stat(self._purged)["entries"],
                 "bytes_on_disk": (self.path / "data.mdb").stat().st_size,
                 "bytes_used": (int(info["last_pgno"]) + 1) * page,
                 "map_size": int(info["map_size"]),

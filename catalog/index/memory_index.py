@@ -54,6 +54,8 @@ class MemoryIndex(RevisionIndex):
         self._adapters: dict[AdapterName, _Adapter] = {}
         self._refs: dict[Digest, int] = {}
         self._intents: dict[tuple[AdapterName, int], Event] = {}
+        #: purged names without a new adapter -> the seq their next event carries
+        self._purged: dict[AdapterName, int] = {}
         self._closed = False
         self._generation = 0
         self._handlers: dict[str, Callable[[_Adapter, Event], None]] = {
@@ -77,19 +79,34 @@ class MemoryIndex(RevisionIndex):
         with self._lock:
             self._check_open()
             entry = self._adapters.get(event.adapter)
-            next_seq = entry.next_seq if entry else 1
+            next_seq = entry.next_seq if entry else self._purged.get(event.adapter, 1)
             if event.seq != next_seq:
                 raise rules.stale_seq(event, next_seq)
-            if entry is None:
-                entry = _Adapter(next_seq=1, next_revision=1, created_at=event.at, updated_at=0)
-            self._handlers[event.op](entry, event)
-            entry.next_seq += 1
-            entry.updated_at = event.at
-            self._adapters[event.adapter] = entry
+            if event.op == "purge":
+                self._purge(entry, event)
+            else:
+                if entry is None:
+                    entry = _Adapter(
+                        next_seq=next_seq, next_revision=1, created_at=event.at, updated_at=0
+                    )
+                self._handlers[event.op](entry, event)
+                entry.next_seq += 1
+                entry.updated_at = event.at
+                self._adapters[event.adapter] = entry
+                self._purged.pop(event.adapter, None)
             self._intents.pop((event.adapter, event.seq), None)
             # In the same hold as the change: readers take the lock, so none sees one without
             # the other.
             self._generation += 1
+
+    def _purge(self, entry: _Adapter | None, event: Event) -> None:
+        if entry is None:
+            raise rules.purge_unknown(event)
+        if entry.revisions:
+            raise rules.purge_live(event, sorted(entry.revisions)[:10])
+        # aliases and history go with the adapter; no live revision means no digest reference
+        del self._adapters[event.adapter]
+        self._purged[event.adapter] = event.seq + 1
 
     def _push(self, entry: _Adapter, event: Event) -> None:
         if event.revision != entry.next_revision:
@@ -179,6 +196,12 @@ class MemoryIndex(RevisionIndex):
                 created_at=entry.created_at,
                 updated_at=entry.updated_at,
             )
+
+    def next_seq(self, adapter: AdapterName) -> int:
+        with self._lock:
+            self._check_open()
+            entry = self._adapters.get(adapter)
+            return entry.next_seq if entry else self._purged.get(adapter, 1)
 
     def get_revision(self, adapter: AdapterName, number: int) -> Revision | None:
         with self._lock:
@@ -337,6 +360,7 @@ class MemoryIndex(RevisionIndex):
                 "aliases": sum(len(entry.aliases) for entry in self._adapters.values()),
                 "intents": len(self._intents),
                 "blobs": len(self._refs),
+                "purged": len(self._purged),
                 "bytes_on_disk": 0,
             }
 

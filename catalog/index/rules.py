@@ -20,7 +20,7 @@ from catalog.errors import (
 from catalog.events import Event
 from catalog.model import LATEST, AdapterName, check_part
 
-EVENT_OPS = frozenset({"push", "alias", "delete", "metadata"})
+EVENT_OPS = frozenset({"push", "alias", "delete", "metadata", "purge"})
 MAX_REVISION = 0xFFFFFFFF  # what Ref.parse accepts, and what a 4-byte record field holds
 
 
@@ -140,6 +140,9 @@ def check_event_shape(event: Event) -> None:
         check_alias_name(event.alias)
         if not isinstance(event.previous, int) or not 0 <= event.previous <= MAX_REVISION:
             raise InvalidArgument(f"{event.adapter}: alias previous {event.previous!r} is invalid")
+    elif event.op == "purge":
+        if event.revision != 0:
+            raise InvalidArgument(f"{event.adapter}: purge event seq {event.seq} names a revision")
     elif event.revision < 1:
         raise InvalidArgument(f"{event.adapter}: {event.op} event seq {event.seq} has no revision")
     if event.op in ("push", "metadata") and not all(
@@ -204,6 +207,20 @@ def aliased_delete(event: Event, aliases: list[str]) -> FailedPrecondition:
     return FailedPrecondition(
         f"cannot delete {event.adapter}@{event.revision}: alias{plural} {names} point at it;"
         " move them first"
+    )
+
+
+def purge_unknown(event: Event) -> FailedPrecondition:
+    return FailedPrecondition(f"cannot purge {event.adapter}: it has no events to purge")
+
+
+def purge_live(event: Event, numbers: list[int]) -> FailedPrecondition:
+    """Refusal of a purge while revisions live; ``numbers`` are some or all of them."""
+    listed = ", ".join(map(str, sorted(numbers)))
+    plural = "s" if len(numbers) > 1 else ""
+    return FailedPrecondition(
+        f"cannot purge {event.adapter}: revision{plural} {listed} still live;"
+        f" delete {'them' if plural else 'it'} first (rm --all)"
     )
 
 

@@ -257,6 +257,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     "AliasHistory": MethodRule("read", _of_name),
     "SetMetadata": MethodRule("write", _of_ref),
     "Delete": MethodRule("write", _of_ref),
+    "Purge": MethodRule("write", _of_name),
     "FetchPack": MethodRule("read", _of_ref),
     "Stats": MethodRule("read", None, _stats_for),
     "GarbageCollect": MethodRule("admin"),

@@ -155,6 +155,11 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         )
         return pb.DeleteResponse(deleted=deleted)
 
+    def Purge(self, request: pb.PurgeRequest, context: grpc.ServicerContext) -> pb.PurgeResponse:
+        adapter = AdapterName.parse(request.name)
+        revisions = self.catalog.purge(adapter)
+        return pb.PurgeResponse(name=str(adapter), revisions=revisions)
+
     def FetchPack(
         self, request: pb.FetchPackRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.PackChunk]:

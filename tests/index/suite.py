@@ -66,7 +66,11 @@ def snapshot(index: RevisionIndex) -> dict[str, Any]:
             resolved[f"{adapter}@{by_alias.number}"] = index.resolve(
                 Ref.parse(f"{adapter}@{by_alias.number}")
             ).to_json()
-    counts = {k: v for k, v in index.counts().items() if k in ("adapters", "revisions", "aliases")}
+    counts = {
+        k: v
+        for k, v in index.counts().items()
+        if k in ("adapters", "revisions", "aliases", "purged")
+    }
     return {
         "adapters": adapters,
         "revisions": revisions,
@@ -93,6 +97,20 @@ def busy_history(writer: Writer) -> None:
     writer.alias(ACME_Y, "serving", 0)
     writer.delete(ACME_Y, 3)
     writer.push(ACME_Y, digest=digest_of("acme/x@2"))  # same bytes as another adapter's revision
+
+
+def purged_history(writer: Writer) -> None:
+    """acme/x pushed, aliased, edited, deleted and purged; acme/y beside it, aliased."""
+    for _ in range(3):
+        writer.push(ACME_X)
+    writer.push(ACME_Y)
+    writer.alias(ACME_X, "serving", 2)
+    writer.alias(ACME_Y, "serving", 1)
+    writer.metadata(ACME_X, 2, {"eval.acc": "0.9"})
+    writer.alias(ACME_X, "serving", 0)
+    for number in (1, 2, 3):
+        writer.delete(ACME_X, number)
+    writer.purge(ACME_X)
 
 
 class RevisionIndexSuite:
@@ -747,6 +765,97 @@ class RevisionIndexSuite:
         event = writer.push_event(ACME_X)
         with pytest.raises(InvalidArgument):
             index.add_intent(Event(**{**_fields(event), "digest": None}))
+
+    # -- purge of deleted names -----------------------------------------------------------------
+
+    def test_purge_forgets_a_deleted_name(self, index: RevisionIndex, writer: Writer) -> None:
+        purged_history(writer)
+        purge = writer.events[-1]
+        assert index.adapter_state(ACME_X) is None
+        assert index.next_seq(ACME_X) == purge.seq + 1
+        assert [s.adapter for s in index.list_adapters().items] == [ACME_Y]
+        assert index.list_adapters("acme/x").items == ()
+        with pytest.raises(NotFound, match="adapter acme/x not found"):
+            index.alias_history(ACME_X)
+        with pytest.raises(NotFound, match="adapter acme/x not found"):
+            index.list_revisions(ACME_X)
+        with pytest.raises(NotFound, match="adapter acme/x not found"):
+            index.resolve(Ref.parse("acme/x@1"))
+        assert index.get_revision(ACME_X, 1) is None
+        counts = index.counts()
+        assert (counts["adapters"], counts["purged"], counts["revisions"]) == (1, 1, 1)
+        # the untouched neighbour keeps everything
+        assert index.alias_history(ACME_Y)[0].alias == "serving"
+
+    def test_purge_is_refused_while_revisions_live(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        for _ in range(3):
+            writer.push(ACME_X)
+        writer.delete(ACME_X, 1)
+        before = snapshot(index)
+        with pytest.raises(FailedPrecondition, match=r"acme/x: revisions 2, 3 still live"):
+            index.apply(writer.event(ACME_X, "purge"))
+        assert snapshot(index) == before
+        writer.delete(ACME_X, 3)
+        with pytest.raises(FailedPrecondition, match=r"acme/x: revision 2 still live; delete it"):
+            index.apply(writer.event(ACME_X, "purge"))
+        state = index.adapter_state(ACME_X)
+        assert state is not None and state.next_seq == 6  # refusals consumed no seq
+
+    def test_purge_of_a_name_without_events_is_refused(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        with pytest.raises(FailedPrecondition, match="acme/x: it has no events to purge"):
+            index.apply(Event(ACME_X, 1, "purge", 1.0))
+        purged_history(writer)
+        with pytest.raises(FailedPrecondition, match="no events to purge"):
+            index.apply(writer.event(ACME_X, "purge"))  # purged already
+
+    def test_purge_event_names_no_revision(self, index: RevisionIndex, writer: Writer) -> None:
+        purged_history(writer)
+        with pytest.raises(InvalidArgument, match=r"purge event seq \d+ names a revision"):
+            index.apply(writer.event(ACME_Y, "purge", revision=1))
+
+    def test_push_after_purge_starts_a_new_adapter(
+        self, index: RevisionIndex, writer: Writer
+    ) -> None:
+        purged_history(writer)
+        purge = writer.events[-1]
+        pushed = writer.push(ACME_X, digest=digest_of("acme/x again"))
+        assert (pushed.seq, pushed.revision) == (purge.seq + 1, 1)
+        state = index.adapter_state(ACME_X)
+        assert state is not None
+        assert (state.next_seq, state.next_revision, state.latest) == (purge.seq + 2, 2, 1)
+        assert (state.aliases, state.created_at) == ({}, pushed.at)
+        assert index.alias_history(ACME_X) == []
+        assert index.resolve(Ref.parse("acme/x")).digest == digest_of("acme/x again")
+        assert index.counts()["purged"] == 0
+        # and it can be deleted and purged again
+        writer.delete(ACME_X, 1)
+        again = writer.purge(ACME_X)
+        assert index.next_seq(ACME_X) == again.seq + 1
+        assert index.counts()["purged"] == 1
+
+    def test_replay_with_purges_matches(
+        self, index: RevisionIndex, writer: Writer, open_index: Callable[[str], RevisionIndex]
+    ) -> None:
+        purged_history(writer)
+        acme_z = name("acme/z")
+        writer.push(acme_z)
+        writer.delete(acme_z, 1)
+        writer.purge(acme_z)  # stays purged
+        writer.push(ACME_X)  # comes back
+        batched = open_index("batched")
+        assert batched.apply_many(iter(writer.events)) == len(writer.events)
+        one_by_one = open_index("one-by-one")
+        for event in writer.events:
+            one_by_one.apply(event)
+        for fresh in (batched, one_by_one):
+            assert snapshot(fresh) == snapshot(index)
+            for adapter in (ACME_X, ACME_Y, acme_z):
+                assert fresh.next_seq(adapter) == index.next_seq(adapter)
+        assert index.counts()["purged"] == 1
 
     # -- batches, replay, counts ----------------------------------------------------------------
 

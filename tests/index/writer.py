@@ -40,7 +40,8 @@ class Writer:
 
     def _next(self, adapter: AdapterName) -> tuple[int, int]:
         state = self.index.adapter_state(adapter)
-        return (state.next_seq, state.next_revision) if state else (1, 1)
+        # a purged name has no state, but its events go on numbering past the purge
+        return (state.next_seq, state.next_revision) if state else (self.index.next_seq(adapter), 1)
 
     def _tick(self) -> float:
         self.clock += 1.0
@@ -92,3 +93,6 @@ class Writer:
 
     def metadata(self, adapter: AdapterName, revision: int, metadata: dict[str, str]) -> Event:
         return self.apply(self.event(adapter, "metadata", revision=revision, metadata=metadata))
+
+    def purge(self, adapter: AdapterName) -> Event:
+        return self.apply(self.event(adapter, "purge"))

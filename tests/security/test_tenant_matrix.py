@@ -73,6 +73,7 @@ CALLS: dict[str, tuple[Callable[[CatalogClient, str], Any], bool]] = {
     "AliasHistory": (lambda c, n: c.alias_history(n), True),
     "SetMetadata": (lambda c, n: c.set_metadata(f"{n}@serving", {"k": "v"}), True),
     "Delete": (lambda c, n: c.delete(f"{n}@99"), True),
+    "Purge": (lambda c, n: c.purge(n), True),
     "FetchPack": (lambda c, n: c.fetch(f"{n}@serving"), True),
     "Prefetch": (lambda c, n: list(c.prefetch([f"{n}@serving"])), True),
     "PinPack": (lambda c, n: c.pin_pack(f"{n}@serving"), True),
@@ -102,6 +103,7 @@ _PACK: list[bytes] = []
 ALLOWED_OWN = {
     "Rollback": "NOT_FOUND",  # the alias was never set
     "Delete": "NOT_FOUND",  # revision 99 does not exist
+    "Purge": "FAILED_PRECONDITION",  # its revisions are live
     "EvictPack": "NOT_FOUND",
     "WatchHints": "DEADLINE_EXCEEDED",
 }

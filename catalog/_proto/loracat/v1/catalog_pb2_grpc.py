@@ -79,6 +79,11 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Purge = channel.unary_unary(
+                '/loracat.v1.Catalog/Purge',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PurgeRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.PurgeResponse.FromString,
+                _registered_method=True)
         self.FetchPack = channel.unary_stream(
                 '/loracat.v1.Catalog/FetchPack',
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.FetchPackRequest.SerializeToString,
@@ -228,6 +233,15 @@ class CatalogServicer:
 
     def Delete(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Purge(self, request, context):
+        """Forget a name all of whose revisions are deleted: its aliases and alias history go, and
+        a later push of the name starts again at revision 1. FAILED_PRECONDITION (naming them)
+        while revisions are live.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -401,6 +415,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.DeleteRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Purge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Purge,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PurgeRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.PurgeResponse.SerializeToString,
             ),
             'FetchPack': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchPack,
@@ -736,6 +755,33 @@ class Catalog:
             '/loracat.v1.Catalog/Delete',
             loracat_dot_v1_dot_catalog__pb2.DeleteRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Purge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/Purge',
+            loracat_dot_v1_dot_catalog__pb2.PurgeRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.PurgeResponse.FromString,
             options,
             channel_credentials,
             insecure,

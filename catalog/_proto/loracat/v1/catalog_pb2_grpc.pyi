@@ -55,6 +55,11 @@ class CatalogStub:
     SetMetadata: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.SetMetadataRequest, _catalog_pb2.Revision]
     """Attach metadata (e.g. evaluation results) to a revision; merged into what it has."""
     Delete: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DeleteRequest, _catalog_pb2.DeleteResponse]
+    Purge: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PurgeRequest, _catalog_pb2.PurgeResponse]
+    """Forget a name all of whose revisions are deleted: its aliases and alias history go, and
+    a later push of the name starts again at revision 1. FAILED_PRECONDITION (naming them)
+    while revisions are live.
+    """
     FetchPack: _grpc.UnaryStreamMultiCallable[_catalog_pb2.FetchPackRequest, _catalog_pb2.PackChunk]
     """Stream a pack (or a byte range of it) in chunks; the first chunk carries the revision."""
     Stats: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.StatsRequest, _catalog_pb2.StatsResponse]
@@ -107,6 +112,11 @@ class CatalogAsyncStub(CatalogStub):
     SetMetadata: _aio.UnaryUnaryMultiCallable[_catalog_pb2.SetMetadataRequest, _catalog_pb2.Revision]  # type: ignore[assignment]
     """Attach metadata (e.g. evaluation results) to a revision; merged into what it has."""
     Delete: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DeleteRequest, _catalog_pb2.DeleteResponse]  # type: ignore[assignment]
+    Purge: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PurgeRequest, _catalog_pb2.PurgeResponse]  # type: ignore[assignment]
+    """Forget a name all of whose revisions are deleted: its aliases and alias history go, and
+    a later push of the name starts again at revision 1. FAILED_PRECONDITION (naming them)
+    while revisions are live.
+    """
     FetchPack: _aio.UnaryStreamMultiCallable[_catalog_pb2.FetchPackRequest, _catalog_pb2.PackChunk]  # type: ignore[assignment]
     """Stream a pack (or a byte range of it) in chunks; the first chunk carries the revision."""
     Stats: _aio.UnaryUnaryMultiCallable[_catalog_pb2.StatsRequest, _catalog_pb2.StatsResponse]  # type: ignore[assignment]
@@ -210,6 +220,17 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.DeleteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.DeleteResponse, _abc.Awaitable[_catalog_pb2.DeleteResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Purge(
+        self,
+        request: _catalog_pb2.PurgeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PurgeResponse, _abc.Awaitable[_catalog_pb2.PurgeResponse]]:
+        """Forget a name all of whose revisions are deleted: its aliases and alias history go, and
+        a later push of the name starts again at revision 1. FAILED_PRECONDITION (naming them)
+        while revisions are live.
+        """
 
     @_abc_1.abstractmethod
     def FetchPack(
