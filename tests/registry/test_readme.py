@@ -135,6 +135,7 @@ def test_readme_blocks_run_as_written(tmp_path: Path):
         "acme/support@serving: 3 -> 2",
         "acme/support@serving: 2 -> 3",
         "would delete 1 blob(s)",  # revision 1's pack, which nothing else references
+        "purged acme/trial (1 deleted revision(s) forgotten)",
         "0 problem(s)",
     ):
         assert line in shell, f"{line!r} not in the README blocks' output:\n{shell[-3000:]}"
