@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import shutil
+import threading
 from typing import Any
 
 import pytest
@@ -110,8 +111,9 @@ def test_reindex_and_checkpoint_give_the_same_catalog(client, packs, served):
     pushed = client.push("acme/gone", packs["qv-r4"])
     assert pushed.revision.number == 1
     gone = AdapterName.parse("acme/gone")
-    assert served.catalog.index.next_seq(gone) == 9  # 2 pushes, 1 alias, 1 unalias, 2 deletes,
-    # the purge (7), this push (8)
+    # events 1-6: two pushes, the alias set and removed (rm --force), two deletes; 7: the
+    # purge; 8: this push
+    assert served.catalog.index.next_seq(gone) == 9
 
 
 def test_an_all_purged_catalog_restarts_without_a_rebuild(tmp_path, packs, caplog):
@@ -225,3 +227,37 @@ def test_cli_purge_and_its_exit_statuses(served, adapter_dirs):
     assert run(a, "purge", NAME).stdout.strip() == (
         f"purged {NAME} (1 deleted revision(s) forgotten)"
     )
+
+
+def test_a_purge_racing_a_push_of_the_same_name(client, packs):
+    """Whichever takes the adapter's lock first wins; the other sees its effect, never half."""
+    client.push(NAME, packs["qv-r4"])
+    for round_ in range(6):
+        delete_everything(client)
+        results: dict[str, Any] = {}
+        pack = packs["all-r8" if round_ % 2 else "down-r2"]
+
+        def purge(results: dict[str, Any] = results) -> None:
+            try:
+                results["purge"] = client.purge(NAME)
+            except FailedPrecondition as exc:
+                results["purge"] = exc
+
+        def push(results: dict[str, Any] = results, pack: bytes = pack) -> None:
+            results["push"] = client.push(NAME, pack).revision.number
+
+        threads = [threading.Thread(target=purge), threading.Thread(target=push)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if isinstance(results["purge"], FailedPrecondition):  # the push came first
+            assert results["push"] > 1
+            assert "still live" in str(results["purge"])
+        else:  # the purge came first: the push started a new adapter
+            assert results["push"] == 1
+            assert client.alias_history(NAME) == []
+        assert client.resolve(NAME).number == results["push"]
+    before = everything(client)
+    client.reindex()
+    assert everything(client) == before
