@@ -3,8 +3,8 @@
 Nothing is downloaded: the base is a random-initialised Llama built from a config, with a
 byte-level BPE tokenizer trained here on a synthetic corpus; adapters are saved by ``peft``.
 vLLM runs from ``.venv-vllm`` (made by ``scripts/vllm_venv.sh``, which ``ensure_vllm_venv``
-calls), in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``--distributed-executor-backend
-uni``), with its KV cache capped.
+calls) as its OpenAI server (an API server process and an engine-core process;
+``--distributed-executor-backend uni``, one OpenMP thread), with its KV cache capped.
 """
 
 from __future__ import annotations
