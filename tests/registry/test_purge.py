@@ -261,3 +261,20 @@ def test_a_purge_racing_a_push_of_the_same_name(client, packs):
     before = everything(client)
     client.reindex()
     assert everything(client) == before
+
+
+def test_purge_on_s3_and_a_second_machine_sees_the_same(tmp_path, s3_store_url, packs):
+    with running_catalog(tmp_path / "a", s3_store_url) as served, served.client() as client:
+        for name in (NAME, "acme/gone"):
+            client.push(name, packs["qv-r4"], aliases=["serving"])
+            delete_everything(client, name)
+            client.purge(name)
+        client.push(NAME, packs["all-r8"])
+        before = everything(client)
+        assert client.verify()["problems"] == []
+
+    # a different machine: nothing local, only the bucket (the start rebuilds the index)
+    with running_catalog(tmp_path / "b", s3_store_url) as served, served.client() as client:
+        assert everything(client) == before
+        assert client.push("acme/gone", packs["down-r2"]).revision.number == 1
+        assert len(client.gc()["deleted"]) == 1  # qv-r4's pack: both names that held it purged
