@@ -27,15 +27,17 @@ RESOLVER_NAME = "loracat"
 def register() -> None:
     """vLLM's plugin hook: register the loracat resolver (``LORACAT_SERVER`` must be set).
 
-    vLLM calls it in every process it starts; the resolver is used only by the API server, the
-    main process, so only there does the plugin connect to the catalog (once vLLM's server
-    answers) and follow its hints, which warms adapters before their first request.
+    vLLM calls it in every process it starts. Resolvers are called only in API server
+    processes; in the main one the plugin connects to the catalog as soon as vLLM's server
+    answers and follows its hints, which warms adapters before their first request. In any
+    other process (an engine core, or an extra API server of ``--api-server-count``) it
+    connects at its first resolve, if one ever comes. Hot swap and warming assume one API
+    server process (the default): they call the server's own admin routes, which a port shared
+    by several API servers would spread among them.
 
     Raises:
         InvalidArgument: a malformed ``LORACAT_*`` setting.
     """
-    if multiprocessing.parent_process() is not None:
-        return  # an engine-core or worker process: it never resolves names
     from engine_plugin.vllm.settings import PluginSettings
 
     settings = PluginSettings.from_environment()
@@ -50,7 +52,7 @@ def register() -> None:
     from engine_plugin.vllm.runtime import RuntimeStarter
 
     # The catalog connection opens once vLLM serves (see RuntimeStarter), not here.
-    starter = RuntimeStarter(settings)
+    starter = RuntimeStarter(settings, eager=multiprocessing.parent_process() is None)
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, LoracatResolver(starter))
     log.info(
         "loracat resolver registered: catalog %s, node cache %s, engine id %s",

@@ -430,21 +430,23 @@ class LoracatRuntime:
 
 
 class RuntimeStarter:
-    """Builds the process's ``LoracatRuntime`` once vLLM's HTTP server answers (or at the first
-    resolve, whichever comes first).
+    """Builds the process's ``LoracatRuntime`` once vLLM's HTTP server answers (``eager``; or
+    at the first resolve, whichever comes first).
 
     Not at plugin registration: vLLM starts its engine-core processes after loading plugins, by
     ``fork`` on some platforms, and a gRPC channel must not be open across a fork. The waiting
     thread uses only ``urllib`` until then.
     """
 
-    def __init__(self, settings: PluginSettings, *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, settings: PluginSettings, *, eager: bool = True, poll_s: float = 0.5
+    ) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._runtime: LoracatRuntime | None = None
         self._poll_s = poll_s
-        self._thread = threading.Thread(target=self._wait, name="loracat-vllm-start", daemon=True)
-        self._thread.start()
+        if eager:
+            threading.Thread(target=self._wait, name="loracat-vllm-start", daemon=True).start()
 
     def get(self) -> LoracatRuntime:
         with self._lock:
