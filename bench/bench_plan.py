@@ -127,8 +127,10 @@ def main() -> None:
         rows,
     )
     print(f"recommendation: {plan['recommendation']['statement']}")
-    # The full report (every policy) is "plan"; a subset is named after its policies.
+    # The run (every policy, 10^6 requests) is "plan"; others say how they differ.
     name = "plan" if set(policies) == set(POLICIES) else "plan_" + "_".join(policies)
+    if args.requests != 1_000_000:
+        name += f"_{args.requests}"
     write_results(
         name,
         {
