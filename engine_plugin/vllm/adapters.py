@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from catalog.bases import base_identity
 from catalog.errors import IncompatibleAdapter
 from catalog.model import Ref, Revision, Selector
 from catalog.pack import export_peft_dir
@@ -27,19 +28,6 @@ class AdapterCatalog(Protocol):
     def resolve(self, ref: Ref | str) -> Revision: ...
 
     def fetch(self, ref: Ref | Revision | str) -> memoryview: ...
-
-
-def base_identity(text: str) -> str:
-    """A base model's identity for comparison: an existing local path becomes its resolved
-    absolute path (so ``./base``, ``base/`` and a symlink to it are one base); anything else
-    (a hub id such as ``meta-llama/Llama-3.1-8B``) is compared as written."""
-    text = text.strip()
-    if not text:
-        return ""
-    path = Path(text).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    return text
 
 
 def is_mutable(ref: Ref) -> bool:
