@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go: bench/results, or $LORACAT_BENCH_RESULTS (scripts/gpu_check.sh uses it, so a
+#: run on another machine never overwrites the figures kept in the repository).
+RESULTS = Path(
+    os.environ.get("LORACAT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

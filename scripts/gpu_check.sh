@@ -28,6 +28,8 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The benches write their JSON under OUT_DIR, never over the figures kept in bench/results.
+export LORACAT_BENCH_RESULTS="$out"
 summary="$out/summary.txt"
 : > "$summary"
 
@@ -81,5 +83,4 @@ step handoff 90 "$PYTHON" bench/bench_handoff.py --device "$device" --settings c
 step moe_attach 90 "$PYTHON" bench/bench_moe_attach.py --device "$device" "${moe[@]}"
 step sweep 60 "$PYTHON" bench/bench_sweep.py --device "$device" "${sweep[@]}"
 
-cp bench/results/*.json "$out/" 2>/dev/null || true
 echo "done: $summary"

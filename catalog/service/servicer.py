@@ -195,7 +195,10 @@ class CatalogServicer(pb_grpc.CatalogServicer):
             message = pb.RecordedRequests(
                 requests=[
                     pb.RecordedRequest(
-                        time=e.time, ref=e.ref, size_bytes=e.size_bytes, engine=e.engine,
+                        time=e.time,
+                        ref=e.ref,
+                        size_bytes=e.size_bytes,
+                        engine=e.engine,
                         kind=e.kind,
                     )
                     for e in entries[start : start + EXPORT_BATCH]

@@ -22,8 +22,7 @@ def _count(method: str, code: str | None = None) -> float:
     """Calls of ``method`` observed so far (with status ``code``, or with any)."""
     codes = [code] if code else [c.name for c in grpc.StatusCode]
     return sum(
-        REGISTRY.get_sample_value("loracat_rpc_seconds_count", {"method": method, "code": c})
-        or 0.0
+        REGISTRY.get_sample_value("loracat_rpc_seconds_count", {"method": method, "code": c}) or 0.0
         for c in codes
     )
 
