@@ -247,7 +247,11 @@ class SlotPool:
         base = staged.flat.data_ptr()
         targets: list[tuple[int, slot_copy.Runs]] | None = []
         for name, module in staged.modules.items():
-            views = self.modules[name]._rows(slot, module.rank)
+            slots = self.modules[name]
+            if module.layers != slots._all_layers:  # not one whole-stack view: scattered apart
+                targets = None
+                break
+            views = slots._rows(slot, module.rank)
             for view, source in zip(views, (module.lora_a, module.lora_bt), strict=True):
                 runs = slot_copy.as_runs(view)
                 if runs is None or targets is None:

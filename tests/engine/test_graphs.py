@@ -8,12 +8,15 @@ torch reference here; ``test_cuda.py`` checks the captured graphs on a GPU.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from catalog.pack import import_peft_dir
 from engine_plugin import lora_kernels
 from engine_plugin.graphs import GraphedDecoder
+from tests import factories
 from tests.engine.conftest import Arch, make_ids, rel_err
 
 MIXED = ["t/qv-r8", "t/all-r4", None, "t/mlp-r16-rs", "t/one-layer"]
@@ -208,16 +211,28 @@ def test_kernels_compile_for_hopper() -> None:
 
 @pytest.mark.slow
 def test_one_launch_slot_writes_match_copy_and_zero(
-    monkeypatch: pytest.MonkeyPatch, llama: Arch
+    monkeypatch: pytest.MonkeyPatch, llama: Arch, tmp_path: Path
 ) -> None:
     """The scatter and zero kernels (``slot_copy``, interpreted) leave every slot byte as the
     per-tensor copies and zeroing do, through attaches, evictions, swaps and detaches."""
     pytest.importorskip("triton")
-    plain = llama.engine(num_slots=2)
+    source = llama.source()
+    # A module on the first layer only: its layout looks whole ("q:6:1") but is not one view.
+    first_layer = factories.make_peft_adapter(
+        llama.base,
+        tmp_path / "first-layer",
+        rank=6,
+        alpha=12,
+        target_modules=("q_proj", "up_proj"),
+        seed=7,
+        layers_to_transform=[0],
+    )
+    source.publish("t/first-layer", import_peft_dir(first_layer, base_id=llama.base_id))
+    plain = llama.engine(source, num_slots=2)
     monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
     if not lora_kernels.kernel_available(torch.device("cpu")):
         pytest.skip("Triton is disabled or was imported uninterpreted")
-    fast = llama.engine(num_slots=2)
+    fast = llama.engine(source, num_slots=2)
     assert plain.pool.copier is None and fast.pool.copier is not None
     steps = [
         ("attach", "t/all-r4"),
@@ -226,6 +241,7 @@ def test_one_launch_slot_writes_match_copy_and_zero(
         ("attach", "t/ko-r2-bf16"),
         ("detach", "t/qv-r8"),
         ("attach", "t/one-layer"),  # one layer only: the per-tensor fallback
+        ("attach", "t/first-layer"),
         ("attach", "t/all-r4"),
     ]
     for op, name in steps:
@@ -239,8 +255,15 @@ def test_one_launch_slot_writes_match_copy_and_zero(
     assert any(targets for targets in fast.pool._scatter_targets.values())
     assert fast.pool.copier._tables  # the zero kernel ran too
     ids = make_ids(2, 5, seed=46)
-    adapters = ["t/all-r4", "t/one-layer"]
+    adapters = ["t/all-r4", "t/first-layer"]
     logits = fast.forward(ids, adapters).logits
+    from peft import PeftModel
+
+    want = {
+        "t/all-r4": llama.peft("t/all-r4"),
+        "t/first-layer": PeftModel.from_pretrained(llama.fresh_base(), str(first_layer)).eval(),
+    }
     for row, adapter in enumerate(adapters):
-        expected = llama.reference_logits(adapter, ids[row : row + 1])[0]
+        with torch.no_grad():
+            expected = want[adapter](input_ids=ids[row : row + 1]).logits[0]
         assert rel_err(logits[row], expected) <= 1e-4, adapter
