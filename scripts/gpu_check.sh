@@ -7,6 +7,8 @@
 #
 #   scripts/gpu_check.sh OUT_DIR [--device cuda|cpu] [--quick]
 #
+# On a lent GPU machine: scripts/device_wheels.sh here first (the wheels it lacks), then one
+# device call as that script's header shows.
 # --device cpu runs the same steps on CPU (the CUDA tests skip), to try the script without a
 # GPU; --quick uses the small shape and few repeats. PYTHON picks the interpreter (default:
 # .venv/bin/python when present, else python3).
