@@ -8,8 +8,8 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:$PWD PYTHON=python3 scripts/gpu_check.sh "$OUT/gpu"
 #
-# The set is the one recorded as working in ../shared/ENVIRONMENT.md (2026-12-04). Add .whl/ to
-# .git/info/exclude so it never lands in a commit.
+# The set is the one recorded as working in ../shared/ENVIRONMENT.md (2026-12-04). .whl/ is
+# ignored by git, so the device call names it in carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=(
