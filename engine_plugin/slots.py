@@ -58,6 +58,7 @@ class ModuleSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        scales: torch.Tensor,
     ) -> None:
         self.target = target
         self.num_slots = num_slots
@@ -79,7 +80,7 @@ class ModuleSlots:
         self._rows_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         #: Each slot's scale on the device (a column of ``SlotPool.scales``), for kernels that
         #: route on the device alone (``lora_kernels``, captured graphs).
-        self.scales = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
+        self.scales = scales
 
     def _rows(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``rank`` rows of ``slot``: ``[L, (E,) rank, in]`` and ``[L, (E,) rank, out]``
@@ -173,16 +174,13 @@ class SlotPool:
         self.zero_slot = num_slots
         self.device = device
         self.dtype = dtype
-        self.modules = {
-            name: ModuleSlots(t, num_slots, max_rank, dtype, device) for name, t in targets.items()
-        }
         #: ``[S + 1, modules]``: slot ``s``'s scale in every module, one contiguous row, so an
         #: attach sets them with one copy; each module reads its column.
-        self.scales = torch.zeros(
-            (num_slots + 1, len(self.modules)), dtype=torch.float32, device=device
-        )
-        for column, module in enumerate(self.modules.values()):
-            module.scales = self.scales[:, column]
+        self.scales = torch.zeros((num_slots + 1, len(targets)), dtype=torch.float32, device=device)
+        self.modules = {
+            name: ModuleSlots(t, num_slots, max_rank, dtype, device, self.scales[:, column])
+            for column, (name, t) in enumerate(targets.items())
+        }
         # Host rows of scales by value, pinned on CUDA so their copy is asynchronous.
         self._scale_rows: dict[tuple[float, ...], torch.Tensor] = {}
         #: One-launch slot writes and zeroing (CUDA); None: ``copy_``/``zero_`` per tensor.

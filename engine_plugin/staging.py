@@ -31,7 +31,7 @@ import torch
 
 from catalog.errors import InvalidPack
 from catalog.model import Revision
-from catalog.pack import Pack, TensorBytes
+from catalog.pack import ModuleSpec, Pack, TensorBytes
 
 #: safetensors dtype names of the pack format -> torch dtypes.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -144,10 +144,15 @@ class _Arena:
         self.buffer = torch.empty(max(nbytes, _ALIGN), dtype=torch.uint8, pin_memory=pin_memory)
         self.used = 0
 
+    @staticmethod
+    def footprint(shape: torch.Size, dtype: torch.dtype) -> int:
+        """Bytes ``take`` uses for a tensor: its own, rounded up to ``_ALIGN``."""
+        return -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         out = self.buffer[self.used : self.used + nbytes].view(dtype).view(shape)
-        self.used += -(-nbytes // _ALIGN) * _ALIGN
+        self.used += self.footprint(shape, dtype)
         return out
 
 
@@ -162,23 +167,6 @@ def _materialize(
         out = torch.empty(source.shape, dtype=dtype, pin_memory=pin_memory)
     out.copy_(source)
     return out
-
-
-def _arena_bytes(
-    pack: Pack, routes: Mapping[str, Sequence[SlotRoute]] | None, dtype: torch.dtype
-) -> int:
-    """Bytes a pinned arena needs for ``stage_pack``'s tensors (each rounded up to _ALIGN)."""
-    total = 0
-    for spec in pack.manifest.modules:
-        raw_a, raw_b = (tensor_from_bytes(t) for t in pack.module_tensors(spec.name))
-        parts = [raw_a.numel()]
-        for route in (routes.get(spec.name) if routes is not None else None) or (
-            SlotRoute(spec.name),
-        ):
-            rows = raw_b.shape[-2] if route.rows is None else route.rows[1] - route.rows[0]
-            parts.append(raw_b.numel() // raw_b.shape[-2] * rows)
-        total += sum(-(-n * dtype.itemsize // _ALIGN) * _ALIGN for n in parts)
-    return total
 
 
 def _check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
@@ -215,7 +203,8 @@ def stage_pack(
     where = f"{revision.adapter}@{revision.number}"
     modules: dict[str, StagedModule] = {}
     total = 0
-    arena = _Arena(_arena_bytes(pack, routes, dtype), pin_memory) if flat else None
+    # Routes and sources first, so that a flat arena is sized before anything is copied.
+    planned: list[tuple[ModuleSpec, torch.Tensor, list[tuple[SlotRoute, torch.Tensor]]]] = []
     for spec in manifest.modules:
         spec_routes = routes.get(spec.name) if routes is not None else None
         if spec_routes is None:
@@ -226,17 +215,28 @@ def stage_pack(
                 )
             spec_routes = (SlotRoute(spec.name),)
         raw_a, raw_b = (tensor_from_bytes(t) for t in pack.module_tensors(spec.name))
+        parts = [
+            (
+                route,
+                raw_b
+                if route.rows is None
+                else raw_b.narrow(-2, route.rows[0], route.rows[1] - route.rows[0]),
+            )
+            for route in spec_routes
+        ]
+        planned.append((spec, raw_a, parts))
+    arena = None
+    if flat:
+        sources = [t for _, raw_a, parts in planned for t in (raw_a, *(b for _, b in parts))]
+        arena = _Arena(sum(_Arena.footprint(t.shape, dtype) for t in sources), pin_memory)
+    for spec, raw_a, parts in planned:
         if borrow and not pin_memory and not flat and raw_a.dtype == dtype:
             lora_a = raw_a
         else:
             lora_a = _materialize(raw_a, dtype, pin_memory, arena)
         _check_finite(lora_a, f"lora_A of module {spec.name!r} in {where}", dtype)
         total += tensor_nbytes(lora_a)
-        for route in spec_routes:
-            rows = raw_b
-            if route.rows is not None:
-                start, stop = route.rows
-                rows = raw_b.narrow(-2, start, stop - start)
+        for route, rows in parts:
             lora_bt = _materialize(rows.transpose(-1, -2), dtype, pin_memory, arena)
             _check_finite(lora_bt, f"lora_B of module {spec.name!r} in {where}", dtype)
             if route.slot_module in modules:
