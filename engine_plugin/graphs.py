@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -133,7 +133,6 @@ class _Bucket:
     position: torch.Tensor
     routing: StaticRouting | None
     step: CapturedCall | None = None
-    sessions: int = field(default=0)
 
 
 class GraphedDecoder:
@@ -229,7 +228,6 @@ class GraphedDecoder:
                 logits_to_keep=1,
             )
             bucket.position.fill_(tokens)
-            bucket.sessions += 1
             yield DecodeSession(self, bucket, out.logits[:, -1], tokens)
 
     def _step_fn(self, bucket: _Bucket) -> Callable[[], torch.Tensor]:
