@@ -18,7 +18,18 @@ threads that each open the file:
   waiting, skips it.
 
 A crash mid-write leaves only a ``tmp/`` entry that no name points at; the next cache opened on
-the root removes those whose writer process is gone. Eviction keeps the bytes of complete
+the root removes those whose writer process is gone.
+
+Durability without fsync. The cache is ephemeral (every directory can be fetched again), so by
+default nothing is fsynced: a process crash cannot lose data that reached the page cache, only a
+kernel crash or a power loss can, and either one changes the kernel's boot id
+(``/proc/sys/kernel/random/boot_id``). So every directory carries a marker, ``.loracat-boot``,
+written before its rename into place: the boot id it was written under, or ``durable`` when it
+was fsynced (``fsync=True``: files, then marker, then the rename). A directory is served only
+when its marker is readable and says ``durable`` or the current boot id. After a power loss a
+directory renamed but not yet written back has its marker missing, empty or naming the old boot:
+never served, removed when the cache opens (or replaced when it is next asked for). Where the
+boot id cannot be read, the cache fsyncs. Eviction keeps the bytes of complete
 directories under a budget, choosing victims with one of the catalog's eviction policies
 (``catalog.cache.policies``), rebuilt on each pass from the directories' last-use times (so
 recency policies see exactly what happened; frequency-based ones see recency only).
@@ -45,6 +56,23 @@ log = logging.getLogger(__name__)
 
 #: Touched on every acquire; its mtime is the directory's last use.
 USED_STAMP = ".loracat-used"
+#: Says under which boot the directory was written, or ``durable`` (see the module docstring).
+BOOT_MARKER = ".loracat-boot"
+DURABLE_MARK = "durable"
+#: The cache's own files in a directory (not the adapter's bytes).
+BOOKKEEPING = frozenset({USED_STAMP, BOOT_MARKER})
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot_id(source: Path | None = None) -> str | None:
+    """The kernel's boot id (changes with every boot, so with every kernel crash or power
+    loss), read from ``source`` (default ``BOOT_ID_PATH``); ``None`` where it cannot be read
+    (not Linux)."""
+    try:
+        text = (source or BOOT_ID_PATH).read_text().strip()
+    except OSError:
+        return None
+    return text or None
 
 
 def dir_key(digest: str | Digest) -> str:
@@ -85,9 +113,12 @@ class PeftDirCache:
             by a process are never evicted, so the total may exceed the budget while they are.
         policy: a ``catalog.cache.policies`` name (``lru``, ``s3fifo``, ...; ``default``).
         fsync: make each directory durable before it is renamed into place (its writer fsyncs
-            the files, the cache the rename). False for a root whose contents need not survive
-            a power loss (an ephemeral or tmpfs disk): a process crash mid-write is safe either
-            way, since only the rename publishes a directory.
+            the files, the cache the marker and the rename), so it is served after a reboot
+            too. False (the default): nothing is fsynced and directories are valid for this
+            boot only (see the module docstring); forced True where the boot id is unreadable.
+            A process crash mid-write is safe either way, since only the rename publishes a
+            directory.
+        boot_id: the current boot id (tests pass one; default: read from the kernel).
 
     Raises:
         InvalidArgument: a negative budget or an unknown policy.
@@ -99,14 +130,19 @@ class PeftDirCache:
         *,
         budget_bytes: int = 0,
         policy: str = "lru",
-        fsync: bool = True,
+        fsync: bool = False,
+        boot_id: str | None = None,
     ):
         if budget_bytes < 0:
             raise InvalidArgument(f"node cache budget must be >= 0 bytes, got {budget_bytes}")
         self.policy_name = resolve_policy_name(policy)
         self.root = Path(root).resolve()
         self.budget_bytes = budget_bytes
-        self.fsync = fsync
+        self.boot_id = boot_id or current_boot_id()
+        if self.boot_id is None and not fsync:
+            log.info("node cache %s: no boot id on this system; fsyncing directories", root)
+        self.fsync = fsync or self.boot_id is None
+        self._valid_marks = {DURABLE_MARK, self.boot_id} - {None}
         self.counters = NodeCacheCounters()
         self._adapters = self.root / "adapters"
         self._locks = self.root / "locks"
@@ -116,6 +152,7 @@ class PeftDirCache:
         self._mutex = threading.Lock()
         self._held: dict[str, tuple[int, int]] = {}  # key -> (lock fd, hold count)
         self.sweep_orphans()
+        self.sweep_stale()
 
     # -- holding -----------------------------------------------------------------------------
 
@@ -124,7 +161,9 @@ class PeftDirCache:
         bytes it fetched) if no process has it yet, and held until :meth:`release`.
 
         With ``fsync``, ``write`` leaves its files durable (``catalog.pack.export_peft_dir``
-        fsyncs each one) and the cache makes the directory's rename into place durable.
+        fsyncs each one) and the cache makes the marker and the rename durable. A directory
+        on disk whose marker is not valid now (written under another boot, or cut short by a
+        power loss) is replaced, never returned.
 
         Holds nest: each ``acquire`` needs its own ``release``. ``write`` runs at most once per
         host for concurrent callers: the others wait for its lock and use its result.
@@ -186,7 +225,7 @@ class PeftDirCache:
         waited = False
         while True:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            if path.is_dir():
+            if self.is_valid(path):
                 _touch(path / USED_STAMP)
                 with self._mutex:
                     if waited:
@@ -197,10 +236,12 @@ class PeftDirCache:
             # Missing: become the writer. A conversion drops the shared lock first, so two
             # processes converting at once cannot deadlock; one of them writes.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if not path.is_dir():
+            if not self.is_valid(path):
+                if os.path.lexists(path):  # from another boot, or cut short by a power loss
+                    self._remove(key)
                 self._write(path, write)
                 fcntl.flock(fd, fcntl.LOCK_SH)
-                if path.is_dir():  # an evictor could take it between the two locks
+                if self.is_valid(path):  # an evictor could take it between the two locks
                     return path, True
                 continue
             waited = True
@@ -211,6 +252,7 @@ class PeftDirCache:
         tmp.mkdir()
         try:
             fetched = write(tmp)
+            self._mark(tmp)
             _touch(tmp / USED_STAMP)
             os.rename(tmp, path)
             if self.fsync:
@@ -222,14 +264,39 @@ class PeftDirCache:
             self.counters.misses += 1
             self.counters.bytes_in += fetched
 
+    def _mark(self, directory: Path) -> None:
+        """Write the boot marker (``durable`` and fsynced with ``fsync``; the files ``write``
+        made are durable by then, so a marker that survives a power loss vouches for them)."""
+        mark = DURABLE_MARK if self.fsync else self.boot_id
+        assert mark is not None  # without a boot id the cache fsyncs
+        fd = os.open(directory / BOOT_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, mark.encode())
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def is_valid(self, path: Path) -> bool:
+        """Whether ``path`` is a complete directory this cache may serve: its boot marker says
+        ``durable`` or the current boot (see the module docstring)."""
+        try:
+            with open(path / BOOT_MARKER, "rb") as handle:
+                mark = handle.read(64).decode("ascii", "replace")
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return mark in self._valid_marks
+
     # -- listing and eviction ----------------------------------------------------------------
 
     def entries(self) -> list[CacheEntry]:
-        """Every complete directory on the node, least recently used first."""
+        """Every complete, valid directory on the node, least recently used first."""
         found = []
         for path in self._adapters.iterdir():
+            if not self.is_valid(path):
+                continue  # not servable; swept when a cache opens, replaced when asked for
             try:
-                size = sum(p.stat().st_size for p in path.iterdir() if p.name != USED_STAMP)
+                size = sum(p.stat().st_size for p in path.iterdir() if p.name not in BOOKKEEPING)
                 used = (path / USED_STAMP).stat().st_mtime
             except FileNotFoundError:  # evicted by another process while we looked
                 continue
@@ -306,6 +373,25 @@ class PeftDirCache:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             swept += 1
+        return swept
+
+    def sweep_stale(self) -> int:
+        """Remove complete directories that are not valid now (written under another boot, cut
+        short by a power loss, or by a plugin version without markers); skips any a process
+        holds or is writing (it takes each one's lock without waiting)."""
+        swept = 0
+        for path in self._adapters.iterdir():
+            if self.is_valid(path):
+                continue
+            fd = self._try_exclusive(path.name)
+            if fd is None:
+                continue
+            try:
+                if os.path.lexists(path) and not self.is_valid(path):
+                    self._remove(path.name)
+                    swept += 1
+            finally:
+                os.close(fd)
         return swept
 
     def close(self) -> None:

@@ -61,8 +61,9 @@ class PluginSettings:
     * ``LORACAT_VLLM_CACHE_DIR``: the node-local directory cache, shared by every vLLM process
       on the host (default ``$TMPDIR/loracat-vllm``); ``LORACAT_VLLM_CACHE_BYTES`` its budget
       (default 8 GiB; 0 = unbounded); ``LORACAT_VLLM_CACHE_POLICY`` its eviction policy;
-      ``LORACAT_VLLM_CACHE_FSYNC=0`` skips the fsyncs that make a directory survive a power
-      loss (for an ephemeral or tmpfs disk; a process crash is safe either way).
+      ``LORACAT_VLLM_CACHE_FSYNC=1`` fsyncs each directory so that it is served after a
+      reboot too (by default directories are valid for the boot that wrote them, guarded by
+      a boot-id marker, and nothing is fsynced; see ``node_cache``).
     * ``LORACAT_VLLM_URL``: this vLLM server's own URL, for the admin calls that swap and warm
       adapters (default ``http://127.0.0.1:<--port>``).
     * ``LORACAT_ENGINE_ID``: the id this vLLM registers with (default ``vllm-<host>-<port>``).
@@ -111,7 +112,7 @@ class PluginSettings:
             cache_dir=Path(cache_dir),
             cache_bytes=cache_bytes,
             cache_policy=env.get("LORACAT_VLLM_CACHE_POLICY", "lru"),
-            cache_fsync=env.get("LORACAT_VLLM_CACHE_FSYNC", "1") != "0",
+            cache_fsync=env.get("LORACAT_VLLM_CACHE_FSYNC", "0") not in ("", "0"),
             vllm_url=url.rstrip("/"),
             api_key=env.get("VLLM_API_KEY") or flags.api_key,
             engine_id=env.get("LORACAT_ENGINE_ID") or f"vllm-{socket.gethostname()}-{port}",

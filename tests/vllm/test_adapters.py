@@ -186,10 +186,11 @@ def test_settings_read_the_environment_and_vllm_flags(tmp_path: Path) -> None:
     assert (settings.max_loras, settings.max_lora_rank, settings.max_cpu_loras) == (4, 32, 4)
     assert settings.cache_bytes == 1000 and settings.cache_dir == tmp_path
     assert settings.model == "/m"
-    assert settings.cache_fsync
+    assert not settings.cache_fsync  # ephemeral by default, guarded by the boot id
     served = PluginSettings.from_environment({}, ["serve", "/models/base", "--enable-lora"])
     assert served.model == "/models/base"
     assert not PluginSettings.from_environment({"LORACAT_VLLM_CACHE_FSYNC": "0"}, []).cache_fsync
+    assert PluginSettings.from_environment({"LORACAT_VLLM_CACHE_FSYNC": "1"}, []).cache_fsync
     with pytest.raises(InvalidArgument, match="LORACAT_VLLM_CACHE_BYTES"):
         PluginSettings.from_environment({"LORACAT_VLLM_CACHE_BYTES": "lots"}, [])
     with pytest.raises(InvalidArgument, match="must be >= 0"):

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from catalog.errors import InvalidArgument, InvalidReference
-from engine_plugin.vllm.node_cache import PeftDirCache, dir_key
+from engine_plugin.vllm import node_cache
+from engine_plugin.vllm.node_cache import (
+    BOOT_MARKER,
+    DURABLE_MARK,
+    PeftDirCache,
+    current_boot_id,
+    dir_key,
+)
 
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
@@ -163,3 +170,74 @@ def test_budget_and_policy_are_checked(tmp_path: Path) -> None:
         PeftDirCache(tmp_path / "c", budget_bytes=-1)
     with pytest.raises(InvalidArgument, match="unknown eviction policy"):
         PeftDirCache(tmp_path / "c", policy="nope")
+
+
+BOOT_1 = "11111111-1111-1111-1111-111111111111"
+BOOT_2 = "22222222-2222-2222-2222-222222222222"
+
+
+def test_a_directory_from_another_boot_is_never_served(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    log = tmp_path / "writes"
+    before = PeftDirCache(root, boot_id=BOOT_1)
+    path = before.acquire(DIGEST_A, writer(100, log))
+    assert (path / BOOT_MARKER).read_text() == BOOT_1
+    before.acquire(DIGEST_B, writer(100, log))
+    before.close()
+    # A reboot: nothing was fsynced, so the files may be torn. Simulate it for A.
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    after = PeftDirCache(root, boot_id=BOOT_2)  # opening sweeps both stale directories
+    assert after.entries() == []
+    assert list((root / "adapters").iterdir()) == []
+    again = after.acquire(DIGEST_A, writer(100, log))  # fetched again, not served torn
+    assert (again / "adapter_model.safetensors").stat().st_size == 100
+    assert (again / BOOT_MARKER).read_text() == BOOT_2
+    assert log.read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("marker", [None, "", BOOT_1[:10], BOOT_1])
+def test_a_directory_whose_marker_is_missing_torn_or_stale_is_replaced(
+    tmp_path: Path, marker: str | None
+) -> None:
+    """What a power loss can leave after the rename (a lookup, not only the opening sweep,
+    refuses it): the marker missing, empty, cut short, or naming the old boot."""
+    root = tmp_path / "c"
+    cache = PeftDirCache(root, boot_id=BOOT_2)
+    torn = root / "adapters" / dir_key(DIGEST_A)
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"half")
+    if marker is not None:
+        (torn / BOOT_MARKER).write_text(marker)
+    assert not cache.is_valid(torn) and cache.entries() == []
+    path = cache.acquire(DIGEST_A, writer(100))
+    assert (path / "adapter_model.safetensors").stat().st_size == 100
+    assert cache.is_valid(path)
+
+
+def test_durable_directories_survive_a_reboot(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    log = tmp_path / "writes"
+    durable = PeftDirCache(root, fsync=True, boot_id=BOOT_1)
+    path = durable.acquire(DIGEST_A, writer(100, log))
+    assert (path / BOOT_MARKER).read_text() == DURABLE_MARK
+    durable.close()
+    after = PeftDirCache(root, boot_id=BOOT_2)
+    assert [e.key for e in after.entries()] == [dir_key(DIGEST_A)]
+    assert after.entries()[0].size_bytes == 102  # the adapter's files, not the bookkeeping
+    assert after.acquire(DIGEST_A, writer(100, log)) == path
+    assert log.read_text().count("\n") == 1
+
+
+def test_without_a_boot_id_the_cache_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "boot_id").write_text(BOOT_1 + "\n")
+    monkeypatch.setattr(node_cache, "BOOT_ID_PATH", tmp_path / "boot_id")
+    cache = PeftDirCache(tmp_path / "c")
+    assert (cache.boot_id, cache.fsync) == (BOOT_1, False)
+    monkeypatch.setattr(node_cache, "BOOT_ID_PATH", tmp_path / "missing")
+    assert current_boot_id() is None
+    cache = PeftDirCache(tmp_path / "c")
+    assert cache.fsync
+    path = cache.acquire(DIGEST_A, writer(10))
+    assert (path / BOOT_MARKER).read_text() == DURABLE_MARK
