@@ -189,6 +189,16 @@ def check_port_free(host: str, port: int, option: str) -> None:
     is_flag=True,
     help="Log one line per RPC (method, peer, status code, milliseconds) on stderr.",
 )
+@click.option(
+    "--peft-export-root",
+    envvar="LORACAT_PEFT_EXPORT_ROOT",
+    show_envvar=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Colocated engines (the vLLM plugin) may ask the catalog to write PEFT directories "
+    "into directories they made under this one (their node cache), instead of streaming "
+    "the packs to them. Default: nowhere.",
+)
 def serve(
     root: Path,
     store_url: str | None,
@@ -209,6 +219,7 @@ def serve(
     tls_client_ca: Path | None,
     insecure: bool,
     access_log: bool,
+    peft_export_root: Path | None,
 ) -> None:
     """Run the catalog server. Every option can also come from its LORACAT_* variable.
 
@@ -250,6 +261,7 @@ def serve(
             tls_client_ca=tls_client_ca,
             insecure=insecure,
             access_log=access_log,
+            peft_export_root=peft_export_root,
         )
     except RuntimeError as exc:  # grpc's "Failed to bind": taken between the check and now
         if "bind" not in str(exc):

@@ -512,6 +512,33 @@ class CatalogClient:
                 self._stub.EvictPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout)
             )
 
+    def export_peft_dir(
+        self,
+        ref: Ref | Revision | str,
+        dest: str | Path,
+        *,
+        nonce: str,
+        fsync: bool = False,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> tuple[Revision, int]:
+        """Have a colocated catalog write ``ref``'s revision as PEFT files into ``dest``, an
+        existing directory under the server's ``--peft-export-root`` holding a
+        ``.loracat-export-nonce`` file with exactly ``nonce`` (``catalog.peft_export``);
+        returns the revision and the files' total size.
+
+        Raises:
+            FailedPrecondition: the server exports nothing, or ``dest`` does not hold
+                ``nonce`` as the server sees it (another host).
+            PermissionDenied: ``dest`` is not under the server's export root.
+            InvalidArgument, InvalidReference, NotFound, DataLoss, InvalidPack: as named.
+        """
+        request = pb.ExportPeftDirRequest(
+            ref=ref_text(ref), dest=str(dest), nonce=nonce, fsync=fsync
+        )
+        with translated(self.target):
+            response = self._stub.ExportPeftDir(request, timeout=timeout)
+        return revision_from_pb(response.revision), response.bytes_written
+
     def list_cache(self) -> list[dict[str, Any]]:
         """The NVMe tier's entries: digest, size, pins, when inserted."""
         with translated(self.target):

@@ -274,6 +274,9 @@ METHOD_RULES: dict[str, MethodRule] = {
     # permissions, not this table, guard that.
     "GetPackCacheLocation": MethodRule("engine"),
     "LeasePack": MethodRule("engine", _of_ref),
+    # Writes only under the server's --peft-export-root, into a directory holding the
+    # caller's nonce (catalog.peft_export); reads the ref's pack like FetchPack.
+    "ExportPeftDir": MethodRule("engine", _of_ref),
     "ReleasePackLease": MethodRule("engine"),
     "RegisterEngine": MethodRule("engine"),
     "ReportResidency": MethodRule("engine"),

@@ -18,6 +18,7 @@ from catalog.core import Catalog, Limits
 from catalog.digest import DEFAULT_ALGORITHM, Digest
 from catalog.errors import InvalidArgument
 from catalog.locks import never_wait_here
+from catalog.peft_export import PeftExporter
 from catalog.service.auth import Authenticator, Guard, check_exposure, open_audit_log
 from catalog.service.handlers import SERVICE_NAME, catalog_handlers
 from catalog.service.metrics import ACCESS_LOGGER
@@ -188,6 +189,7 @@ def create_server(
     credentials: grpc.ServerCredentials | None = None,
     record_requests: int = DEFAULT_RECORD_ENTRIES,
     access_log: bool = False,
+    peft_export_root: Path | None = None,
 ) -> tuple[CatalogServer, int]:
     """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one).
 
@@ -197,8 +199,12 @@ def create_server(
     authorizes every call (``catalog.service.auth``); ``credentials`` serve TLS
     (``catalog.service.tls``). ``record_requests``: resolves and fetches kept for ``loracat
     trace export`` (0: none; ``catalog.service.request_record``). ``access_log``: one line per
-    call on the ``loracat.access`` logger. Raises ``OSError`` when the address cannot be bound.
+    call on the ``loracat.access`` logger. ``peft_export_root``: where ``ExportPeftDir`` may
+    write PEFT directories for colocated engines (``catalog.peft_export``; None: nowhere).
+    Raises ``OSError`` when the address cannot be bound, ``InvalidArgument`` for a
+    ``peft_export_root`` that is not a directory.
     """
+    exporter = PeftExporter(peft_export_root)
     pool = ThreadPoolExecutor(
         max_workers=max_workers + max_hint_watchers, thread_name_prefix="loracat-rpc"
     )
@@ -211,7 +217,9 @@ def create_server(
         server = grpc.aio.server(options=server_options())
         handlers = catalog_handlers(
             CatalogServicer(
-                catalog, RequestRecord(record_requests) if record_requests > 0 else None
+                catalog,
+                RequestRecord(record_requests) if record_requests > 0 else None,
+                exporter,
             ),
             pool,
             max_hint_watchers=max_hint_watchers,
@@ -270,6 +278,7 @@ def serve_forever(
     insecure: bool = False,
     record_requests: int = DEFAULT_RECORD_ENTRIES,
     access_log: bool = False,
+    peft_export_root: Path | None = None,
 ) -> None:
     """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index.
 
@@ -308,6 +317,7 @@ def serve_forever(
         credentials=credentials,
         record_requests=record_requests,
         access_log=access_log,
+        peft_export_root=peft_export_root,
     )
     stop = threading.Event()
 

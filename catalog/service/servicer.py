@@ -16,6 +16,7 @@ from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import FailedPrecondition, InvalidArgument
 from catalog.model import AdapterName, PushProvenance, Ref
+from catalog.peft_export import PeftExporter
 from catalog.service.request_record import RequestRecord, caller_of
 from catalog.service.resolve_cache import GenerationCache
 
@@ -33,12 +34,19 @@ def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
 
 
 class CatalogServicer(pb_grpc.CatalogServicer):
-    def __init__(self, catalog: Catalog, record: RequestRecord | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        record: RequestRecord | None = None,
+        peft_exporter: PeftExporter | None = None,
+    ) -> None:
         """``record``: where resolves and fetches are recorded for capacity planning (None:
-        nowhere, and ``ExportRequests`` answers FAILED_PRECONDITION)."""
+        nowhere, and ``ExportRequests`` answers FAILED_PRECONDITION). ``peft_exporter``: where
+        ``ExportPeftDir`` may write (None: it answers FAILED_PRECONDITION)."""
         self.catalog = catalog
         self.resolves: GenerationCache[pb.Revision] = GenerationCache(catalog.generation)
         self.record = record
+        self.peft_exporter = peft_exporter or PeftExporter(None)
 
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -182,6 +190,25 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         for piece in pieces:
             yield pb.PackChunk(offset=position, data=piece)
             position += len(piece)
+
+    def ExportPeftDir(
+        self, request: pb.ExportPeftDirRequest, context: grpc.ServicerContext
+    ) -> pb.ExportPeftDirResponse:
+        revision = self.catalog.resolve(Ref.parse(request.ref))
+        # Every check of the destination before a byte is read (a refusal costs no S3 read).
+        dest = self.peft_exporter.check_destination(request.dest, request.nonce)
+        if self.record is not None:
+            self.record.add(
+                "fetch",
+                f"{revision.adapter}@{revision.number}",
+                revision.size_bytes,
+                caller_of(context),
+            )
+        data = self.catalog.read_pack_bytes(revision)
+        written = self.peft_exporter.export(data, dest, fsync=request.fsync)
+        return pb.ExportPeftDirResponse(
+            revision=revision_to_pb(revision), bytes_written=written
+        )
 
     def ExportRequests(
         self, request: pb.ExportRequestsRequest, context: grpc.ServicerContext

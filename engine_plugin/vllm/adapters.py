@@ -5,21 +5,37 @@ the project's own venv: parse the name as a loracat reference (anything else is 
 resolve it through the catalog, refuse a revision trained for another base before fetching a
 byte, and materialize the revision's pack as a PEFT directory in the node cache, held until the
 caller releases it.
+
+Materializing, two ways. A catalog on this host started with ``--peft-export-root`` over the
+node cache writes the PEFT files itself (``ExportPeftDir``, ``catalog.peft_export``) into the
+node cache's private temporary directory: the pack's bytes never cross gRPC, and none of the
+work runs in vLLM's process, whose API server shares the GIL with the resolver. Otherwise (a
+remote catalog, or one without the flag) the pack is fetched and written here. The node cache
+publishes the directory either way, by its rename, after the files are complete.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from catalog.bases import base_identity
-from catalog.errors import IncompatibleAdapter
+from catalog.errors import FailedPrecondition, IncompatibleAdapter, Internal, PermissionDenied
 from catalog.model import Ref, Revision, Selector
 from catalog.pack import export_peft_dir
+from catalog.peft_export import NONCE_FILE
 from engine_plugin.vllm.node_cache import PeftDirCache
+
+log = logging.getLogger(__name__)
+
+#: After the catalog refused an export, the plugin fetches instead for this long before it
+#: asks again (a catalog restarted with ``--peft-export-root`` is used again).
+EXPORT_RETRY_S = 60.0
 
 
 class AdapterCatalog(Protocol):
@@ -44,8 +60,9 @@ class Materialized:
     ref: Ref
     revision: Revision
     path: Path
-    #: Seconds spent, for the log: ``resolve``, and ``fetch``/``write`` when this call wrote
-    #: the directory (a hit on node disk has neither).
+    #: Seconds spent, for the log: ``resolve``, and when this call wrote the directory
+    #: ``export`` (the catalog wrote it) or ``fetch``/``write`` (this process did); a hit on
+    #: node disk has none of those.
     timings: dict[str, float] = field(default_factory=dict, compare=False)
 
 
@@ -58,6 +75,9 @@ class CatalogAdapters:
         served_base: the base the vLLM serves, as ``base_identity`` normalizes it
             (``LORACAT_BASE_ID`` when set, else the model path vLLM passes).
         max_rank: the largest rank the server takes (vLLM's ``--max-lora-rank``); 0: any.
+        server_export: ask the catalog to write the PEFT files (``ExportPeftDir``) before
+            fetching them; a catalog that cannot (another host, no export root) is asked
+            again only after ``EXPORT_RETRY_S``.
     """
 
     def __init__(
@@ -67,11 +87,15 @@ class CatalogAdapters:
         served_base: str,
         *,
         max_rank: int = 0,
+        server_export: bool = True,
     ) -> None:
         self.catalog = catalog
         self.cache = cache
         self.served_base = served_base
         self.max_rank = max_rank
+        self.server_export = server_export and hasattr(catalog, "export_peft_dir")
+        self._export_refused_at: float | None = None
+        self.exports = 0  # directories the catalog wrote for this process
 
     @staticmethod
     def parse(name: str) -> Ref:
@@ -133,6 +157,11 @@ class CatalogAdapters:
 
         def write(into: Path) -> int:
             started = time.perf_counter()
+            written = self._export(pinned, into)
+            if written is not None:
+                timings["export"] = time.perf_counter() - started
+                return written
+            started = time.perf_counter()
             data = self.catalog.fetch(pinned)
             fetched = time.perf_counter()
             export_peft_dir(data, into, fsync=self.cache.fsync)
@@ -141,6 +170,33 @@ class CatalogAdapters:
 
         path = self.cache.acquire(revision.digest, write)
         return Materialized(name, ref, revision, path, timings)
+
+    def _export(self, pinned: str, into: Path) -> int | None:
+        """Have the catalog write the PEFT files into ``into``; the bytes written, or ``None``
+        when it cannot (then the caller fetches). Errors about the revision itself (deleted,
+        corrupt) propagate, as they would from a fetch."""
+        if not self.server_export:
+            return None
+        refused_at = self._export_refused_at
+        if refused_at is not None and time.monotonic() - refused_at < EXPORT_RETRY_S:
+            return None
+        nonce = secrets.token_hex(16)
+        (into / NONCE_FILE).write_text(nonce)
+        try:
+            _, written = self.catalog.export_peft_dir(  # type: ignore[attr-defined]
+                pinned, into, nonce=nonce, fsync=self.cache.fsync
+            )
+        except (FailedPrecondition, PermissionDenied, Internal) as exc:
+            # Internal: a catalog that predates ExportPeftDir answers UNIMPLEMENTED.
+            if refused_at is None:
+                log.info("the catalog does not write PEFT directories here: %s; fetching", exc)
+            self._export_refused_at = time.monotonic()
+            return None
+        finally:
+            (into / NONCE_FILE).unlink(missing_ok=True)
+        self._export_refused_at = None
+        self.exports += 1
+        return int(written)
 
     def load(self, name: str) -> Materialized:
         """:meth:`resolve`, then :meth:`materialize` (see both for what they raise)."""

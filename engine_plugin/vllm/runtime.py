@@ -115,7 +115,11 @@ class LoracatRuntime:
         )
         served = served_base_identity(settings.model or "", settings.base_id)
         self.adapters = CatalogAdapters(
-            catalog, self.cache, served, max_rank=settings.max_lora_rank
+            catalog,
+            self.cache,
+            served,
+            max_rank=settings.max_lora_rank,
+            server_export=settings.server_export,
         )
         self.admin = admin or VllmAdmin(settings.vllm_url, api_key=settings.api_key)
         self.engine_id = settings.engine_id

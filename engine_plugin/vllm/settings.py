@@ -64,6 +64,9 @@ class PluginSettings:
       ``LORACAT_VLLM_CACHE_FSYNC=1`` fsyncs each directory so that it is served after a
       reboot too (by default directories are valid for the boot that wrote them, guarded by
       a boot-id marker, and nothing is fsynced; see ``node_cache``).
+    * ``LORACAT_VLLM_SERVER_EXPORT=0``: never ask the catalog to write the PEFT files (by
+      default a catalog on this host started with ``--peft-export-root`` over the cache
+      directory writes them; any other catalog is fetched from, as with ``0``).
     * ``LORACAT_VLLM_URL``: this vLLM server's own URL, for the admin calls that swap and warm
       adapters (default ``http://127.0.0.1:<--port>``).
     * ``LORACAT_ENGINE_ID``: the id this vLLM registers with (default ``vllm-<host>-<port>``).
@@ -80,6 +83,7 @@ class PluginSettings:
     cache_bytes: int
     cache_policy: str
     cache_fsync: bool
+    server_export: bool
     vllm_url: str
     api_key: str | None
     engine_id: str
@@ -113,6 +117,7 @@ class PluginSettings:
             cache_bytes=cache_bytes,
             cache_policy=env.get("LORACAT_VLLM_CACHE_POLICY", "lru"),
             cache_fsync=env.get("LORACAT_VLLM_CACHE_FSYNC", "0") not in ("", "0"),
+            server_export=env.get("LORACAT_VLLM_SERVER_EXPORT", "1") != "0",
             vllm_url=url.rstrip("/"),
             api_key=env.get("VLLM_API_KEY") or flags.api_key,
             engine_id=env.get("LORACAT_ENGINE_ID") or f"vllm-{socket.gethostname()}-{port}",

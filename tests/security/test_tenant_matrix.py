@@ -95,6 +95,10 @@ CALLS: dict[str, tuple[Callable[[CatalogClient, str], Any], bool]] = {
     "ReportResidency": (lambda c, n: c.report_residency(_ENGINE[0], [], []), False),
     "WatchHints": (_hints, False),
     "ExportRequests": (_streamed("ExportRequests", pb.ExportRequestsRequest()), False),
+    "ExportPeftDir": (
+        lambda c, n: c.export_peft_dir(f"{n}@serving", "/nowhere", nonce="n" * 32),
+        True,
+    ),
 }
 _PACK: list[bytes] = []
 
@@ -106,6 +110,7 @@ ALLOWED_OWN = {
     "Purge": "FAILED_PRECONDITION",  # its revisions are live
     "EvictPack": "NOT_FOUND",
     "WatchHints": "DEADLINE_EXCEEDED",
+    "ExportPeftDir": "FAILED_PRECONDITION",  # this catalog has no --peft-export-root
 }
 #: On a missing adapter of the own tenant. ListAdapters and Prefetch answer OK (an empty page,
 #: a "failed" progress line); Push creates it.

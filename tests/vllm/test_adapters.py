@@ -5,6 +5,7 @@ catalog over real gRPC, real PEFT adapters."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ from catalog.client import CatalogClient
 from catalog.errors import IncompatibleAdapter, InvalidArgument, InvalidReference, NotFound
 from catalog.model import Ref, Revision
 from catalog.pack import import_peft_dir, read_pack
+from catalog.peft_export import NONCE_FILE
+from catalog.service.server import create_server, open_catalog
+from engine_plugin.vllm import adapters as adapters_module
 from engine_plugin.vllm.adapters import CatalogAdapters, base_identity, served_base_identity
-from engine_plugin.vllm.node_cache import PeftDirCache
+from engine_plugin.vllm.node_cache import BOOT_MARKER, USED_STAMP, PeftDirCache
 from engine_plugin.vllm.runtime import lora_name_for
 from engine_plugin.vllm.settings import PluginSettings
 from tests import factories
@@ -205,3 +209,75 @@ def test_read_pack_of_the_materialized_revision_matches(
     pack = read_pack(import_peft_dir(materialized.path, base_id="org/base-7b"))
     assert pack.manifest.rank == 4
     assert materialized.revision.number == 1
+
+
+class ExportingCatalog(CountingCatalog):
+    """The real client with ``ExportPeftDir`` too, counting the export calls."""
+
+    def __init__(self, client: CatalogClient) -> None:
+        super().__init__(client)
+        self.export_calls = 0
+
+    def export_peft_dir(self, ref: Any, dest: Path, **options: Any) -> tuple[Revision, int]:
+        self.export_calls += 1
+        return self.client.export_peft_dir(ref, dest, **options)
+
+
+@contextmanager
+def exporting_catalog(root: Path, export_root: Path | None) -> Iterator[ExportingCatalog]:
+    catalog = open_catalog(root)
+    server, port = create_server(catalog, "127.0.0.1:0", peft_export_root=export_root)
+    try:
+        with CatalogClient(f"127.0.0.1:{port}", timeout=20) as client:
+            yield ExportingCatalog(client)
+    finally:
+        server.stop(None).wait()
+        catalog.close()
+
+
+def test_a_colocated_catalog_writes_the_directory_and_nothing_is_fetched(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    with exporting_catalog(tmp_path / "catalog", node) as catalog:
+        catalog.client.push("acme/support", import_peft_dir(peft_dir, base_id="org/base-7b"))
+        adapters = CatalogAdapters(catalog, PeftDirCache(node), "org/base-7b")
+        loaded = adapters.load("acme/support@1")
+        assert (catalog.fetches, catalog.export_calls, adapters.exports) == (0, 1, 1)
+        assert "export" in loaded.timings and "fetch" not in loaded.timings
+        assert sorted(p.name for p in loaded.path.iterdir()) == sorted(
+            ["adapter_config.json", "adapter_model.safetensors", BOOT_MARKER, USED_STAMP]
+        )
+        assert import_peft_dir(loaded.path, base_id="org/base-7b") == bytes(
+            catalog.client.fetch("acme/support@1")
+        )
+        assert adapters.cache.entries()[0].path == loaded.path
+
+
+def test_a_catalog_that_cannot_export_is_fetched_from_and_asked_again_later(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with exporting_catalog(tmp_path / "catalog", None) as catalog:
+        for rank in (2, 4):
+            other = factories.make_peft_adapter(
+                factories.build_model(factories.tiny_llama_config()),
+                tmp_path / f"r{rank}",
+                rank=rank,
+                target_modules=("q_proj",),
+            )
+            catalog.client.push("acme/support", import_peft_dir(other, base_id="org/base-7b"))
+        adapters = CatalogAdapters(catalog, PeftDirCache(tmp_path / "node"), "org/base-7b")
+        first = adapters.load("acme/support@1")
+        assert (catalog.fetches, catalog.export_calls, adapters.exports) == (1, 1, 0)
+        assert "fetch" in first.timings
+        assert not any(p.name == NONCE_FILE for p in first.path.iterdir())
+        adapters.load("acme/support@2")  # within EXPORT_RETRY_S: not asked again
+        assert (catalog.fetches, catalog.export_calls) == (2, 1)
+        monkeypatch.setattr(adapters_module, "EXPORT_RETRY_S", 0.0)
+        adapters.cache.release(first.revision.digest)
+        (first.path / BOOT_MARKER).unlink()  # make it stale: written again
+        adapters.load("acme/support@1")
+        assert (catalog.fetches, catalog.export_calls) == (3, 2)
+    off = CatalogAdapters(catalog, PeftDirCache(tmp_path / "n2"), "b", server_export=False)
+    assert not off.server_export

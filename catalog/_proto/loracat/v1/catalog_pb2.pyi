@@ -1679,3 +1679,61 @@ class PurgeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PurgeResponse: _TypeAlias = PurgeResponse  # noqa: Y015
+
+@_typing.final
+class ExportPeftDirRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    DEST_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    FSYNC_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    """the revision to write (engines pass tenant/name@sha256:<hex>)"""
+    dest: _builtins.str
+    """an existing directory under the server's --peft-export-root"""
+    nonce: _builtins.str
+    """dest/.loracat-export-nonce must hold exactly this: proof that"""
+    fsync: _builtins.bool
+    """the caller made dest and that both see the same filesystem
+    fsync each file before it is renamed into place
+    """
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        dest: _builtins.str = ...,
+        nonce: _builtins.str = ...,
+        fsync: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest", b"dest", "fsync", b"fsync", "nonce", b"nonce", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportPeftDirRequest: _TypeAlias = ExportPeftDirRequest  # noqa: Y015
+
+@_typing.final
+class ExportPeftDirResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    BYTES_WRITTEN_FIELD_NUMBER: _builtins.int
+    bytes_written: _builtins.int
+    """the PEFT files' total size"""
+    @_builtins.property
+    def revision(self) -> Global___Revision: ...
+    def __init__(
+        self,
+        *,
+        revision: Global___Revision | None = ...,
+        bytes_written: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_written", b"bytes_written", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportPeftDirResponse: _TypeAlias = ExportPeftDirResponse  # noqa: Y015

@@ -174,6 +174,11 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ExportRequestsRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.RecordedRequests.FromString,
                 _registered_method=True)
+        self.ExportPeftDir = channel.unary_unary(
+                '/loracat.v1.Catalog/ExportPeftDir',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServicer:
@@ -368,6 +373,15 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportPeftDir(self, request, context):
+        """Colocated engines that load adapters from a PEFT directory (vLLM): the catalog writes the
+        revision's PEFT files into a directory the engine made under the root the server was
+        started with (`serve --peft-export-root`), so the bytes never cross gRPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -510,6 +524,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.ExportRequests,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ExportRequestsRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.RecordedRequests.SerializeToString,
+            ),
+            'ExportPeftDir': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPeftDir,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1268,6 +1287,33 @@ class Catalog:
             '/loracat.v1.Catalog/ExportRequests',
             loracat_dot_v1_dot_catalog__pb2.ExportRequestsRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.RecordedRequests.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPeftDir(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/ExportPeftDir',
+            loracat_dot_v1_dot_catalog__pb2.ExportPeftDirRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.ExportPeftDirResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,6 +95,11 @@ class CatalogStub:
     """Capacity planning: the bounded, rotating record of the resolves and fetches this server
     answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
     """
+    ExportPeftDir: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ExportPeftDirRequest, _catalog_pb2.ExportPeftDirResponse]
+    """Colocated engines that load adapters from a PEFT directory (vLLM): the catalog writes the
+    revision's PEFT files into a directory the engine made under the root the server was
+    started with (`serve --peft-export-root`), so the bytes never cross gRPC.
+    """
 
 @_typing.type_check_only
 class CatalogAsyncStub(CatalogStub):
@@ -151,6 +156,11 @@ class CatalogAsyncStub(CatalogStub):
     ExportRequests: _aio.UnaryStreamMultiCallable[_catalog_pb2.ExportRequestsRequest, _catalog_pb2.RecordedRequests]  # type: ignore[assignment]
     """Capacity planning: the bounded, rotating record of the resolves and fetches this server
     answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
+    """
+    ExportPeftDir: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ExportPeftDirRequest, _catalog_pb2.ExportPeftDirResponse]  # type: ignore[assignment]
+    """Colocated engines that load adapters from a PEFT directory (vLLM): the catalog writes the
+    revision's PEFT files into a directory the engine made under the root the server was
+    started with (`serve --peft-export-root`), so the bytes never cross gRPC.
     """
 
 class CatalogServicer(metaclass=_abc_1.ABCMeta):
@@ -373,6 +383,17 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_catalog_pb2.RecordedRequests], _abc.AsyncIterator[_catalog_pb2.RecordedRequests]]:
         """Capacity planning: the bounded, rotating record of the resolves and fetches this server
         answered (oldest first), for `loracat trace export` and `loracat plan --trace`.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportPeftDir(
+        self,
+        request: _catalog_pb2.ExportPeftDirRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ExportPeftDirResponse, _abc.Awaitable[_catalog_pb2.ExportPeftDirResponse]]:
+        """Colocated engines that load adapters from a PEFT directory (vLLM): the catalog writes the
+        revision's PEFT files into a directory the engine made under the root the server was
+        started with (`serve --peft-export-root`), so the bytes never cross gRPC.
         """
 
 def add_CatalogServicer_to_server(servicer: CatalogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,93 @@
+"""Writing a revision as a PEFT directory on an engine's behalf (``ExportPeftDir``).
+
+An engine that loads adapters from a directory path (vLLM) and runs on the catalog's host need
+not receive the pack over gRPC and re-serialize it in its own process: the catalog, which reads
+the pack anyway, writes the PEFT files into a directory the engine made. What keeps that safe:
+
+* the server writes only when started with a root (``loracat serve --peft-export-root DIR``),
+  and only into an existing directory under it (symbolic links resolved first), never into the
+  root itself;
+* the directory must hold a nonce file (``.loracat-export-nonce``) with exactly the nonce the
+  request carries: the caller made the directory and sees the same filesystem as the server
+  (a catalog on another host finds no such file and refuses, and the engine reads the pack
+  over gRPC instead);
+* the server only adds the two PEFT files (each written to a temporary name, renamed into
+  place). Publishing the directory is the engine's job: its node cache renames the directory
+  into place after this call returns, so a crash of either process mid-write leaves nothing an
+  engine would load.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+from catalog.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from catalog.pack import export_peft_dir
+from catalog.pack.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+
+#: The file in the destination that proves who made it (see the module docstring).
+NONCE_FILE = ".loracat-export-nonce"
+#: Nonces shorter than this are refused: they prove nothing.
+MIN_NONCE_CHARS = 16
+
+
+class PeftExporter:
+    """Writes PEFT directories under ``root`` (None: the server exports nothing).
+
+    Raises:
+        InvalidArgument: ``root`` is not an existing directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None) -> None:
+        self.root: Path | None = None
+        if root is not None:
+            resolved = Path(root).resolve()
+            if not resolved.is_dir():
+                raise InvalidArgument(f"--peft-export-root {root}: not an existing directory")
+            self.root = resolved
+
+    def check_destination(self, dest: str, nonce: str) -> Path:
+        """The resolved destination, once it passes every check of the module docstring.
+
+        Raises:
+            FailedPrecondition: the server exports nothing (no root), or ``dest`` does not
+                hold the request's nonce (another host, or not the caller's directory).
+            InvalidArgument: an empty or short nonce, or ``dest`` is not an absolute path.
+            PermissionDenied: ``dest`` is not a directory strictly under the root.
+        """
+        if self.root is None:
+            raise FailedPrecondition(
+                "this catalog writes no PEFT directories (start it with --peft-export-root)"
+            )
+        if len(nonce) < MIN_NONCE_CHARS:
+            raise InvalidArgument(f"an export nonce needs >= {MIN_NONCE_CHARS} characters")
+        if not os.path.isabs(dest):
+            raise InvalidArgument(f"export destination {dest!r} is not an absolute path")
+        resolved = Path(dest).resolve()
+        if resolved == self.root or self.root not in resolved.parents:
+            raise PermissionDenied(
+                f"export destination {dest} is not under this catalog's --peft-export-root"
+            )
+        try:
+            with open(resolved / NONCE_FILE, encoding="ascii", errors="replace") as handle:
+                found = handle.read(256)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FailedPrecondition(
+                f"export destination {dest} holds no {NONCE_FILE} here (is the catalog on "
+                "another host?)"
+            ) from None
+        if not hmac.compare_digest(found, nonce):
+            raise FailedPrecondition(f"export destination {dest} holds another caller's nonce")
+        return resolved
+
+    def export(self, data: bytes | memoryview, dest: Path, *, fsync: bool) -> int:
+        """Write ``data`` (a verified pack) as PEFT files into ``dest`` (checked by
+        :meth:`check_destination`); returns the files' total size.
+
+        Raises:
+            InvalidPack: the pack cannot be written as a PEFT directory.
+        """
+        export_peft_dir(data, dest, fsync=fsync)
+        return sum((dest / name).stat().st_size for name in (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE))

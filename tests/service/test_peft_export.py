@@ -1,0 +1,123 @@
+"""``ExportPeftDir``: the catalog writes a revision's PEFT files for a colocated engine, only
+into a directory under its ``--peft-export-root`` that holds the caller's nonce. Real gRPC on
+loopback, a real catalog, real PEFT adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from catalog.client import CatalogClient
+from catalog.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from catalog.pack import export_peft_dir, import_peft_dir
+from catalog.peft_export import NONCE_FILE, PeftExporter
+from catalog.service.server import create_server, open_catalog
+from tests import factories
+
+NONCE = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = factories.build_model(factories.tiny_llama_config())
+    return factories.make_peft_adapter(
+        model, tmp_path_factory.mktemp("peft") / "a", rank=4, target_modules=("q_proj", "v_proj")
+    )
+
+
+@contextmanager
+def serving(root: Path, export_root: Path | None) -> Iterator[CatalogClient]:
+    catalog = open_catalog(root)
+    server, port = create_server(catalog, "127.0.0.1:0", peft_export_root=export_root)
+    try:
+        with CatalogClient(f"127.0.0.1:{port}", timeout=20) as client:
+            yield client
+    finally:
+        server.stop(None).wait()
+        catalog.close()
+
+
+def dest_with_nonce(parent: Path, nonce: str = NONCE) -> Path:
+    dest = parent / "tmp" / "1234-abcd"
+    dest.mkdir(parents=True)
+    (dest / NONCE_FILE).write_text(nonce)
+    return dest
+
+
+def test_the_catalog_writes_the_same_peft_files_the_client_would(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    export_root = tmp_path / "node"
+    export_root.mkdir()
+    with serving(tmp_path / "catalog", export_root) as client:
+        pushed = client.push("acme/a", import_peft_dir(peft_dir, base_id="org/base"))
+        pinned = f"acme/a@{pushed.revision.digest}"
+        dest = dest_with_nonce(export_root)
+        revision, written = client.export_peft_dir(pinned, dest, nonce=NONCE)
+        assert revision == pushed.revision
+        here = tmp_path / "here"
+        export_peft_dir(client.fetch(pinned), here, fsync=False)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (dest / name).read_bytes() == (here / name).read_bytes()
+        assert written == sum(
+            (here / n).stat().st_size for n in ("adapter_model.safetensors", "adapter_config.json")
+        )
+        # The nonce file is the caller's: the catalog neither removes nor publishes anything.
+        assert sorted(p.name for p in dest.iterdir()) == sorted(
+            [NONCE_FILE, "adapter_model.safetensors", "adapter_config.json"]
+        )
+        with pytest.raises(NotFound):
+            client.export_peft_dir("acme/missing@1", dest, nonce=NONCE)
+
+
+def test_every_destination_check_refuses_before_writing(tmp_path: Path, peft_dir: Path) -> None:
+    export_root = tmp_path / "node"
+    export_root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / NONCE_FILE).write_text(NONCE)
+    (export_root / "escape").symlink_to(outside)
+    (export_root / NONCE_FILE).write_text(NONCE)
+    unmarked = export_root / "tmp" / "unmarked"
+    unmarked.mkdir(parents=True)
+    marked = dest_with_nonce(export_root / "other")
+    with serving(tmp_path / "catalog", export_root) as client:
+        client.push("acme/a", import_peft_dir(peft_dir, base_id="org/base"))
+        refusals = [
+            (outside, NONCE, PermissionDenied),  # not under the root
+            (export_root / "escape", NONCE, PermissionDenied),  # a link out of it
+            (export_root, NONCE, PermissionDenied),  # the root itself
+            (export_root / "tmp" / ".." / ".." / "outside", NONCE, PermissionDenied),
+            (unmarked, NONCE, FailedPrecondition),  # no nonce: another host, or not ours
+            (marked, "f" * 32, FailedPrecondition),  # another caller's nonce
+            (marked, "short", InvalidArgument),
+        ]
+        for dest, nonce, error in refusals:
+            with pytest.raises(error):
+                client.export_peft_dir("acme/a@1", dest, nonce=nonce)
+        with pytest.raises(InvalidArgument, match="absolute"):
+            client.export_peft_dir("acme/a@1", "tmp/unmarked", nonce=NONCE)
+    for directory in (outside, unmarked, marked, export_root):
+        assert not (directory / "adapter_model.safetensors").exists()
+
+
+def test_a_catalog_without_an_export_root_writes_nothing(tmp_path: Path, peft_dir: Path) -> None:
+    with serving(tmp_path / "catalog", None) as client:
+        client.push("acme/a", import_peft_dir(peft_dir, base_id="org/base"))
+        dest = dest_with_nonce(tmp_path / "node")
+        with pytest.raises(FailedPrecondition, match="--peft-export-root"):
+            client.export_peft_dir("acme/a@1", dest, nonce=NONCE)
+        assert sorted(p.name for p in dest.iterdir()) == [NONCE_FILE]
+
+
+def test_the_export_root_must_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="not an existing directory"):
+        PeftExporter(tmp_path / "missing")
