@@ -434,6 +434,23 @@ class AsyncCatalogClient:
                 )
             )
 
+    async def export_peft_dir(
+        self,
+        ref: Ref | Revision | str,
+        dest: str | Path,
+        *,
+        nonce: str,
+        fsync: bool = False,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> tuple[Revision, int]:
+        """As :meth:`CatalogClient.export_peft_dir`."""
+        request = pb.ExportPeftDirRequest(
+            ref=ref_text(ref), dest=str(dest), nonce=nonce, fsync=fsync
+        )
+        with translated(self.target):
+            response = await self._stub.ExportPeftDir(request, timeout=timeout)
+        return revision_from_pb(response.revision), response.bytes_written
+
     async def list_cache(self) -> list[dict[str, Any]]:
         """As :meth:`CatalogClient.list_cache`."""
         with translated(self.target):

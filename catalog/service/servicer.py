@@ -206,9 +206,7 @@ class CatalogServicer(pb_grpc.CatalogServicer):
             )
         data = self.catalog.read_pack_bytes(revision)
         written = self.peft_exporter.export(data, dest, fsync=request.fsync)
-        return pb.ExportPeftDirResponse(
-            revision=revision_to_pb(revision), bytes_written=written
-        )
+        return pb.ExportPeftDirResponse(revision=revision_to_pb(revision), bytes_written=written)
 
     def ExportRequests(
         self, request: pb.ExportRequestsRequest, context: grpc.ServicerContext

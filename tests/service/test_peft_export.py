@@ -121,3 +121,33 @@ def test_a_catalog_without_an_export_root_writes_nothing(tmp_path: Path, peft_di
 def test_the_export_root_must_be_a_directory(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="not an existing directory"):
         PeftExporter(tmp_path / "missing")
+
+
+def test_the_async_client_exports_too(tmp_path: Path, peft_dir: Path) -> None:
+    import asyncio
+
+    from catalog.client import AsyncCatalogClient
+
+    export_root = tmp_path / "node"
+    export_root.mkdir()
+    catalog = open_catalog(tmp_path / "catalog")
+    server, port = create_server(catalog, "127.0.0.1:0", peft_export_root=export_root)
+    try:
+        with CatalogClient(f"127.0.0.1:{port}") as client:
+            client.push("acme/a", import_peft_dir(peft_dir, base_id="org/base"))
+        dest = dest_with_nonce(export_root)
+
+        async def run() -> int:
+            async with AsyncCatalogClient(f"127.0.0.1:{port}") as aio:
+                revision, written = await aio.export_peft_dir("acme/a@1", dest, nonce=NONCE)
+                assert revision.number == 1
+                return written
+
+        assert (
+            asyncio.run(run())
+            == (dest / "adapter_model.safetensors").stat().st_size
+            + (dest / "adapter_config.json").stat().st_size
+        )
+    finally:
+        server.stop(None).wait()
+        catalog.close()
