@@ -1,31 +1,33 @@
 """Hit-rate curves of one tier: every policy and Belady's reference, at every capacity.
 
 LRU comes from stack distances (one pass for all capacities, ``catalog.plan.stack``); the other
-policies are the real ``catalog.cache.policies`` classes replayed once per capacity point (they
-lack LRU's inclusion property, so no one-pass shortcut exists for them); Belady's reference is
-the farthest-next-use rule with bypass of ``catalog.cache.replay.replay_belady``, here over
-integer ids. The replays are independent, so they run in a pool of forked processes.
+policies are replayed once per capacity point (they lack LRU's inclusion property, so no
+one-pass shortcut exists for them), and so is Belady's reference (the farthest-next-use rule
+with bypass of ``catalog.cache.replay.replay_belady``). Those replays are the compiled ones of
+``catalog.plan.compiled``, tested to decide exactly as the ``catalog.cache.policies`` classes and
+the Python references below (:func:`replay_policy`, :func:`replay_belady_ids`) do. They are
+independent and release the GIL, so they run side by side in a pool of threads.
 """
 
 from __future__ import annotations
 
 import heapq
-import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from catalog.cache.policies import EvictionPolicy, make_policy
+from catalog.cache.policies import EvictionPolicy
+from catalog.plan.compiled import BELADY, compile_replays, replay_ids
 from catalog.plan.stack import lru_hits, previous_and_next
 
 IntArray = npt.NDArray[np.int64]
 
-BELADY = "belady"
+__all__ = ["BELADY", "TierStream", "replay_belady_ids", "replay_policy", "tier_curves"]
 
 
 @dataclass(frozen=True)
@@ -135,29 +137,13 @@ def replay_belady_ids(
     return hits, hit_bytes
 
 
-# The stream a pool of forked workers reads: inherited through fork, never pickled.
-_STREAM: TierStream | None = None
-
-
-def _run(job: tuple[str, int]) -> tuple[int, int]:
-    policy, capacity = job
-    stream = _STREAM
-    assert stream is not None  # set before the pool forks
+def _run(stream: TierStream, policy: str, capacity: int) -> tuple[int, int]:
+    """Hits and hit bytes of ``policy`` (or Belady) at ``capacity`` over every group."""
     hits = hit_bytes = 0
     for ids, start in zip(stream.groups, stream.group_starts, strict=True):
         carried = stream.key_sizes[ids]
         charged = np.ones_like(carried) if stream.unit == "slots" else carried
-        if policy == BELADY:
-            h, b = replay_belady_ids(ids, charged, carried, capacity, start=start)
-        else:
-            keys = stream.keys
-            h, b = replay_policy(
-                [keys[i] for i in ids.tolist()],
-                charged.tolist(),
-                carried.tolist(),
-                make_policy(policy, capacity),
-                start=start,
-            )
+        h, b, _ = replay_ids(policy, ids, charged, carried, capacity, start=start)
         hits += h
         hit_bytes += b
     return hits, hit_bytes
@@ -178,13 +164,12 @@ def tier_curves(
     stream: TierStream, policies: Sequence[str], capacities: Sequence[int], *, workers: int = 0
 ) -> list[dict[str, Any]]:
     """``{"policy", "capacity", "hit_rate", "byte_hit_rate"}`` for every policy (and
-    ``belady``) at every capacity. ``workers``: processes (0: one per CPU; 1: none).
+    ``belady``) at every capacity. ``workers``: threads (0: one per CPU; 1: none).
 
     LRU at a byte capacity below the largest pack is replayed instead of read from the stack
     distances: the real LRU refuses a pack larger than the cache, which the stack would count
     as flushing it.
     """
-    global _STREAM
     points: dict[tuple[str, int], tuple[int, int]] = {}
     jobs: list[tuple[str, int]] = []
     largest = int(max((int(stream.key_sizes[g].max()) for g in stream.groups), default=0))
@@ -200,21 +185,18 @@ def tier_curves(
             for capacity, h, b in zip(exact, counts.tolist(), nbytes.tolist(), strict=True):
                 points[("lru", int(capacity))] = (h, b)
     if stream.requests and jobs:
-        _STREAM = stream
-        try:
-            count = workers or os.cpu_count() or 1
-            if count > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
-                context = multiprocessing.get_context("fork")
-                # Longest first, so that no slow replay starts last.
-                ordered = sorted(jobs, key=lambda job: -job[1])
-                with ProcessPoolExecutor(min(count, len(jobs)), mp_context=context) as pool:
-                    for job, result in zip(ordered, pool.map(_run, ordered), strict=True):
-                        points[job] = result
-            else:
-                for job in jobs:
-                    points[job] = _run(job)
-        finally:
-            _STREAM = None
+        compile_replays()  # once, here, rather than in every worker at once
+        count = min(workers or os.cpu_count() or 1, len(jobs))
+        if count > 1:
+            # Longest first, so that no slow replay starts last.
+            ordered = sorted(jobs, key=lambda job: -job[1])
+            with ThreadPoolExecutor(count) as pool:
+                results = pool.map(lambda job: _run(stream, *job), ordered)
+                for job, result in zip(ordered, results, strict=True):
+                    points[job] = result
+        else:
+            for job in jobs:
+                points[job] = _run(stream, *job)
     return [
         _point(policy, capacity, *points.get((policy, int(capacity)), (0, 0)), stream)
         for policy in [*policies, BELADY]
