@@ -62,7 +62,7 @@ def _split(text: str | None) -> list[str]:
 )
 @click.option("--compare", multiple=True, help="SLOTS:HOST:NVME to show beside; repeatable.")
 @click.option("--cold", is_flag=True, help="Start every tier empty (default: warm).")
-@click.option("--workers", type=int, default=0, help="Replay processes (0: one per CPU).")
+@click.option("--workers", type=int, default=0, help="Replay threads (0: one per CPU).")
 @click.option(
     "--html",
     "html_path",

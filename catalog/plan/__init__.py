@@ -2,8 +2,9 @@
 
 ``workload`` (traces and synthetic workloads), ``stack`` (LRU for every capacity in one pass),
 ``tiers`` (the GPU -> host -> NVMe -> durable hierarchy), ``curves`` (every policy and Belady
-per capacity), ``profile`` (what a load from each tier costs), ``planner`` (the search and the
-JSON document), ``html`` (the report page). Nothing here imports torch.
+per capacity, replayed by the numba kernels of ``compiled``), ``profile`` (what a load from each
+tier costs), ``planner`` (the search and the JSON document), ``html`` (the report page). Nothing
+here imports torch.
 """
 
 from catalog.plan.planner import Costs, PlanRequest, build_plan

@@ -75,9 +75,11 @@ def replay_ids(
         raise InvalidArgument(f"no compiled replay for {policy!r}; known: {', '.join(COMPILED)}")
     if type(capacity) is not int or capacity <= 0:
         raise InvalidArgument(f"capacity must be a positive integer, got {capacity!r}")
-    id_array = np.ascontiguousarray(ids, dtype=np.int64)
-    charge_array = np.ascontiguousarray(charged, dtype=np.int64)
-    carried_array = np.ascontiguousarray(carried, dtype=np.int64)
+    # Contiguous and writeable: the array type compile_replays() compiled for (a read-only
+    # array is another type to numba, and would compile again inside a worker thread).
+    id_array = np.require(ids, np.int64, ["C", "W"])
+    charge_array = np.require(charged, np.int64, ["C", "W"])
+    carried_array = np.require(carried, np.int64, ["C", "W"])
     if not len(id_array) == len(charge_array) == len(carried_array):
         raise InvalidArgument("ids, charged and carried must have one entry per request")
     if len(id_array) and (id_array.min() < 0 or charge_array.min() <= 0):
