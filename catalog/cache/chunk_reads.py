@@ -3,7 +3,7 @@
 The catalog's :class:`~catalog.cache.pack_cache.PackCache` and colocated engines
 (:mod:`catalog.client.colocated`) read the layout of :mod:`catalog.cache.layout` through these
 functions: a meta that decodes, chunks that are present and of their recorded length, and,
-where a read relies on them, chunks that match their fill-time BLAKE3 checksums. A copy that
+where a read relies on them, chunks that match their fill-time checksums. A copy that
 fails any of that raises :class:`CorruptEntry` carrying the meta as read, so that the writer
 drops exactly that copy (not a good refill that replaced it meanwhile).
 
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from catalog.cache.layout import INDEX_BYTES, EntryMeta, checksum
+from catalog.cache.layout import INDEX_BYTES, EntryMeta
 from catalog.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def read_span(
     parts = []
     for index in range(offset // size, (end - 1) // size + 1):
         view = chunk_view(txn, tables, ekey, meta, index, name, seen)
-        if checksum(view) != meta.checksum(index):
+        if not meta.matches(index, view):
             raise CorruptEntry(f"chunk {index} of {name} fails its checksum", seen)
         start = index * size
         parts.append(view[max(offset, start) - start : min(end, start + size) - start])
@@ -167,7 +167,7 @@ def read_chunk_pieces(
     if not decode_meta(seen, name).same_bytes(cached):
         return None
     view = chunk_view(txn, tables, ekey, cached, index, name, seen)
-    if checksum(view) != cached.checksum(index):
+    if not cached.matches(index, view):
         raise CorruptEntry(f"chunk {index} of {name} fails its checksum", seen)
     return [
         bytes(view[at - start : min(stop, at + piece_bytes) - start])

@@ -7,7 +7,8 @@ is its only writer, and engines on the same host may open it read-only
     chunks   entry key + u32 big-endian chunk index -> chunk bytes (``chunk_bytes`` each, the
              last one shorter)
     entries  entry key -> meta: format, codec, size, chunk_bytes, chunk count, insert time
-             (unix ns), pin count, then one 32-byte BLAKE3 checksum per chunk; for a
+             (unix ns), pin count, then one checksum per chunk (format 2: 16-byte XXH3-128;
+             format 1, written before 2026-12-04 and still read: 32-byte BLAKE3); for a
              reference entry (codec 1) the absolute path of the durable tier's file follows
     info     b"schema" -> schema version; b"instance" -> a random id naming this environment
              (a reader checks it, so that a path that names another directory on another host
@@ -16,6 +17,13 @@ is its only writer, and engines on the same host may open it read-only
 An entry key is ``algorithm:`` followed by the raw digest bytes (``sha256:`` + 32 bytes), so
 every chunk key of a pack starts with its entry key and no other pack's key does, and chunks
 sort in index order.
+
+Chunk checksums detect corruption of the tier (a flipped bit, a torn or misplaced write, a
+store file changed under a reference), not forgery: the bytes enter the tier only after they
+matched the revision's cryptographic digest, and whoever can rewrite a chunk in the environment
+can rewrite its checksum beside it. So they are XXH3-128 (random corruption passes one with
+probability 2^-128) at ~45 GB/s on one core, where BLAKE3 ran at ~7 GB/s: every colocated
+attach checks every chunk of its pack, and at 16.8 MB that was 2.3 ms against 0.4 ms.
 
 A reference entry has no chunks: its bytes are the durable tier's own file (a ``file://`` store
 on the cache's filesystem keeps every pack as an immutable file, written once under a temporary
@@ -32,11 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
+import xxhash
 
 from catalog.digest import Digest
 
 __all__ = [
     "CHECKSUM_BYTES",
+    "CHECKSUM_BYTES_BY_FORMAT",
     "CHUNKS_DB",
     "CODEC_FILE",
     "CODEC_RAW",
@@ -72,11 +82,13 @@ SCHEMA_KEY = b"schema"
 INSTANCE_KEY = b"instance"
 DATA_FILE = "data.mdb"
 
-CHECKSUM_BYTES = 32
+#: Checksum bytes per chunk, by meta format.
+CHECKSUM_BYTES_BY_FORMAT = {1: 32, 2: 16}
+CHECKSUM_BYTES = CHECKSUM_BYTES_BY_FORMAT[2]
 INDEX_BYTES = 4
 MAX_INDEX = (1 << (8 * INDEX_BYTES)) - 1
 
-_FORMAT = 1
+_FORMAT = 2  # XXH3-128 checksums; format 1 (BLAKE3) is still read
 CODEC_RAW = 0  # chunks stored in the environment (room for a compressed codec later)
 CODEC_FILE = 1  # no chunks: the bytes are the file whose path ends the meta
 _META = struct.Struct(">BBQIIQI")  # format, codec, size, chunk_bytes, count, inserted_ns, pins
@@ -98,9 +110,11 @@ def digest_of_key(key: bytes) -> Digest:
     return Digest(algorithm.decode(errors="replace"), raw.hex())
 
 
-def checksum(chunk: bytes | memoryview) -> bytes:
-    """A chunk's BLAKE3 checksum, as recorded in its entry's meta."""
-    return blake3.blake3(chunk).digest()
+def checksum(chunk: bytes | memoryview, fmt: int = _FORMAT) -> bytes:
+    """A chunk's checksum as a meta of format ``fmt`` records it (see the module doc)."""
+    if fmt == 1:
+        return blake3.blake3(chunk).digest()
+    return xxhash.xxh3_128_digest(chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,19 +125,26 @@ class EntryMeta:
     chunk_bytes: int
     inserted_ns: int
     pins: int
-    checksums: bytes  # CHECKSUM_BYTES per chunk
+    checksums: bytes  # CHECKSUM_BYTES_BY_FORMAT[fmt] per chunk
     #: A reference entry's file (absolute path); "" when the chunks are in the environment.
     file: str = ""
+    #: The meta's format, which names the checksum algorithm (see the module doc).
+    fmt: int = _FORMAT
 
     @property
     def chunk_count(self) -> int:
-        return len(self.checksums) // CHECKSUM_BYTES
+        return len(self.checksums) // CHECKSUM_BYTES_BY_FORMAT[self.fmt]
 
     def chunk_length(self, index: int) -> int:
         return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
 
     def checksum(self, index: int) -> bytes:
-        return self.checksums[index * CHECKSUM_BYTES : (index + 1) * CHECKSUM_BYTES]
+        width = CHECKSUM_BYTES_BY_FORMAT[self.fmt]
+        return self.checksums[index * width : (index + 1) * width]
+
+    def matches(self, index: int, chunk: bytes | memoryview) -> bool:
+        """Whether ``chunk`` holds the bytes chunk ``index`` was recorded with."""
+        return checksum(chunk, self.fmt) == self.checksum(index)
 
     def same_bytes(self, other: EntryMeta) -> bool:
         """Whether ``other`` describes the same chunks (a refill may differ in pins and time)."""
@@ -136,7 +157,7 @@ class EntryMeta:
 
     def encode(self) -> bytes:
         header = _META.pack(
-            _FORMAT,
+            self.fmt,
             CODEC_FILE if self.file else CODEC_RAW,
             self.size,
             self.chunk_bytes,
@@ -148,7 +169,7 @@ class EntryMeta:
 
     def with_pins(self, pins: int) -> EntryMeta:
         return EntryMeta(
-            self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums, self.file
+            self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums, self.file, self.fmt
         )
 
     @classmethod
@@ -157,13 +178,13 @@ class EntryMeta:
         if len(raw) < _META.size:
             raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
         fmt, codec, size, chunk_bytes, count, inserted_ns, pins = _META.unpack_from(raw)
-        if fmt != _FORMAT or codec not in (CODEC_RAW, CODEC_FILE):
-            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1/0-1")
+        if fmt not in CHECKSUM_BYTES_BY_FORMAT or codec not in (CODEC_RAW, CODEC_FILE):
+            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1-2/0-1")
         if size <= 0 or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"meta has size {size}, chunk_bytes {chunk_bytes}")
         if count != -(-size // chunk_bytes):
             raise ValueError(f"meta has {count} chunks for {size} bytes of {chunk_bytes}")
-        end = _META.size + count * CHECKSUM_BYTES
+        end = _META.size + count * CHECKSUM_BYTES_BY_FORMAT[fmt]
         if codec == CODEC_RAW and len(raw) != end:
             raise ValueError(f"meta is {len(raw)} bytes, expected {count} checksums")
         if codec == CODEC_FILE and len(raw) <= end:
@@ -176,7 +197,7 @@ class EntryMeta:
                 raise ValueError("reference meta names a file path that is not UTF-8") from None
             if not file.startswith("/"):
                 raise ValueError(f"reference meta names a relative file path {file!r}")
-        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size : end]), file)
+        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size : end]), file, fmt)
 
     @classmethod
     def for_data(cls, data: bytes, chunk_bytes: int, *, file: str = "") -> EntryMeta:

@@ -255,7 +255,7 @@ class ColocatedReader:
                 piece = out[start : start + len(view)]
                 piece[:] = view
                 # The copy is what is checked, so what is returned is exactly what matched.
-                if checksum(piece) != meta.checksum(index):
+                if checksum(piece, meta.fmt) != meta.checksum(index):
                     raise CorruptChunk(f"chunk {index} of {name} fails its checksum", start)
         return out.toreadonly()
 
@@ -280,7 +280,7 @@ def _map_referenced_file(meta: EntryMeta, name: str) -> memoryview:
         raise CorruptChunk(f"the file of {name} ({meta.file}) is {len(view)} bytes", 0)
     for index in range(meta.chunk_count):
         start = index * meta.chunk_bytes
-        if checksum(view[start : start + meta.chunk_bytes]) != meta.checksum(index):
+        if checksum(view[start : start + meta.chunk_bytes], meta.fmt) != meta.checksum(index):
             raise CorruptChunk(f"chunk {index} of {name} fails its checksum", start)
     return view.toreadonly()
 
@@ -304,18 +304,28 @@ class ColocatedPath:
         self._releases: set[Any] = set()
         #: How long a lease lives unreleased (0: the catalog's default, 30 s).
         self.lease_ttl_s = 0.0
-        #: Reads served from the NVMe tier, fallbacks to the stream, corrupt chunks reported.
-        self.counters = {"reads": 0, "fallbacks": 0, "corrupt_reported": 0}
+        #: Reads served from the NVMe tier (``unwaited_leases`` of them read before their lease
+        #: was granted), fallbacks to the stream, corrupt chunks reported.
+        self.counters = {"reads": 0, "unwaited_leases": 0, "fallbacks": 0, "corrupt_reported": 0}
 
     @property
     def active(self) -> bool:
         """Whether fetches read the NVMe tier directly (decides on first use)."""
         return self._ensure_reader() is not None
 
-    def fetch(self, ref: str) -> tuple[Revision, memoryview] | None:
+    def fetch(self, ref: str, known: Revision | None = None) -> tuple[Revision, memoryview] | None:
         """``ref``'s whole pack read from the NVMe tier under a lease; ``None`` when this
         fetch must take the gRPC stream (not colocated, or the pack was not admitted to the
         tier, or its entry vanished).
+
+        ``known``: the revision ``ref`` names, when the caller resolved it already (``ref``
+        then names it by digest). The read then starts at once, the lease's round trip in
+        flight beside it: a pack already in the tier needs no lease to be read whole and
+        checked (one LMDB read transaction keeps every page it reads from reuse, and a
+        referenced store file is immutable), and the lease, released as soon as it is
+        granted, still tells the catalog's eviction policy about the access. A pack that is
+        not there yet, or whose read fails a check, waits for that lease and goes the
+        leased way below (the cold fill; the repair of a bad copy).
 
         Raises:
             As ``LeasePack`` (``NotFound``, ``InvalidReference``, ``DataLoss`` for a bad
@@ -325,13 +335,36 @@ class ColocatedPath:
         reader = self._ensure_reader()
         if reader is None:
             return None
+        pending = None
+        if known is not None:
+            pending = self._lease_future(ref)
+            try:
+                data = reader.read(
+                    known.digest, known.size_bytes, f"{known.adapter}@{known.number}"
+                )
+            except (EntryMissing, CorruptChunk):
+                pass  # decided under the lease below (a cold fill, or the repair)
+            except BaseException:
+                pending.add_done_callback(self._release_granted)
+                raise
+            else:
+                pending.add_done_callback(self._release_granted)
+                self._count("reads")
+                self._count("unwaited_leases")
+                return known, data
         for attempt in range(2):
             try:
                 with translated(self._target):
-                    lease = self._stub.LeasePack(
-                        pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s),
-                        timeout=TRANSFER_TIMEOUT,
-                    )
+                    if pending is not None:
+                        waited, pending = pending, None
+                        with self._lock:
+                            self._releases.discard(waited)
+                        lease = waited.result()
+                    else:
+                        lease = self._stub.LeasePack(
+                            pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s),
+                            timeout=TRANSFER_TIMEOUT,
+                        )
             except ResourceExhausted as exc:  # not admitted to the tier: stream it
                 log.debug("colocated fetch of %s falls back to the stream: %s", ref, exc)
                 self._count("fallbacks")
@@ -360,6 +393,27 @@ class ColocatedPath:
             self._count("reads")
             return revision, data
         raise AssertionError("unreachable")
+
+    def _lease_future(self, ref: str) -> Any:
+        future = self._stub.LeasePack.future(
+            pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s), timeout=TRANSFER_TIMEOUT
+        )
+        with self._lock:
+            self._releases.add(future)  # so that flush and close wait for it too
+        return future
+
+    def _release_granted(self, future: Any) -> None:
+        """Release a lease the read did not wait for, once granted (a failed one is logged:
+        the read it was for had its bytes already)."""
+        with self._lock:
+            self._releases.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            log.warning("catalog %s: a pack lease failed after its read: %s", self._target, error)
+            return
+        self._release(future.result().lease_id, wait=False)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (up to ``timeout`` seconds) for the lease releases still in flight."""

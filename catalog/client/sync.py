@@ -374,7 +374,8 @@ class CatalogClient:
         """
         check_range(offset, length)
         if self.colocated is not None and offset == 0 and length == 0:
-            read = self.colocated.fetch(_leased_ref(ref))
+            known = ref if isinstance(ref, Revision) else None
+            read = self.colocated.fetch(_leased_ref(ref), known)
             if read is not None:
                 if progress:
                     progress(read[0].size_bytes, read[0].size_bytes)

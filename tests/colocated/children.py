@@ -70,8 +70,8 @@ def pause_mid_read(address: str, ref: str, ttl_s: float) -> None:
     real_checksum = colocated.checksum
     paused = [False]
 
-    def checksum_then_pause(chunk: bytes | memoryview) -> bytes:
-        value = real_checksum(chunk)
+    def checksum_then_pause(chunk: bytes | memoryview, *fmt: int) -> bytes:
+        value = real_checksum(chunk, *fmt)
         if not paused[0]:
             paused[0] = True
             emit(reading=True)

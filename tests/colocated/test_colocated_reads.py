@@ -75,17 +75,27 @@ def test_a_whole_pack_is_read_from_the_nvme_tier_under_a_lease(served: Served) -
         assert data.readonly and bytes(data) == pack
         path = client.colocated
         assert path is not None and path.reason == ""
-        assert path.counters == {"reads": 1, "fallbacks": 0, "corrupt_reported": 0}
+        assert path.counters == {
+            "reads": 1,
+            "unwaited_leases": 0,
+            "fallbacks": 0,
+            "corrupt_reported": 0,
+        }
         path.flush()
         stats = counters(client)
         assert stats["pack_leases"] == 1
         assert stats["lease_granted"] == stats["lease_released"] == 1
         assert stats["lease_active"] == 0
-        # A revision is leased by its digest: the bytes the caller resolved.
+        # A revision is leased by its digest: the bytes the caller resolved. Resolved already,
+        # it is read without waiting for its lease, which is still taken and released.
         again = client.fetch(revision)
         assert bytes(again) == pack and path.counters["reads"] == 2
-        # Released: the entry can go.
+        assert path.counters["unwaited_leases"] == 1
         path.flush()
+        stats = counters(client)
+        assert stats["lease_granted"] == stats["lease_released"] == 2
+        assert stats["lease_active"] == 0
+        # Released: the entry can go.
         client.evict_pack("acme/big")
 
 
@@ -256,11 +266,45 @@ def test_a_flipped_byte_is_refused_then_repaired_from_the_durable_tier(
         assert bytes(data) == pack
         path = client.colocated
         assert path is not None
-        assert path.counters == {"reads": 2, "fallbacks": 0, "corrupt_reported": 1}
+        assert path.counters == {
+            "reads": 2,
+            "unwaited_leases": 0,
+            "fallbacks": 0,
+            "corrupt_reported": 1,
+        }
         stats = counters(client)
         assert stats["nvme_corrupt_dropped"] == 1
         assert stats["durable_reads"] == 2  # the first fill and the repair
         assert stats["pack_lease_corrupt_reports"] == 1
+
+
+def test_a_resolved_revision_read_before_its_lease_is_still_checked_and_repaired(
+    served_copies: Served,
+) -> None:
+    served = served_copies
+    pack = big_pack(4, seed=27)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/big", pack).revision
+        # Not in the NVMe tier yet: the unwaited read finds nothing and waits for the lease,
+        # whose fill reads the durable tier.
+        assert bytes(client.fetch(revision)) == pack
+        path = client.colocated
+        assert path is not None and path.counters["unwaited_leases"] == 0
+        flip_cached_byte(served.cache_dir, pack, offset=3 * (1 << 20) + 5)
+        # The bad chunk fails the unwaited read's check: the leased read reports it, the
+        # catalog refills it, and the bytes are right.
+        assert bytes(client.fetch(revision)) == pack
+        assert path.counters["corrupt_reported"] == 1
+        assert path.counters["unwaited_leases"] == 0
+        assert bytes(client.fetch(revision)) == pack
+        assert path.counters["unwaited_leases"] == 1
+        path.flush()
+        stats = counters(client)
+        assert stats["nvme_corrupt_dropped"] == 1
+        assert stats["durable_reads"] == 2  # the first fill and the repair
+        # One lease for the first fetch, two for the repaired one (the read that failed and
+        # the read after the refill), one for the last.
+        assert stats["lease_granted"] == stats["lease_released"] == 4
 
 
 def test_a_byte_flipped_in_both_tiers_is_data_loss(served_copies: Served) -> None:
