@@ -4,12 +4,17 @@ Questions, each answered side by side in one run against one vLLM server that ha
 loracat resolver and vLLM's own filesystem resolver:
 
 1. Cold first request for a never-seen adapter (rank 16, all seven linears): through loracat
-   (Resolve + FetchPack from a catalog whose durable tier is S3 on SeaweedFS, the pack evicted
-   from the catalog's NVMe tier first so it comes from S3; materialized on node-local disk) vs
-   what users script today (download the PEFT directory from the same S3 with boto3, then let
-   vLLM's filesystem resolver load it). Adapters alternate between the two paths. Floor: ratio
-   <= 1.0. Beside them: never-seen adapters whose pack is in the catalog's NVMe tier, and where
-   the cold path's time goes outside vLLM (resolve, fetch, PEFT export with fsyncs, download).
+   (Resolve, then the catalog, whose durable tier is S3 on SeaweedFS, writes the PEFT files into
+   the node cache (``ExportPeftDir``: the catalog runs on the host with ``--peft-export-root``
+   over the node cache); the pack is evicted from the catalog's NVMe tier first so it comes
+   from S3) vs what users script today (download the PEFT directory from the same S3 with boto3,
+   then let vLLM's filesystem resolver load it). Adapters alternate between the two paths.
+   Floor: ratio <= 1.0. ``--no-server-export``: a catalog that does not write for the engine
+   (a remote one), so the plugin fetches the pack and writes the files in vLLM's process.
+   ``--fsync``: the node cache fsyncs every directory (``LORACAT_VLLM_CACHE_FSYNC=1``; by default
+   it does not, guarded by a boot-id marker). Beside them: never-seen adapters whose pack is in
+   the catalog's NVMe tier, and where the cold path's time goes outside vLLM (resolve, fetch,
+   PEFT export, ExportPeftDir, download) and inside it (the plugin's log lines).
 2. First request for an adapter warmed by a catalog hint (an alias ``serving`` move, which the
    plugin turns into a load into vLLM's LoRA cache) vs a request for an adapter vLLM has loaded
    and used. Floor: <= 1.1x.
@@ -19,7 +24,8 @@ loracat resolver and vLLM's own filesystem resolver:
    is served by the new revision. Floor: p99 <= 2 s.
 
 Run (needs .venv-vllm, made by scripts/vllm_venv.sh):
-    .venv/bin/python bench/bench_vllm.py [--adapters 12] [--moves 40]
+    .venv/bin/python bench/bench_vllm.py [--adapters 12] [--moves 40] [--no-server-export]
+        [--fsync]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import contextlib
 import json
 import re
+import secrets
 import statistics
 import sys
 import tempfile
@@ -41,6 +48,7 @@ from bench.common import percentile, print_table, write_results
 from catalog.client import CatalogClient
 from catalog.errors import NotFound
 from catalog.pack import export_peft_dir, import_peft_dir
+from catalog.peft_export import NONCE_FILE
 from catalog.testing.seaweedfs import SeaweedFS
 from tests.vllm.harness import (
     ALL_LINEARS,
@@ -113,11 +121,21 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=40, help="alias moves timed")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
-        "--no-fsync",
+        "--fsync",
         action="store_true",
-        help="run the plugin with LORACAT_VLLM_CACHE_FSYNC=0 (node cache on an ephemeral disk)",
+        help="run the plugin with LORACAT_VLLM_CACHE_FSYNC=1 (directories survive a reboot)",
+    )
+    parser.add_argument(
+        "--no-server-export",
+        action="store_true",
+        help="start the catalog without --peft-export-root: the plugin fetches and writes",
     )
     args = parser.parse_args()
+    variant = "".join(
+        suffix
+        for flag, suffix in ((args.no_server_export, "_fetch"), (args.fsync, "_fsync"))
+        if flag
+    )
     ensure_vllm_venv()
 
     import boto3
@@ -134,10 +152,13 @@ def main() -> None:
         aws_secret_access_key=weed.secret_key,
         region_name=weed.region,
     )
+    node_cache = work / "node-cache"
+    node_cache.mkdir()
     catalog = CatalogProcess(
         work / "catalog",
         store_url=f"s3://{BUCKET}/catalog",
         env=env,
+        extra_args=[] if args.no_server_export else ["--peft-export-root", str(node_cache)],
     ).start()
     fs_dir = work / "fs-resolver"
     fs_dir.mkdir()
@@ -177,13 +198,13 @@ def main() -> None:
             base,
             work / "vllm.log",
             catalog=catalog.address,
-            cache_dir=work / "node-cache",
+            cache_dir=node_cache,
             plugins="loracat,lora_filesystem_resolver",
             max_loras=4,
             max_cpu_loras=2 * n + 4,
             env={
                 "VLLM_LORA_RESOLVER_CACHE_DIR": str(fs_dir),
-                "LORACAT_VLLM_CACHE_FSYNC": "0" if args.no_fsync else "1",
+                "LORACAT_VLLM_CACHE_FSYNC": "1" if args.fsync else "0",
             },
         )
         print("starting vLLM...", flush=True)
@@ -248,31 +269,47 @@ def main() -> None:
                 "fetch_s3_via_catalog": [],
                 "export_peft_dir": [],
                 "boto3_download": [],
+                "ExportPeftDir_from_s3": [],
             }
             for i in range(n):
                 evict_from_catalog(client, f"bench/cold-{i}@1")
                 t0 = time.perf_counter()
                 revision = client.resolve(f"bench/cold-{i}@1")
                 t1 = time.perf_counter()
-                data = client.fetch(f"bench/cold-{i}@{revision.digest}")
+                pinned = f"bench/cold-{i}@{revision.digest}"
+                data = client.fetch(pinned)
                 t2 = time.perf_counter()
-                export_peft_dir(data, work / "breakdown" / f"lc-{i}", fsync=not args.no_fsync)
+                export_peft_dir(data, work / "breakdown" / f"lc-{i}", fsync=args.fsync)
                 t3 = time.perf_counter()
                 download_peft_dir(s3, f"peft/fs-{i}", work / "breakdown" / f"fs-{i}")
                 t4 = time.perf_counter()
-                for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                times = [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
+                if not args.no_server_export:
+                    evict_from_catalog(client, f"bench/cold-{i}@1")
+                    into = node_cache / "tmp" / f"bench-{i}"
+                    into.mkdir()
+                    nonce = secrets.token_hex(16)
+                    (into / NONCE_FILE).write_text(nonce)
+                    t5 = time.perf_counter()
+                    client.export_peft_dir(pinned, into, nonce=nonce, fsync=args.fsync)
+                    times.append(time.perf_counter() - t5)
+                for key, value in zip(parts, times, strict=False):
                     parts[key].append(value)
         finally:
             vllm.stop()
             catalog.stop()
             weed.stop()
-    # The plugin's own time per cold resolve, as it logs it (resolve, fetch, PEFT export).
-    in_plugin = [
-        float(m.group(1)) / 1e3
-        for m in re.finditer(
-            r"loracat resolved bench/cold-\d+@1 .* in ([0-9.]+) ms", vllm.log_tail(10**8)
-        )
-    ]
+    # The plugin's own time per cold resolve, as it logs it, and its parts (resolve, and
+    # export, or fetch and write).
+    in_plugin: list[float] = []
+    in_plugin_parts: dict[str, list[float]] = {}
+    for m in re.finditer(
+        r"loracat resolved bench/cold-\d+@1 .* in ([0-9.]+) ms \(([^)]*)\)", vllm.log_tail(10**8)
+    ):
+        in_plugin.append(float(m.group(1)) / 1e3)
+        for part in m.group(2).split(", "):
+            key, value, _ = part.split(" ")
+            in_plugin_parts.setdefault(key, []).append(float(value) / 1e3)
 
     def ms(xs: list[float]) -> float:
         return statistics.median(xs) * 1e3
@@ -311,11 +348,11 @@ def main() -> None:
         ["alias move -> new revision served, p99", swap_p99 * 1e3, f"{swap_p99:.2f} s", "<= 2 s"],
     ]
     print_table(
-        "where a cold first request's time goes (outside vLLM)"
-        + (" (no fsync)" if args.no_fsync else ""),
+        "where a cold first request's time goes" + (f" ({variant[1:]})" if variant else ""),
         ["part", "median ms"],
-        [[key, ms(values)] for key, values in parts.items()]
-        + [["the resolver inside vLLM, cold (its log)", ms(in_plugin) if in_plugin else ""]],
+        [[f"outside vLLM: {key}", ms(values)] for key, values in parts.items() if values]
+        + [["the resolver inside vLLM, cold (its log)", ms(in_plugin) if in_plugin else ""]]
+        + [[f"  inside vLLM: {key}", ms(values)] for key, values in in_plugin_parts.items()],
     )
     print_table(
         f"vLLM {MAX_TOKENS}-token completions, rank {args.rank} adapters of "
@@ -324,11 +361,12 @@ def main() -> None:
         rows,
     )
     write_results(
-        "bench_vllm_no_fsync" if args.no_fsync else "bench_vllm",
+        "bench_vllm" + variant,
         {
             "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
             "rank": args.rank,
-            "node_cache_fsync": not args.no_fsync,
+            "node_cache_fsync": args.fsync,
+            "server_export": not args.no_server_export,
             "adapter_bytes": adapter_bytes,
             "base_shape": BENCH_SHAPE,
             "max_tokens": MAX_TOKENS,
@@ -340,6 +378,7 @@ def main() -> None:
             "nvme_tier_ratio": paired(warm_lc, cold_fs),
             "cold_breakdown_s": parts,
             "cold_resolver_in_vllm_s": in_plugin,
+            "cold_resolver_in_vllm_parts_s": in_plugin_parts,
             "hinted_first_s": hinted,
             "loaded_s": loaded,
             "hinted_ratio": hint_ratio,

@@ -286,6 +286,28 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackLeasing)
             name_for_errors=f"{revision.adapter}@{revision.number}",
         )
 
+    def read_pack_bytes_fill_later(
+        self, revision: Revision
+    ) -> tuple[bytes, Callable[[], object] | None]:
+        """:meth:`read_pack_bytes` for a caller that should not wait for the NVMe tier's fill:
+        on a miss, the verified durable bytes at once, with the fill (of those very bytes, no
+        second durable read) as a callable to run after the caller is answered; ``None`` on a
+        hit or without a tier. A fill commits the pack's chunks in one synced LMDB write
+        transaction, which costs about as much as the durable read itself
+        (``ExportPeftDir`` uses this: an engine's cold first request waits for neither).
+
+        Raises ``DataLoss`` as :meth:`read_pack_bytes`; the fill raises what
+        ``PackCache.read_through`` raises (``FailedPrecondition`` once the tier is closed).
+        """
+        cache = self.pack_cache
+        if cache is None or cache.contains(revision.digest):
+            return self.read_pack_bytes(revision), None
+        self._start_pack_read(revision, 0, revision.size_bytes)
+        data = self._read_durable(revision)
+        self.counters["durable_bytes_read"] += len(data)
+        name = f"{revision.adapter}@{revision.number}"
+        return data, lambda: cache.read_through(revision.digest, lambda: data, name_for_errors=name)
+
     def iter_pack_range(
         self, revision: Revision, offset: int, length: int, piece_bytes: int
     ) -> Iterator[bytes]:

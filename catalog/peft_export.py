@@ -20,12 +20,17 @@ the pack anyway, writes the PEFT files into a directory the engine made. What ke
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from catalog.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from catalog.pack import export_peft_dir
 from catalog.pack.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
 
 #: The file in the destination that proves who made it (see the module docstring).
 NONCE_FILE = ".loracat-export-nonce"
@@ -47,6 +52,9 @@ class PeftExporter:
             if not resolved.is_dir():
                 raise InvalidArgument(f"--peft-export-root {root}: not an existing directory")
             self.root = resolved
+        # One thread fills the NVMe tier after exports answered from durable bytes (see
+        # Catalog.read_pack_bytes_fill_later): fills commit one at a time anyway.
+        self._fills = ThreadPoolExecutor(1, thread_name_prefix="loracat-export-fill")
 
     def check_destination(self, dest: str, nonce: str) -> Path:
         """The resolved destination, once it passes every check of the module docstring.
@@ -91,3 +99,19 @@ class PeftExporter:
         """
         export_peft_dir(data, dest, fsync=fsync)
         return sum((dest / name).stat().st_size for name in (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE))
+
+    def fill_later(self, fill: Callable[[], object]) -> Future[None]:
+        """Run ``fill`` (a tier fill) on the exporter's thread; a failure is logged (the next
+        read of the pack fills the tier instead)."""
+
+        def run() -> None:
+            try:
+                fill()
+            except Exception as exc:
+                log.warning("filling the NVMe tier after a PEFT export failed: %s", exc)
+
+        return self._fills.submit(run)
+
+    def close(self) -> None:
+        """Wait for the fills in flight."""
+        self._fills.shutdown(wait=True)

@@ -4,6 +4,8 @@ loopback, a real catalog, real PEFT adapters."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,8 @@ from catalog.errors import (
     NotFound,
     PermissionDenied,
 )
+from catalog.events import blob_key
+from catalog.model import AdapterName
 from catalog.pack import export_peft_dir, import_peft_dir
 from catalog.peft_export import NONCE_FILE, PeftExporter
 from catalog.service.server import create_server, open_catalog
@@ -150,4 +154,50 @@ def test_the_async_client_exports_too(tmp_path: Path, peft_dir: Path) -> None:
         )
     finally:
         server.stop(None).wait()
+        catalog.close()
+
+
+def test_a_cold_export_is_answered_from_the_durable_bytes_and_fills_the_tier_after(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    export_root = tmp_path / "node"
+    export_root.mkdir()
+    with serving(tmp_path / "catalog", export_root) as client:
+        pushed = client.push("acme/a", import_peft_dir(peft_dir, base_id="org/base"))
+        digest = str(pushed.revision.digest)
+        with contextlib.suppress(NotFound):  # a push may not fill the tier
+            client.evict_pack("acme/a@1")
+        assert digest not in {e["digest"] for e in client.list_cache()}
+        client.export_peft_dir("acme/a@1", dest_with_nonce(export_root), nonce=NONCE)
+        deadline = time.monotonic() + 20
+        while digest not in {e["digest"] for e in client.list_cache()}:
+            assert time.monotonic() < deadline, "the tier was never filled"
+            time.sleep(0.05)
+        # A hit is read from the tier, with nothing left to fill.
+        dest = export_root / "tmp" / "second"
+        dest.mkdir()
+        (dest / NONCE_FILE).write_text(NONCE)
+        client.export_peft_dir("acme/a@1", dest, nonce=NONCE)
+        assert (dest / "adapter_model.safetensors").read_bytes() == (
+            export_root / "tmp" / "1234-abcd" / "adapter_model.safetensors"
+        ).read_bytes()
+
+
+def test_read_pack_bytes_fill_later(tmp_path: Path, peft_dir: Path) -> None:
+    catalog = open_catalog(tmp_path / "catalog")
+    try:
+        revision, _ = catalog.push_bytes(
+            AdapterName.parse("acme/a"), import_peft_dir(peft_dir, base_id="org/base")
+        )
+        with contextlib.suppress(NotFound):
+            catalog.evict_pack("acme/a@1")
+        data, fill = catalog.read_pack_bytes_fill_later(revision)
+        assert fill is not None and data == catalog.store.get(blob_key(revision.digest))
+        assert catalog.pack_cache is not None
+        assert not catalog.pack_cache.contains(revision.digest)
+        fill()
+        assert catalog.pack_cache.contains(revision.digest)
+        again, none = catalog.read_pack_bytes_fill_later(revision)
+        assert none is None and again == data
+    finally:
         catalog.close()

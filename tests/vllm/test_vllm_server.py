@@ -57,7 +57,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         key: make_adapter(model, work / f"peft-{key}", base_name=str(base), **spec)  # type: ignore[arg-type]
         for key, spec in specs.items()
     }
-    catalog = CatalogProcess(work / "catalog").start()
+    cache_dir = work / "node-cache"
+    cache_dir.mkdir()
+    # The catalog writes the PEFT directories into the node cache (ExportPeftDir), as on a
+    # host that runs both; the fetch-and-write fallback is tested in test_adapters.py.
+    catalog = CatalogProcess(
+        work / "catalog", extra_args=["--peft-export-root", str(cache_dir)]
+    ).start()
     with catalog.client() as client:
         for key in ("a", "b"):
             client.push(f"acme/{key}", import_peft_dir(peft[key]), aliases=["serving"])
@@ -67,7 +73,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         client.push("acme/warm", import_peft_dir(peft["b"]))
         client.push("acme/big", import_peft_dir(peft["r32"]))
         client.push("acme/foreign", import_peft_dir(peft["a"], base_id="someone/else-7b"))
-    cache_dir = work / "node-cache"
     vllm = VllmServer(
         base,
         work / "vllm.log",
@@ -111,6 +116,11 @@ def test_serving_through_loracat_equals_vllm_serving_the_peft_directory(stack: S
     assert outs["a"] != base_out and outs["b"] != base_out and outs["a"] != outs["b"]
     for key in ("a", "b"):
         assert_same_output(stack, f"acme/{key}@serving", f"static-{key}")
+    # ... from directories the catalog wrote (its log line names an export, not a fetch)
+    lines = stack.vllm.log_tail(10**7).splitlines()
+    for key in ("a", "b"):
+        wrote = [line for line in lines if f"loracat resolved acme/{key}@serving " in line]
+        assert any("(export " in line for line in wrote), wrote
 
 
 def test_every_reference_form_serves_its_revision(stack: Stack) -> None:
