@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_results
 from catalog.cache.policies import LRU, POLICIES
-from catalog.plan.compiled import compile_replays, replay_ids
+from catalog.plan.compiled import compile_kernels, replay_ids
 from catalog.plan.curves import replay_policy
 from catalog.plan.html import write_html
 from catalog.plan.planner import PlanRequest, build_plan, default_capacities
@@ -52,11 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     scratch_cache = None
     if args.cold_compile:
-        # Read by numba when it is first imported, which compile_replays() below does.
+        # Read by numba when it is first imported, which compile_kernels() below does.
         scratch_cache = tempfile.TemporaryDirectory(prefix="bench-plan-numba-")
         os.environ["NUMBA_CACHE_DIR"] = scratch_cache.name
     started = time.perf_counter()
-    compile_replays()
+    compile_kernels()
     compiled = time.perf_counter() - started
 
     rate = 1000.0

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from catalog.cache.policies import EvictionPolicy
-from catalog.plan.compiled import BELADY, compile_replays, replay_ids
+from catalog.plan.compiled import BELADY, compile_kernels, replay_ids
 from catalog.plan.stack import lru_hits, previous_and_next
 
 IntArray = npt.NDArray[np.int64]
@@ -185,7 +185,7 @@ def tier_curves(
             for capacity, h, b in zip(exact, counts.tolist(), nbytes.tolist(), strict=True):
                 points[("lru", int(capacity))] = (h, b)
     if stream.requests and jobs:
-        compile_replays()  # once, here, rather than in every worker at once
+        compile_kernels()  # once, here, rather than in every worker at once
         count = min(workers or os.cpu_count() or 1, len(jobs))
         if count > 1:
             # Longest first, so that no slow replay starts last.

@@ -1,4 +1,5 @@
-"""Compiled replays of every eviction policy and of Belady's reference, for ``loracat plan``.
+"""Compiled replays of every eviction policy and of Belady's reference, and the LRU stack
+distances, for ``loracat plan``.
 
 ``catalog.cache.policies`` stays the source of truth (the catalog runs those classes); these are
 the same algorithms with the same parameters, compiled with numba over integer key ids so that a
@@ -8,7 +9,9 @@ same order.
 
 numba is imported on first use (a plan needs it; nothing else does). The first call on a machine
 compiles the kernels (seconds) and caches the machine code on disk (see ``_jit``);
-:func:`compile_replays` does it up front, before worker threads start.
+:func:`compile_kernels` does it up front, before worker threads start. The stack distances
+(:func:`distinct_since_previous`) are exact counts, checked against the LRU policy object by
+``tests/plan/test_stack.py``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def replay_ids(
         raise InvalidArgument(f"no compiled replay for {policy!r}; known: {', '.join(COMPILED)}")
     if type(capacity) is not int or capacity <= 0:
         raise InvalidArgument(f"capacity must be a positive integer, got {capacity!r}")
-    # Contiguous and writeable: the array type compile_replays() compiled for (a read-only
+    # Contiguous and writeable: the array type compile_kernels() compiled for (a read-only
     # array is another type to numba, and would compile again inside a worker thread).
     id_array = np.require(ids, np.int64, ["C", "W"])
     charge_array = np.require(charged, np.int64, ["C", "W"])
@@ -92,10 +95,23 @@ def replay_ids(
     return int(hits), int(hit_bytes), evicted[:evictions].tolist() if log else []
 
 
-def compile_replays() -> None:
+def distinct_since_previous(
+    sizes: npt.ArrayLike, previous: npt.ArrayLike
+) -> tuple[IntArray, IntArray]:
+    """Per request, the number and bytes of the distinct other keys requested since the same
+    key's ``previous`` request (a position, -1 for a first request; then both are 0)."""
+    from catalog.plan.compiled.stack_distance import distinct_since_previous as kernel
+
+    return kernel(
+        np.require(sizes, np.int64, ["C", "W"]), np.require(previous, np.int64, ["C", "W"])
+    )
+
+
+def compile_kernels() -> None:
     """Compile (or load from the on-disk cache) every kernel, with the argument types a plan
     passes, so that worker threads never compile at once."""
     ids = np.array([0, 1, 0, 2, 1, 0], dtype=np.int64)
     ones = np.ones(len(ids), dtype=np.int64)
     for kernel in _kernels().values():
         kernel(ids, ones, ones, 2, 0, np.empty(0, dtype=np.int64))
+    distinct_since_previous(ones, np.array([-1, -1, 0, -1, 1, 2], dtype=np.int64))
