@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import secrets
 import statistics
@@ -98,6 +99,46 @@ def download_peft_dir(s3: Any, prefix: str, into: Path) -> int:
         (into / item["Key"].rsplit("/", 1)[1]).write_bytes(data)
         total += len(data)
     return total
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (vLLM's engine core is a child of its API server)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far by every thread of ``pids`` (``/proc/<pid>/task/*/schedstat``, in
+    nanoseconds: fine enough to split one request's work among the processes)."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(stat.read_text().split()[0])
+    return total / 1e9
+
+
+class CpuMeter:
+    """CPU seconds each process group spends between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.spent: dict[str, dict[str, list[float]]] = {}
+        self._at: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._at = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+
+    def stop(self, label: str) -> None:
+        into = self.spent.setdefault(label, {})
+        for name, pids in self.groups.items():
+            into.setdefault(name, []).append(cpu_seconds(pids) - self._at[name])
 
 
 def evict_from_catalog(client: CatalogClient, ref: str) -> None:
@@ -209,6 +250,15 @@ def main() -> None:
         )
         print("starting vLLM...", flush=True)
         vllm.start()
+        assert vllm.proc is not None and catalog.proc is not None
+        meter = CpuMeter(
+            {
+                "vLLM": _tree(vllm.proc.pid),
+                "catalog": [catalog.proc.pid],
+                "S3": _tree(weed._process.pid) if weed._process else [],
+                "bench": [os.getpid()],
+            }
+        )
         try:
             for _ in range(3):  # warm-up: the first requests after start compile and allocate
                 timed_complete(vllm, str(base))
@@ -222,13 +272,19 @@ def main() -> None:
                 evict_from_catalog(client, f"bench/cold-{i}@1")
                 list(client.prefetch([f"bench/nvme-{i}@1"]))
                 if i % 2:
+                    meter.start()
                     cold_lc.append(timed_complete(vllm, f"bench/cold-{i}@1"))
+                    meter.stop("loracat")
+                meter.start()
                 started = time.perf_counter()
                 download_peft_dir(s3, f"peft/fs-{i}", fs_dir / f"fs-{i}")
                 timed_complete(vllm, f"fs-{i}")
                 cold_fs.append(time.perf_counter() - started)
+                meter.stop("download")
                 if not i % 2:
+                    meter.start()
                     cold_lc.append(timed_complete(vllm, f"bench/cold-{i}@1"))
+                    meter.stop("loracat")
                 warm_lc.append(timed_complete(vllm, f"bench/nvme-{i}@1"))
 
             # 2. hinted first request vs a loaded adapter's request
@@ -355,6 +411,18 @@ def main() -> None:
         + [[f"  inside vLLM: {key}", ms(values)] for key, values in in_plugin_parts.items()],
     )
     print_table(
+        "CPU time per cold first request, by process (median ms)",
+        ["path", *meter.groups, "all"],
+        [
+            [
+                label,
+                *(ms(spent[name]) for name in meter.groups),
+                ms([sum(xs) for xs in zip(*spent.values(), strict=True)]),
+            ]
+            for label, spent in meter.spent.items()
+        ],
+    )
+    print_table(
         f"vLLM {MAX_TOKENS}-token completions, rank {args.rank} adapters of "
         f"{adapter_bytes / 1e6:.1f} MB, {n} per path",
         ["what", "median ms", "figure", "floor"],
@@ -379,6 +447,7 @@ def main() -> None:
             "cold_breakdown_s": parts,
             "cold_resolver_in_vllm_s": in_plugin,
             "cold_resolver_in_vllm_parts_s": in_plugin_parts,
+            "cold_cpu_s": meter.spent,
             "hinted_first_s": hinted,
             "loaded_s": loaded,
             "hinted_ratio": hint_ratio,

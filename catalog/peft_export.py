@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 #: The file in the destination that proves who made it (see the module docstring).
 NONCE_FILE = ".loracat-export-nonce"
+#: How long after an export the NVMe tier is filled with the pack: the engine that asked is
+#: loading the adapter meanwhile (vLLM: ~20 ms for a 2.4 MB adapter on two CPU cores), and the
+#: fill's checksums, copy and synced commit would compete with that load for the cores and disk.
+FILL_DELAY_S = 0.5
 #: Nonces shorter than this are refused: they prove nothing.
 MIN_NONCE_CHARS = 16
 
@@ -101,11 +106,13 @@ class PeftExporter:
         return sum((dest / name).stat().st_size for name in (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE))
 
     def fill_later(self, fill: Callable[[], object]) -> Future[None]:
-        """Run ``fill`` (a tier fill) on the exporter's thread; a failure is logged (the next
-        read of the pack fills the tier instead)."""
+        """Run ``fill`` (a tier fill) on the exporter's thread, ``FILL_DELAY_S`` after now; a
+        failure is logged (the next read of the pack fills the tier instead)."""
+        due = time.monotonic() + FILL_DELAY_S
 
         def run() -> None:
             try:
+                time.sleep(max(0.0, due - time.monotonic()))
                 fill()
             except Exception as exc:
                 log.warning("filling the NVMe tier after a PEFT export failed: %s", exc)

@@ -119,6 +119,10 @@ class PeftDirCache:
             A process crash mid-write is safe either way, since only the rename publishes a
             directory.
         boot_id: the current boot id (tests pass one; default: read from the kernel).
+        defer_eviction: a write only marks eviction as due, and :meth:`evict_if_due` (called
+            by the plugin's checker, once a second) keeps the budget. A pass lists every
+            directory on the node (~50 us each), which a cold first request should not wait
+            for; the budget may then be exceeded for up to one checker interval.
 
     Raises:
         InvalidArgument: a negative budget or an unknown policy.
@@ -132,12 +136,15 @@ class PeftDirCache:
         policy: str = "lru",
         fsync: bool = False,
         boot_id: str | None = None,
+        defer_eviction: bool = False,
     ):
         if budget_bytes < 0:
             raise InvalidArgument(f"node cache budget must be >= 0 bytes, got {budget_bytes}")
         self.policy_name = resolve_policy_name(policy)
         self.root = Path(root).resolve()
         self.budget_bytes = budget_bytes
+        self.defer_eviction = defer_eviction
+        self._eviction_due = False
         self.boot_id = boot_id or current_boot_id()
         if self.boot_id is None and not fsync:
             log.info("node cache %s: no boot id on this system; fsyncing directories", root)
@@ -195,7 +202,10 @@ class PeftDirCache:
             else:
                 self._held[key] = (fd, 1)
         if wrote:
-            self.evict_to_budget()
+            if self.defer_eviction:
+                self._eviction_due = True
+            else:
+                self.evict_to_budget()
         return path
 
     def release(self, digest: str | Digest) -> None:
@@ -306,6 +316,13 @@ class PeftDirCache:
 
     def size_bytes(self) -> int:
         return sum(e.size_bytes for e in self.entries())
+
+    def evict_if_due(self) -> list[str]:
+        """:meth:`evict_to_budget` if this process wrote a directory since the last pass."""
+        if not self._eviction_due:
+            return []
+        self._eviction_due = False
+        return self.evict_to_budget()
 
     def evict_to_budget(self) -> list[str]:
         """Remove least valuable unheld directories until the rest fit the budget; returns the

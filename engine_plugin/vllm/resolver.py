@@ -34,7 +34,7 @@ from catalog.errors import (
     NotFound,
     Unavailable,
 )
-from engine_plugin.vllm.runtime import LoracatRuntime, RuntimeStarter
+from engine_plugin.vllm.runtime import Binding, LoracatRuntime, RuntimeStarter
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,16 @@ class LoracatResolver(LoRAResolver):  # type: ignore[misc]  # vLLM is untyped to
         if "/" not in lora_name:
             return None
         started = time.perf_counter()
-        runtime = await asyncio.to_thread(lambda: self.runtime)
-        runtime.settle_base(base_model_name)
+
+        def resolve() -> Binding:
+            runtime = self.runtime  # built at the first resolve if vLLM's server is not up yet
+            runtime.settle_base(base_model_name)
+            return runtime.resolve(lora_name)
+
         try:
-            binding = await asyncio.to_thread(runtime.resolve, lora_name)
+            # One hop to a worker thread and back: each hop waits for the GIL, which vLLM's
+            # API server holds often, and the cold path is timed against a plain download.
+            binding = await asyncio.to_thread(resolve)
         except InvalidArgument as exc:
             raise VLLMValidationError(f"loracat: {exc}", parameter="model") from None
         except NotFound as exc:

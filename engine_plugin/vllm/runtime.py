@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 STALE_AFTER_S = 30.0
 #: How long a resolve waits for the catalog's channel to reconnect before answering 503.
 RECONNECT_WAIT_S = 2.0
+#: How long residency reports wait after a change (see ``start``).
+REPORT_DEBOUNCE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class LoracatRuntime:
             budget_bytes=settings.cache_bytes,
             policy=settings.cache_policy,
             fsync=settings.cache_fsync,
+            defer_eviction=True,  # the checker keeps the budget, off the resolve path
         )
         served = served_base_identity(settings.model or "", settings.base_id)
         self.adapters = CatalogAdapters(
@@ -148,7 +151,12 @@ class LoracatRuntime:
         if hasattr(self.catalog, "watch_hints"):
             self._follower = HintFollower(self, self.catalog)
         if hasattr(self.catalog, "report_residency"):
-            self._reporter = ResidencyReporter(self._residency_snapshot, self._send_residency)
+            # Reports wait a second after a change: a snapshot lists the node cache (a few
+            # file reads per directory) in vLLM's process, where it would compete with the
+            # adapter load that follows a resolve; the catalog's view need not be faster.
+            self._reporter = ResidencyReporter(
+                self._residency_snapshot, self._send_residency, debounce_s=REPORT_DEBOUNCE_S
+            )
         self._thread = threading.Thread(target=self._run, name="loracat-vllm", daemon=True)
         self._thread.start()
 
@@ -251,6 +259,7 @@ class LoracatRuntime:
 
     def check_once(self) -> None:
         """One pass of the checker (the thread runs it every ``recheck_s``; tests call it)."""
+        self.cache.evict_if_due()
         self._keep_registered()
         with self._lock:
             urgent, self._urgent = self._urgent, set()

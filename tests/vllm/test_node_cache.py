@@ -241,3 +241,15 @@ def test_without_a_boot_id_the_cache_fsyncs(
     assert cache.fsync
     path = cache.acquire(DIGEST_A, writer(10))
     assert (path / BOOT_MARKER).read_text() == DURABLE_MARK
+
+
+def test_deferred_eviction_waits_for_the_checker(tmp_path: Path) -> None:
+    cache = PeftDirCache(tmp_path / "c", budget_bytes=150, defer_eviction=True)
+    for digest in (DIGEST_A, DIGEST_B):
+        cache.acquire(digest, writer(100))
+        cache.release(digest)
+        time.sleep(0.01)
+    assert len(cache.entries()) == 2  # over budget until the pass
+    assert cache.evict_if_due() == [DIGEST_A]
+    assert cache.evict_if_due() == []  # nothing written since
+    assert [e.key for e in cache.entries()] == [dir_key(DIGEST_B)]
