@@ -69,6 +69,7 @@ from engine_plugin.residency import (
     SlotState,
     SlotTable,
 )
+from engine_plugin.slot_writes import SlotWriter
 from engine_plugin.slots import SlotPool
 from engine_plugin.sources import PackSource, ResidencySink
 from engine_plugin.staging import StagedAdapter, stage_pack
@@ -105,6 +106,8 @@ class ResidentEngine:
             every linear and every fused experts module in the layer.
         host_budget_bytes: bytes of staged packs kept in host memory.
         slot_wait_s: how long an attach waits for a busy slot to come free before refusing.
+        attach_threads: threads sharing a fetching attach's slot write and checks on CPU (2 by
+            default when torch runs one thread, else 1; see ``shared_work``).
 
     Raises:
         ValueError: ``num_slots``/``max_rank`` below 1, no decoder layers, or a target module
@@ -127,6 +130,7 @@ class ResidentEngine:
         prefetch_workers: int = 2,
         slot_policy: EvictionPolicy[str] | None = None,
         host_policy: EvictionPolicy[str] | None = None,
+        attach_threads: int | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots and max_rank must be >= 1, got {num_slots}, {max_rank}")
@@ -200,13 +204,8 @@ class ResidentEngine:
         #: Cumulative seconds spent fetching packs, staging them and copying them into slots.
         self.timings = {"fetch_s": 0.0, "stage_s": 0.0, "copy_s": 0.0}
 
-        self._cuda = self.device.type == "cuda"
-        self._pin_host = self._cuda
-        self._copy_stream: torch.cuda.Stream | None = None
-        if self._cuda:
-            self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        self._last_write: Any = None  # torch.cuda.Event of the latest slot write
-        self._slot_last_read: dict[int, Any] = {}  # slot -> torch.cuda.Event
+        self._pin_host = self.device.type == "cuda"
+        self._writer = SlotWriter(self.pool, self.device, attach_threads)
 
         self._prefetcher = Prefetcher(self._stage_ref, workers=prefetch_workers)
         self._sink = catalog if isinstance(catalog, ResidencySink) else None
@@ -435,6 +434,7 @@ class ResidentEngine:
         self._prefetcher.close()
         if self._reporter is not None:
             self._reporter.close()
+        self._writer.close()
 
     def __enter__(self) -> ResidentEngine:
         return self
@@ -488,8 +488,7 @@ class ResidentEngine:
         try:
             for ref in distinct:
                 leases[ref] = self._lease_ref(self._parse(ref))
-            if self._cuda and self._last_write is not None:
-                torch.cuda.current_stream(self.device).wait_event(self._last_write)
+            self._writer.wait_for_writes()
             yield tuple(self.pool.zero_slot if a is None else leases[a].slot for a in adapters)
         finally:
             if leases:
@@ -637,7 +636,7 @@ class ResidentEngine:
                     claimed = self.slots.claim(revision)
         if claimed is None:
             if staged is None:
-                staged = self._staged(revision)
+                staged = self._staged(revision, into_slot=True)
             with self._cond:
                 while claimed is None:
                     entry = self._lease_resident(digest)
@@ -657,11 +656,11 @@ class ResidentEngine:
         evictions = int(evicted is not None)
         started = time.perf_counter()
         try:
-            moved = self._write_slot(entry.slot, staged, clear_first=evicted is not None)
+            moved = self._writer.write(entry.slot, staged, clear_first=evicted is not None)
         except BaseException:
             with self._cond:
                 self.counters["evictions"] += evictions
-                self._clear_slot(entry.slot)
+                self._writer.clear(entry.slot)
                 self.slots.release(entry)
                 self._cond.notify_all()
             raise
@@ -693,52 +692,17 @@ class ResidentEngine:
     def _unlease(self, entry: SlotEntry) -> None:
         """End one lease (lock held); frees the slot if it was retired meanwhile."""
         self.slots.unlease(entry)
-        if self._cuda:
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(torch.cuda.current_stream(self.device))
-            self._slot_last_read[entry.slot] = event
+        self._writer.read_ended(entry.slot)
         self._release_if_done(entry)
         self._cond.notify_all()
 
     def _release_if_done(self, entry: SlotEntry) -> None:
         if entry.retired and entry.idle and not entry.pinned:
-            self._clear_slot(entry.slot)
+            self._writer.clear(entry.slot)
             self.slots.release(entry)
             self.counters["released"] += 1
             self._cond.notify_all()
             self._report()
-
-    # ------------------------------------------------------------------ slot writes
-
-    def _write_slot(self, slot: int, staged: StagedAdapter, *, clear_first: bool) -> int:
-        # An evicted tenant's weights are zeroed where the new one does not overwrite them.
-        write = self.pool.replace if clear_first else self.pool.write
-        if self._copy_stream is None:
-            return write(slot, staged)
-        with torch.cuda.stream(self._copy_stream):
-            self._wait_for_readers(slot)
-            moved = write(slot, staged, non_blocking=staged.pinned)
-            self._record_write()
-        return moved
-
-    def _clear_slot(self, slot: int) -> None:
-        if self._copy_stream is None:
-            self.pool.clear(slot)
-            return
-        with torch.cuda.stream(self._copy_stream):
-            self._wait_for_readers(slot)
-            self.pool.clear(slot)
-            self._record_write()
-
-    def _wait_for_readers(self, slot: int) -> None:
-        event = self._slot_last_read.pop(slot, None)
-        if event is not None and self._copy_stream is not None:
-            self._copy_stream.wait_event(event)
-
-    def _record_write(self) -> None:
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(self._copy_stream)
-        self._last_write = event
 
     # ------------------------------------------------------------------ host tier
 
@@ -759,9 +723,14 @@ class ResidentEngine:
         self._staged(revision)
         return revision
 
-    def _staged(self, revision: Revision) -> StagedAdapter:
+    def _staged(self, revision: Revision, *, into_slot: bool = False) -> StagedAdapter:
         """The staged pack of ``revision``: from the host tier, or fetched, checked and staged
-        (one fetch per digest however many callers ask at once)."""
+        (one fetch per digest however many callers ask at once).
+
+        ``into_slot``: an attach waits for it, to copy it into a slot at once. Its ``lora_B``
+        is then borrowed from the fetched bytes when it can be (see ``staging``), so the slot
+        write does the transposition a separate staging pass would: each byte is copied once.
+        (A prefetch stages off the attach path, so the attach it prepares is a plain copy.)"""
         digest = str(revision.digest)
         with self._cond:
             staged = self.host.get(digest)
@@ -788,6 +757,8 @@ class ResidentEngine:
                 routes=routes,
                 # A source's read-only buffer is the immutable pack (PackSource's contract).
                 borrow=memoryview(data).readonly,
+                borrow_b=into_slot,
+                helper=self._writer.helper,
                 flat=self.pool.copier is not None,
             )
             staged_at = time.perf_counter()

@@ -24,12 +24,15 @@ written, is decided by ``residency.SlotTable`` under the engine's lock.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
 
 from engine_plugin import slot_copy
+from engine_plugin.shared_work import first_axis_spans, run_shared
 from engine_plugin.staging import StagedAdapter, StagedModule, tensor_nbytes
 
 #: Bound on cached slot-view lists (one per slot and adapter layout; layouts are few).
@@ -158,6 +161,13 @@ class ModuleSlots:
         self.scalings[slot] = 0.0
 
 
+#: Work of one piece of a shared slot write (elements, a strided one counting
+#: ``_STRIDED_COST``): ~0.1 ms, small enough to balance two threads, large enough that the
+#: Python around each piece stays a few percent.
+_PIECE = 1 << 19
+_STRIDED_COST = 3
+
+
 class SlotPool:
     """Every target module's slots; ``num_slots`` adapters fit, each of rank <= ``max_rank``."""
 
@@ -191,6 +201,8 @@ class SlotPool:
         self.generation = 0
         # (slot, StagedAdapter.layout_key) -> the slot views its tensors are copied into.
         self._copy_targets: dict[tuple[int, str | None], list[torch.Tensor]] = {}
+        #: A thread that takes half of a write with strided sources (CPU; set by the engine).
+        self.copy_helper: Executor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -228,11 +240,39 @@ class SlotPool:
             for name, module in staged.modules.items():
                 self.modules[name].record(slot, module)
         if dsts:
-            # One call for every stacked tensor: a rank-1 adapter's copies take about as long
-            # as the Python dispatch of 14 separate ``copy_`` calls.
-            torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+            self._copy(dsts, srcs, non_blocking=non_blocking)
         self.scales[slot].copy_(self._scale_row(staged), non_blocking=non_blocking)
         return staged.copied_nbytes
+
+    def _copy(
+        self, dsts: list[torch.Tensor], srcs: list[torch.Tensor], *, non_blocking: bool
+    ) -> None:
+        # One call for every stacked tensor: a rank-1 adapter's copies take about as long as
+        # the Python dispatch of 14 separate ``copy_`` calls. Strided sources (a borrowed
+        # ``lora_B``, transposed as it is copied) are gathers, not memcpys: ~3x the time per
+        # byte, and they halve on two threads (torch releases the GIL), where a plain copy
+        # runs at memory speed on one.
+        helper = self.copy_helper
+        if helper is None or all(s.is_contiguous() for s in srcs):
+            torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+            return
+        pieces: list[Callable[[], None]] = []
+        batch: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        cost = 0
+        for dst, src in zip(dsts, srcs, strict=True):
+            weight = 1 if src.is_contiguous() else _STRIDED_COST
+            per_row = src[0].numel() * weight if src.dim() and len(src) else 0
+            for start, stop in first_axis_spans(len(src) if src.dim() else 1, per_row, _PIECE):
+                part = (dst, src) if not src.dim() else (dst[start:stop], src[start:stop])
+                batch[0].append(part[0])
+                batch[1].append(part[1])
+                cost += per_row * (stop - start)
+                if cost >= _PIECE:
+                    pieces.append(functools.partial(torch._foreach_copy_, *batch))
+                    batch, cost = ([], []), 0
+        if batch[0]:
+            pieces.append(functools.partial(torch._foreach_copy_, *batch))
+        run_shared(pieces, helper)
 
     def _scatter(self, slot: int, staged: StagedAdapter) -> list[tuple[int, slot_copy.Runs]] | None:
         """Where each tensor of ``staged.flat`` goes in ``slot``, for the one-launch write; None

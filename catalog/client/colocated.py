@@ -35,6 +35,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -345,10 +346,10 @@ class ColocatedPath:
             except (EntryMissing, CorruptChunk):
                 pass  # decided under the lease below (a cold fill, or the repair)
             except BaseException:
-                pending.add_done_callback(self._release_granted)
+                pending.add_done_callback(self._lease_granted)
                 raise
             else:
-                pending.add_done_callback(self._release_granted)
+                pending.add_done_callback(self._lease_granted)
                 self._count("reads")
                 self._count("unwaited_leases")
                 return known, data
@@ -402,27 +403,39 @@ class ColocatedPath:
             self._releases.add(future)  # so that flush and close wait for it too
         return future
 
-    def _release_granted(self, future: Any) -> None:
+    def _lease_granted(self, future: Any) -> None:
         """Release a lease the read did not wait for, once granted (a failed one is logged:
         the read it was for had its bytes already)."""
-        with self._lock:
-            self._releases.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:
-            log.warning("catalog %s: a pack lease failed after its read: %s", self._target, error)
-            return
-        self._release(future.result().lease_id, wait=False)
+        try:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                log.warning(
+                    "catalog %s: a pack lease failed after its read: %s", self._target, error
+                )
+                return
+            self._release(future.result().lease_id, wait=False)
+        finally:
+            # Only now: ``flush`` then finds the release in flight, or this lease still.
+            with self._lock:
+                self._releases.discard(future)
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait (up to ``timeout`` seconds) for the lease releases still in flight."""
-        with self._lock:
-            pending = list(self._releases)
-        for future in pending:
-            # A failure is logged by the callback; an unreleased lease expires anyway.
-            with contextlib.suppress(Exception):
-                future.result(timeout=timeout)
+        """Wait (up to ``timeout`` seconds) for the lease releases still in flight (and the
+        leases not waited for, whose callbacks start releases)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._releases)
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return
+            for future in pending:
+                # A failure is logged by the callback; an unreleased lease expires anyway.
+                with contextlib.suppress(Exception):
+                    future.result(timeout=max(0.0, left))
+            time.sleep(0.001)  # a callback may still be registering its release
 
     def close(self) -> None:
         """Wait for pending releases and stop reading the NVMe tier. Idempotent."""
