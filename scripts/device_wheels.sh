@@ -16,6 +16,8 @@ wheels=(
   lmdb==3.0.0 zstandard==0.25.0 blake3==1.0.11 grpcio==1.85.3 protobuf==7.36.2
   grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.3
   googleapis-common-protos==1.76.0
+  # the NVMe tier's chunk checksums (catalog/cache/layout.py), since 2026-12-04
+  xxhash==4.1.0
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
