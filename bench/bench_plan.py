@@ -6,10 +6,13 @@ and the LRU curve for all capacities in one pass by stack distances, beside one 
 LRU policy object and one compiled LRU replay at a single capacity (the per-capacity
 alternative)? How long does compiling the replays take on a machine's first run
 (``--cold-compile``: an empty numba cache) and loading them from the cache after? Targets from
-issue 13: full report <= 60 s, the LRU pass <= 5 s on this 2-core machine.
+issue 13: full report <= 60 s, the LRU pass <= 5 s on this 2-core machine. ``--check-python``
+builds the plan once more with the Python policy objects and Belady's Python reference (untimed;
+minutes at 10^6 requests) and fails unless the document is the same.
 
 Run: .venv/bin/python bench/bench_plan.py [--requests 1000000] [--adapters 100000]
      [--policies lru,s3fifo,...] [--points 20] [--workers 0] [--cold-compile]
+     [--check-python]
 """
 
 from __future__ import annotations
@@ -22,18 +25,43 @@ import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import catalog.plan.curves
 from bench.common import print_table, write_results
-from catalog.cache.policies import LRU, POLICIES
-from catalog.plan.compiled import compile_kernels, replay_ids
-from catalog.plan.curves import replay_policy
+from catalog.cache.policies import LRU, POLICIES, make_policy
+from catalog.plan.compiled import BELADY, compile_kernels, replay_ids
+from catalog.plan.curves import replay_belady_ids, replay_policy
 from catalog.plan.html import write_html
 from catalog.plan.planner import PlanRequest, build_plan, default_capacities
 from catalog.plan.profile import DEFAULT_PROFILE
 from catalog.plan.stack import lru_hits, lru_needs, stack_distances
 from catalog.plan.workload import synthetic_workload
+
+
+def python_replay_ids(
+    policy: str,
+    ids: npt.NDArray[np.int64],
+    charged: npt.NDArray[np.int64],
+    carried: npt.NDArray[np.int64],
+    capacity: int,
+    *,
+    start: int = 0,
+) -> tuple[int, int, list[int]]:
+    """``replay_ids`` done by the Python policy objects and Belady's Python reference."""
+    if policy == BELADY:
+        hits, hit_bytes = replay_belady_ids(ids, charged, carried, capacity, start=start)
+    else:
+        hits, hit_bytes = replay_policy(
+            [str(key) for key in ids.tolist()],
+            charged.tolist(),
+            carried.tolist(),
+            make_policy(policy, capacity),
+            start=start,
+        )
+    return hits, hit_bytes, []
 
 
 def main() -> None:
@@ -48,6 +76,11 @@ def main() -> None:
         "--cold-compile",
         action="store_true",
         help="compile the replays into an empty numba cache (a machine's first run)",
+    )
+    parser.add_argument(
+        "--check-python",
+        action="store_true",
+        help="also plan with the Python policy objects and require the same document",
     )
     args = parser.parse_args()
     scratch_cache = None
@@ -99,19 +132,30 @@ def main() -> None:
         raise SystemExit(f"compiled LRU replay {compiled_hits} hits != stack {stacked}")
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    started = time.perf_counter()
-    plan = build_plan(
-        workload,
-        PlanRequest(
-            policies=policies,
-            points=args.points,
-            workers=args.workers,
-            slo_p99_ms=args.slo_p99_ms,
-            min_gpu_hit=0.5,
-        ),
-        DEFAULT_PROFILE,
+    request = PlanRequest(
+        policies=policies,
+        points=args.points,
+        workers=args.workers,
+        slo_p99_ms=args.slo_p99_ms,
+        min_gpu_hit=0.5,
     )
+    started = time.perf_counter()
+    plan = build_plan(workload, request, DEFAULT_PROFILE)
     planned = time.perf_counter() - started
+    python_check = None
+    if args.check_python:
+        compiled_replay = catalog.plan.curves.replay_ids
+        catalog.plan.curves.replay_ids = python_replay_ids  # type: ignore[assignment]
+        try:
+            started = time.perf_counter()
+            same = build_plan(workload, request, DEFAULT_PROFILE) == plan
+            python_check = {"same_document": same, "seconds": time.perf_counter() - started}
+        finally:
+            catalog.plan.curves.replay_ids = compiled_replay
+        print(
+            f"plan with the Python policy objects: {python_check['seconds']:.0f} s, "
+            f"{'the same document' if same else 'A DIFFERENT DOCUMENT'}"
+        )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         page = Path(scratch) / "plan.html"
@@ -122,7 +166,7 @@ def main() -> None:
     curve_points = sum(len(t["curves"]) for t in plan["tiers"].values())
     cache_state = "cold: empty numba cache" if args.cold_compile else "warm: numba cache"
     rows = [
-        ("compile the replays", compiled, cache_state),
+        ("compile the kernels (replays, stack distances)", compiled, cache_state),
         ("generate the workload", generated, ""),
         (
             "LRU, all capacities, one pass (stack distances)",
@@ -165,6 +209,8 @@ def main() -> None:
     name = "plan" if set(policies) == set(POLICIES) else "plan_" + "_".join(policies)
     if args.requests != 1_000_000:
         name += f"_{args.requests}"
+    if args.workers:
+        name += f"_workers{args.workers}"
     if args.cold_compile:
         name += "_cold_compile"
     write_results(
@@ -190,8 +236,11 @@ def main() -> None:
             },
             "lru_hits_check": {"capacity": middle, "replay": replayed, "stack": stacked},
             "recommendation": plan["recommendation"]["statement"],
+            "python_check": python_check,
         },
     )
+    if python_check is not None and not python_check["same_document"]:
+        raise SystemExit("the compiled replays and the Python policy objects disagree")
     if scratch_cache is not None:
         scratch_cache.cleanup()
 
