@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from catalog.core import DeferredPackRead
 from catalog.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from catalog.pack import export_peft_dir
 from catalog.pack.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
@@ -58,8 +59,10 @@ class PeftExporter:
                 raise InvalidArgument(f"--peft-export-root {root}: not an existing directory")
             self.root = resolved
         # One thread fills the NVMe tier after exports answered from durable bytes (see
-        # Catalog.read_pack_bytes_fill_later): fills commit one at a time anyway.
+        # Catalog.read_pack_bytes_deferred): fills commit one at a time anyway.
         self._fills = ThreadPoolExecutor(1, thread_name_prefix="loracat-export-fill")
+        # Digest checks run beside the export's writes (hashlib releases the GIL).
+        self._checks = ThreadPoolExecutor(4, thread_name_prefix="loracat-export-check")
 
     def check_destination(self, dest: str, nonce: str) -> Path:
         """The resolved destination, once it passes every check of the module docstring.
@@ -105,6 +108,33 @@ class PeftExporter:
         export_peft_dir(data, dest, fsync=fsync)
         return sum((dest / name).stat().st_size for name in (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE))
 
+    def export_read(self, read: DeferredPackRead, dest: Path, *, fsync: bool) -> int:
+        """:meth:`export` of a pack read whose digest check is still to run: the check runs
+        beside the writes, and the answer waits for both; then the NVMe tier is filled later.
+        The destination is the caller's unpublished directory, so bytes written before the
+        check fails are never loaded: they are removed, and the call raises ``DataLoss``.
+
+        Raises:
+            DataLoss: the durable copy does not match the revision's digest.
+            InvalidPack: the (checked) pack cannot be written as a PEFT directory.
+        """
+        if read.verify is None:
+            return self.export(read.data, dest, fsync=fsync)
+        check = self._checks.submit(read.verify)
+        try:
+            written = self.export(read.data, dest, fsync=fsync)
+        except BaseException:
+            check.result()  # a corrupt copy is DataLoss, whatever the export made of it
+            raise
+        finally:
+            if check.exception() is not None:
+                for name in (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE):
+                    (dest / name).unlink(missing_ok=True)
+        check.result()
+        if read.fill is not None:
+            self.fill_later(read.fill)
+        return written
+
     def fill_later(self, fill: Callable[[], object]) -> Future[None]:
         """Run ``fill`` (a tier fill) on the exporter's thread, ``FILL_DELAY_S`` after now; a
         failure is logged (the next read of the pack fills the tier instead)."""
@@ -121,4 +151,5 @@ class PeftExporter:
 
     def close(self) -> None:
         """Wait for the fills in flight."""
+        self._checks.shutdown(wait=True)
         self._fills.shutdown(wait=True)

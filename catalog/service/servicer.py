@@ -204,14 +204,11 @@ class CatalogServicer(pb_grpc.CatalogServicer):
                 revision.size_bytes,
                 caller_of(context),
             )
-        # A pack not in the NVMe tier is written from the durable bytes, and the tier filled
-        # after the engine is answered (its cold first request is waiting on this call).
-        data, fill = self.catalog.read_pack_bytes_fill_later(revision)
-        try:
-            written = self.peft_exporter.export(data, dest, fsync=request.fsync)
-        finally:
-            if fill is not None:
-                self.peft_exporter.fill_later(fill)
+        # A pack not in the NVMe tier is written from the durable bytes as its digest is
+        # checked, and the tier filled after the engine is answered (its cold first request
+        # is waiting on this call).
+        read = self.catalog.read_pack_bytes_deferred(revision)
+        written = self.peft_exporter.export_read(read, dest, fsync=request.fsync)
         return pb.ExportPeftDirResponse(revision=revision_to_pb(revision), bytes_written=written)
 
     def ExportRequests(

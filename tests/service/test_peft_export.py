@@ -14,6 +14,7 @@ import pytest
 
 from catalog.client import CatalogClient
 from catalog.errors import (
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -183,7 +184,7 @@ def test_a_cold_export_is_answered_from_the_durable_bytes_and_fills_the_tier_aft
         ).read_bytes()
 
 
-def test_read_pack_bytes_fill_later(tmp_path: Path, peft_dir: Path) -> None:
+def test_read_pack_bytes_deferred(tmp_path: Path, peft_dir: Path) -> None:
     catalog = open_catalog(tmp_path / "catalog")
     try:
         revision, _ = catalog.push_bytes(
@@ -191,13 +192,46 @@ def test_read_pack_bytes_fill_later(tmp_path: Path, peft_dir: Path) -> None:
         )
         with contextlib.suppress(NotFound):
             catalog.evict_pack("acme/a@1")
-        data, fill = catalog.read_pack_bytes_fill_later(revision)
-        assert fill is not None and data == catalog.store.get(blob_key(revision.digest))
+        read = catalog.read_pack_bytes_deferred(revision)
+        assert read.verify is not None and read.fill is not None
+        assert read.data == catalog.store.get(blob_key(revision.digest))
+        read.verify()
         assert catalog.pack_cache is not None
         assert not catalog.pack_cache.contains(revision.digest)
-        fill()
+        read.fill()
         assert catalog.pack_cache.contains(revision.digest)
-        again, none = catalog.read_pack_bytes_fill_later(revision)
-        assert none is None and again == data
+        hit = catalog.read_pack_bytes_deferred(revision)
+        assert (hit.verify, hit.fill, hit.data) == (None, None, read.data)
     finally:
+        catalog.close()
+
+
+def test_a_corrupt_durable_copy_is_data_loss_and_leaves_no_files(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    export_root = tmp_path / "node"
+    export_root.mkdir()
+    catalog = open_catalog(tmp_path / "catalog")
+    server, port = create_server(catalog, "127.0.0.1:0", peft_export_root=export_root)
+    try:
+        with CatalogClient(f"127.0.0.1:{port}") as client:
+            pushed = client.push("acme/a", import_peft_dir(peft_dir, base_id="org/base"))
+            digest = pushed.revision.digest
+            with contextlib.suppress(NotFound):
+                client.evict_pack("acme/a@1")
+            key = blob_key(digest)
+            good = catalog.store.get(key)
+            assert good is not None
+            # Same length, one flipped byte deep in the tensors: the pack still parses and
+            # exports; only the digest check can tell.
+            bad = bytearray(good)
+            bad[-10] ^= 0xFF
+            catalog.store.put(key, bytes(bad))
+            dest = dest_with_nonce(export_root)
+            with pytest.raises(DataLoss, match="corrupt in the durable store"):
+                client.export_peft_dir("acme/a@1", dest, nonce=NONCE)
+            assert sorted(p.name for p in dest.iterdir()) == [NONCE_FILE]
+            assert not catalog.pack_cache or not catalog.pack_cache.contains(digest)
+    finally:
+        server.stop(None).wait()
         catalog.close()
