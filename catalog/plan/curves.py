@@ -85,10 +85,17 @@ def replay_policy(
 
 
 def replay_belady_ids(
-    ids: IntArray, charged: IntArray, carried: IntArray, capacity: int, *, start: int = 0
+    ids: IntArray,
+    charged: IntArray,
+    carried: IntArray,
+    capacity: int,
+    *,
+    start: int = 0,
+    evicted: list[int] | None = None,
 ) -> tuple[int, int]:
     """Belady's farthest-next-use reference with bypass, as ``replay_belady``, over ids; the
-    first ``start`` requests are not counted."""
+    first ``start`` requests are not counted. Victims are appended to ``evicted`` (if given)
+    in eviction order."""
     _, upcoming_array = previous_and_next(ids)
     upcoming = upcoming_array.tolist()
     never = len(ids)
@@ -130,6 +137,8 @@ def replay_belady_ids(
             for _, victim in chosen:
                 del cached[victim]
                 used -= charge_of.pop(victim)
+            if evicted is not None:
+                evicted.extend(victim for _, victim in chosen)
         cached[key] = following
         charge_of[key] = charge
         used += charge
