@@ -11,11 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import catalog.plan.curves
 from catalog.cache.policies import POLICIES, make_policy
 from catalog.cache.replay import replay_belady
 from catalog.errors import InvalidArgument
 from catalog.plan.compiled import BELADY, COMPILED, replay_ids
-from catalog.plan.curves import replay_belady_ids
+from catalog.plan.curves import replay_belady_ids, replay_policy
+from catalog.plan.planner import PlanRequest, build_plan
+from catalog.plan.profile import DEFAULT_PROFILE
+from catalog.plan.workload import synthetic_workload
 
 EVERY = [*POLICIES, BELADY]
 
@@ -191,3 +195,36 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_every_policy_has_a_compiled_replay() -> None:
     assert set(COMPILED) == {*POLICIES, BELADY}
+
+
+def test_the_plan_is_the_one_the_python_policies_give(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole plan (two engines, so per-engine groups; 2 threads) with the compiled replays,
+    then with the Python policy objects and Belady's Python reference in their place."""
+    workload = synthetic_workload(
+        adapters=300, zipf=1.0, rate=50, duration_s=100, shift_every_s=40, seed=5
+    )
+    request = PlanRequest(slo_p99_ms=60, points=5, engines=2, workers=2)
+    compiled = build_plan(workload, request, DEFAULT_PROFILE)
+
+    def python_replay_ids(
+        policy: str,
+        ids: np.ndarray,
+        charged: np.ndarray,
+        carried: np.ndarray,
+        capacity: int,
+        *,
+        start: int = 0,
+    ) -> tuple[int, int, list[int]]:
+        if policy == BELADY:
+            return (*replay_belady_ids(ids, charged, carried, capacity, start=start), [])
+        cache = make_policy(policy, capacity)
+        keys = [_key(k) for k in ids.tolist()]
+        hits = replay_policy(keys, charged.tolist(), carried.tolist(), cache, start=start)
+        return (*hits, [])
+
+    monkeypatch.setattr(catalog.plan.curves, "replay_ids", python_replay_ids)
+    python = build_plan(workload, request, DEFAULT_PROFILE)
+    assert compiled == python
+    assert len(compiled["tiers"]["host"]["curves"]) == 6 * len(
+        compiled["tiers"]["host"]["capacities"]
+    )
