@@ -540,7 +540,8 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackLeasing)
             key = blob_key(digest)
             stored = self.store.size(key)
             if stored is None:
-                self.store.put_file(key, upload.path, if_absent=True)
+                # The spool file is ours to give: a local store on its filesystem links it.
+                self.store.put_file(key, upload.path, if_absent=True, consume=True)
             elif stored != upload.size_bytes:
                 raise DataLoss(
                     f"blob {digest} exists in {self.store.url} with {stored} bytes, "

@@ -46,8 +46,13 @@ class BlobStore(ABC):
         Readers never see a partially written object.
         """
 
-    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
+    def put_file(
+        self, key: str, path: Path, *, if_absent: bool = False, consume: bool = False
+    ) -> bool:
         """Like :meth:`put`, from a local file (backends may stream or use multipart).
+
+        ``consume``: the caller gives ``path`` up (it never changes the file again and deletes
+        its name afterwards), so a backend may take the file itself instead of copying it.
 
         Raises:
             InvalidArgument: ``path`` cannot be read.

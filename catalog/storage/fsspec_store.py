@@ -208,8 +208,11 @@ class FsspecStore(BlobStore):
         body = data if isinstance(data, bytes) else bytes(data)
         return self._run("put", key, self._put(self._full(key), body, if_absent))
 
-    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
-        """Upload a local file; above ``multipart_threshold`` it is streamed in parts.
+    def put_file(
+        self, key: str, path: Path, *, if_absent: bool = False, consume: bool = False
+    ) -> bool:
+        """Upload a local file; above ``multipart_threshold`` it is streamed in parts
+        (``consume`` changes nothing: the bytes must travel).
 
         With ``if_absent`` an existing object is detected before anything is uploaded.
 

@@ -8,6 +8,7 @@ Plain ``os`` calls rather than fsspec's local file system: every write needs a t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -116,13 +117,21 @@ class LocalDirStore(BlobStore):
     def put(self, key: str, data: bytes | memoryview, *, if_absent: bool = False) -> bool:
         return self._publish(key, lambda f: f.write(data), if_absent=if_absent)
 
-    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
-        """Copy the local file ``path`` in (streamed, never whole in memory).
+    def put_file(
+        self, key: str, path: Path, *, if_absent: bool = False, consume: bool = False
+    ) -> bool:
+        """Copy the local file ``path`` in (streamed, never whole in memory). With ``consume``
+        and ``path`` on the store's filesystem, the file itself is published instead (fsynced,
+        given the store's file mode, hard-linked into place): no copy, the same guarantees.
 
         Raises:
             InvalidArgument: ``path`` cannot be read.
             Unavailable: the store cannot be written.
         """
+        if consume:
+            taken = self._publish_file(key, Path(path), if_absent=if_absent)
+            if taken is not None:
+                return taken
         try:
             source = open(path, "rb")  # noqa: SIM115 - closed in the finally below
         except OSError as exc:
@@ -189,6 +198,54 @@ class LocalDirStore(BlobStore):
             with contextlib.suppress(*_MISSING):  # renamed into place, or never made
                 os.unlink(temp)
 
+    def _publish_file(self, key: str, path: Path, *, if_absent: bool) -> bool | None:
+        """Publish the file ``path`` itself at ``key`` (see :meth:`put_file`); ``None`` when
+        it cannot be linked here (another filesystem, say) and must be copied."""
+        final = self._path(key)
+        if if_absent and os.path.lexists(final):
+            return False
+        directory = final.parent
+        temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_dev != os.stat(self.root).st_dev:
+                    return None
+                # What a file written here would get (a spool file is private, 0600).
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                if self._fsync:
+                    os.fsync(f.fileno())
+            directory.mkdir(parents=True, exist_ok=True)
+            if final.is_dir():
+                raise InvalidArgument(
+                    f"local store {self.url}: cannot write {key!r}: it is a prefix of other keys"
+                )
+            if if_absent:
+                try:
+                    os.link(path, final)
+                except FileExistsError:
+                    return False
+            else:
+                os.link(path, temp)
+                os.replace(temp, final)
+            if self._fsync:
+                _fsync_dir(directory)
+            return True
+        except FileNotFoundError as exc:
+            if not path.exists():
+                raise InvalidArgument(f"cannot read {path} to store it as {key!r}: {exc}") from exc
+            raise self._unavailable("write", key, exc) from exc
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise InvalidArgument(
+                f"local store {self.url}: cannot write {key!r}: a parent path is an object"
+            ) from exc
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                return None  # no hard link here: copy
+            raise self._unavailable("write", key, exc) from exc
+        finally:
+            with contextlib.suppress(*_MISSING):
+                os.unlink(temp)
+
     def _walk(self, directory: Path, key_prefix: str, leaf_prefix: str) -> Iterator[str]:
         try:
             with os.scandir(directory) as it:
@@ -211,6 +268,17 @@ class LocalDirStore(BlobStore):
 
     def _unavailable(self, verb: str, key: str, exc: OSError) -> Unavailable:
         return Unavailable(f"local store {self.url}: cannot {verb} {key!r}: {exc}")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -69,3 +69,46 @@ def test_root_that_is_a_file_is_unavailable(tmp_path: Path) -> None:
         LocalDirStore(tmp_path / "f")
     with pytest.raises(Unavailable):
         LocalDirStore(tmp_path / "missing", create=False)
+
+
+def test_a_consumed_file_is_linked_in_not_copied(tmp_path: Path) -> None:
+    store = LocalDirStore(tmp_path / "s")
+    source = tmp_path / "spool.bin"
+    source.write_bytes(b"pack bytes")
+    source.chmod(0o600)  # a spool file is private
+    assert store.put_file("blobs/x", source, if_absent=True, consume=True) is True
+    stored = tmp_path / "s" / "blobs" / "x"
+    assert stored.stat().st_ino == source.stat().st_ino  # the same file: no copy
+    assert stored.stat().st_mode & 0o777 == (tmp_path / "s").stat().st_mode & 0o666
+    source.unlink()  # what the caller does with a consumed file
+    assert store.get("blobs/x") == b"pack bytes"
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"other")
+    assert store.put_file("blobs/x", other, if_absent=True, consume=True) is False
+    assert store.get("blobs/x") == b"pack bytes"
+    assert store.put_file("blobs/x", other, consume=True) is True  # overwrite
+    assert store.get("blobs/x") == b"other"
+    assert sorted(p.name for p in (tmp_path / "s" / "blobs").iterdir()) == ["x"]
+    with pytest.raises(InvalidArgument):
+        store.put_file("blobs/y", tmp_path / "absent", consume=True)
+
+
+def test_a_consumed_file_that_cannot_be_linked_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    store = LocalDirStore(tmp_path / "s")
+    source = tmp_path / "spool.bin"
+    source.write_bytes(b"pack bytes")
+
+    def no_link(*args: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    # (if_absent publishes a copy by os.link too, so without links only an overwrite works)
+    assert store.put_file("blobs/x", source, consume=True) is True
+    monkeypatch.undo()
+    assert store.get("blobs/x") == b"pack bytes"
+    assert (tmp_path / "s" / "blobs" / "x").stat().st_ino != source.stat().st_ino
