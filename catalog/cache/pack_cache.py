@@ -13,15 +13,14 @@ The bytes are stored uncompressed: ``bench/bench_pack_cache.py`` measured zstd s
 bf16 LoRA weights only 1.28x (1.46x byte-shuffled), with a compressed hit, decoding included,
 at about half the speed of an uncompressed one; it pays on S3 and the wire.
 
-Integrity. A whole-pack read is hashed and compared with the digest (sha256 of the
-uncompressed pack). A ranged read checks only the chunks it touches, against the
-checksums recorded when the pack was written: those were computed from the very bytes the
-loader returned, which the caller had verified against the digest, so a chunk that matches its
-checksum holds the verified bytes unless someone forged it (XXH3-128: it detects corruption,
-not forgery; see :mod:`catalog.cache.layout` for why that is the right check here), at ~45
-GB/s instead of sha256's ~1 GB/s. A cached copy that fails either check is dropped
-(``corrupt_dropped`` in :meth:`PackCache.stats`) and the read falls through to the loader as a
-miss; a pinned copy keeps its pins through the refetch.
+Integrity. A whole-pack read is hashed and compared with the digest (sha256). A ranged read
+checks only the chunks it touches, against the checksums recorded when the pack was written
+from the very bytes the loader returned, which the caller had verified against the digest: a
+chunk that matches holds the verified bytes unless someone forged it (XXH3-128 detects
+corruption, not forgery; :mod:`catalog.cache.layout` says why that is the right check), at ~45
+GB/s against sha256's ~1 GB/s. A cached copy that fails either check is dropped
+(``corrupt_dropped`` in :meth:`PackCache.stats`) and the read falls through to the loader as
+a miss; a pinned copy keeps its pins through the refetch.
 
 Crash safety. Each fill writes all of a pack's chunks, its meta and the deletion of its
 victims in one LMDB write transaction, so after a SIGKILL (or a power loss, with
