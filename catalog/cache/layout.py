@@ -23,7 +23,11 @@ store file changed under a reference), not forgery: the bytes enter the tier onl
 matched the revision's cryptographic digest, and whoever can rewrite a chunk in the environment
 can rewrite its checksum beside it. So they are XXH3-128 (random corruption passes one with
 probability 2^-128) at ~45 GB/s on one core, where BLAKE3 ran at ~7 GB/s: every colocated
-attach checks every chunk of its pack, and at 16.8 MB that was 2.3 ms against 0.4 ms.
+attach checks every chunk of its pack, and at 16.8 MB that was 2.3 ms against 0.4 ms. The one
+thing BLAKE3 caught that XXH3 does not: a deliberate edit of a referenced store file by someone
+who may write the catalog's store but not its tier. An engine from before format 2 reads a
+format-2 meta as corrupt (and, after the catalog's refill, refuses it with DATA_LOSS): upgrade
+engines with their catalog.
 
 A reference entry has no chunks: its bytes are the durable tier's own file (a ``file://`` store
 on the cache's filesystem keeps every pack as an immutable file, written once under a temporary
