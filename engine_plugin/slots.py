@@ -249,9 +249,9 @@ class SlotPool:
     ) -> None:
         # One call for every stacked tensor: a rank-1 adapter's copies take about as long as
         # the Python dispatch of 14 separate ``copy_`` calls. Strided sources (a borrowed
-        # ``lora_B``, transposed as it is copied) are gathers, not memcpys: ~3x the time per
-        # byte, and they halve on two threads (torch releases the GIL), where a plain copy
-        # runs at memory speed on one.
+        # ``lora_B``, transposed as it is copied) are gathers, not memcpys: ~4-5x the time per
+        # byte (rank 16, bf16), and they nearly halve on two threads (torch releases the GIL),
+        # where a plain copy runs at memory speed on one.
         helper = self.copy_helper
         if helper is None or all(s.is_contiguous() for s in srcs):
             torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
