@@ -508,6 +508,18 @@ class CatalogClient:
             )
 
     def evict_pack(self, ref: Ref | str) -> Revision:
+        """Drop ``ref``'s pack from the catalog's NVMe tier; returns its revision.
+
+        This client's own lease releases still in flight (a colocated fetch returns before the
+        catalog has its release) are waited for first, so a fetch then an evict from one client
+        is never refused for the fetch's lease.
+
+        Raises:
+            FailedPrecondition: no NVMe tier, or another engine holds a lease on the pack.
+            NotFound, InvalidReference: as named.
+        """
+        if self.colocated is not None:
+            self.colocated.flush()
         with translated(self.target):
             return revision_from_pb(
                 self._stub.EvictPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout)

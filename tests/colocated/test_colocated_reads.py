@@ -10,8 +10,11 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +100,57 @@ def test_a_whole_pack_is_read_from_the_nvme_tier_under_a_lease(served: Served) -
         assert stats["lease_active"] == 0
         # Released: the entry can go.
         client.evict_pack("acme/big")
+
+
+class LateReleases:
+    """A catalog stub whose ``ReleasePackLease.future`` reaches the catalog 0.3 s late."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+        self.ReleasePackLease = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    def future(self, request: Any, timeout: float | None = None) -> Future[Any]:
+        answer: Future[Any] = Future()
+
+        def late() -> None:
+            time.sleep(0.3)
+            try:
+                answer.set_result(self._stub.ReleasePackLease(request, timeout=timeout))
+            except Exception as exc:  # handed to the caller through the future
+                answer.set_exception(exc)
+
+        threading.Thread(target=late, daemon=True).start()
+        return answer
+
+
+def test_a_fetch_then_an_evict_from_one_client_is_never_refused_for_its_own_lease(
+    served: Served,
+) -> None:
+    # A colocated fetch returns before the catalog has its lease release; the client's own
+    # evict waits for that release instead of being refused as "leased by an engine".
+    # The catalog is made to take the release late (as on a loaded machine), so the race is
+    # certain: the lease is granted before the read returns, its release arrives 0.3 s later.
+    pack = big_pack(2, seed=11)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/big", pack).revision
+        path = client.colocated
+        assert path is not None
+        path._stub = LateReleases(path._stub)  # type: ignore[assignment]
+        lease_future = path._lease_future
+
+        def granted_before_the_read_returns(ref: str) -> object:
+            future = lease_future(ref)
+            future.result()
+            return future
+
+        path._lease_future = granted_before_the_read_returns  # type: ignore[method-assign]
+        for _ in range(3):
+            assert bytes(client.fetch(revision)) == pack
+            client.evict_pack("acme/big")
+        assert path.counters["unwaited_leases"] == 3
 
 
 def test_ranges_and_colocated_false_take_the_stream(served: Served) -> None:
