@@ -14,6 +14,7 @@ import numpy as np
 from catalog.plan.compiled._jit import jit
 from catalog.plan.compiled.structures import (
     IntArray,
+    heap_arrays,
     heap_pop,
     heap_push,
     key_space,
@@ -43,9 +44,8 @@ def replay_belady(
     keys = key_space(ids)
     never = len(ids)
     upcoming = next_uses(ids)
-    heap_priority = np.empty(never + 1, dtype=np.float64)  # -next use
-    heap_sequence = np.empty(never + 1, dtype=np.int64)  # the key: the tie-break
-    heap_keys = np.empty(never + 1, dtype=np.int64)
+    # priority: -next use; sequence: the key (the tie-break)
+    heap_priority, heap_sequence, heap_keys = heap_arrays(never + 1)
     chosen_priority = np.empty(keys + 1, dtype=np.float64)
     chosen_keys = np.empty(keys + 1, dtype=np.int64)
     size = 0

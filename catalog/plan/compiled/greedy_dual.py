@@ -18,6 +18,7 @@ import numpy as np
 from catalog.plan.compiled._jit import jit
 from catalog.plan.compiled.structures import (
     IntArray,
+    heap_arrays,
     heap_drop_stale,
     heap_pop,
     heap_push,
@@ -35,9 +36,7 @@ def replay_gdsf(
     """Greedy-Dual-Size-Frequency: evict the lowest ``clock + hits x 2^20 / size``."""
     keys = key_space(ids)
     room = len(ids) + keys + 1
-    heap_priority = np.empty(room, dtype=np.float64)
-    heap_sequence = np.empty(room, dtype=np.int64)
-    heap_keys = np.empty(room, dtype=np.int64)
+    heap_priority, heap_sequence, heap_keys = heap_arrays(room)
     size = 0
     sequence = 0
     resident = np.zeros(keys, dtype=np.bool_)
@@ -109,9 +108,7 @@ def replay_lrfu_size(
     """Size-aware LRFU: rank by decayed request count / size^0.6, admit by rank."""
     keys = key_space(ids)
     room = len(ids) + keys + 1
-    heap_priority = np.empty(room, dtype=np.float64)
-    heap_sequence = np.empty(room, dtype=np.int64)
-    heap_keys = np.empty(room, dtype=np.int64)
+    heap_priority, heap_sequence, heap_keys = heap_arrays(room)
     looked = np.empty(keys + 1, dtype=np.int64)  # positions in `looked_*` below
     looked_priority = np.empty(keys + 1, dtype=np.float64)
     looked_sequence = np.empty(keys + 1, dtype=np.int64)

@@ -75,6 +75,16 @@ def list_move_to_end(after: IntArray, before: IntArray, head: int, node: int) ->
 
 
 @jit
+def heap_arrays(room: int) -> tuple[FloatArray, IntArray, IntArray]:
+    """Empty ``(priority, sequence, key)`` arrays for a heap of at most ``room`` entries."""
+    return (
+        np.empty(room, dtype=np.float64),
+        np.empty(room, dtype=np.int64),
+        np.empty(room, dtype=np.int64),
+    )
+
+
+@jit
 def _before(priority: FloatArray, sequence: IntArray, i: int, j: int) -> bool:
     """Whether entry ``i`` sorts before entry ``j`` (Python's tuple order)."""
     if priority[i] != priority[j]:
