@@ -4,22 +4,28 @@ Mixed into ``catalog.core.Catalog``. An engine on the catalog's host reads pack 
 from the NVMe tier (``catalog.client.colocated``) and asks the catalog only for where the tier
 is (:meth:`PackLeasing.pack_cache_location`) and for a lease per read
 (:meth:`PackLeasing.lease_pack`, :meth:`PackLeasing.release_pack_lease`); see
-``catalog.cache.leases`` for what a lease guarantees.
+``catalog.cache.leases`` for what a lease guarantees. A read of a revision the engine had
+resolved, found whole in the tier, needs no lease (see ``catalog.client.colocated``): the
+engine reports such reads in batches (:meth:`PackLeasing.report_pack_reads`), so that the
+tier's policy and the hints see them as they see leased reads.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from catalog.cache.layout import host_id
 from catalog.cache.leases import PackLease, PackLeases
 from catalog.cache.pack_cache import PackCache
-from catalog.errors import InvalidArgument, ResourceExhausted
+from catalog.errors import InvalidArgument, NotFound, ResourceExhausted
 from catalog.hints import HintBroker
 from catalog.model import Ref, Revision
+
+#: Most reads one ``report_pack_reads`` takes (a client sends larger batches in parts).
+MAX_REPORTED_READS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,37 @@ class PackLeasing:
                 f"tier at {cache.path}; read it over FetchPack"
             )
         return revision, lease
+
+    def report_pack_reads(self, refs: Sequence[str]) -> int:
+        """Record reads a colocated engine made without a lease (a revision it had resolved,
+        read whole from the tier and checked): each is an access of the pack for the tier's
+        policy and demand for hints, as ``lease_pack`` records them. A ref that no longer
+        resolves, or whose pack left the tier since, is skipped. Returns how many were
+        recorded.
+
+        Raises:
+            FailedPrecondition: this catalog runs without an NVMe tier.
+            InvalidArgument: more than ``MAX_REPORTED_READS`` refs.
+        """
+        cache = self._require_cache()
+        if len(refs) > MAX_REPORTED_READS:
+            raise InvalidArgument(f"at most {MAX_REPORTED_READS} reads per report, got {len(refs)}")
+        recorded = 0
+        for ref in refs:
+            try:
+                revision = self.resolve(ref)
+            except (NotFound, InvalidArgument):  # deleted since, or not a ref: nothing to count
+                self.counters["pack_reads_ignored"] += 1
+                continue
+            self.hints.record_demand(
+                f"{revision.adapter}@{revision.number}", str(revision.digest), revision.base_id
+            )
+            if cache.record_read(revision.digest):
+                recorded += 1
+            else:
+                self.counters["pack_reads_ignored"] += 1
+        self.counters["pack_reads_reported"] += recorded
+        return recorded
 
     def release_pack_lease(self, lease_id: str, *, corrupt_offset: int = -1) -> bool:
         """End a lease; ``False`` when it had already expired (or never existed).

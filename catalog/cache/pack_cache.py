@@ -474,6 +474,20 @@ class PackCache:
                 self._holds[key] = count - 1
             self._policy.unpin(key)
 
+    def record_read(self, digest: Digest) -> bool:
+        """Count a whole-pack read of ``digest`` that a reader in another process made without
+        a :meth:`hold` (it found the pack in the tier and checked it): a hit, as a hold is.
+        ``False`` (nothing recorded) when the pack is not cached (evicted since, say)."""
+        self._check_open()
+        key = str(digest)
+        with self._lock:
+            if key in self._inflight or key not in self._policy:
+                return False
+            self._policy.record_hit(key)
+            self._counters.hits += 1
+            self._counters.bytes_read += self._policy.size_of(key)
+            return True
+
     def holds(self, digest: Digest) -> int:
         """How many :meth:`hold` calls on ``digest`` are not released."""
         with self._lock:

@@ -2,15 +2,17 @@
 
 When an engine runs on the catalog's host, the gRPC byte stream is the slowest leg of a fetch
 (0.6-1 GB/s through gRPC's Python stream, against several GB/s from the page cache). Here the
-client asks the catalog only for control: where the NVMe tier is (once), and a lease per read
-(``LeasePack``: resolve, load a cold pack once for the whole host, keep the entry from
-eviction and rewrite); it reads the chunks itself from the tier's LMDB environment, opened
-read-only (LMDB allows any number of reader processes beside its one writer), then releases
-the lease (``ReleasePackLease``).
+client asks the catalog only for control: where the NVMe tier is (once), and a lease for a
+read by reference (``LeasePack``: resolve, load a cold pack once for the whole host, keep the
+entry from eviction and rewrite); it reads the chunks itself from the tier's LMDB environment,
+opened read-only (LMDB allows any number of reader processes beside its one writer), then
+releases the lease (``ReleasePackLease``). A read of a revision the caller resolved already
+takes no lease when the pack is whole in the tier (see ``ColocatedPath.fetch``); such reads
+are reported to the catalog in batches (``ReportPackReads``), off the reader's path.
 
 What a read does, in one LMDB read transaction: the entry's meta, then per chunk a zero-copy
 view into the map, copied once into the one buffer that is returned, and the copy checked
-against the chunk's BLAKE3 checksum (recorded by the catalog from bytes it had verified against
+against the chunk's checksum (recorded by the catalog from bytes it had verified against
 the revision's digest, as on the catalog's own reads; see ``catalog.cache.pack_cache``). So the
 bytes returned are exactly the checked ones, and the transaction's snapshot keeps every page it
 reads from reuse until it ends, whatever the catalog writes meanwhile. The returned buffer is
@@ -78,6 +80,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 #: A lease's RPCs may wait for a cold pack's durable read: as long as a streamed fetch may.
 TRANSFER_TIMEOUT = 3600.0
+#: Unleased reads are reported this many seconds after the first of a batch ...
+REPORT_DELAY_S = 0.5
+#: ... or as soon as this many are waiting (the catalog takes at most 1024 per report).
+REPORT_BATCH = 256
 
 
 class NotColocated(Exception):
@@ -305,9 +311,14 @@ class ColocatedPath:
         self._releases: set[Any] = set()
         #: How long a lease lives unreleased (0: the catalog's default, 30 s).
         self.lease_ttl_s = 0.0
-        #: Reads served from the NVMe tier (``unwaited_leases`` of them read before their lease
-        #: was granted), fallbacks to the stream, corrupt chunks reported.
-        self.counters = {"reads": 0, "unwaited_leases": 0, "fallbacks": 0, "corrupt_reported": 0}
+        #: Seconds an unleased read waits to be reported with the reads after it.
+        self.report_delay_s = REPORT_DELAY_S
+        self._unreported: list[str] = []
+        self._report_timer: threading.Timer | None = None
+        self._reports_refused = False  # a catalog without ReportPackReads
+        #: Reads served from the NVMe tier (``unleased_reads`` of them without a lease: see
+        #: ``fetch``), fallbacks to the stream, corrupt chunks reported.
+        self.counters = {"reads": 0, "unleased_reads": 0, "fallbacks": 0, "corrupt_reported": 0}
 
     @property
     def active(self) -> bool:
@@ -320,13 +331,14 @@ class ColocatedPath:
         tier, or its entry vanished).
 
         ``known``: the revision ``ref`` names, when the caller resolved it already (``ref``
-        then names it by digest). The read then starts at once, the lease's round trip in
-        flight beside it: a pack already in the tier needs no lease to be read whole and
-        checked (one LMDB read transaction keeps every page it reads from reuse, and a
-        referenced store file is immutable), and the lease, released as soon as it is
-        granted, still tells the catalog's eviction policy about the access. A pack that is
-        not there yet, or whose read fails a check, waits for that lease and goes the
-        leased way below (the cold fill; the repair of a bad copy).
+        then names it by digest). The read then takes no lease at all: a pack already in the
+        tier needs none to be read whole and checked (one LMDB read transaction keeps every
+        page it reads from reuse, and a referenced store file is immutable). The read is
+        reported to the catalog afterwards, batched with the reads of the next
+        ``report_delay_s`` seconds in one ``ReportPackReads`` (its eviction policy and hints
+        count it as they count a lease), so no RPC runs beside the attach that waits for the
+        bytes. A pack that is not there yet, or whose read fails a check, goes the leased way
+        below (the cold fill; the repair of a bad copy).
 
         Raises:
             As ``LeasePack`` (``NotFound``, ``InvalidReference``, ``DataLoss`` for a bad
@@ -336,36 +348,25 @@ class ColocatedPath:
         reader = self._ensure_reader()
         if reader is None:
             return None
-        pending = None
         if known is not None:
-            pending = self._lease_future(ref)
             try:
                 data = reader.read(
                     known.digest, known.size_bytes, f"{known.adapter}@{known.number}"
                 )
             except (EntryMissing, CorruptChunk):
-                pass  # decided under the lease below (a cold fill, or the repair)
-            except BaseException:
-                pending.add_done_callback(self._lease_granted)
-                raise
+                pass  # decided under a lease below (a cold fill, or the repair)
             else:
-                pending.add_done_callback(self._lease_granted)
+                self._report_read(ref)
                 self._count("reads")
-                self._count("unwaited_leases")
+                self._count("unleased_reads")
                 return known, data
         for attempt in range(2):
             try:
                 with translated(self._target):
-                    if pending is not None:
-                        waited, pending = pending, None
-                        with self._lock:
-                            self._releases.discard(waited)
-                        lease = waited.result()
-                    else:
-                        lease = self._stub.LeasePack(
-                            pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s),
-                            timeout=TRANSFER_TIMEOUT,
-                        )
+                    lease = self._stub.LeasePack(
+                        pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s),
+                        timeout=TRANSFER_TIMEOUT,
+                    )
             except ResourceExhausted as exc:  # not admitted to the tier: stream it
                 log.debug("colocated fetch of %s falls back to the stream: %s", ref, exc)
                 self._count("fallbacks")
@@ -395,35 +396,63 @@ class ColocatedPath:
             return revision, data
         raise AssertionError("unreachable")
 
-    def _lease_future(self, ref: str) -> Any:
-        future = self._stub.LeasePack.future(
-            pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s), timeout=TRANSFER_TIMEOUT
-        )
+    def _report_read(self, ref: str) -> None:
+        """Queue an unleased read of ``ref`` for the next ``ReportPackReads`` (sent after
+        ``report_delay_s``, at ``REPORT_BATCH`` reads, or by ``flush``)."""
+        with self._lock:
+            if self._reports_refused:
+                return
+            self._unreported.append(ref)
+            if len(self._unreported) < REPORT_BATCH:
+                if self._report_timer is None:
+                    self._report_timer = threading.Timer(self.report_delay_s, self.send_reports)
+                    self._report_timer.daemon = True
+                    self._report_timer.start()
+                return
+        self.send_reports()
+
+    def send_reports(self) -> None:
+        """Send the unleased reads not reported yet, now (without waiting for the answer)."""
+        with self._lock:
+            batch, self._unreported = self._unreported, []
+            timer, self._report_timer = self._report_timer, None
+        if timer is not None:
+            timer.cancel()  # a no-op when it is the timer's own thread calling
+        if not batch:
+            return
+        try:
+            future = self._stub.ReportPackReads.future(
+                pb.ReportPackReadsRequest(refs=batch), timeout=self._timeout
+            )
+        except Exception as exc:  # a closed channel, say: the reads stay uncounted
+            log.warning(
+                "catalog %s: reporting %d pack reads failed: %s", self._target, len(batch), exc
+            )
+            return
         with self._lock:
             self._releases.add(future)  # so that flush and close wait for it too
-        return future
+        future.add_done_callback(self._reported)
 
-    def _lease_granted(self, future: Any) -> None:
-        """Release a lease the read did not wait for, once granted (a failed one is logged:
-        the read it was for had its bytes already)."""
-        try:
-            if future.cancelled():
-                return
-            error = future.exception()
-            if error is not None:
-                log.warning(
-                    "catalog %s: a pack lease failed after its read: %s", self._target, error
-                )
-                return
-            self._release(future.result().lease_id, wait=False)
-        finally:
-            # Only now: ``flush`` then finds the release in flight, or this lease still.
+    def _reported(self, future: Any) -> None:
+        with self._lock:
+            self._releases.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            return
+        if isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.UNIMPLEMENTED:
+            # A catalog older than the report: its policy does not see unleased reads.
             with self._lock:
-                self._releases.discard(future)
+                self._reports_refused = True
+            log.info("catalog %s does not take pack read reports: %s", self._target, error)
+            return
+        log.warning("catalog %s: reporting pack reads failed: %s", self._target, error)
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait (up to ``timeout`` seconds) for the lease releases still in flight (and the
-        leases not waited for, whose callbacks start releases)."""
+        """Send the unleased reads not reported yet, and wait (up to ``timeout`` seconds) for
+        the reports and lease releases still in flight."""
+        self.send_reports()
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:

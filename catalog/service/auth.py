@@ -278,6 +278,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     # caller's nonce (catalog.peft_export); reads the ref's pack like FetchPack.
     "ExportPeftDir": MethodRule("engine", _of_ref),
     "ReleasePackLease": MethodRule("engine"),
+    "ReportPackReads": MethodRule("engine", _of_refs),
     "RegisterEngine": MethodRule("engine"),
     "ReportResidency": MethodRule("engine"),
     "WatchHints": MethodRule("engine"),

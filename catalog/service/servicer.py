@@ -337,6 +337,12 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         released = self.catalog.release_pack_lease(request.lease_id, corrupt_offset=corrupt)
         return pb.ReleasePackLeaseResponse(released=released)
 
+    def ReportPackReads(
+        self, request: pb.ReportPackReadsRequest, context: grpc.ServicerContext
+    ) -> pb.ReportPackReadsResponse:
+        recorded = self.catalog.report_pack_reads(list(request.refs))
+        return pb.ReportPackReadsResponse(recorded=recorded)
+
     def WatchHints(
         self, request: pb.WatchHintsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Hint]:

@@ -91,6 +91,12 @@ CALLS: dict[str, tuple[Callable[[CatalogClient, str], Any], bool]] = {
         True,
     ),
     "ReleasePackLease": (_raw("ReleasePackLease", pb.ReleasePackLeaseRequest(lease_id="x")), False),
+    "ReportPackReads": (
+        lambda c, n: _raw("ReportPackReads", pb.ReportPackReadsRequest(refs=[f"{n}@serving"]))(
+            c, n
+        ),
+        True,
+    ),
     "RegisterEngine": (_engine_register, False),
     "ReportResidency": (lambda c, n: c.report_residency(_ENGINE[0], [], []), False),
     "WatchHints": (_hints, False),
@@ -113,8 +119,8 @@ ALLOWED_OWN = {
     "ExportPeftDir": "FAILED_PRECONDITION",  # this catalog has no --peft-export-root
 }
 #: On a missing adapter of the own tenant. ListAdapters and Prefetch answer OK (an empty page,
-#: a "failed" progress line); Push creates it.
-ALLOWED_MISSING = {"ListAdapters": "OK", "Prefetch": "OK", "Push": "OK"}
+#: a "failed" progress line); Push creates it; ReportPackReads skips a read it cannot count.
+ALLOWED_MISSING = {"ListAdapters": "OK", "Prefetch": "OK", "Push": "OK", "ReportPackReads": "OK"}
 
 
 def test_every_rpc_is_in_the_matrix_and_the_rule_table() -> None:

@@ -1551,6 +1551,48 @@ class ReleasePackLeaseResponse(_message.Message):
 Global___ReleasePackLeaseResponse: _TypeAlias = ReleasePackLeaseResponse  # noqa: Y015
 
 @_typing.final
+class ReportPackReadsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """one per read (repeats count again), each naming a revision"""
+
+    def __init__(
+        self,
+        *,
+        refs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportPackReadsRequest: _TypeAlias = ReportPackReadsRequest  # noqa: Y015
+
+@_typing.final
+class ReportPackReadsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    """reads of packs still in the tier (the rest are ignored)"""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportPackReadsResponse: _TypeAlias = ReportPackReadsResponse  # noqa: Y015
+
+@_typing.final
 class ExportRequestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

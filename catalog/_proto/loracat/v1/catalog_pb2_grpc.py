@@ -154,6 +154,11 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseResponse.FromString,
                 _registered_method=True)
+        self.ReportPackReads = channel.unary_unary(
+                '/loracat.v1.Catalog/ReportPackReads',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.ReportPackReadsRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.ReportPackReadsResponse.FromString,
+                _registered_method=True)
         self.RegisterEngine = channel.unary_unary(
                 '/loracat.v1.Catalog/RegisterEngine',
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.RegisterEngineRequest.SerializeToString,
@@ -345,6 +350,15 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportPackReads(self, request, context):
+        """Reads a colocated engine made without a lease (a revision it had resolved, found whole
+        and checked in the tier), reported in batches: each counts as an access of the pack for
+        the tier's eviction policy and as demand for hints, as a lease would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterEngine(self, request, context):
         """Engines.
         """
@@ -504,6 +518,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.ReleasePackLease,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseResponse.SerializeToString,
+            ),
+            'ReportPackReads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPackReads,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.ReportPackReadsRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.ReportPackReadsResponse.SerializeToString,
             ),
             'RegisterEngine': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEngine,
@@ -1179,6 +1198,33 @@ class Catalog:
             '/loracat.v1.Catalog/ReleasePackLease',
             loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.ReleasePackLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPackReads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/ReportPackReads',
+            loracat_dot_v1_dot_catalog__pb2.ReportPackReadsRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.ReportPackReadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,11 @@ class CatalogStub:
     """
     LeasePack: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.LeasePackRequest, _catalog_pb2.PackLease]
     ReleasePackLease: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReleasePackLeaseRequest, _catalog_pb2.ReleasePackLeaseResponse]
+    ReportPackReads: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReportPackReadsRequest, _catalog_pb2.ReportPackReadsResponse]
+    """Reads a colocated engine made without a lease (a revision it had resolved, found whole
+    and checked in the tier), reported in batches: each counts as an access of the pack for
+    the tier's eviction policy and as demand for hints, as a lease would.
+    """
     RegisterEngine: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RegisterEngineRequest, _catalog_pb2.RegisterEngineResponse]
     """Engines."""
     ReportResidency: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]
@@ -148,6 +153,11 @@ class CatalogAsyncStub(CatalogStub):
     """
     LeasePack: _aio.UnaryUnaryMultiCallable[_catalog_pb2.LeasePackRequest, _catalog_pb2.PackLease]  # type: ignore[assignment]
     ReleasePackLease: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReleasePackLeaseRequest, _catalog_pb2.ReleasePackLeaseResponse]  # type: ignore[assignment]
+    ReportPackReads: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReportPackReadsRequest, _catalog_pb2.ReportPackReadsResponse]  # type: ignore[assignment]
+    """Reads a colocated engine made without a lease (a revision it had resolved, found whole
+    and checked in the tier), reported in batches: each counts as an access of the pack for
+    the tier's eviction policy and as demand for hints, as a lease would.
+    """
     RegisterEngine: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RegisterEngineRequest, _catalog_pb2.RegisterEngineResponse]  # type: ignore[assignment]
     """Engines."""
     ReportResidency: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ReportResidencyRequest, _catalog_pb2.ReportResidencyResponse]  # type: ignore[assignment]
@@ -351,6 +361,17 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.ReleasePackLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ReleasePackLeaseResponse, _abc.Awaitable[_catalog_pb2.ReleasePackLeaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportPackReads(
+        self,
+        request: _catalog_pb2.ReportPackReadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ReportPackReadsResponse, _abc.Awaitable[_catalog_pb2.ReportPackReadsResponse]]:
+        """Reads a colocated engine made without a lease (a revision it had resolved, found whole
+        and checked in the tier), reported in batches: each counts as an access of the pack for
+        the tier's eviction policy and as demand for hints, as a lease would.
+        """
 
     @_abc_1.abstractmethod
     def RegisterEngine(

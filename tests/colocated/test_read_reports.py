@@ -1,0 +1,112 @@
+"""Unleased colocated reads, reported to the catalog in batches (``ReportPackReads``), against
+a real `loracat serve` process and its real LMDB NVMe tier."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+import pytest
+
+from catalog._proto.loracat.v1 import catalog_pb2 as pb
+from catalog.client import CatalogClient
+from catalog.client.errors import translated
+from catalog.errors import InvalidArgument
+from catalog.pack_leasing import MAX_REPORTED_READS
+from tests.colocated.conftest import Served, big_pack
+
+
+def counters(client: CatalogClient) -> dict[str, int]:
+    return dict(client.stats()["counters"])
+
+
+class Reports:
+    """A catalog stub that records every ``ReportPackReads`` the client sends; with
+    ``unimplemented``, answers them as a catalog older than the RPC would."""
+
+    def __init__(self, stub: Any, *, unimplemented: bool = False) -> None:
+        self._stub = stub
+        self._unimplemented = unimplemented
+        self.ReportPackReads = self
+        self.sent: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    def future(self, request: Any, timeout: float | None = None) -> Any:
+        self.sent.append(list(request.refs))
+        if not self._unimplemented:
+            return self._stub.ReportPackReads.future(request, timeout=timeout)
+        answer: Future[Any] = Future()
+        answer.set_exception(_Unimplemented())
+        return answer
+
+
+class _Unimplemented(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNIMPLEMENTED
+
+    def details(self) -> str:
+        return "Method not found!"
+
+
+def test_unleased_reads_reach_the_catalog_in_one_report_after_the_delay(served: Served) -> None:
+    pack = big_pack(2, seed=41)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/reported", pack).revision
+        assert bytes(client.fetch("acme/reported")) == pack  # by reference: leased, filled
+        path = client.colocated
+        assert path is not None
+        path.flush()
+        reports = Reports(path._stub)
+        path._stub = reports  # type: ignore[assignment]
+        path.report_delay_s = 0.3
+        before = counters(client)
+        for _ in range(3):
+            assert bytes(client.fetch(revision)) == pack
+        assert path.counters["unleased_reads"] == 3
+        # Nothing sent beside the reads; the timer sends all three at once.
+        assert reports.sent == []
+        deadline = time.monotonic() + 10
+        while counters(client).get("pack_reads_reported", 0) < 3:
+            assert time.monotonic() < deadline, reports.sent
+            time.sleep(0.05)
+        after = counters(client)
+        assert reports.sent == [[f"acme/reported@{revision.digest}"] * 3]
+        assert after["pack_leases"] == before["pack_leases"]  # no lease for these reads
+        assert after["nvme_hits"] == before["nvme_hits"] + 3
+
+
+def test_a_report_counts_the_packs_it_can_and_skips_the_rest(served: Served) -> None:
+    pack = big_pack(1, seed=43)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/counted", pack).revision
+        client.fetch("acme/counted")
+        refs = [f"acme/counted@{revision.digest}", "acme/counted@2", "acme/missing@1"]
+        with translated(client.target):
+            answer = client._stub.ReportPackReads(pb.ReportPackReadsRequest(refs=refs), timeout=10)
+        assert answer.recorded == 1
+        assert counters(client)["pack_reads_ignored"] == 2
+        too_many = [refs[0]] * (MAX_REPORTED_READS + 1)
+        with pytest.raises(InvalidArgument, match="at most"), translated(client.target):
+            client._stub.ReportPackReads(pb.ReportPackReadsRequest(refs=too_many), timeout=10)
+
+
+def test_a_catalog_without_reports_is_asked_once(served: Served) -> None:
+    pack = big_pack(1, seed=47)
+    with CatalogClient(served.address) as client:
+        revision = client.push("acme/older", pack).revision
+        client.fetch("acme/older")
+        path = client.colocated
+        assert path is not None
+        reports = Reports(path._stub, unimplemented=True)
+        path._stub = reports  # type: ignore[assignment]
+        assert bytes(client.fetch(revision)) == pack
+        path.flush()
+        # Refused as unimplemented: later reads are served as before and not queued.
+        assert bytes(client.fetch(revision)) == pack
+        path.flush()
+        assert reports.sent == [[f"acme/older@{revision.digest}"]]
+        assert path.counters["unleased_reads"] == 2
