@@ -71,7 +71,7 @@ from engine_plugin.residency import (
 )
 from engine_plugin.slot_writes import SlotWriter
 from engine_plugin.slots import SlotPool
-from engine_plugin.sources import PackSource, ResidencySink
+from engine_plugin.sources import PackSource, ResidencySink, fetch_checked
 from engine_plugin.staging import StagedAdapter, stage_pack
 from engine_plugin.targets import find_targets
 
@@ -745,7 +745,7 @@ class ResidentEngine:
             return future.result()
         try:
             started = time.perf_counter()
-            data = self.catalog.fetch(revision)
+            data, values_checked = fetch_checked(self.catalog, revision)
             fetched = time.perf_counter()
             pack = read_pack(data)
             routes = self.fit.check_manifest(revision, pack.manifest)
@@ -760,6 +760,7 @@ class ResidentEngine:
                 borrow_b=into_slot,
                 helper=self._writer.helper,
                 flat=self.pool.copier is not None,
+                values_checked=values_checked,
             )
             staged_at = time.perf_counter()
         except BaseException as exc:

@@ -38,6 +38,23 @@ class PackSource(Protocol):
         copying (see ``staging``)."""
 
 
+def fetch_checked(source: PackSource, revision: Revision) -> tuple[bytes | memoryview, bool]:
+    """``source.fetch(revision)``, and whether the source vouches that the pack's values are
+    all finite, so that staging need not check them again: a source may offer
+    ``fetch_checked(revision) -> (bytes, bool)`` for that (``CatalogClient`` does: ``True``
+    for a colocated read of an NVMe tier entry the catalog checked when it filled it, see
+    ``catalog.cache.layout``); any other source's bytes are checked by the engine.
+
+    Raises:
+        As ``PackSource.fetch``.
+    """
+    offered = getattr(source, "fetch_checked", None)
+    if offered is None:
+        return source.fetch(revision), False
+    data, checked = offered(revision)
+    return data, bool(checked)
+
+
 @runtime_checkable
 class ResidencySink(Protocol):
     def register_engine(

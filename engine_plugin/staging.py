@@ -13,7 +13,8 @@ copy per stacked tensor. Two things happen here and nowhere else:
   up slots with ``lora_B``'s row halves and one shared ``lora_A`` (see ``experts``).
 
 Staged tensors are contiguous (borrowed ``lora_B`` views excepted), checked finite (a NaN in one
-slot must never leak into another row's result through a masked product), and live in pinned
+slot must never leak into another row's result through a masked product; here, or once by the
+catalog when the source vouches for it, ``values_checked``), and live in pinned
 memory when asked, so host-to-device copies can be asynchronous. Without pinning, a ``lora_A``
 that needs no conversion may *borrow* the pack's own bytes (a read-only view, when the caller
 vouches that the buffer never changes): fresh host allocations are what staging costs most on
@@ -217,6 +218,7 @@ def stage_pack(
     borrow_b: bool = False,
     flat: bool = False,
     helper: Executor | None = None,
+    values_checked: bool = False,
 ) -> StagedAdapter:
     """Convert a validated pack into host tensors in slot layout.
 
@@ -227,6 +229,10 @@ def stage_pack(
     as well, ``lora_bt`` too is such a view (``lora_B`` transposed, not contiguous). With ``flat``
     every tensor is carved from one buffer (``StagedAdapter.flat``), so that a slot write is
     one copy of it (``slot_copy``). ``helper``: a thread that takes half of the finite checks.
+    ``values_checked``: the pack's source vouches that its values are all finite (a colocated
+    read of a tier entry the catalog checked, see ``catalog.cache.layout``); tensors staged in
+    their pack dtype are then not checked again (a converted one still is: a conversion to a
+    narrower dtype can overflow).
 
     Raises:
         InvalidPack: a tensor holds NaN or infinite values, an expert module has no route,
@@ -269,7 +275,8 @@ def stage_pack(
             lora_a = raw_a
         else:
             lora_a = _materialize(raw_a, dtype, pin_memory, arena)
-        checks.append((lora_a, f"lora_A of module {spec.name!r} in {where}"))
+        if not (values_checked and raw_a.dtype == dtype):
+            checks.append((lora_a, f"lora_A of module {spec.name!r} in {where}"))
         total += tensor_nbytes(lora_a)
         for route, rows in parts:
             if borrowing and borrow_b and rows.dtype == dtype:
@@ -277,7 +284,8 @@ def stage_pack(
                 checked = rows  # the same values, read in memory order
             else:
                 lora_bt = checked = _materialize(rows.transpose(-1, -2), dtype, pin_memory, arena)
-            checks.append((checked, f"lora_B of module {spec.name!r} in {where}"))
+            if not (values_checked and rows.dtype == dtype):
+                checks.append((checked, f"lora_B of module {spec.name!r} in {where}"))
             if route.slot_module in modules:
                 raise InvalidPack(
                     f"modules {modules[route.slot_module].source!r} and {spec.name!r} of {where} "

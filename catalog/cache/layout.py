@@ -7,9 +7,10 @@ is its only writer, and engines on the same host may open it read-only
     chunks   entry key + u32 big-endian chunk index -> chunk bytes (``chunk_bytes`` each, the
              last one shorter)
     entries  entry key -> meta: format, codec, size, chunk_bytes, chunk count, insert time
-             (unix ns), pin count, then one checksum per chunk (format 2: 16-byte XXH3-128;
-             format 1, written before 2026-12-04 and still read: 32-byte BLAKE3); for a
-             reference entry (codec 1) the absolute path of the durable tier's file follows
+             (unix ns), pin count, (format 3) a flags byte, then one checksum per chunk
+             (formats 2 and 3: 16-byte XXH3-128; format 1, written before 2026-12-04 and still
+             read: 32-byte BLAKE3); for a reference entry (codec 1) the absolute path of the
+             durable tier's file follows
     info     b"schema" -> schema version; b"instance" -> a random id naming this environment
              (a reader checks it, so that a path that names another directory on another host
              or in another mount namespace is never taken for the catalog's cache)
@@ -28,6 +29,16 @@ thing BLAKE3 caught that XXH3 does not: a deliberate edit of a referenced store 
 who may write the catalog's store but not its tier. An engine from before format 2 reads a
 format-2 meta as corrupt (and, after the catalog's refill, refuses it with DATA_LOSS): upgrade
 engines with their catalog.
+
+Flag ``FLAG_VALUES_FINITE`` (format 3): the catalog checked, when it filled the entry, that
+every tensor of the pack holds finite values only (``catalog.pack.finite``), on the very bytes
+whose chunk checksums this meta records. An engine that checks every chunk against those
+checksums then has the checked bytes, and may skip its own finite pass over tensors it stages
+unconverted (``engine_plugin.staging``); a meta without the flag (formats 1 and 2, or a pack
+that failed or could not be checked) leaves the check to the engine, as before. What this
+trusts is what the checksums already trust: the tier's writer, and the store's files behind
+reference entries against random corruption (not against a deliberate edit that keeps the
+XXH3 checksums, see above). An engine from before format 3 reads a format-3 meta as corrupt.
 
 A reference entry has no chunks: its bytes are the durable tier's own file (a ``file://`` store
 on the cache's filesystem keeps every pack as an immutable file, written once under a temporary
@@ -57,6 +68,7 @@ __all__ = [
     "DATA_FILE",
     "DEFAULT_CHUNK_BYTES",
     "ENTRIES_DB",
+    "FLAG_VALUES_FINITE",
     "INDEX_BYTES",
     "INFO_DB",
     "INSTANCE_KEY",
@@ -87,15 +99,18 @@ INSTANCE_KEY = b"instance"
 DATA_FILE = "data.mdb"
 
 #: Checksum bytes per chunk, by meta format.
-CHECKSUM_BYTES_BY_FORMAT = {1: 32, 2: 16}
-CHECKSUM_BYTES = CHECKSUM_BYTES_BY_FORMAT[2]
+CHECKSUM_BYTES_BY_FORMAT = {1: 32, 2: 16, 3: 16}
+CHECKSUM_BYTES = CHECKSUM_BYTES_BY_FORMAT[3]
 INDEX_BYTES = 4
 MAX_INDEX = (1 << (8 * INDEX_BYTES)) - 1
 
-_FORMAT = 2  # XXH3-128 checksums; format 1 (BLAKE3) is still read
+_FORMAT = 3  # XXH3-128 checksums and a flags byte; formats 1 (BLAKE3) and 2 are still read
 CODEC_RAW = 0  # chunks stored in the environment (room for a compressed codec later)
 CODEC_FILE = 1  # no chunks: the bytes are the file whose path ends the meta
 _META = struct.Struct(">BBQIIQI")  # format, codec, size, chunk_bytes, count, inserted_ns, pins
+_FLAGS = struct.Struct(">B")  # format 3: after the header
+#: Format 3 flag: the pack's values were checked finite when the entry was filled.
+FLAG_VALUES_FINITE = 1
 
 
 def entry_key(digest: Digest) -> bytes:
@@ -134,6 +149,8 @@ class EntryMeta:
     file: str = ""
     #: The meta's format, which names the checksum algorithm (see the module doc).
     fmt: int = _FORMAT
+    #: The catalog checked the pack's values finite when it filled the entry (format 3).
+    values_finite: bool = False
 
     @property
     def chunk_count(self) -> int:
@@ -160,6 +177,11 @@ class EntryMeta:
         )
 
     def encode(self) -> bytes:
+        if self.values_finite and self.fmt < 3:
+            raise ValueError(f"meta format {self.fmt} has no flags")
+        flags = (
+            _FLAGS.pack(FLAG_VALUES_FINITE if self.values_finite else 0) if self.fmt >= 3 else b""
+        )
         header = _META.pack(
             self.fmt,
             CODEC_FILE if self.file else CODEC_RAW,
@@ -169,11 +191,18 @@ class EntryMeta:
             self.inserted_ns,
             self.pins,
         )
-        return header + self.checksums + self.file.encode()
+        return header + flags + self.checksums + self.file.encode()
 
     def with_pins(self, pins: int) -> EntryMeta:
         return EntryMeta(
-            self.size, self.chunk_bytes, self.inserted_ns, pins, self.checksums, self.file, self.fmt
+            self.size,
+            self.chunk_bytes,
+            self.inserted_ns,
+            pins,
+            self.checksums,
+            self.file,
+            self.fmt,
+            self.values_finite,
         )
 
     @classmethod
@@ -183,12 +212,21 @@ class EntryMeta:
             raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
         fmt, codec, size, chunk_bytes, count, inserted_ns, pins = _META.unpack_from(raw)
         if fmt not in CHECKSUM_BYTES_BY_FORMAT or codec not in (CODEC_RAW, CODEC_FILE):
-            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1-2/0-1")
+            raise ValueError(f"meta has format {fmt} codec {codec}; this version reads 1-3/0-1")
         if size <= 0 or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"meta has size {size}, chunk_bytes {chunk_bytes}")
         if count != -(-size // chunk_bytes):
             raise ValueError(f"meta has {count} chunks for {size} bytes of {chunk_bytes}")
-        end = _META.size + count * CHECKSUM_BYTES_BY_FORMAT[fmt]
+        start = _META.size
+        flags = 0
+        if fmt >= 3:
+            if len(raw) < start + _FLAGS.size:
+                raise ValueError(f"meta is {len(raw)} bytes, shorter than its header")
+            (flags,) = _FLAGS.unpack_from(raw, start)
+            if flags & ~FLAG_VALUES_FINITE:
+                raise ValueError(f"meta has unknown flags {flags:#x}")
+            start += _FLAGS.size
+        end = start + count * CHECKSUM_BYTES_BY_FORMAT[fmt]
         if codec == CODEC_RAW and len(raw) != end:
             raise ValueError(f"meta is {len(raw)} bytes, expected {count} checksums")
         if codec == CODEC_FILE and len(raw) <= end:
@@ -201,16 +239,23 @@ class EntryMeta:
                 raise ValueError("reference meta names a file path that is not UTF-8") from None
             if not file.startswith("/"):
                 raise ValueError(f"reference meta names a relative file path {file!r}")
-        return cls(size, chunk_bytes, inserted_ns, pins, bytes(raw[_META.size : end]), file, fmt)
+        values_finite = bool(flags & FLAG_VALUES_FINITE)
+        checksums = bytes(raw[start:end])
+        return cls(size, chunk_bytes, inserted_ns, pins, checksums, file, fmt, values_finite)
 
     @classmethod
-    def for_data(cls, data: bytes, chunk_bytes: int, *, file: str = "") -> EntryMeta:
+    def for_data(
+        cls, data: bytes, chunk_bytes: int, *, file: str = "", values_finite: bool = False
+    ) -> EntryMeta:
         """The meta of ``data`` cut into chunks; with ``file``, a reference entry to that file
-        (which holds exactly ``data``)."""
+        (which holds exactly ``data``); ``values_finite``: the pack's values were checked
+        finite (``FLAG_VALUES_FINITE``)."""
         view = memoryview(data)
         starts = range(0, len(data), chunk_bytes)
         checksums = b"".join(checksum(view[start : start + chunk_bytes]) for start in starts)
-        return cls(len(data), chunk_bytes, time.time_ns(), 0, checksums, file)
+        return cls(
+            len(data), chunk_bytes, time.time_ns(), 0, checksums, file, values_finite=values_finite
+        )
 
 
 def host_id() -> str:

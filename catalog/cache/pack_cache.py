@@ -190,6 +190,7 @@ class PackCache:
         map_size: int | None = None,
         max_map_size: int | None = None,
         local_files: Callable[[Digest], Path | None] | None = None,
+        values_finite: Callable[[bytes], bool] | None = None,
     ) -> None:
         """Open (creating if missing) the cache in directory ``path``.
 
@@ -209,6 +210,9 @@ class PackCache:
                 ``file://`` store). A pack whose file is on this cache's filesystem is cached as
                 a reference to that file (its meta and checksums, no second copy; counted as
                 ``referenced_fills``); its bytes still count against ``capacity_bytes``.
+            values_finite: whether a pack's values are all finite (``catalog.pack.finite``),
+                asked once per fill; ``True`` is recorded in the entry's meta (format 3's
+                ``FLAG_VALUES_FINITE``), so that colocated engines need not check again.
 
         Raises:
             InvalidArgument: bad capacity, policy name, chunk size or map size.
@@ -223,6 +227,7 @@ class PackCache:
             )
         self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)
         self._local_files = local_files
+        self._values_finite = values_finite
         self.path = Path(path)
         self.chunk_bytes = chunk_bytes
         initial = _initial_map_size(capacity_bytes, chunk_bytes) if map_size is None else map_size
@@ -879,7 +884,12 @@ class PackCache:
         """Cache ``data`` if it is admitted; a failure to write is logged, never raised."""
         if not data:
             return
-        meta = EntryMeta.for_data(data, self.chunk_bytes, file=self._reference_for(digest, data))
+        # Checked on the bytes the checksums are taken of: the flag and the checksums describe
+        # the same bytes (see ``layout``).
+        finite = self._values_finite is not None and self._values_finite(data)
+        meta = EntryMeta.for_data(
+            data, self.chunk_bytes, file=self._reference_for(digest, data), values_finite=finite
+        )
         try:
             self._install(digest, data, meta)
         except (lmdb.Error, CatalogError) as exc:

@@ -227,6 +227,16 @@ class ColocatedReader:
             EntryMissing: no such entry (or one of another size).
             CorruptChunk: a chunk is missing, short or fails its checksum.
         """
+        return self.read_entry(digest, size, name)[0]
+
+    def read_entry(self, digest: Digest, size: int, name: str) -> tuple[memoryview, bool]:
+        """As :meth:`read`, with whether the entry's meta records the pack's values checked
+        finite by the catalog (``layout.FLAG_VALUES_FINITE``): then the bytes returned, which
+        matched the meta's checksums, are the ones it checked.
+
+        Raises:
+            As :meth:`read`.
+        """
         for attempt in range(2):
             try:
                 with self._shared.gate.shared():
@@ -237,7 +247,7 @@ class ColocatedReader:
                 self._shared.adopt_grown_map()  # the catalog grew its map since we opened
         raise AssertionError("unreachable")
 
-    def _read(self, digest: Digest, size: int, name: str) -> memoryview:
+    def _read(self, digest: Digest, size: int, name: str) -> tuple[memoryview, bool]:
         shared = self._shared
         ekey = entry_key(digest)
         with shared.begin() as txn:
@@ -250,7 +260,7 @@ class ColocatedReader:
             if meta.size != size:
                 raise EntryMissing(f"{name} is {meta.size} bytes in {self.path}, not {size}")
             if meta.file:
-                return _map_referenced_file(meta, name)
+                return _map_referenced_file(meta, name), meta.values_finite
             buffer = new_buffer(size)
             out = memoryview(buffer)
             for index in range(meta.chunk_count):
@@ -264,7 +274,7 @@ class ColocatedReader:
                 # The copy is what is checked, so what is returned is exactly what matched.
                 if checksum(piece, meta.fmt) != meta.checksum(index):
                     raise CorruptChunk(f"chunk {index} of {name} fails its checksum", start)
-        return out.toreadonly()
+        return out.toreadonly(), meta.values_finite
 
     def close(self) -> None:
         """Stop using the environment. Idempotent."""
@@ -325,10 +335,13 @@ class ColocatedPath:
         """Whether fetches read the NVMe tier directly (decides on first use)."""
         return self._ensure_reader() is not None
 
-    def fetch(self, ref: str, known: Revision | None = None) -> tuple[Revision, memoryview] | None:
-        """``ref``'s whole pack read from the NVMe tier under a lease; ``None`` when this
-        fetch must take the gRPC stream (not colocated, or the pack was not admitted to the
-        tier, or its entry vanished).
+    def fetch(
+        self, ref: str, known: Revision | None = None
+    ) -> tuple[Revision, memoryview, bool] | None:
+        """``ref``'s whole pack read from the NVMe tier under a lease, and whether the
+        catalog checked its values finite (see ``ColocatedReader.read_entry``); ``None`` when
+        this fetch must take the gRPC stream (not colocated, or the pack was not admitted to
+        the tier, or its entry vanished).
 
         ``known``: the revision ``ref`` names, when the caller resolved it already (``ref``
         then names it by digest). The read then takes no lease at all: a pack already in the
@@ -350,7 +363,7 @@ class ColocatedPath:
             return None
         if known is not None:
             try:
-                data = reader.read(
+                data, finite = reader.read_entry(
                     known.digest, known.size_bytes, f"{known.adapter}@{known.number}"
                 )
             except (EntryMissing, CorruptChunk):
@@ -359,7 +372,7 @@ class ColocatedPath:
                 self._report_read(ref)
                 self._count("reads")
                 self._count("unleased_reads")
-                return known, data
+                return known, data, finite
         for attempt in range(2):
             try:
                 with translated(self._target):
@@ -374,7 +387,7 @@ class ColocatedPath:
             revision = revision_from_pb(lease.revision)
             name = f"{revision.adapter}@{revision.number}"
             try:
-                data = reader.read(revision.digest, revision.size_bytes, name)
+                data, finite = reader.read_entry(revision.digest, revision.size_bytes, name)
             except EntryMissing as exc:
                 self._release(lease.lease_id, wait=False)
                 log.warning("colocated fetch of %s falls back to the stream: %s", name, exc)
@@ -393,7 +406,7 @@ class ColocatedPath:
                 continue
             self._release(lease.lease_id, wait=False)
             self._count("reads")
-            return revision, data
+            return revision, data, finite
         raise AssertionError("unreachable")
 
     def _report_read(self, ref: str) -> None:

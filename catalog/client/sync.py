@@ -379,12 +379,28 @@ class CatalogClient:
             if read is not None:
                 if progress:
                     progress(read[0].size_bytes, read[0].size_bytes)
-                return read
+                return read[0], read[1]
         if parallel > 1 and offset == 0 and length == 0:
             return self._fetch_parallel(ref, parallel, verify, progress, timeout)
         return self._fetch_stream(
             PackReceiver(ref_text(ref), offset, length, verify=verify), progress, timeout
         )
+
+    def fetch_checked(self, revision: Revision) -> tuple[memoryview, bool]:
+        """``revision``'s whole pack as :meth:`fetch` returns it, and whether the catalog
+        vouches that its values are all finite: ``True`` only for a colocated read of an NVMe
+        tier entry whose meta records the check (``catalog.cache.layout``,
+        ``FLAG_VALUES_FINITE``), every chunk of it having matched its checksum. An engine
+        may then skip its own finite check of the tensors it stages unconverted.
+
+        Raises:
+            As :meth:`fetch`.
+        """
+        if self.colocated is not None:
+            read = self.colocated.fetch(_leased_ref(revision), revision)
+            if read is not None:
+                return read[1], read[2]
+        return self.fetch(revision), False
 
     def _fetch_stream(
         self, receiver: PackReceiver, progress: ProgressCallback | None, timeout: float

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from catalog.errors import InvalidPack
-from catalog.pack.format import Pack
+from catalog.errors import CatalogError, InvalidPack
+from catalog.pack.format import Pack, read_pack
 
 #: dtype -> (unsigned integer view, mask of the exponent bits)
 _EXPONENT_BITS: dict[str, tuple[type[np.unsignedinteger], int]] = {
@@ -50,3 +50,17 @@ def check_finite(pack: Pack, *, what: str = "pack") -> None:
                 f"{what}: tensor {name!r} holds a non-finite value (NaN or infinity) at flat "
                 f"index {index}; a pack's weights must all be finite"
             )
+
+
+def pack_values_finite(data: bytes | memoryview) -> bool:
+    """Whether ``data`` is a valid pack whose tensors are all finite (``False`` for bytes that
+    are not a pack at all). The NVMe tier records it per entry when it fills one (see
+    ``catalog.cache.layout``, ``FLAG_VALUES_FINITE``)."""
+    try:
+        pack = read_pack(data)
+        return all(
+            first_non_finite(pack.tensor(name).data, pack.tensor(name).dtype) is None
+            for name in pack.tensor_names()
+        )
+    except CatalogError:
+        return False

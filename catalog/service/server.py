@@ -67,6 +67,7 @@ def open_catalog(
     """
     from catalog.cache.pack_cache import PackCache
     from catalog.index.lmdb_index import LmdbIndex
+    from catalog.pack.finite import pack_values_finite
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,7 @@ def open_catalog(
             cache_bytes,
             cache_policy,
             local_files=_local_blob_files(store),
+            values_finite=pack_values_finite,
         )
         if cache_bytes > 0
         else None
