@@ -345,6 +345,11 @@ class AsyncCatalogClient:
             )
         )[1]
 
+    async def fetch_checked(self, revision: Revision) -> tuple[memoryview, bool]:
+        """As :meth:`CatalogClient.fetch_checked`; this client always streams, so the catalog
+        never vouches for the values (``False``)."""
+        return await self.fetch(revision), False
+
     async def fetch_to(self, ref: Ref | Revision | str, dest: Path, **options: Any) -> Revision:
         """As :meth:`CatalogClient.fetch_to` (the file is written on a worker thread)."""
         revision, data = await self.fetch_with_revision(ref, **options)
