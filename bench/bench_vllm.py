@@ -4,17 +4,19 @@ Questions, each answered side by side in one run against one vLLM server that ha
 loracat resolver and vLLM's own filesystem resolver:
 
 1. Cold first request for a never-seen adapter (rank 16, all seven linears): through loracat
-   (Resolve, then the catalog, whose durable tier is S3 on SeaweedFS, writes the PEFT files into
-   the node cache (``ExportPeftDir``: the catalog runs on the host with ``--peft-export-root``
-   over the node cache); the pack is evicted from the catalog's NVMe tier first so it comes
-   from S3) vs what users script today (download the PEFT directory from the same S3 with boto3,
-   then let vLLM's filesystem resolver load it). Adapters alternate between the two paths.
+   (one ``ExportPeftDir`` call: the catalog, whose durable tier is S3 on SeaweedFS, resolves the
+   reference, checks base and rank, and writes the PEFT files into the node cache; it runs on
+   the host with ``--peft-export-root`` over the node cache); the pack is evicted from the
+   catalog's NVMe tier first so it comes from S3) vs what users script today (download the
+   PEFT directory from the same S3 with boto3, then let vLLM's filesystem resolver load it).
+   Adapters alternate between the two paths.
    Floor: ratio <= 1.0. ``--no-server-export``: a catalog that does not write for the engine
    (a remote one), so the plugin fetches the pack and writes the files in vLLM's process.
    ``--fsync``: the node cache fsyncs every directory (``LORACAT_VLLM_CACHE_FSYNC=1``; by default
    it does not, guarded by a boot-id marker). Beside them: never-seen adapters whose pack is in
    the catalog's NVMe tier, and where the cold path's time goes outside vLLM (resolve, fetch,
-   PEFT export, ExportPeftDir, download) and inside it (the plugin's log lines).
+   PEFT export, ExportPeftDir by digest after a resolve and by reference alone, download) and
+   inside it (the plugin's log lines).
 2. First request for an adapter warmed by a catalog hint (an alias ``serving`` move, which the
    plugin turns into a load into vLLM's LoRA cache) vs a request for an adapter vLLM has loaded
    and used. Floor: <= 1.1x.
@@ -46,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import percentile, print_table, write_results
+from catalog.bases import base_identity
 from catalog.client import CatalogClient
 from catalog.errors import NotFound
 from catalog.pack import export_peft_dir, import_peft_dir
@@ -326,6 +329,7 @@ def main() -> None:
                 "export_peft_dir": [],
                 "boto3_download": [],
                 "ExportPeftDir_from_s3": [],
+                "ExportPeftDir_by_ref_from_s3": [],  # the plugin's first request: no Resolve
             }
             for i in range(n):
                 evict_from_catalog(client, f"bench/cold-{i}@1")
@@ -349,6 +353,20 @@ def main() -> None:
                     t5 = time.perf_counter()
                     client.export_peft_dir(pinned, into, nonce=nonce, fsync=args.fsync)
                     times.append(time.perf_counter() - t5)
+                    evict_from_catalog(client, f"bench/cold-{i}@1")
+                    into = node_cache / "tmp" / f"bench-ref-{i}"
+                    into.mkdir()
+                    (into / NONCE_FILE).write_text(nonce)
+                    t6 = time.perf_counter()
+                    client.export_peft_dir(
+                        f"bench/cold-{i}@1",
+                        into,
+                        nonce=nonce,
+                        fsync=args.fsync,
+                        served_base=base_identity(str(base)),
+                        max_rank=args.rank,
+                    )
+                    times.append(time.perf_counter() - t6)
                 for key, value in zip(parts, times, strict=False):
                     parts[key].append(value)
         finally:

@@ -27,8 +27,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from catalog.bases import base_identity
 from catalog.core import DeferredPackRead
-from catalog.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from catalog.errors import (
+    FailedPrecondition,
+    IncompatibleAdapter,
+    InvalidArgument,
+    PermissionDenied,
+)
+from catalog.model import Revision
 from catalog.pack import export_peft_dir
 from catalog.pack.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
@@ -42,6 +49,30 @@ NONCE_FILE = ".loracat-export-nonce"
 FILL_DELAY_S = 0.5
 #: Nonces shorter than this are refused: they prove nothing.
 MIN_NONCE_CHARS = 16
+
+
+def check_fits(name: str, revision: Revision, served_base: str, max_rank: int) -> None:
+    """Refuse ``revision`` (what ``name`` resolved to) for an engine serving ``served_base``
+    (a ``base_identity``; empty: any base) with ranks up to ``max_rank`` (0: any). A revision
+    with no ``base_id`` passes the base check: the engine still checks shapes when it loads.
+    The engine plugin checks with this, and ``ExportPeftDir`` before it reads a byte.
+
+    Raises:
+        IncompatibleAdapter: the rank is above ``max_rank``, or the bases differ.
+    """
+    if max_rank and revision.rank > max_rank:
+        raise IncompatibleAdapter(
+            f"{name} resolves to {revision.adapter}@{revision.number} of rank "
+            f"{revision.rank}, above the engine's --max-lora-rank {max_rank}"
+        )
+    if not revision.base_id or not served_base:
+        return
+    if base_identity(revision.base_id) != served_base:
+        raise IncompatibleAdapter(
+            f"{name} resolves to {revision.adapter}@{revision.number} "
+            f"({revision.digest.short}), trained for base {revision.base_id!r}, but the "
+            f"engine serves {served_base!r}"
+        )
 
 
 class PeftExporter:

@@ -446,11 +446,18 @@ class AsyncCatalogClient:
         *,
         nonce: str,
         fsync: bool = False,
+        served_base: str = "",
+        max_rank: int = 0,
         timeout: float = TRANSFER_TIMEOUT,
     ) -> tuple[Revision, int]:
         """As :meth:`CatalogClient.export_peft_dir`."""
         request = pb.ExportPeftDirRequest(
-            ref=ref_text(ref), dest=str(dest), nonce=nonce, fsync=fsync
+            ref=ref_text(ref),
+            dest=str(dest),
+            nonce=nonce,
+            fsync=fsync,
+            served_base=served_base,
+            max_rank=max_rank,
         )
         with translated(self.target):
             response = await self._stub.ExportPeftDir(request, timeout=timeout)

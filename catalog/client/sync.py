@@ -548,21 +548,32 @@ class CatalogClient:
         *,
         nonce: str,
         fsync: bool = False,
+        served_base: str = "",
+        max_rank: int = 0,
         timeout: float = TRANSFER_TIMEOUT,
     ) -> tuple[Revision, int]:
         """Have a colocated catalog write ``ref``'s revision as PEFT files into ``dest``, an
         existing directory under the server's ``--peft-export-root`` holding a
         ``.loracat-export-nonce`` file with exactly ``nonce`` (``catalog.peft_export``);
-        returns the revision and the files' total size.
+        returns the revision and the files' total size. With ``served_base`` (a
+        ``catalog.bases.base_identity``) or ``max_rank``, the server refuses a revision that
+        does not fit before it reads a byte (``catalog.peft_export.check_fits``): an engine's
+        first request for a mutable ref need not resolve it first.
 
         Raises:
+            IncompatibleAdapter: the revision does not fit ``served_base`` / ``max_rank``.
             FailedPrecondition: the server exports nothing, or ``dest`` does not hold
                 ``nonce`` as the server sees it (another host).
             PermissionDenied: ``dest`` is not under the server's export root.
             InvalidArgument, InvalidReference, NotFound, DataLoss, InvalidPack: as named.
         """
         request = pb.ExportPeftDirRequest(
-            ref=ref_text(ref), dest=str(dest), nonce=nonce, fsync=fsync
+            ref=ref_text(ref),
+            dest=str(dest),
+            nonce=nonce,
+            fsync=fsync,
+            served_base=served_base,
+            max_rank=max_rank,
         )
         with translated(self.target):
             response = self._stub.ExportPeftDir(request, timeout=timeout)

@@ -16,7 +16,7 @@ from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import FailedPrecondition, InvalidArgument
 from catalog.model import AdapterName, PushProvenance, Ref
-from catalog.peft_export import PeftExporter
+from catalog.peft_export import PeftExporter, check_fits
 from catalog.service.request_record import RequestRecord, caller_of
 from catalog.service.resolve_cache import GenerationCache
 
@@ -195,7 +195,10 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         self, request: pb.ExportPeftDirRequest, context: grpc.ServicerContext
     ) -> pb.ExportPeftDirResponse:
         revision = self.catalog.resolve(Ref.parse(request.ref))
-        # Every check of the destination before a byte is read (a refusal costs no S3 read).
+        # Every check of the fit and the destination before a byte is read (a refusal costs
+        # no S3 read): an engine's cold first request sends its base and rank limit here
+        # instead of resolving first.
+        check_fits(request.ref, revision, request.served_base, request.max_rank)
         dest = self.peft_exporter.check_destination(request.dest, request.nonce)
         if self.record is not None:
             self.record.add(

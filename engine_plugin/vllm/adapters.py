@@ -12,6 +12,14 @@ node cache's private temporary directory: the pack's bytes never cross gRPC, and
 work runs in vLLM's process, whose API server shares the GIL with the resolver. Otherwise (a
 remote catalog, or one without the flag) the pack is fetched and written here. The node cache
 publishes the directory either way, by its rename, after the files are complete.
+
+The cold path in one round trip. The node's very first request for a name is not resolved
+first: ``ExportPeftDir`` gets the name as written with the served base and the rank limit, and
+the catalog resolves, refuses a misfit before reading a byte, writes, and answers the revision;
+the node cache publishes the files under that revision's digest (``acquire_first``). Every other
+request resolves first (its directory is found by digest, written by whichever request was
+first): the node cache's single flight is keyed by digest, and only the first request for a
+name, which holds the name's lock, can skip learning the digest.
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ from pathlib import Path
 from typing import Protocol
 
 from catalog.bases import base_identity
+from catalog.digest import Digest
 from catalog.errors import FailedPrecondition, IncompatibleAdapter, Internal, PermissionDenied
 from catalog.model import Ref, Revision, Selector
 from catalog.pack import export_peft_dir
-from catalog.peft_export import NONCE_FILE
+from catalog.peft_export import NONCE_FILE, check_fits
 from engine_plugin.vllm.node_cache import PeftDirCache
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,17 @@ log = logging.getLogger(__name__)
 #: After the catalog refused an export, the plugin fetches instead for this long before it
 #: asks again (a catalog restarted with ``--peft-export-root`` is used again).
 EXPORT_RETRY_S = 60.0
+
+
+#: Added to a wrong-base refusal: the usual cause is a local copy of the catalog's base.
+BASE_HINT = (
+    " (set LORACAT_BASE_ID to the catalog's base id for the served model if they are the same base)"
+)
+
+
+def hinted(exc: IncompatibleAdapter) -> IncompatibleAdapter:
+    """``exc`` with ``BASE_HINT`` added when it is about the base."""
+    return IncompatibleAdapter(f"{exc}{BASE_HINT if 'trained for base' in str(exc) else ''}")
 
 
 class AdapterCatalog(Protocol):
@@ -126,21 +146,10 @@ class CatalogAdapters:
         Raises:
             IncompatibleAdapter: the bases differ, or the rank is above ``max_rank``.
         """
-        if self.max_rank and revision.rank > self.max_rank:
-            raise IncompatibleAdapter(
-                f"{name} resolves to {revision.adapter}@{revision.number} of rank "
-                f"{revision.rank}, above this server's --max-lora-rank {self.max_rank}"
-            )
-        if not revision.base_id or not self.served_base:
-            return
-        trained_for = base_identity(revision.base_id)
-        if trained_for != self.served_base:
-            raise IncompatibleAdapter(
-                f"{name} resolves to {revision.adapter}@{revision.number} "
-                f"({revision.digest.short}), trained for base {revision.base_id!r}, but this "
-                f"vLLM serves {self.served_base!r} (set LORACAT_BASE_ID to the catalog's base "
-                "id for the served model if they are the same base)"
-            )
+        try:
+            check_fits(name, revision, self.served_base, self.max_rank)
+        except IncompatibleAdapter as exc:
+            raise hinted(exc) from None
 
     def materialize(self, name: str, ref: Ref, revision: Revision) -> Materialized:
         """Make ``revision`` a PEFT directory on node-local disk (fetched at most once per host)
@@ -157,10 +166,10 @@ class CatalogAdapters:
 
         def write(into: Path) -> int:
             started = time.perf_counter()
-            written = self._export(pinned, into)
-            if written is not None:
+            exported = self._export(pinned, into)
+            if exported is not None:
                 timings["export"] = time.perf_counter() - started
-                return written
+                return exported[1]
             started = time.perf_counter()
             data = self.catalog.fetch(pinned)
             fetched = time.perf_counter()
@@ -171,21 +180,29 @@ class CatalogAdapters:
         path = self.cache.acquire(revision.digest, write)
         return Materialized(name, ref, revision, path, timings)
 
-    def _export(self, pinned: str, into: Path) -> int | None:
-        """Have the catalog write the PEFT files into ``into``; the bytes written, or ``None``
-        when it cannot (then the caller fetches). Errors about the revision itself (deleted,
-        corrupt) propagate, as they would from a fetch."""
+    def _may_export(self) -> bool:
+        """Whether to ask the catalog to write PEFT files now (see ``EXPORT_RETRY_S``)."""
         if not self.server_export:
+            return False
+        refused_at = self._export_refused_at
+        return refused_at is None or time.monotonic() - refused_at >= EXPORT_RETRY_S
+
+    def _export(self, ref: str, into: Path, **fit: str | int) -> tuple[Revision, int] | None:
+        """Have the catalog write the PEFT files of ``ref`` into ``into`` (``fit``: the
+        ``served_base`` and ``max_rank`` it checks first); the revision and the bytes written,
+        or ``None`` when it cannot (then the caller fetches). Errors about the revision itself
+        (unknown, misfit, deleted, corrupt) propagate, as they would from a resolve or fetch."""
+        if not self._may_export():
             return None
         refused_at = self._export_refused_at
-        if refused_at is not None and time.monotonic() - refused_at < EXPORT_RETRY_S:
-            return None
         nonce = secrets.token_hex(16)
         (into / NONCE_FILE).write_text(nonce)
         try:
-            _, written = self.catalog.export_peft_dir(  # type: ignore[attr-defined]
-                pinned, into, nonce=nonce, fsync=self.cache.fsync
+            revision, written = self.catalog.export_peft_dir(  # type: ignore[attr-defined]
+                ref, into, nonce=nonce, fsync=self.cache.fsync, **fit
             )
+        except IncompatibleAdapter as exc:  # a misfit, not a refusal to export
+            raise hinted(exc) from None
         except (FailedPrecondition, PermissionDenied, Internal) as exc:
             # Internal: a catalog that predates ExportPeftDir answers UNIMPLEMENTED.
             if refused_at is None:
@@ -196,16 +213,63 @@ class CatalogAdapters:
             (into / NONCE_FILE).unlink(missing_ok=True)
         self._export_refused_at = None
         self.exports += 1
-        return int(written)
+        return revision, int(written)
 
     def load(self, name: str) -> Materialized:
-        """:meth:`resolve`, then :meth:`materialize` (see both for what they raise)."""
+        """:meth:`resolve`, then :meth:`materialize` (see both for what they raise), except for
+        the very first cold request for ``name`` on this node when the catalog writes PEFT
+        directories here: then one ``ExportPeftDir`` call resolves, checks the fit and
+        writes (:meth:`load_first`)."""
+        first = self.load_first(name)
+        if first is not None:
+            return first
         started = time.perf_counter()
         ref, revision = self.resolve(name)
         resolved = time.perf_counter() - started
         materialized = self.materialize(name, ref, revision)
         materialized.timings["resolve"] = resolved
         return materialized
+
+    def load_first(self, name: str) -> Materialized | None:
+        """The cold path in one round trip: the catalog resolves ``name``, refuses a revision
+        that does not fit (base, rank) before reading a byte, and writes the PEFT files into a
+        private directory of the node cache, which publishes them under the digest the catalog
+        answered (``PeftDirCache.acquire_first``); that revision is the one returned, so a
+        mutable name is bound to what it named when it was read. ``None`` when this is not the
+        node's first request for ``name`` (the caller resolves, and finds the first one's
+        directory by digest) or the catalog cannot write here (the caller fetches).
+
+        Raises:
+            InvalidReference: ``name`` is not a loracat reference.
+            NotFound: no such adapter, revision or alias.
+            IncompatibleAdapter: the revision was trained for another base, or its rank is
+                above ``max_rank``.
+            DataLoss, InvalidPack, Unavailable, DeadlineExceeded: as :meth:`materialize`.
+        """
+        ref = self.parse(name)
+        if not self._may_export():
+            return None
+        timings: dict[str, float] = {}
+        found: list[Revision] = []
+
+        def export(into: Path) -> tuple[Digest, int] | None:
+            started = time.perf_counter()
+            exported = self._export(
+                str(ref), into, served_base=self.served_base, max_rank=self.max_rank
+            )
+            if exported is None:
+                return None
+            revision, written = exported
+            # A catalog that predates the fit fields ignores them: check here too.
+            self.check_fits(name, revision)
+            timings["export"] = time.perf_counter() - started
+            found.append(revision)
+            return revision.digest, written
+
+        path = self.cache.acquire_first(str(ref), export)
+        if path is None:
+            return None
+        return Materialized(name, ref, found[0], path, timings)
 
     def release(self, materialized: Materialized) -> None:
         self.cache.release(materialized.revision.digest)

@@ -5,6 +5,7 @@ PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) under o
 
     ROOT/adapters/sha256-<hex>/     complete directories; the rename into place is the commit
     ROOT/locks/sha256-<hex>.lock    one lock file per revision (fcntl.flock)
+    ROOT/locks/ref-<hash>.lock      one per reference text asked for cold (see acquire_first)
     ROOT/tmp/<pid>-<random>/        directories being written (or left by a crash)
     ROOT/evict.lock                 one evictor at a time
 
@@ -38,6 +39,7 @@ recency policies see exactly what happened; frequency-based ones see recency onl
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -102,6 +104,7 @@ class NodeCacheCounters:
     waits: int = 0  # misses that found another writer's directory after waiting for its lock
     evictions: int = 0
     bytes_in: int = 0
+    discards: int = 0  # first-request exports whose digest another process had published
 
 
 class PeftDirCache:
@@ -207,6 +210,65 @@ class PeftDirCache:
             else:
                 self.evict_to_budget()
         return path
+
+    def acquire_first(
+        self, ref_text: str, export: Callable[[Path], tuple[Digest, int] | None]
+    ) -> Path | None:
+        """For the very first cold request for ``ref_text`` on this node (not yet resolved, so
+        its digest is unknown): ``export(scratch)`` writes the PEFT files into a fresh private
+        directory and returns the revision's digest and the bytes written; the files are then
+        published under the digest as :meth:`acquire` does (single flight by digest: if the
+        digest's directory is there already, this export is discarded) and held until
+        :meth:`release`.
+
+        Single flight by reference text: an exclusive lock per text. A request that finds it
+        taken waits for it, then returns ``None``, as does any later request for the text (it
+        was asked for before): the caller resolves and calls :meth:`acquire` with the digest, which
+        finds the first request's directory. ``export`` returning ``None`` (the catalog cannot write
+        here) returns ``None`` too.
+
+        Raises:
+            Whatever ``export`` raises (its partial output is removed; a later request for the
+            text tries again).
+        """
+        name = hashlib.sha256(ref_text.encode()).hexdigest()[:32]
+        fd = os.open(self._locks / f"ref-{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the first request is exporting: wait for it
+                return None
+            if os.fstat(fd).st_size > 0:  # asked for before: resolving finds its digest
+                return None
+            scratch = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            scratch.mkdir()
+            try:
+                exported = export(scratch)
+                path = None
+                if exported is not None:
+                    digest, written = exported
+                    moved = False
+
+                    def publish(into: Path) -> int:
+                        nonlocal moved
+                        for entry in scratch.iterdir():
+                            os.rename(entry, into / entry.name)
+                        if self.fsync:  # the files are durable; make their new names so
+                            _fsync_dir(into)
+                        moved = True
+                        return written
+
+                    path = self.acquire(digest, publish)
+                    if not moved:
+                        with self._mutex:
+                            self.counters.discards += 1
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            os.write(fd, b"1")  # asked for: later requests for the text resolve first
+            return path
+        finally:
+            os.close(fd)  # drops the lock
 
     def release(self, digest: str | Digest) -> None:
         """Drop one hold of ``digest``; with the last one the directory becomes evictable.

@@ -16,6 +16,7 @@ from catalog.client import CatalogClient
 from catalog.errors import (
     DataLoss,
     FailedPrecondition,
+    IncompatibleAdapter,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -232,6 +233,50 @@ def test_a_corrupt_durable_copy_is_data_loss_and_leaves_no_files(
                 client.export_peft_dir("acme/a@1", dest, nonce=NONCE)
             assert sorted(p.name for p in dest.iterdir()) == [NONCE_FILE]
             assert not catalog.pack_cache or not catalog.pack_cache.contains(digest)
+    finally:
+        server.stop(None).wait()
+        catalog.close()
+
+
+def test_a_revision_that_does_not_fit_is_refused_before_a_byte_is_read(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export_root = tmp_path / "node"
+    export_root.mkdir()
+    catalog = open_catalog(tmp_path / "catalog")
+    reads: list[object] = []
+    read = catalog.read_pack_bytes_deferred
+
+    def counted(revision):  # type: ignore[no-untyped-def]
+        reads.append(revision)
+        return read(revision)
+
+    monkeypatch.setattr(catalog, "read_pack_bytes_deferred", counted)
+    server, port = create_server(catalog, "127.0.0.1:0", peft_export_root=export_root)
+    try:
+        with CatalogClient(f"127.0.0.1:{port}", timeout=20) as client:
+            client.push(
+                "acme/a", import_peft_dir(peft_dir, base_id="org/base"), aliases=["serving"]
+            )
+            dest = dest_with_nonce(export_root / "d")
+            misfits = [
+                ({"served_base": "org/other"}, "trained for base 'org/base'"),
+                ({"served_base": "org/base", "max_rank": 2}, "rank 4, above the engine's"),
+            ]
+            for fit, message in misfits:
+                with pytest.raises(IncompatibleAdapter, match=message):
+                    client.export_peft_dir("acme/a@serving", dest, nonce=NONCE, **fit)
+                # The fit is checked before the destination: a wrong nonce is not reached.
+                with pytest.raises(IncompatibleAdapter):
+                    client.export_peft_dir("acme/a@serving", dest, nonce="f" * 32, **fit)
+            assert reads == [] and sorted(p.name for p in dest.iterdir()) == [NONCE_FILE]
+            # The served base, a rank that fits, a mutable ref:
+            # resolved, written, and the revision it named answered.
+            revision, written = client.export_peft_dir(
+                "acme/a@serving", dest, nonce=NONCE, served_base="org/base", max_rank=4
+            )
+            assert revision.number == 1 and written > 0 and len(reads) == 1
+            assert (dest / "adapter_model.safetensors").exists()
     finally:
         server.stop(None).wait()
         catalog.close()

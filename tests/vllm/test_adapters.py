@@ -4,7 +4,10 @@ catalog over real gRPC, real PEFT adapters."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,7 +128,7 @@ def test_a_rank_above_the_server_limit_is_refused_before_any_fetch(
     catalog: CountingCatalog, tmp_path: Path
 ) -> None:
     adapters = CatalogAdapters(catalog, PeftDirCache(tmp_path / "node"), "org/base-7b", max_rank=2)
-    with pytest.raises(IncompatibleAdapter, match="rank 4, above this server's --max-lora-rank 2"):
+    with pytest.raises(IncompatibleAdapter, match="rank 4, above the engine's --max-lora-rank 2"):
         adapters.load("acme/support")
     assert catalog.fetches == 0
 
@@ -281,3 +284,106 @@ def test_a_catalog_that_cannot_export_is_fetched_from_and_asked_again_later(
         assert (catalog.fetches, catalog.export_calls) == (3, 2)
     off = CatalogAdapters(catalog, PeftDirCache(tmp_path / "n2"), "b", server_export=False)
     assert not off.server_export
+
+
+class ResolveCountingCatalog(ExportingCatalog):
+    """:class:`ExportingCatalog` counting resolves too; each export waits ``export_delay_s``
+    first, so that concurrent first requests overlap it."""
+
+    def __init__(self, client: CatalogClient, export_delay_s: float = 0.0) -> None:
+        super().__init__(client)
+        self.resolves = 0
+        self.export_delay_s = export_delay_s
+
+    def resolve(self, ref: Ref | str) -> Revision:
+        self.resolves += 1
+        return super().resolve(ref)
+
+    def export_peft_dir(self, ref: Any, dest: Path, **options: Any) -> tuple[Revision, int]:
+        time.sleep(self.export_delay_s)
+        return super().export_peft_dir(ref, dest, **options)
+
+
+def test_the_first_cold_request_is_one_export_and_no_resolve(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    with exporting_catalog(tmp_path / "catalog", node) as exporting:
+        exporting.client.push(
+            "acme/support", import_peft_dir(peft_dir, base_id="org/base-7b"), aliases=["serving"]
+        )
+        catalog = ResolveCountingCatalog(exporting.client)
+        adapters = CatalogAdapters(catalog, PeftDirCache(node), "org/base-7b", max_rank=16)
+        first = adapters.load("acme/support@serving")
+        assert (catalog.resolves, catalog.export_calls, catalog.fetches) == (0, 1, 0)
+        assert first.revision.number == 1 and set(first.timings) == {"export"}
+        assert import_peft_dir(first.path, base_id="org/base-7b") == bytes(
+            exporting.client.fetch("acme/support@1")
+        )
+        # Another vLLM process on the node: the name was asked for, so it resolves and finds
+        # the directory by digest.
+        other = CatalogAdapters(catalog, PeftDirCache(node), "org/base-7b", max_rank=16)
+        again = other.load("acme/support@serving")
+        assert again.path == first.path and again.revision == first.revision
+        assert (catalog.resolves, catalog.export_calls) == (1, 1)
+        # The alias moves: the name resolves to the new revision (what hot swap relies on).
+        second = factories.make_peft_adapter(
+            factories.build_model(factories.tiny_llama_config()), tmp_path / "b", rank=2
+        )
+        exporting.client.push("acme/support", import_peft_dir(second, base_id="org/base-7b"))
+        exporting.client.set_alias("acme/support", "serving", 2)
+        moved = adapters.load("acme/support@serving")
+        assert moved.revision.number == 2 and moved.path != first.path
+        assert (catalog.resolves, catalog.export_calls) == (2, 2)
+
+
+def test_a_misfit_first_request_is_refused_by_the_export_and_leaves_nothing(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    with exporting_catalog(tmp_path / "catalog", node) as exporting:
+        exporting.client.push("acme/other", import_peft_dir(peft_dir, base_id="org/another-base"))
+        catalog = ResolveCountingCatalog(exporting.client)
+        adapters = CatalogAdapters(catalog, PeftDirCache(node), "org/base-7b", max_rank=16)
+        with pytest.raises(
+            IncompatibleAdapter, match=r"trained for base 'org/another-base'.*LORACAT_BASE_ID"
+        ):
+            adapters.load("acme/other")
+        small = CatalogAdapters(catalog, PeftDirCache(node), "", max_rank=2)
+        with pytest.raises(
+            IncompatibleAdapter, match="rank 4, above the engine's --max-lora-rank 2"
+        ):
+            small.load("acme/other@1")
+        with pytest.raises(NotFound):
+            adapters.load("acme/missing")
+        assert (catalog.resolves, catalog.export_calls, catalog.fetches) == (0, 3, 0)
+        assert list((node / "adapters").iterdir()) == [] and list((node / "tmp").iterdir()) == []
+        # Refusals are answers about the revision, not about exporting: the export path stays on.
+        assert adapters._may_export()
+
+
+def test_concurrent_first_requests_through_the_catalog_export_once(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    with exporting_catalog(tmp_path / "catalog", node) as exporting:
+        exporting.client.push(
+            "acme/support", import_peft_dir(peft_dir, base_id="org/base-7b"), aliases=["serving"]
+        )
+        catalog = ResolveCountingCatalog(exporting.client, export_delay_s=0.3)
+        # One CatalogAdapters (and node cache, with its own lock files) per would-be process.
+        each = [CatalogAdapters(catalog, PeftDirCache(node), "org/base-7b") for _ in range(4)]
+        barrier = threading.Barrier(len(each))
+
+        def first_request(adapters: CatalogAdapters) -> Path:
+            barrier.wait()
+            return adapters.load("acme/support@serving").path
+
+        with ThreadPoolExecutor(len(each)) as pool:
+            paths = list(pool.map(first_request, each))
+        assert len(set(paths)) == 1
+        assert (catalog.export_calls, catalog.resolves, catalog.fetches) == (1, 3, 0)
+        assert sum(a.cache.counters.misses for a in each) == 1

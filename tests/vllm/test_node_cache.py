@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from catalog.errors import InvalidArgument, InvalidReference
+from catalog.digest import Digest
+from catalog.errors import DataLoss, InvalidArgument, InvalidReference
 from engine_plugin.vllm import node_cache
 from engine_plugin.vllm.node_cache import (
     BOOT_MARKER,
@@ -253,3 +254,83 @@ def test_deferred_eviction_waits_for_the_checker(tmp_path: Path) -> None:
     assert cache.evict_if_due() == [DIGEST_A]
     assert cache.evict_if_due() == []  # nothing written since
     assert [e.key for e in cache.entries()] == [dir_key(DIGEST_B)]
+
+
+def exporter(digest: str, size: int, log: Path | None = None, delay: float = 0.0):  # type: ignore[no-untyped-def]
+    """An ``export`` callback for ``acquire_first``: writes as :func:`writer` and answers
+    ``digest``, as the catalog's export answers the revision it resolved."""
+    write = writer(size, log, delay)
+
+    def export(into: Path) -> tuple[Digest, int]:
+        return Digest.parse(digest), write(into)
+
+    return export
+
+
+def _first_then_by_digest_in_child(root: str, log: str, barrier) -> None:  # type: ignore[no-untyped-def]
+    cache = PeftDirCache(root)
+    barrier.wait()
+    path = cache.acquire_first("acme/s@serving", exporter(DIGEST_A, 1000, Path(log), delay=0.3))
+    if path is None:  # not the first: resolve (here: the digest is known) and acquire by it
+        with open(log, "a") as handle:
+            handle.write("resolved\n")
+        path = cache.acquire(DIGEST_A, writer(1000, Path(log)))
+    assert (path / "adapter_model.safetensors").stat().st_size == 1000
+    assert cache.held() == [DIGEST_A]
+
+
+def test_concurrent_first_requests_for_one_reference_export_once(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    log = tmp_path / "writes"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    children = [
+        ctx.Process(target=_first_then_by_digest_in_child, args=(str(root), str(log), barrier))
+        for _ in range(4)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [c.exitcode for c in children] == [0, 0, 0, 0]
+    lines = log.read_text().splitlines()
+    # One export; the three others waited for it, resolved, and found its directory.
+    assert sorted(line == "resolved" for line in lines) == [False, True, True, True]
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_a_reference_asked_for_before_is_resolved_not_exported(tmp_path: Path) -> None:
+    log = tmp_path / "writes"
+    cache = PeftDirCache(tmp_path / "c")
+    first = cache.acquire_first("acme/s@serving", exporter(DIGEST_A, 10, log))
+    assert first == cache.root / "adapters" / dir_key(DIGEST_A)
+    assert cache.held() == [DIGEST_A] and cache.counters.misses == 1
+    # Another process (a cache on the same root), or this one again: the caller resolves.
+    assert (
+        PeftDirCache(tmp_path / "c").acquire_first("acme/s@serving", exporter(DIGEST_B, 10, log))
+        is None
+    )
+    assert cache.acquire_first("acme/s@serving", exporter(DIGEST_B, 10, log)) is None
+    assert log.read_text().count("\n") == 1
+    # Another text for a digest already published: its export is discarded, the directory kept.
+    again = cache.acquire_first("acme/s@1", exporter(DIGEST_A, 99, log))
+    assert again == first and (first / "adapter_model.safetensors").stat().st_size == 10
+    assert cache.counters.discards == 1 and list((cache.root / "tmp").iterdir()) == []
+
+
+def test_a_failed_or_refused_first_export_leaves_nothing(tmp_path: Path) -> None:
+    cache = PeftDirCache(tmp_path / "c")
+
+    def fails(into: Path) -> tuple[Digest, int]:
+        (into / "adapter_model.safetensors").write_bytes(b"half")
+        raise DataLoss("the durable copy does not match")
+
+    with pytest.raises(DataLoss):
+        cache.acquire_first("acme/s", fails)
+    assert list((cache.root / "tmp").iterdir()) == []
+    assert list((cache.root / "adapters").iterdir()) == []
+    # A failure marks nothing: the next request for the text tries the export again.
+    assert cache.acquire_first("acme/s", exporter(DIGEST_A, 10)) is not None
+    # The catalog cannot write here: None (the caller fetches), nothing left behind.
+    assert cache.acquire_first("acme/t", lambda into: None) is None
+    assert list((cache.root / "tmp").iterdir()) == []

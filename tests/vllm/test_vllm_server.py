@@ -137,7 +137,7 @@ def test_bad_references_get_a_4xx_and_vllm_stays_up(stack: Stack) -> None:
     for name in ("acme/nope", "acme/a@9", "acme/a@canary", "nobody/a"):
         assert_refused(stack, name, 404, "loracat: ")
     assert_refused(stack, "acme/foreign", 400, "trained for base 'someone/else-7b'")
-    assert_refused(stack, "acme/big", 400, "rank 32, above this server's --max-lora-rank 16")
+    assert_refused(stack, "acme/big", 400, "rank 32, above the engine's --max-lora-rank 16")
     # Refused before any fetch: nothing of theirs on disk, nothing half-written anywhere.
     with stack.catalog.client() as client:
         refused = {str(client.resolve(n).digest) for n in ("acme/foreign", "acme/big")}

@@ -1730,6 +1730,8 @@ class ExportPeftDirRequest(_message.Message):
     DEST_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     FSYNC_FIELD_NUMBER: _builtins.int
+    SERVED_BASE_FIELD_NUMBER: _builtins.int
+    MAX_RANK_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """the revision to write (engines pass tenant/name@sha256:<hex>)"""
     dest: _builtins.str
@@ -1740,6 +1742,13 @@ class ExportPeftDirRequest(_message.Message):
     """the caller made dest and that both see the same filesystem
     fsync each file before it is renamed into place
     """
+    served_base: _builtins.str
+    """What the engine checks before it loads anything, checked here before a byte is read (an
+    engine's cold first request names a mutable ref and has not resolved it): the served
+    base's normalized identity (catalog.bases.base_identity; empty: no base check) and the
+    largest rank it takes (0: any). A misfit is FAILED_PRECONDITION (IncompatibleAdapter).
+    """
+    max_rank: _builtins.int
     def __init__(
         self,
         *,
@@ -1747,10 +1756,12 @@ class ExportPeftDirRequest(_message.Message):
         dest: _builtins.str = ...,
         nonce: _builtins.str = ...,
         fsync: _builtins.bool = ...,
+        served_base: _builtins.str = ...,
+        max_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest", b"dest", "fsync", b"fsync", "nonce", b"nonce", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest", b"dest", "fsync", b"fsync", "max_rank", b"max_rank", "nonce", b"nonce", "ref", b"ref", "served_base", b"served_base"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
