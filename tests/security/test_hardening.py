@@ -4,6 +4,7 @@ and a push whose header is garbage."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -18,6 +19,7 @@ from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
 from catalog.client import CatalogClient
 from catalog.digest import Digest
 from catalog.errors import (
+    Cancelled,
     DeadlineExceeded,
     InvalidArgument,
     InvalidName,
@@ -277,7 +279,12 @@ def test_an_engine_watching_hints_does_not_expire(
     with served.client() as client:
         client.register_engine("quiet", "base", 4, 8)
         stream = client.watch_hints("quiet")
-        reader = threading.Thread(target=lambda: list(stream), daemon=True)
+
+        def read_until_cancelled() -> None:
+            with contextlib.suppress(Cancelled):  # how a cancelled stream ends
+                list(stream)
+
+        reader = threading.Thread(target=read_until_cancelled, daemon=True)
         reader.start()
 
         def watchers() -> int:
