@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from catalog.bases import base_identity
-from catalog.core import DeferredPackRead
+from catalog.pack_reads import DeferredPackRead
 from catalog.errors import (
     FailedPrecondition,
     IncompatibleAdapter,
