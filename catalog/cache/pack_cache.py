@@ -64,18 +64,16 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
-from catalog.cache import chunk_reads, restore
+from catalog.cache import chunk_reads, chunk_writes, restore
 from catalog.cache.chunk_reads import CorruptEntry, check_offset
 from catalog.cache.layout import (
     CHUNKS_DB,
     DATA_FILE,
     DEFAULT_CHUNK_BYTES,
     ENTRIES_DB,
-    INDEX_BYTES,
     INFO_DB,
     INSTANCE_KEY,
     MAX_CHUNK_BYTES,
-    MAX_INDEX,
     MIN_CHUNK_BYTES,
     SCHEMA_KEY,
     SCHEMA_VERSION,
@@ -319,7 +317,7 @@ class PackCache:
 
             def delete(txn: _Txn) -> None:
                 for key in doomed:
-                    self._txn_delete_entry(txn, key)
+                    chunk_writes.delete_entry(txn, self._tables, key)
                 for key in orphans:
                     txn.delete(key, db=self._chunks)
 
@@ -664,7 +662,11 @@ class PackCache:
                 self._policy.unpin(key)
                 self._set_pin_count(key, count - 1)
             try:
-                self._write(lambda txn: self._txn_set_pins(txn, digest, count - 1))
+                self._write(
+                    lambda txn: chunk_writes.set_entry_pins(
+                        txn, self._tables, digest, count - 1, self.path
+                    )
+                )
             except Exception:
                 with self._lock:
                     self._policy.pin(key)
@@ -699,7 +701,7 @@ class PackCache:
             # If this fails the bytes stay on disk untracked; the next fill of the digest, or
             # the next open, deals with them.
             ekey = entry_key(digest)
-            self._write(lambda txn: self._txn_delete_entry(txn, ekey))
+            self._write(lambda txn: chunk_writes.delete_entry(txn, self._tables, ekey))
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -946,7 +948,11 @@ class PackCache:
                     self._counters.evictions += len(victims)
                 meta = meta.with_pins(self._pins.get(key, 0))
             try:
-                self._write(lambda txn: self._txn_install(txn, digest, data, meta, victims))
+                self._write(
+                    lambda txn: chunk_writes.install_entry(
+                        txn, self._tables, digest, data, meta, victims
+                    )
+                )
             except BaseException:
                 if not resident:
                     with self._lock:
@@ -971,7 +977,11 @@ class PackCache:
                 count = self._pins.get(key, 0) + 1
                 self._set_pin_count(key, count)
             try:
-                self._write(lambda txn: self._txn_set_pins(txn, digest, count))
+                self._write(
+                    lambda txn: chunk_writes.set_entry_pins(
+                        txn, self._tables, digest, count, self.path
+                    )
+                )
             except Exception:
                 with self._lock:
                     self._policy.unpin(key)
@@ -996,7 +1006,7 @@ class PackCache:
             def drop(txn: _Txn) -> bool:
                 if txn.get(ekey, db=self._entries) != corrupt.seen_meta:
                     return False  # already dropped, or refilled with a good copy
-                self._txn_delete_entry(txn, ekey)
+                chunk_writes.delete_entry(txn, self._tables, ekey)
                 return True
 
             try:
@@ -1030,7 +1040,7 @@ class PackCache:
 
             def delete(txn: _Txn) -> None:
                 for ekey in ekeys:
-                    self._txn_delete_entry(txn, ekey)
+                    chunk_writes.delete_entry(txn, self._tables, ekey)
 
             self._write(delete)
         except Exception as exc:  # the original failure is what the caller reports
@@ -1063,51 +1073,6 @@ class PackCache:
                     "(max_map_size)"
                 )
             self._env.set_mapsize(min(current * 2, self._max_map_size))
-
-    def _txn_install(
-        self,
-        txn: _Txn,
-        digest: Digest,
-        data: bytes,
-        meta: EntryMeta,
-        victims: list[str],
-    ) -> None:
-        for victim in victims:
-            self._txn_delete_entry(txn, entry_key(Digest.parse(victim)))
-        ekey = entry_key(digest)
-        self._txn_delete_entry(txn, ekey)  # leftovers of an untracked copy
-        view = memoryview(data)
-        size = meta.chunk_bytes
-        if meta.chunk_count - 1 > MAX_INDEX:
-            raise ResourceExhausted(f"{digest} has more than {MAX_INDEX} chunks")
-        for index in range(0 if meta.file else meta.chunk_count):  # a reference: no chunks
-            txn.put(
-                ekey + index.to_bytes(INDEX_BYTES, "big"),
-                view[index * size : (index + 1) * size],
-                db=self._chunks,
-            )
-        # The meta goes last: within the one transaction this is only tidiness, but it keeps
-        # the invariant "a meta implies all its chunks" true of every prefix of the writes.
-        txn.put(ekey, meta.encode(), db=self._entries)
-
-    def _txn_set_pins(self, txn: _Txn, digest: Digest, pins: int) -> None:
-        ekey = entry_key(digest)
-        raw = txn.get(ekey, db=self._entries)
-        if raw is None:
-            raise Internal(f"pack cache {self.path}: {digest} is tracked but has no meta on disk")
-        txn.put(ekey, EntryMeta.decode(raw).with_pins(pins).encode(), db=self._entries)
-
-    def _txn_delete_entry(self, txn: _Txn, ekey: bytes) -> None:
-        txn.delete(ekey, db=self._entries)
-        cursor = txn.cursor(db=self._chunks)
-        if not cursor.set_range(ekey):
-            return
-        width = len(ekey) + INDEX_BYTES
-        while True:
-            found = cursor.key()
-            if len(found) != width or not found.startswith(ekey):
-                return
-            cursor.delete()
 
 
 def _as_bytes(data: object, name: str) -> bytes:
