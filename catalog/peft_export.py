@@ -28,7 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from catalog.bases import base_identity
-from catalog.pack_reads import DeferredPackRead
 from catalog.errors import (
     FailedPrecondition,
     IncompatibleAdapter,
@@ -38,6 +37,7 @@ from catalog.errors import (
 from catalog.model import Revision
 from catalog.pack import export_peft_dir
 from catalog.pack.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from catalog.pack_reads import DeferredPackRead
 
 log = logging.getLogger(__name__)
 
