@@ -318,7 +318,8 @@ class ColocatedPath:
         self._reader: ColocatedReader | None = None
         #: Why the colocated path is not used ("" while it is, or before the first fetch).
         self.reason = ""
-        self._releases: set[Any] = set()
+        #: Lease releases and read reports sent and not answered yet (flush waits for them).
+        self._in_flight: set[Any] = set()
         #: How long a lease lives unreleased (0: the catalog's default, 30 s).
         self.lease_ttl_s = 0.0
         #: Seconds an unleased read waits to be reported with the reads after it.
@@ -443,15 +444,21 @@ class ColocatedPath:
             )
             return
         with self._lock:
-            self._releases.add(future)  # so that flush and close wait for it too
+            self._in_flight.add(future)  # so that flush and close wait for it too
         future.add_done_callback(self._reported)
 
-    def _reported(self, future: Any) -> None:
+    def _settled(self, future: Any) -> BaseException | None:
+        """Forget a report or release that ended (``flush`` no longer waits for it); its
+        error, or ``None`` when it succeeded or was cancelled."""
         with self._lock:
-            self._releases.discard(future)
+            self._in_flight.discard(future)
         if future.cancelled():
-            return
-        error = future.exception()
+            return None
+        error: BaseException | None = future.exception()
+        return error
+
+    def _reported(self, future: Any) -> None:
+        error = self._settled(future)
         if error is None:
             return
         if isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.UNIMPLEMENTED:
@@ -469,7 +476,7 @@ class ColocatedPath:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                pending = list(self._releases)
+                pending = list(self._in_flight)
             left = deadline - time.monotonic()
             if not pending or left <= 0:
                 return
@@ -530,14 +537,10 @@ class ColocatedPath:
         # Off the fetch's path: the bytes are ours already, and an unreleased lease expires.
         future = self._stub.ReleasePackLease.future(request, timeout=self._timeout)
         with self._lock:
-            self._releases.add(future)
+            self._in_flight.add(future)
         future.add_done_callback(self._released)
 
     def _released(self, future: Any) -> None:
-        with self._lock:
-            self._releases.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
+        error = self._settled(future)
         if error is not None:
             log.warning("catalog %s: releasing a pack lease failed: %s", self._target, error)
