@@ -330,12 +330,12 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, P
         with self._swap.shared(), self._adapter_locks.hold(adapter):
             upload.check_deadline()  # the lock may have been waited for
             existing = self._live_revision_with_digest(adapter, digest)
-            if existing is not None:
-                created = False
-                number = existing.number
-            else:
-                created = True
-                number = self._write_new_revision(upload, digest, manifest)
+            created = existing is None
+            number = (
+                existing.number if existing else self._write_new_revision(upload, digest, manifest)
+            )
+            if created and self.pack_cache is not None:  # the first attach is then a tier hit
+                upload.admit(self.pack_cache, digest)
             for alias in upload.aliases:
                 self._move_alias_locked(adapter, alias, number, expected=None)
             revision = self.index.get_revision(adapter, number)

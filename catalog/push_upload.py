@@ -29,6 +29,7 @@ from catalog.pack.format import pack_header_nbytes, read_pack_header
 from catalog.spool import SpoolReservation
 
 if TYPE_CHECKING:
+    from catalog.cache.pack_cache import PackCache
     from catalog.core import Catalog
 
 
@@ -211,6 +212,21 @@ class PushUpload:
             raise failure
         self._check_base(manifest.base_id)
         return manifest.to_json()
+
+    def admit(self, cache: PackCache, digest: Digest) -> bool:
+        """Put the pack just committed as ``digest`` in the NVMe tier ``cache``
+        (``catalog.cache.admission``); whether it was admitted. Its bytes were hashed to
+        ``digest`` and checked finite by :meth:`commit`, and the spool file is the catalog's
+        own (or, linked into a ``file://`` store, the store's immutable file): nothing is read
+        twice but the chunk checksums. Raises ``FailedPrecondition`` when the cache is closed."""
+        with (
+            open(self.path, "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+            memoryview(mm) as view,
+        ):
+            return cache.admit_verified(
+                digest, view, values_finite=True, name_for_errors=f"push of {self.adapter}"
+            )
 
     def close(self) -> None:
         if not self._file.closed:

@@ -20,6 +20,19 @@ from catalog.errors import Internal, ResourceExhausted
 if TYPE_CHECKING:
     Txn = Any  # lmdb.Transaction, opened for writing
 
+#: The LMDB map (address space, not disk) is a multiple of this, and at least the minimum.
+MAP_ALIGN = 1 << 20
+_MIN_MAP_SIZE = 64 << 20
+
+
+def initial_map_size(capacity_bytes: int, chunk_bytes: int) -> int:
+    """The LMDB map a cache of ``capacity_bytes`` in chunks of ``chunk_bytes`` starts with."""
+    # Each chunk is an overflow run that wastes up to a page, freed pages are reused only after
+    # the readers that could see them finish, and metas and branch pages need a little more.
+    chunk_overhead = capacity_bytes // max(1, chunk_bytes // 4096)
+    wanted = capacity_bytes + capacity_bytes // 4 + chunk_overhead + _MIN_MAP_SIZE
+    return -(-wanted // MAP_ALIGN) * MAP_ALIGN
+
 
 def install_entry(
     txn: Txn, tables: Tables, digest: Digest, data: bytes, meta: EntryMeta, victims: list[str]

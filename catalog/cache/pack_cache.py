@@ -65,7 +65,9 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import lmdb
 
 from catalog.cache import chunk_reads, chunk_writes, restore
+from catalog.cache.admission import AdmissionMixin
 from catalog.cache.chunk_reads import CorruptEntry, check_offset
+from catalog.cache.chunk_writes import MAP_ALIGN, initial_map_size
 from catalog.cache.layout import (
     CHUNKS_DB,
     DATA_FILE,
@@ -111,8 +113,6 @@ log = logging.getLogger(__name__)
 Loader = Callable[[], bytes]
 
 _LOCK_FILE = "cache.lock"
-_MIN_MAP_SIZE = 64 << 20
-_MAP_ALIGN = 1 << 20
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -160,18 +160,11 @@ class _Counters:
     read_errors: int = 0
     orphan_chunks_removed: int = 0
     referenced_fills: int = 0  # fills cached as references to the durable tier's file
+    admitted_at_push: int = 0  # fills by the push that committed the pack (catalog.cache.admission)
     dropped_on_open: int = 0
 
 
-def _initial_map_size(capacity_bytes: int, chunk_bytes: int) -> int:
-    # Each chunk is an overflow run that wastes up to a page, freed pages are reused only after
-    # the readers that could see them finish, and metas and branch pages need a little more.
-    chunk_overhead = capacity_bytes // max(1, chunk_bytes // 4096)
-    wanted = capacity_bytes + capacity_bytes // 4 + chunk_overhead + _MIN_MAP_SIZE
-    return -(-wanted // _MAP_ALIGN) * _MAP_ALIGN
-
-
-class PackCache:
+class PackCache(AdmissionMixin):
     """A byte-bounded, crash-safe cache of verified pack bytes in LMDB (see the module doc).
 
     Thread safe. One process at a time may open a directory.
@@ -228,11 +221,11 @@ class PackCache:
         self._values_finite = values_finite
         self.path = Path(path)
         self.chunk_bytes = chunk_bytes
-        initial = _initial_map_size(capacity_bytes, chunk_bytes) if map_size is None else map_size
+        initial = initial_map_size(capacity_bytes, chunk_bytes) if map_size is None else map_size
         self._max_map_size = 4 * initial if max_map_size is None else max_map_size
         for label, value in (("map_size", initial), ("max_map_size", self._max_map_size)):
-            if type(value) is not int or value < _MAP_ALIGN:
-                raise InvalidArgument(f"{label} must be an integer of at least {_MAP_ALIGN} bytes")
+            if type(value) is not int or value < MAP_ALIGN:
+                raise InvalidArgument(f"{label} must be an integer of at least {MAP_ALIGN} bytes")
         if self._max_map_size < initial:
             raise InvalidArgument(f"max_map_size {self._max_map_size} is below map_size {initial}")
         try:
@@ -867,8 +860,10 @@ class PackCache:
                 self._counters.loads += 1
             else:
                 self._counters.coalesced += 1
-        if not leader:
-            return flight.result()
+        if not leader:  # an admission's flight has no bytes (None): with recheck, read again
+            if (loaded := flight.result()) is not None or recheck:
+                return loaded
+            return self._load(digest, loader, name, recheck=False)
         try:
             data = _as_bytes(loader(), name)
             self._fill(digest, data, name)

@@ -11,6 +11,7 @@ def test_a_colocated_read_of_a_checked_entry_is_vouched_for(served: Served) -> N
     pack = big_pack(2, seed=53)
     with CatalogClient(served.address) as client:
         revision = client.push("acme/vouched", pack).revision
+        client.evict_pack("acme/vouched")  # the push admitted it to the tier: start cold
         data, checked = client.fetch_checked(revision)  # cold: leased, filled, checked
         assert bytes(data) == pack and checked is True
         data, checked = client.fetch_checked(revision)  # whole in the tier: unleased

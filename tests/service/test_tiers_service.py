@@ -21,6 +21,7 @@ def tier(stats, name):  # type: ignore[no-untyped-def]
 
 def test_second_fetch_is_an_nvme_hit(client, packs):
     client.push("acme/n", packs["all-r8"])
+    client.evict_pack("acme/n")  # the push admitted it to the tier: start cold
     client.fetch("acme/n")
     first = tier(client.stats(), "nvme")
     assert (first["hits"], first["misses"], first["entries"]) == (0, 1, 1)
@@ -51,7 +52,8 @@ def test_gc_drops_cached_copies_of_deleted_packs(client, packs):
     client.fetch("acme/g@1")
     client.delete("acme/g@1")
     client.gc()
-    assert [e["size_bytes"] for e in client.list_cache()] == []
+    # Both were admitted to the tier by their push; the live one stays.
+    assert [e["size_bytes"] for e in client.list_cache()] == [len(packs["down-r2"])]
 
 
 def test_prefetch_reports_each_reference(client, packs):
@@ -191,6 +193,7 @@ def test_without_a_cache_pins_are_refused(tmp_path, packs):
 
 def test_metrics_endpoint_exposes_tiers(served, client, packs):
     client.push("acme/m", packs["qv-r4"])
+    client.evict_pack("acme/m")  # the push admitted it to the tier: start cold
     client.fetch("acme/m")
     from prometheus_client import REGISTRY
 
