@@ -43,7 +43,7 @@ from torch import nn
 
 from catalog.errors import InvalidArgument, NotFound, ResourceExhausted
 from catalog.model import AdapterName, Ref, Revision, Selector
-from catalog.pack import read_pack
+from catalog.pack import ParsedHeaders
 from engine_plugin.compatibility import AdapterFit
 from engine_plugin.experts import (
     PROJECTIONS,
@@ -182,6 +182,8 @@ class ResidentEngine:
         self._cond = threading.Condition(threading.RLock())
         self.slots = SlotTable(num_slots, slot_policy)
         self.host = HostTier(host_budget_bytes, host_policy)
+        # Headers parsed per digest: a pack fetched again (its staging evicted) skips the parse.
+        self._headers = ParsedHeaders()
         self._bindings: dict[str, Revision] = {}
         # How many bindings name each digest, so "is this revision still bound?" is O(1) on
         # the attach path instead of a scan of every binding (a 10^5-adapter sweep).
@@ -747,7 +749,7 @@ class ResidentEngine:
             started = time.perf_counter()
             data, values_checked = fetch_checked(self.catalog, revision)
             fetched = time.perf_counter()
-            pack = read_pack(data)
+            pack = self._headers.read(digest, data)
             routes = self.fit.check_manifest(revision, pack.manifest)
             staged = stage_pack(
                 revision,

@@ -5,23 +5,27 @@ when the pack enters the host tier (off the attach path), so that attaching is n
 copy per stacked tensor. Two things happen here and nowhere else:
 
 * dtype conversion to the resident base's dtype (a BF16 pack on an fp32 base, say);
-* ``lora_B`` is transposed from the pack's ``[L, out, r]`` to ``[L, r, out]``, because the
-  forward pass multiplies by ``B^T`` with the slots' ranks side by side (see ``layers``);
-  expert modules likewise from ``[L, E, out, r]`` to ``[L, E, r, out]``;
+* ``lora_B`` is held transposed, ``[L, r, out]``, because the forward pass multiplies by
+  ``B^T`` with the slots' ranks side by side (see ``layers``); expert modules likewise
+  ``[L, E, r, out]``. Packs of format 2 store it so (rank-major, ``catalog.pack.format``): no
+  work here, and a slot write is a plain copy; format-1 packs store PEFT's ``[L, out, r]`` and
+  are transposed here (or by the slot write, ``borrow_b``);
 * pack modules are routed to the engine's slot modules (:class:`SlotRoute`): a dense module
   to itself, an expert module to its projection's slots, a fused ``gate_up_proj`` to gate and
   up slots with ``lora_B``'s row halves and one shared ``lora_A`` (see ``experts``).
 
-Staged tensors are contiguous (borrowed ``lora_B`` views excepted), checked finite (a NaN in one
-slot must never leak into another row's result through a masked product; here, or once by the
-catalog when the source vouches for it, ``values_checked``), and live in pinned
-memory when asked, so host-to-device copies can be asynchronous. Without pinning, a ``lora_A``
-that needs no conversion may *borrow* the pack's own bytes (a read-only view, when the caller
-vouches that the buffer never changes): fresh host allocations are what staging costs most on
-these machines. A fetch that goes straight into a slot on CPU may borrow ``lora_B`` too, as a
-transposed view (``borrow_b``): nothing is copied here, the slot write transposes, and every
-byte is touched once instead of twice (stage, then copy); a slot write from such a staging is a
-strided copy, ~1.5x a plain one on two threads (``shared_work``).
+Staged tensors are contiguous (borrowed strided ``lora_B`` views excepted), checked finite (a
+NaN in one slot must never leak into another row's result through a masked product; here, or
+once by the catalog when the source vouches for it, ``values_checked``), and live in pinned
+memory when asked, so host-to-device copies can be asynchronous. Without pinning, a tensor that
+needs no conversion may *borrow* the pack's own bytes (a read-only view, when the caller vouches
+that the buffer never changes): ``lora_A``, and a rank-major ``lora_B`` (format 2) whose rows
+all go to one slot module. Fresh host allocations are what staging costs most on these
+machines. A fetch that goes straight into a slot on CPU may borrow the rest of ``lora_B`` too,
+as a strided view (``borrow_b``: a format-1 pack's ``lora_B`` transposed, or a fused expert
+module's row half): nothing is copied here, the slot write gathers, and every byte is touched
+once instead of twice (stage, then copy); such a slot write costs ~1.5x a plain one on two
+threads (``shared_work``).
 """
 
 from __future__ import annotations
@@ -224,9 +228,11 @@ def stage_pack(
 
     ``routes`` maps pack modules to the slot modules they fill; a module it does not name goes
     to the slot module of its own name, unless it is an expert module. With ``borrow`` (and no
-    pinning), ``lora_A`` tensors already in ``dtype`` are read-only views of the pack's buffer,
+    pinning), ``lora_A`` tensors already in ``dtype``, and ``lora_bt`` tensors that are the
+    pack's bytes as they are (rank-major, whole), are read-only views of the pack's buffer,
     which must then stay unchanged for as long as the staged adapter lives; with ``borrow_b``
-    as well, ``lora_bt`` too is such a view (``lora_B`` transposed, not contiguous). With ``flat``
+    as well, every ``lora_bt`` in ``dtype`` is such a view (strided where the pack's layout is
+    not the slot's). With ``flat``
     every tensor is carved from one buffer (``StagedAdapter.flat``), so that a slot write is
     one copy of it (``slot_copy``). ``helper``: a thread that takes half of the finite checks.
     ``values_checked``: the pack's source vouches that its values are all finite (a colocated
@@ -253,13 +259,19 @@ def stage_pack(
                     "slots of this engine take it"
                 )
             spec_routes = (SlotRoute(spec.name),)
-        raw_a, raw_b = (tensor_from_bytes(t) for t in pack.module_tensors(spec.name))
+        stored_a, stored_b, rank_major = pack.stored_tensors(spec.name)
+        raw_a = tensor_from_bytes(stored_a)
+        # lora_B transposed: the pack's own bytes when it is stored rank-major (format 2), a
+        # transposed view of them when stored as PEFT has it (format 1).
+        raw_bt = tensor_from_bytes(stored_b)
+        if not rank_major:
+            raw_bt = raw_bt.transpose(-1, -2)
         parts = [
             (
                 route,
-                raw_b
+                raw_bt
                 if route.rows is None
-                else raw_b.narrow(-2, route.rows[0], route.rows[1] - route.rows[0]),
+                else raw_bt.narrow(-1, route.rows[0], route.rows[1] - route.rows[0]),
             )
             for route in spec_routes
         ]
@@ -279,11 +291,15 @@ def stage_pack(
             checks.append((lora_a, f"lora_A of module {spec.name!r} in {where}"))
         total += tensor_nbytes(lora_a)
         for route, rows in parts:
-            if borrowing and borrow_b and rows.dtype == dtype:
-                lora_bt = rows.transpose(-1, -2)
-                checked = rows  # the same values, read in memory order
+            # Borrowed as lora_A is when it is the pack's bytes as they are (rank-major, all
+            # rows); with borrow_b also as a strided view, which the slot write then gathers.
+            contiguous = rows.is_contiguous()
+            if borrowing and (borrow_b or contiguous) and rows.dtype == dtype:
+                lora_bt = rows
+                # The same values, read in memory order (format 1: the stored [L, out, r]).
+                checked = rows if rows.stride(-1) == 1 else rows.transpose(-1, -2)
             else:
-                lora_bt = checked = _materialize(rows.transpose(-1, -2), dtype, pin_memory, arena)
+                lora_bt = checked = _materialize(rows, dtype, pin_memory, arena)
             if not (values_checked and rows.dtype == dtype):
                 checks.append((checked, f"lora_B of module {spec.name!r} in {where}"))
             if route.slot_module in modules:

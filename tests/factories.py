@@ -242,6 +242,21 @@ PER_EXPERT_PROJECTIONS: dict[str, tuple[str, int | None]] = {
 }
 
 
+def stacked_tensors(pack_bytes: bytes) -> dict[str, torch.Tensor]:
+    """A pack's stacked tensors read with the ``safetensors`` library (not this project's
+    reader), every ``lora_B`` in PEFT's orientation ``[L, (E,) out, r]``: a format-2 pack stores
+    it rank-major (``[L, (E,) r, out]``, see ``catalog.pack.format``), so it is transposed."""
+    from safetensors.torch import load
+
+    from catalog.pack import read_pack
+
+    rank_major = read_pack(pack_bytes).manifest.lora_b_rank_major
+    return {
+        name: t.transpose(-1, -2) if rank_major and name.endswith(".lora_B") else t
+        for name, t in load(pack_bytes).items()
+    }
+
+
 def merged_moe_reference(model, pack_bytes: bytes):  # type: ignore[no-untyped-def]
     """A copy of a fused-experts transformers 5 MoE model (experts stored ``[E, out, in]``, as
     Mixtral and Qwen-MoE store them) with every module of a pack merged into its weights:
@@ -251,12 +266,10 @@ def merged_moe_reference(model, pack_bytes: bytes):  # type: ignore[no-untyped-d
     per-expert merged-weight reference for MoE adapters."""
     import copy
 
-    from safetensors.torch import load
-
     from catalog.pack import read_pack
 
     manifest = read_pack(pack_bytes).manifest
-    stacked = load(pack_bytes)
+    stacked = stacked_tensors(pack_bytes)
     model = copy.deepcopy(model)
     with torch.no_grad():
         for spec in manifest.modules:

@@ -2,13 +2,17 @@
 
 ``read_pack`` validates and views a pack without copying; ``write_pack`` builds one;
 ``import_peft_dir`` / ``export_peft_dir`` convert from and to the PEFT adapter directory layout.
-Nothing here imports torch: stacking and splitting are byte concatenation and slicing.
+Nothing here imports torch: stacking and splitting are byte concatenation and slicing (and
+one transposition of ``lora_B`` per layer between PEFT's orientation and the pack's rank-major
+one, see ``catalog.pack.format``; ``convert_pack`` moves a pack between format versions).
 """
 
 from catalog.pack.container import DTYPE_ITEMSIZE, TensorBytes
 from catalog.pack.format import (
     MAX_PACK_HEADER_BYTES,
     Pack,
+    ParsedHeaders,
+    convert_pack,
     expected_tensors,
     lora_a_name,
     lora_b_name,
@@ -24,6 +28,7 @@ from catalog.pack.manifest import (
     PACK_DTYPES,
     PACK_FORMAT,
     PACK_FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     ModuleSpec,
     PackManifest,
 )
@@ -57,12 +62,15 @@ __all__ = [
     "PACK_FORMAT_VERSION",
     "PEFT_CONFIG_FILE",
     "PEFT_WEIGHTS_FILE",
+    "READABLE_FORMAT_VERSIONS",
     "SOURCE_KIND_PEFT",
     "ExpertLayout",
     "ModuleSpec",
     "Pack",
     "PackManifest",
+    "ParsedHeaders",
     "TensorBytes",
+    "convert_pack",
     "expected_tensors",
     "export_peft_dir",
     "import_peft_dir",

@@ -19,7 +19,12 @@ from typing import Any, NoReturn
 from catalog.errors import InvalidPack
 
 PACK_FORMAT = "loracat-pack"
-PACK_FORMAT_VERSION = 1
+#: The version packs are written in. Version 2 stores ``lora_B`` rank-major (``[L, r, out]``,
+#: ``[L, E, r, out]`` for experts), the layout an engine's slots hold, so that attaching is a
+#: plain copy of the pack's bytes; version 1 stored it as PEFT does (``[L, out, r]``). Both read.
+PACK_FORMAT_VERSION = 2
+#: Every version this reader accepts.
+READABLE_FORMAT_VERSIONS = (1, 2)
 #: safetensors dtypes a pack may hold.
 PACK_DTYPES = ("F32", "BF16", "F16")
 
@@ -75,11 +80,14 @@ class ModuleSpec:
     """One adapted module, stacked across ``layers``.
 
     ``name`` is the path inside a decoder layer (``self_attn.q_proj``). Its tensors are
-    ``lora_A [len(layers), rank, in_features]`` and ``lora_B [len(layers), out_features, rank]``,
-    or with ``num_experts`` E > 0 ``[L, E, rank, in]`` and ``[L, E, out, rank]``. Either way
-    the delta a layer's module (expert ``e``) adds to its output for input ``x`` is
-    ``scaling * x @ A.T @ B.T`` with ``A = lora_A[l(, e)]``, ``B = lora_B[l(, e)]``: ``in`` and
-    ``out`` are the projection's real features, whatever order the base stores its weights in.
+    ``lora_A [len(layers), rank, in_features]`` and ``lora_B``, PEFT's ``B`` per layer
+    ``[len(layers), out_features, rank]`` (:attr:`shape_b`), stored rank-major as
+    ``[len(layers), rank, out_features]`` (:attr:`shape_bt`, ``B`` transposed) since pack format
+    2; with ``num_experts`` E > 0 ``[L, E, rank, in]`` and ``[L, E, out, rank]`` /
+    ``[L, E, rank, out]``. Either way the delta a layer's module (expert ``e``) adds to its
+    output for input ``x`` is ``scaling * x @ A.T @ B.T`` with ``A = lora_A[l(, e)]``,
+    ``B = lora_B[l(, e)]`` in PEFT's orientation: ``in`` and ``out`` are the projection's real
+    features, whatever order the base stores its weights in.
     Expert module names are paths without the expert index: ``mlp.experts.gate_up_proj`` (a
     fused parameter), ``block_sparse_moe.experts.w1`` (one linear layer per expert).
 
@@ -125,9 +133,15 @@ class ModuleSpec:
 
     @property
     def shape_b(self) -> tuple[int, ...]:
-        """Shape of the stacked ``lora_B`` tensor."""
+        """Shape of the stacked ``lora_B`` in PEFT's orientation (how format 1 stores it)."""
         experts = (self.num_experts,) if self.num_experts else ()
         return (len(self.layers), *experts, self.out_features, self.rank)
+
+    @property
+    def shape_bt(self) -> tuple[int, ...]:
+        """Shape of the stacked ``lora_B`` rank-major (how format 2 stores it)."""
+        experts = (self.num_experts,) if self.num_experts else ()
+        return (len(self.layers), *experts, self.rank, self.out_features)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,10 +212,14 @@ class PackManifest:
     format_version: int = PACK_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.format_version != PACK_FORMAT_VERSION or isinstance(self.format_version, bool):
+        if (
+            self.format_version not in READABLE_FORMAT_VERSIONS
+            or not isinstance(self.format_version, int)
+            or isinstance(self.format_version, bool)
+        ):
             _fail(
                 f"unsupported pack format version {self.format_version!r} "
-                f"(this reader knows {PACK_FORMAT_VERSION})"
+                f"(this reader knows {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
             )
         if (
             not isinstance(self.base_id, str)
@@ -251,6 +269,15 @@ class PackManifest:
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidPack(f"source is not serializable as JSON: {exc}") from None
         object.__setattr__(self, "source", source)
+
+    @property
+    def lora_b_rank_major(self) -> bool:
+        """Whether ``lora_B`` is stored rank-major (format 2) rather than as PEFT has it."""
+        return self.format_version >= 2
+
+    def stored_shape_b(self, module: ModuleSpec) -> tuple[int, ...]:
+        """The shape ``module``'s stacked ``lora_B`` is stored in, by the format version."""
+        return module.shape_bt if self.lora_b_rank_major else module.shape_b
 
     @property
     def target_modules(self) -> tuple[str, ...]:

@@ -4,10 +4,11 @@ PEFT saves ``adapter_config.json`` and ``adapter_model.safetensors`` with one te
 module (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``). Import stacks them
 per module into a pack; export slices them back out under the original key names, so a round trip
 is bit-exact. MoE expert LoRA comes in two PEFT layouts (one pair per expert, or PEFT's
-``target_parameters`` on fused 3-D experts), both stacked to ``[L, E, r, in]`` / ``[L, E, out, r]``
-and written back where they came from (see :mod:`catalog.pack.peft_experts`). Whatever import
-does not understand (DoRA, embedding LoRA, biases, ``modules_to_save``, keys outside the decoder
-layers, mixed dtypes, a missing expert) is refused by name: a pack never silently drops a weight.
+``target_parameters`` on fused 3-D experts), both stacked to ``[L, E, r, in]`` /
+``[L, E, r, out]`` (``lora_B`` rank-major, see :mod:`catalog.pack.format`) and written back
+where they came from (see :mod:`catalog.pack.peft_experts`). Whatever import does not
+understand (DoRA, embedding LoRA, biases, ``modules_to_save``, keys outside the decoder layers,
+mixed dtypes, a missing expert) is refused by name: a pack never silently drops a weight.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from catalog.pack.format import (
     assemble_pack,
     lora_a_name,
     lora_b_name,
+    rank_major_parts,
     read_pack,
 )
 from catalog.pack.manifest import (
@@ -200,9 +202,12 @@ def pack_from_peft_tensors(
         stack = _STACKERS[group.layout.kind if group.layout else _DENSE]
         module, a_parts, b_parts = stack(name, group, patterns, model_prefix, experts)
         modules.append(module)
-        # Stacking is concatenation: the parts are views into the PEFT file, copied once.
+        # Stacking is concatenation: the parts are views into the PEFT file, copied once;
+        # lora_B's are transposed first (rank-major, see catalog.pack.format: the engine's
+        # slot layout, so that attaching is a plain copy).
         parts.append((lora_a_name(name), dtype, module.shape_a, a_parts))
-        parts.append((lora_b_name(name), dtype, module.shape_b, b_parts))
+        b_stored = rank_major_parts(module, dtype, b_parts)
+        parts.append((lora_b_name(name), dtype, module.shape_bt, b_stored))
     layouts = {name: g.layout for name, g in groups.items() if g.layout is not None}
     check_parameter_nesting({m.name: (m.in_features, m.out_features) for m in modules}, layouts)
     highest = max(m.layers[-1] for m in modules)

@@ -1,9 +1,11 @@
 """The two PEFT layouts of MoE expert LoRA, and how each maps to a pack's stacked experts.
 
-A pack holds every expert projection as ``lora_A [L, E, r, in]`` and ``lora_B [L, E, out, r]``,
-where ``in``/``out`` are the projection's real input/output features and the delta that expert
-``e`` adds to its projection of ``x`` is ``scaling * x @ A[l, e].T @ B[l, e].T``, whatever the
-source layout or however the base stores its expert weights. PEFT writes expert LoRA in two ways:
+A pack holds every expert projection as ``lora_A [L, E, r, in]`` and ``lora_B [L, E, out, r]``
+(in PEFT's orientation, as this module converts it; pack format 2 stores it rank-major,
+``[L, E, r, out]``, see :mod:`catalog.pack.format`), where ``in``/``out`` are the projection's
+real input/output features and the delta that expert ``e`` adds to its projection of ``x`` is
+``scaling * x @ A[l, e].T @ B[l, e].T``, whatever the source layout or however the base stores
+its expert weights. PEFT writes expert LoRA in two ways:
 
 ``per_expert``
     One LoRA pair per expert and projection on ``nn.Linear`` experts, as transformers 4 models,

@@ -61,7 +61,7 @@ def random_pack(
     for spec in specs:
         for name, shape in (
             (lora_a_name(spec.name), spec.shape_a),
-            (lora_b_name(spec.name), spec.shape_b),
+            (lora_b_name(spec.name), manifest.stored_shape_b(spec)),
         ):
             data = _random_bytes(rng, tuple(shape), dtype, scale)
             tensors[name] = TensorBytes(dtype, tuple(shape), memoryview(data))

@@ -12,9 +12,8 @@ import pytest
 from catalog.cache.layout import FLAG_VALUES_FINITE, EntryMeta, checksum, entry_key
 from catalog.cache.pack_cache import PackCache
 from catalog.digest import Digest
-from catalog.pack import TensorBytes, read_pack, write_pack
+from catalog.pack import TensorBytes, expected_tensors, read_pack, write_pack
 from catalog.pack.finite import pack_values_finite
-from catalog.pack.format import lora_a_name, lora_b_name
 from tests.pack.synth import small_manifest
 
 
@@ -23,13 +22,9 @@ def finite_pack(*, nan_in: str | None = None) -> bytes:
     manifest = small_manifest()
     rng = np.random.default_rng(3)
     tensors = {}
-    for module in manifest.modules:
-        for name, shape in (
-            (lora_a_name(module.name), module.shape_a),
-            (lora_b_name(module.name), module.shape_b),
-        ):
-            values = rng.standard_normal(int(np.prod(shape)), dtype=np.float32)
-            tensors[name] = values
+    for name, shape in expected_tensors(manifest).items():
+        values = rng.standard_normal(int(np.prod(shape)), dtype=np.float32)
+        tensors[name] = values
     names = list(read_pack(write_pack(manifest, _as_bytes(manifest, tensors))).tensor_names())
     if nan_in is not None:
         key = next(n for n in tensors if nan_in in n)
@@ -40,11 +35,7 @@ def finite_pack(*, nan_in: str | None = None) -> bytes:
 
 
 def _as_bytes(manifest, values):  # type: ignore[no-untyped-def]
-    shapes = {
-        name: shape
-        for m in manifest.modules
-        for name, shape in ((lora_a_name(m.name), m.shape_a), (lora_b_name(m.name), m.shape_b))
-    }
+    shapes = expected_tensors(manifest)
     return {
         name: TensorBytes("F32", shapes[name], memoryview(v.tobytes()))
         for name, v in values.items()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from catalog.errors import InvalidPack
-from catalog.pack import read_pack
+from catalog.pack import convert_pack, read_pack
+from engine_plugin import LocalPackSource
 from engine_plugin.shared_work import first_axis_spans, run_shared
 from engine_plugin.staging import stage_pack
 from tests.engine.conftest import ADAPTER_SPECS, Arch, make_ids
@@ -58,26 +59,35 @@ def test_first_axis_spans_cover_the_axis() -> None:
     assert first_axis_spans(0, 1, 7) == []
 
 
+@pytest.mark.parametrize("format_version", [1, 2])
 @pytest.mark.parametrize("adapter", sorted(ADAPTER_SPECS))
-def test_a_shared_fetching_attach_fills_slots_as_staging_does(llama: Arch, adapter: str) -> None:
-    """A fetching attach borrows ``lora_B`` and transposes it in the slot write, shared with a
-    helper thread; the slots must hold exactly what the prefetcher's staging puts there."""
-    shared = llama.engine(attach_threads=2)
-    staged = llama.engine(attach_threads=1)
+def test_a_shared_fetching_attach_fills_slots_as_staging_does(
+    llama: Arch, adapter: str, format_version: int
+) -> None:
+    """A fetching attach borrows ``lora_B`` (format 2: the pack's rank-major bytes as they are;
+    format 1: a transposed view, transposed in the slot write, shared with a helper thread);
+    the slots must hold exactly what the prefetcher's staging puts there, in either format."""
+    source = LocalPackSource()
+    source.publish(adapter, convert_pack(llama.packs[adapter], format_version))
+    shared = llama.engine(source, attach_threads=2)
+    staged = llama.engine(source, attach_threads=1)
     try:
         shared.attach(adapter)  # fetched: borrowed, shared write
-        staged.prefetch([adapter])[0].result()  # staged apart, then one plain copy
+        staged.prefetch([adapter])[0].result()  # staged apart, then one copy
         staged.attach(adapter)
         for name, module in shared.pool.modules.items():
             other = staged.pool.modules[name]
             assert torch.equal(module.lora_a, other.lora_a), name
             assert torch.equal(module.lora_bt, other.lora_bt), name
-        # The fetching attach kept its borrowed staging; the prefetcher's is contiguous.
+        # The fetching attach kept its borrowed staging: strided views of a format-1 pack,
+        # contiguous views of a format-2 one (a bf16 pack on the fp32 base is copied).
         digest = str(shared.catalog.resolve(adapter).digest)
         borrowed = shared.host.peek(digest)
         assert borrowed is not None
-        converted = "dtype" in ADAPTER_SPECS[adapter]  # a bf16 pack on the fp32 base is copied
-        assert all(m.lora_bt.is_contiguous() for m in borrowed.modules.values()) == converted
+        converted = "dtype" in ADAPTER_SPECS[adapter]
+        contiguous = [m.lora_bt.is_contiguous() for m in borrowed.modules.values()]
+        assert all(contiguous) == (converted or format_version == 2)
+        assert any(contiguous) == (converted or format_version == 2)
         ids = make_ids(2, 5)
         assert torch.equal(
             shared.forward(ids, [adapter, None]).logits,

@@ -244,10 +244,14 @@ def _address_range(buffer: bytes) -> tuple[int, int]:
     return start, start + len(buffer)
 
 
+@pytest.mark.parametrize("format_version", [1, 2])
 @pytest.mark.parametrize("borrow", [True, False])
-def test_staging_borrows_lora_a_only_from_read_only_bytes(borrow: bool) -> None:
-    """Borrowed ``lora_A`` views the pack's own bytes (no host allocation); ``lora_B`` is always
-    a contiguous transposed copy, so attach copies stay plain memcpys."""
+def test_staging_borrows_only_unconverted_contiguous_pack_bytes(
+    borrow: bool, format_version: int
+) -> None:
+    """Borrowed ``lora_A`` views the pack's own bytes (no host allocation), and so does a
+    rank-major ``lora_B`` (format 2, already the slot layout); a format-1 ``lora_B`` is a
+    contiguous transposed copy unless ``borrow_b``, so attach copies stay plain memcpys."""
     from catalog.pack import ModuleSpec, PackManifest, TensorBytes, read_pack, write_pack
     from engine_plugin.staging import stage_pack
 
@@ -263,10 +267,12 @@ def test_staging_borrows_lora_a_only_from_read_only_bytes(borrow: bool) -> None:
         num_experts=0,
         modules=(ModuleSpec("m", 5, 6, 3, 6.0, (0, 1)),),
         source={},
+        format_version=format_version,
     )
+    stored_b = b.transpose(1, 2).contiguous() if format_version == 2 else b
     tensors = {
         f"layers.m.lora_{side}": TensorBytes("F32", tuple(t.shape), memoryview(t.numpy().tobytes()))
-        for side, t in (("A", a), ("B", b))
+        for side, t in (("A", a), ("B", stored_b))
     }
     data = write_pack(manifest, tensors)
     staged = stage_pack(revision(1), read_pack(data), dtype=torch.float32, borrow=borrow)
@@ -275,6 +281,7 @@ def test_staging_borrows_lora_a_only_from_read_only_bytes(borrow: bool) -> None:
     assert m.lora_bt.is_contiguous()
     low, high = _address_range(data)
     assert (low <= m.lora_a.data_ptr() < high) == borrow
-    assert not low <= m.lora_bt.data_ptr() < high
+    assert (low <= m.lora_bt.data_ptr() < high) == (borrow and format_version == 2)
     converted = stage_pack(revision(1), read_pack(data), dtype=torch.bfloat16, borrow=True)
     assert not low <= converted.modules["m"].lora_a.data_ptr() < high
+    assert not low <= converted.modules["m"].lora_bt.data_ptr() < high

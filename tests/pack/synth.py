@@ -50,7 +50,10 @@ def random_tensors(manifest: PackManifest, seed: int = 0) -> dict[str, TensorByt
     tensors = {}
     itemsize = {"F32": 4, "BF16": 2, "F16": 2}[manifest.dtype]
     for m in manifest.modules:
-        for name, shape in ((lora_a_name(m.name), m.shape_a), (lora_b_name(m.name), m.shape_b)):
+        for name, shape in (
+            (lora_a_name(m.name), m.shape_a),
+            (lora_b_name(m.name), manifest.stored_shape_b(m)),
+        ):
             count = 1
             for d in shape:
                 count *= d

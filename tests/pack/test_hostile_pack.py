@@ -278,7 +278,11 @@ def test_extra_tensor() -> None:
         ({"rank": 8}, r"rank 8 is not the largest module rank 4"),
         ({"num_layers": 2}, r"module 'self_attn.q_proj' names layer 2 but the base has 2 layers"),
         ({"num_layers": 10**9}, r"num_layers must be an integer in \[1, 4096\], got 1000000000"),
-        ({"format_version": 2}, r"unsupported pack format version 2 \(this reader knows 1\)"),
+        ({"format_version": 3}, r"unsupported pack format version 3 \(this reader knows 1, 2\)"),
+        (
+            {"format_version": True},
+            r"unsupported pack format version True \(this reader knows 1, 2\)",
+        ),
         ({"base_id": ""}, r"base_id must be a non-empty printable string, got ''"),
         ({"dtype": "I64"}, r"dtype must be one of F32, BF16, F16, got 'I64'"),
         ({"use_rslora": 1}, r"use_rslora must be a boolean, got 1"),
@@ -334,8 +338,9 @@ def test_module_field_refused(module_changes: dict[str, object], message: str) -
 def test_write_pack_refuses_inconsistent_tensors() -> None:
     manifest = small_manifest()
     tensors = random_tensors(manifest)
-    tensors["layers.mlp.down_proj.lora_B"] = TensorBytes("F32", (1, 2, 6), memoryview(bytes(48)))
-    with pytest.raises(InvalidPack, match=r"has shape \[1, 2, 6\] but the manifest implies"):
+    # PEFT's orientation [L, out, r] where format 2 stores lora_B rank-major, [L, r, out].
+    tensors["layers.mlp.down_proj.lora_B"] = TensorBytes("F32", (1, 6, 2), memoryview(bytes(48)))
+    with pytest.raises(InvalidPack, match=r"has shape \[1, 6, 2\] but the manifest implies"):
         write_pack(manifest, tensors)
     del tensors["layers.mlp.down_proj.lora_B"]
     with pytest.raises(InvalidPack, match=r"manifest names tensor 'layers.mlp.down_proj.lora_B'"):

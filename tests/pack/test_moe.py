@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load, load_file
+from safetensors.torch import load_file
 
 from catalog.errors import InvalidPack
 from catalog.pack import (
@@ -227,7 +227,7 @@ def test_stacked_tensors_are_peft_tensors_rearranged(moe_case: MoeCase) -> None:
     ``B.reshape(out, r, E).permute(2, 0, 1)``."""
     pack_bytes = import_peft_dir(moe_case.path, base_id="b")
     manifest = read_pack(pack_bytes).manifest
-    stacked = load(pack_bytes)
+    stacked = factories.stacked_tensors(pack_bytes)
     peft = load_file(str(moe_case.path / "adapter_model.safetensors"))
     layouts = manifest.source.get("expert_modules", {})
     seen = set()
@@ -272,7 +272,7 @@ def test_fused_delta_per_expert_is_scaled_x_at_a_b(moe_cases: dict[str, MoeCase]
     reference = _fused_base(case.arch)
     model = PeftModel.from_pretrained(base, str(case.path))
     pack_bytes = import_peft_dir(case.path, base_id="b")
-    manifest, stacked = read_pack(pack_bytes).manifest, load(pack_bytes)
+    manifest, stacked = read_pack(pack_bytes).manifest, factories.stacked_tensors(pack_bytes)
 
     seen: dict[int, dict[str, torch.Tensor]] = {}
 

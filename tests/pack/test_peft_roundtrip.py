@@ -83,6 +83,8 @@ def test_pack_opens_with_safetensors_and_stacks_per_layer_tensors(
             order = sorted(layers)
             for ab in "AB":
                 expected = torch.stack([layers[i][ab] for i in order])
+                if ab == "B":  # stored rank-major (pack format 2): PEFT's B transposed
+                    expected = expected.transpose(-1, -2).contiguous()
                 got = f.get_tensor(f"layers.{module}.lora_{ab}")
                 assert got.dtype == expected.dtype
                 assert torch.equal(_bits(got), _bits(expected)), (module, ab)
