@@ -20,7 +20,8 @@ private and read-only; nothing references the map after the read (an engine may 
 into the buffer for as long as it likes, and the lease ends at once). A reference entry (a
 ``file://`` store on the tier's filesystem, see ``catalog.cache.layout``) is read with no copy
 at all: the store's immutable file is mapped read-only, every chunk checked on the map, and the
-map returned (it outlives the file's unlinking by GC).
+map returned (it outlives the file's unlinking by GC); the map is kept for the next read of the
+same file (``catalog.client.mapped_files``), which checks every chunk again.
 
 A chunk that fails its check is reported with the release; the catalog re-reads it, drops a bad
 copy and refills it from the durable tier, and the read is tried once more; a second failure
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import threading
 import time
@@ -58,6 +58,7 @@ from catalog.cache.layout import (
     host_id,
 )
 from catalog.client.errors import error_from_rpc, translated
+from catalog.client.mapped_files import MappedFiles
 from catalog.convert import revision_from_pb
 from catalog.digest import Digest
 from catalog.errors import DataLoss, PermissionDenied, ResourceExhausted
@@ -218,6 +219,8 @@ class ColocatedReader:
         self._shared = shared
         self._closed = False
         self.path = shared.path
+        #: Store files of reference entries, kept mapped between reads (``mapped_files``).
+        self.mapped = MappedFiles()
 
     def read(self, digest: Digest, size: int, name: str) -> memoryview:
         """The pack ``digest`` (``size`` bytes) as a private read-only buffer, every chunk
@@ -260,7 +263,7 @@ class ColocatedReader:
             if meta.size != size:
                 raise EntryMissing(f"{name} is {meta.size} bytes in {self.path}, not {size}")
             if meta.file:
-                return _map_referenced_file(meta, name), meta.values_finite
+                return _map_referenced_file(self.mapped, meta, name), meta.values_finite
             buffer = new_buffer(size)
             out = memoryview(buffer)
             for index in range(meta.chunk_count):
@@ -280,26 +283,30 @@ class ColocatedReader:
         """Stop using the environment. Idempotent."""
         if not self._closed:
             self._closed = True
+            self.mapped.clear()
             self._shared.release()
 
 
-def _map_referenced_file(meta: EntryMeta, name: str) -> memoryview:
-    """A reference entry's bytes: the durable tier's file mapped read-only, every chunk checked
-    on the map; no copy at all. The file is immutable (written once under a temporary name and
-    renamed into place) and a mapping outlives its unlinking (GC), so the view never changes."""
+def _map_referenced_file(mapped: MappedFiles, meta: EntryMeta, name: str) -> memoryview:
+    """A reference entry's bytes: the durable tier's file mapped read-only (a map kept from an
+    earlier read while the path names the same file, see ``mapped_files``), every chunk checked
+    on the map, on every read; no copy at all. The file is immutable (written once under a
+    temporary name and renamed into place) and a mapping outlives its unlinking (GC), so the
+    view never changes. A map that fails a check is dropped, so the read after the catalog's
+    repair maps the file afresh."""
     try:
-        with open(meta.file, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = mapped.view(meta.file)
     except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
         raise CorruptChunk(f"the file of {name} ({meta.file}): {exc}", 0) from None
-    view = memoryview(mapped)
     if len(view) != meta.size:
+        mapped.drop(meta.file)
         raise CorruptChunk(f"the file of {name} ({meta.file}) is {len(view)} bytes", 0)
     for index in range(meta.chunk_count):
         start = index * meta.chunk_bytes
         if checksum(view[start : start + meta.chunk_bytes], meta.fmt) != meta.checksum(index):
+            mapped.drop(meta.file)
             raise CorruptChunk(f"chunk {index} of {name} fails its checksum", start)
-    return view.toreadonly()
+    return view
 
 
 class ColocatedPath:
