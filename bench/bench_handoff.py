@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -403,9 +404,19 @@ def main() -> None:
         flush=True,
     )
 
-    settings = run_settings(
-        args.settings, "handoff", base, checkpoint, adapter_dirs, root, args.warmup, export_full_s
-    )
+    try:
+        settings = run_settings(
+            args.settings,
+            "handoff",
+            base,
+            checkpoint,
+            adapter_dirs,
+            root,
+            args.warmup,
+            export_full_s,
+        )
+    finally:  # ~1 GB of stores and checkpoints per run, in the shared machine's /tmp
+        shutil.rmtree(root, ignore_errors=True)
     table = handoff_rows(settings)
     print_table(
         f"handoff: trainer has a revision -> engine serves it ({config.num_hidden_layers} layers, "

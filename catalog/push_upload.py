@@ -101,6 +101,7 @@ class PushUpload:
             raise
         self._file = os.fdopen(fd, "wb")
         self.path = Path(name)
+        self._owns_path = True  # False once commit_file took a file the caller owns
 
     def write(self, chunk: bytes | memoryview) -> None:
         """Spool ``chunk``. Raises ``InvalidArgument`` past the declared size, and
@@ -192,6 +193,46 @@ class PushUpload:
         manifest = self._validate_pack()
         return self._catalog._commit_push(self, digest, manifest)
 
+    def commit_file(
+        self,
+        path: Path,
+        digest_of: Callable[[], Digest],
+        *,
+        before_commit: Callable[[], None] = lambda: None,
+    ) -> tuple[Revision, bool]:
+        """:meth:`commit` the file ``path`` instead of the bytes written (none may have been):
+        the caller hashes it (``digest_of()``, in the catalog's algorithm, asked for after
+        the pack's validation, so the hash may run beside it) and guarantees that it does not
+        change (a leased inbox file, ``catalog.local_push``); it is given to the store as the
+        spool file would be (linked into a ``file://`` store on its filesystem) but never
+        deleted here. ``before_commit`` runs after the checks, right before the commit (it
+        may raise to refuse). Raises as :meth:`commit`."""
+        if self.received:
+            raise InvalidArgument(f"push of {self.adapter}: bytes were written and a file given")
+        self._file.close()
+        self.path.unlink(missing_ok=True)  # the empty spool file: the pack is ``path``
+        self.path, self._owns_path = path, False
+        self.received = path.stat().st_size
+        if self.received != self.size_bytes:
+            raise InvalidArgument(
+                f"push of {self.adapter}: the file holds {self.received} bytes, "
+                f"{self.size_bytes} were declared"
+            )
+        manifest = self._validate_pack()
+        digest = digest_of()
+        if digest.algorithm != self._catalog.digest_algorithm:
+            raise InvalidArgument(f"push of {self.adapter}: a {digest.algorithm} digest given")
+        if self.expected_digest is not None and self.expected_digest != digest:
+            if self.expected_digest.algorithm != digest.algorithm:
+                raise InvalidArgument(
+                    f"push of {self.adapter}: state the digest in {digest.algorithm}"
+                )
+            raise DataLoss(
+                f"push of {self.adapter}: bytes hash to {digest}, expected {self.expected_digest}"
+            )
+        before_commit()
+        return self._catalog._commit_push(self, digest, manifest)
+
     def _validate_pack(self) -> dict[str, Any]:
         if self.size_bytes == 0:
             raise InvalidPack(f"push of {self.adapter}: the pack is empty")
@@ -231,7 +272,8 @@ class PushUpload:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-        self.path.unlink(missing_ok=True)
+        if self._owns_path:
+            self.path.unlink(missing_ok=True)
         if self._reservation is not None:
             self._reservation.release()
 

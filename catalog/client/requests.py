@@ -72,13 +72,14 @@ def push_requests(
 def push_header(
     name: AdapterName | str,
     size: int,
-    digest: Digest,
+    digest: Digest | None,
     base_id: str,
     aliases: list[str] | tuple[str, ...],
     metadata: dict[str, str] | None,
     provenance: PushProvenance | None = None,
 ) -> pb.PushHeader:
-    """The header of a push; provenance's ``host`` defaults to this machine's name."""
+    """The header of a push (``digest`` None: none stated); provenance's ``host`` defaults to
+    this machine's name."""
     adapter = AdapterName.parse(name) if isinstance(name, str) else name
     stated = provenance or PushProvenance()
     return pb.PushHeader(
@@ -87,7 +88,7 @@ def push_header(
         aliases=list(aliases),
         metadata=dict(metadata or {}),
         size_bytes=size,
-        expected_digest=str(digest),
+        expected_digest=str(digest) if digest is not None else "",
         host=stated.host or socket.gethostname(),
         run_id=stated.run_id,
         parent=stated.parent,

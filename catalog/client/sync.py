@@ -31,6 +31,7 @@ from catalog.client.answers import (
 from catalog.client.channel import channel_settings, open_channel
 from catalog.client.colocated import ColocatedPath
 from catalog.client.errors import translated
+from catalog.client.local_push import InboxPush
 from catalog.client.requests import (
     PackSource,
     ProgressCallback,
@@ -147,6 +148,8 @@ class CatalogClient:
         self.colocated = (
             ColocatedPath(self._stub, self.target, timeout=timeout) if colocated else None
         )
+        #: Pushes through the catalog's inbox on its host (``None``: always the stream).
+        self._inbox = InboxPush(self._stub, timeout=timeout) if colocated else None
 
     # -- revisions --------------------------------------------------------------------------
 
@@ -169,7 +172,19 @@ class CatalogClient:
         machine) is kept on the revision as ``provenance.*``/``eval.*`` metadata.
         Raises ``InvalidPack``, ``InvalidName``, ``InvalidArgument`` (``base_id`` differs from
         the pack's), ``NotFound`` (provenance parent), ``ResourceExhausted``, ``Conflict``.
+
+        On the catalog's host (unless ``colocated=False``) the pack is written into the
+        catalog's push inbox instead and named in one RPC (``catalog.client.local_push``).
         """
+        if self._inbox is not None:
+            size = pack.stat().st_size if isinstance(pack, Path) else len(pack)
+            header = push_header(name, size, None, base_id, aliases, metadata, provenance)
+            with translated(self.target):
+                pushed = self._inbox.push(pack, header, timeout)
+            if pushed is not None:
+                if progress:
+                    progress(size, size)
+                return PushResult(revision_from_pb(pushed.revision), pushed.created)
         size, digest = source_size_and_digest(pack)
         header = push_header(name, size, digest, base_id, aliases, metadata, provenance)
         with translated(self.target):

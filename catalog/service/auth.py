@@ -216,6 +216,10 @@ def _of_push_header(first: Any) -> Sequence[str]:
     return (AdapterName.parse(first.header.name).tenant,)
 
 
+def _of_inbox_push(request: Any) -> Sequence[str]:
+    return (AdapterName.parse(request.header.name).tenant,)
+
+
 def _reachable_adapters(principal: Principal, request: Any, response: Any) -> Any:
     kept = [a for a in response.adapters if principal.reaches(a.name.partition("/")[0])]
     if len(kept) != len(response.adapters):
@@ -249,6 +253,9 @@ class MethodRule:
 #: Every RPC of the Catalog service. A method missing here is refused at server start.
 METHOD_RULES: dict[str, MethodRule] = {
     "Push": MethodRule("write", _of_push_header),
+    # A colocated push (catalog.local_push): the inbox's place, then a push naming a file in it.
+    "GetPushInbox": MethodRule("write"),
+    "PushFromInbox": MethodRule("write", _of_inbox_push),
     "Resolve": MethodRule("read", _of_ref),
     "ListAdapters": MethodRule("read", _of_prefix, _reachable_adapters),
     "ListRevisions": MethodRule("read", _of_name),
@@ -304,6 +311,8 @@ def _target(request: Any) -> str:
         if isinstance(value, str) and value:
             return value[:AUDIT_TARGET_CHARS]
     if isinstance(request, pb.PushRequest) and request.WhichOneof("payload") == "header":
+        return request.header.name[:AUDIT_TARGET_CHARS]
+    if isinstance(request, pb.PushFromInboxRequest):
         return request.header.name[:AUDIT_TARGET_CHARS]
     return ""
 

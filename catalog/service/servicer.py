@@ -6,15 +6,19 @@ the handler ``catalog.service.handlers`` builds around each method.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
+from catalog.cache.layout import host_id
 from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import FailedPrecondition, InvalidArgument
+from catalog.local_push import PushInbox, push_from_inbox
 from catalog.model import AdapterName, PushProvenance, Ref
 from catalog.peft_export import PeftExporter, check_fits
 from catalog.service.request_record import RequestRecord, caller_of
@@ -33,6 +37,23 @@ def _expected(msg: pb.SetAliasRequest | pb.RollbackRequest) -> int | None:
     return msg.expected_revision if msg.HasField("expected_revision") else None
 
 
+def _push_options(header: pb.PushHeader) -> dict[str, Any]:
+    """``Catalog.open_push``'s options from a push header (the stream's and the inbox's)."""
+    return {
+        "base_id": header.base_id,
+        "aliases": list(header.aliases),
+        "metadata": dict(header.metadata),
+        "expected_digest": header.expected_digest,
+        "provenance": PushProvenance(
+            host=header.host,
+            run_id=header.run_id,
+            parent=header.parent,
+            data_digest=header.data_digest,
+            eval=dict(header.eval),
+        ),
+    }
+
+
 class CatalogServicer(pb_grpc.CatalogServicer):
     def __init__(
         self,
@@ -47,6 +68,8 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         self.resolves: GenerationCache[pb.Revision] = GenerationCache(catalog.generation)
         self.record = record
         self.peft_exporter = peft_exporter or PeftExporter(None)
+        self._inbox: PushInbox | None = None
+        self._inbox_lock = threading.Lock()
 
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -57,19 +80,7 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         header = first.header
         adapter = AdapterName.parse(header.name)
         with self.catalog.open_push(
-            adapter,
-            size_bytes=header.size_bytes,
-            base_id=header.base_id,
-            aliases=list(header.aliases),
-            metadata=dict(header.metadata),
-            expected_digest=header.expected_digest,
-            provenance=PushProvenance(
-                host=header.host,
-                run_id=header.run_id,
-                parent=header.parent,
-                data_digest=header.data_digest,
-                eval=dict(header.eval),
-            ),
+            adapter, size_bytes=header.size_bytes, **_push_options(header)
         ) as upload:
             upload.time_left = getattr(context, "time_remaining", None)
             for message in request_iterator:
@@ -83,6 +94,34 @@ class CatalogServicer(pb_grpc.CatalogServicer):
                 upload.write(message.chunk)
             revision, created = upload.commit()
         return pb.PushResponse(revision=revision_to_pb(revision), created=created)
+
+    def GetPushInbox(
+        self, request: pb.PushInboxRequest, context: grpc.ServicerContext
+    ) -> pb.PushInbox:
+        return pb.PushInbox(directory=str(self._push_inbox().directory), host_id=host_id())
+
+    def PushFromInbox(
+        self, request: pb.PushFromInboxRequest, context: grpc.ServicerContext
+    ) -> pb.PushResponse:
+        header = request.header
+        revision, created = push_from_inbox(
+            self.catalog,
+            self._push_inbox(),
+            request.file_name,
+            AdapterName.parse(header.name),
+            size_bytes=header.size_bytes,
+            time_left=getattr(context, "time_remaining", None),
+            **_push_options(header),
+        )
+        return pb.PushResponse(revision=revision_to_pb(revision), created=created)
+
+    def _push_inbox(self) -> PushInbox:
+        """The catalog's push inbox (``catalog.local_push``), made and swept on first use."""
+        with self._inbox_lock:
+            if self._inbox is None:
+                self._inbox = PushInbox(self.catalog.spool_dir.parent / "inbox")
+                self._inbox.sweep()
+            return self._inbox
 
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.Revision:
         ref = request.ref

@@ -221,11 +221,11 @@ class LocalDirStore(BlobStore):
                 )
             if if_absent:
                 try:
-                    os.link(path, final)
+                    _hard_link(path, final)
                 except FileExistsError:
                     return False
             else:
-                os.link(path, temp)
+                _hard_link(path, temp)
                 os.replace(temp, final)
             if self._fsync:
                 _fsync_dir(directory)
@@ -279,6 +279,18 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+def _hard_link(source: Path, target: Path) -> None:
+    """Link ``target`` to the file ``source`` names, following a symbolic link at ``source``:
+    an open file's ``/proc/self/fd/N`` (``catalog.local_push``) links the very inode this
+    process holds. ``os.link`` without a directory descriptor calls link(2), which links the
+    symbolic link itself (EXDEV for one in /proc); linkat(2) with AT_SYMLINK_FOLLOW follows."""
+    parent = os.open(source.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(source.name, target, src_dir_fd=parent, follow_symlinks=True)
+    finally:
+        os.close(parent)
 
 
 def _fsync_dir(directory: Path) -> None:

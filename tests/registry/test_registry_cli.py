@@ -337,7 +337,8 @@ def test_metrics_health_and_access_log(tmp_path, adapter_dirs):
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
             body = response.read().decode()
         assert 'loracat_rpc_seconds_count{code="NOT_FOUND",method="Resolve"} 1.0' in body
-        assert 'loracat_rpc_seconds_count{code="OK",method="Push"} 1.0' in body
+        # on the catalog's host the CLI's push names a file in its inbox (catalog.local_push)
+        assert 'loracat_rpc_seconds_count{code="OK",method="PushFromInbox"} 1.0' in body
         assert "# TYPE loracat_state gauge" in body
         assert 'loracat_state{name="hint_subscribers"}' in body
         assert "# TYPE loracat_events_total counter" in body
@@ -352,7 +353,7 @@ def test_metrics_health_and_access_log(tmp_path, adapter_dirs):
     log = next(tmp_path.glob("serve-*.log")).read_text()
     access = [line for line in log.splitlines() if "loracat.access" in line]
     assert any(" Resolve NOT_FOUND " in line for line in access), log[-2000:]
-    assert any(" Push OK " in line for line in access)
+    assert any(" PushFromInbox OK " in line for line in access)  # the inbox, on this host
 
 
 def test_every_serve_option_has_an_environment_variable():

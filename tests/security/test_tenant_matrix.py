@@ -65,6 +65,17 @@ def _streamed(method: str, request: Any) -> Callable[[CatalogClient, str], Any]:
 #: RPC -> (call(client, adapter name), tenant-scoped). Each call uses ``name`` as its target.
 CALLS: dict[str, tuple[Callable[[CatalogClient, str], Any], bool]] = {
     "Push": (lambda c, n: c.push(f"{n}-pushed", _PACK[0]), True),  # keeps "nope" missing
+    "GetPushInbox": (_raw("GetPushInbox", pb.PushInboxRequest()), False),
+    "PushFromInbox": (
+        lambda c, n: _raw(
+            "PushFromInbox",
+            pb.PushFromInboxRequest(
+                header=pb.PushHeader(name=f"{n}-pushed", size_bytes=100),
+                file_name="push-no-such-file.pack",
+            ),
+        )(c, n),
+        True,
+    ),
     "Resolve": (lambda c, n: c.resolve(f"{n}@serving"), True),
     "ListAdapters": (lambda c, n: c.list_adapters(n), True),
     "ListRevisions": (lambda c, n: c.list_revisions(n), True),
@@ -117,6 +128,7 @@ ALLOWED_OWN = {
     "EvictPack": "NOT_FOUND",
     "WatchHints": "DEADLINE_EXCEEDED",
     "ExportPeftDir": "FAILED_PRECONDITION",  # this catalog has no --peft-export-root
+    "PushFromInbox": "NOT_FOUND",  # no such file in the inbox
 }
 #: On a missing adapter of the own tenant. ListAdapters and Prefetch answer OK (an empty page,
 #: a "failed" progress line); Push creates it; ReportPackReads skips a read it cannot count.

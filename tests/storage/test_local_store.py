@@ -103,7 +103,7 @@ def test_a_consumed_file_that_cannot_be_linked_is_copied(
     source = tmp_path / "spool.bin"
     source.write_bytes(b"pack bytes")
 
-    def no_link(*args: object) -> None:
+    def no_link(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)

@@ -1790,3 +1790,68 @@ class ExportPeftDirResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportPeftDirResponse: _TypeAlias = ExportPeftDirResponse  # noqa: Y015
+
+@_typing.final
+class PushInboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushInboxRequest: _TypeAlias = PushInboxRequest  # noqa: Y015
+
+@_typing.final
+class PushInbox(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTORY_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    directory: _builtins.str
+    """where a colocated client writes push-*.pack; empty: none"""
+    host_id: _builtins.str
+    """hostname/boot id of the catalog's host"""
+    def __init__(
+        self,
+        *,
+        directory: _builtins.str = ...,
+        host_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory", b"directory", "host_id", b"host_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushInbox: _TypeAlias = PushInbox  # noqa: Y015
+
+@_typing.final
+class PushFromInboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    """push-<random>.pack in the inbox: a name, never a path"""
+    @_builtins.property
+    def header(self) -> Global___PushHeader:
+        """as the first message of Push"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PushHeader | None = ...,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushFromInboxRequest: _TypeAlias = PushFromInboxRequest  # noqa: Y015

@@ -184,6 +184,16 @@ class CatalogStub:
                 request_serializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirRequest.SerializeToString,
                 response_deserializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirResponse.FromString,
                 _registered_method=True)
+        self.GetPushInbox = channel.unary_unary(
+                '/loracat.v1.Catalog/GetPushInbox',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PushInboxRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.PushInbox.FromString,
+                _registered_method=True)
+        self.PushFromInbox = channel.unary_unary(
+                '/loracat.v1.Catalog/PushFromInbox',
+                request_serializer=loracat_dot_v1_dot_catalog__pb2.PushFromInboxRequest.SerializeToString,
+                response_deserializer=loracat_dot_v1_dot_catalog__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServicer:
@@ -396,6 +406,21 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPushInbox(self, request, context):
+        """Colocated pushes (issue 14): a client on the catalog's host writes the pack into the
+        catalog's push inbox and names the file; the catalog takes it without a byte stream (see
+        catalog.local_push). Auth as Push: "write" on the header's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushFromInbox(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -548,6 +573,16 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.ExportPeftDir,
                     request_deserializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirRequest.FromString,
                     response_serializer=loracat_dot_v1_dot_catalog__pb2.ExportPeftDirResponse.SerializeToString,
+            ),
+            'GetPushInbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPushInbox,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PushInboxRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.PushInbox.SerializeToString,
+            ),
+            'PushFromInbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushFromInbox,
+                    request_deserializer=loracat_dot_v1_dot_catalog__pb2.PushFromInboxRequest.FromString,
+                    response_serializer=loracat_dot_v1_dot_catalog__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1360,6 +1395,60 @@ class Catalog:
             '/loracat.v1.Catalog/ExportPeftDir',
             loracat_dot_v1_dot_catalog__pb2.ExportPeftDirRequest.SerializeToString,
             loracat_dot_v1_dot_catalog__pb2.ExportPeftDirResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPushInbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/GetPushInbox',
+            loracat_dot_v1_dot_catalog__pb2.PushInboxRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.PushInbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushFromInbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loracat.v1.Catalog/PushFromInbox',
+            loracat_dot_v1_dot_catalog__pb2.PushFromInboxRequest.SerializeToString,
+            loracat_dot_v1_dot_catalog__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,6 +105,12 @@ class CatalogStub:
     revision's PEFT files into a directory the engine made under the root the server was
     started with (`serve --peft-export-root`), so the bytes never cross gRPC.
     """
+    GetPushInbox: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PushInboxRequest, _catalog_pb2.PushInbox]
+    """Colocated pushes (issue 14): a client on the catalog's host writes the pack into the
+    catalog's push inbox and names the file; the catalog takes it without a byte stream (see
+    catalog.local_push). Auth as Push: "write" on the header's tenant.
+    """
+    PushFromInbox: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PushFromInboxRequest, _catalog_pb2.PushResponse]
 
 @_typing.type_check_only
 class CatalogAsyncStub(CatalogStub):
@@ -172,6 +178,12 @@ class CatalogAsyncStub(CatalogStub):
     revision's PEFT files into a directory the engine made under the root the server was
     started with (`serve --peft-export-root`), so the bytes never cross gRPC.
     """
+    GetPushInbox: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PushInboxRequest, _catalog_pb2.PushInbox]  # type: ignore[assignment]
+    """Colocated pushes (issue 14): a client on the catalog's host writes the pack into the
+    catalog's push inbox and names the file; the catalog takes it without a byte stream (see
+    catalog.local_push). Auth as Push: "write" on the header's tenant.
+    """
+    PushFromInbox: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PushFromInboxRequest, _catalog_pb2.PushResponse]  # type: ignore[assignment]
 
 class CatalogServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -416,5 +428,23 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         revision's PEFT files into a directory the engine made under the root the server was
         started with (`serve --peft-export-root`), so the bytes never cross gRPC.
         """
+
+    @_abc_1.abstractmethod
+    def GetPushInbox(
+        self,
+        request: _catalog_pb2.PushInboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PushInbox, _abc.Awaitable[_catalog_pb2.PushInbox]]:
+        """Colocated pushes (issue 14): a client on the catalog's host writes the pack into the
+        catalog's push inbox and names the file; the catalog takes it without a byte stream (see
+        catalog.local_push). Auth as Push: "write" on the header's tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def PushFromInbox(
+        self,
+        request: _catalog_pb2.PushFromInboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PushResponse, _abc.Awaitable[_catalog_pb2.PushResponse]]: ...
 
 def add_CatalogServicer_to_server(servicer: CatalogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
