@@ -5,9 +5,11 @@ layers): it isolates the format. For 8, 64 and 128 experts it writes one MoE ada
 per-expert PEFT layout (``...layers.{l}.mlp.experts.{e}.gate_proj.lora_A.weight``: the layout of
 older checkpoints and of vLLM, one A/B pair per expert and projection: tens of thousands of small
 tensors) and the same adapter as a pack (``import_peft_dir``: a few dozen tensors stacked
-``[L, E, r, in]`` / ``[L, E, out, r]``). Then, from files in page cache (a warm-up pass reads
-each first) into host buffers preallocated once per module (``[L, E, r, in]`` / ``[L, E, out,
-r]``, plus ``[L, r, in]`` for the dense attention modules), it times, median of several rounds
+``[L, E, r, in]`` / ``[L, E, r, out]``, ``lora_B`` rank-major since pack format 2). Then, from
+files in page cache (a warm-up pass reads each first) into host buffers preallocated once per
+module in the layout an engine's slots hold (``[L, E, r, in]`` / ``[L, E, r, out]``, plus
+``[L, r, in]`` / ``[L, r, out]`` for the dense attention modules; each PEFT ``lora_B`` goes in
+transposed), it times, median of several rounds
 (each round runs every loader once, so that load from other processes hits them alike):
 
 - ``packed read_pack``: mmap the pack, ``read_pack`` (validates header and manifest), one copy
@@ -116,12 +118,12 @@ def allocate(layers: int, experts: int) -> Buffers:
     for module, (in_f, out_f) in DENSE.items():
         buffers[module] = (
             torch.empty(layers, RANK, in_f, dtype=DTYPE),
-            torch.empty(layers, out_f, RANK, dtype=DTYPE),
+            torch.empty(layers, RANK, out_f, dtype=DTYPE),
         )
     for proj, (in_f, out_f) in EXPERT_PROJECTIONS.items():
         buffers[f"mlp.experts.{proj}"] = (
             torch.empty(layers, experts, RANK, in_f, dtype=DTYPE),
-            torch.empty(layers, experts, out_f, RANK, dtype=DTYPE),
+            torch.empty(layers, experts, RANK, out_f, dtype=DTYPE),
         )
     return buffers
 
@@ -134,7 +136,7 @@ def load_packed_read_pack(pack_path: Path, buffers: Buffers) -> None:
         view = memoryview(mm)
         pack = read_pack(view)
         for module, (a_buf, b_buf) in buffers.items():
-            a, b = pack.module_tensors(module)
+            a, b, _ = pack.stored_tensors(module)  # lora_B rank-major: the buffers' layout
             for buf, tensor in ((a_buf, a), (b_buf, b)):
                 # One memcpy per stacked tensor, from the page cache into the buffer.
                 np.copyto(
@@ -171,15 +173,20 @@ def _destination(buffers: Buffers, key: str) -> torch.Tensor:
     return stacked[layer] if expert is None else stacked[layer, expert]
 
 
+def _put(buffers: Buffers, key: str, tensor: torch.Tensor) -> None:
+    """Copy one PEFT tensor into its place (``lora_B`` ``[out, r]`` goes in transposed)."""
+    _destination(buffers, key).copy_(tensor if ".lora_A." in key else tensor.t())
+
+
 def load_unpacked_safe_open(peft_path: Path, buffers: Buffers) -> None:
     with safe_open(str(peft_path / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-            _destination(buffers, key).copy_(f.get_tensor(key))
+            _put(buffers, key, f.get_tensor(key))
 
 
 def load_unpacked_load_file(peft_path: Path, buffers: Buffers) -> None:
     for key, tensor in load_file(str(peft_path / "adapter_model.safetensors")).items():
-        _destination(buffers, key).copy_(tensor)
+        _put(buffers, key, tensor)
 
 
 def load_unpacked_raw_offsets(peft_path: Path, buffers: Buffers) -> None:
@@ -203,7 +210,8 @@ def load_unpacked_raw_offsets(peft_path: Path, buffers: Buffers) -> None:
             dst = stacked[layer] if expert is None else stacked[layer, expert]
             begin, end = spec["data_offsets"]
             src = np.frombuffer(mm, dtype=np.int16, count=(end - begin) // 2, offset=base + begin)
-            np.copyto(dst, src.reshape(dst.shape))
+            # lora_B is [out, r] in the file and [r, out] in the buffer.
+            np.copyto(dst, src.reshape(dst.shape) if index == 0 else src.reshape(dst.shape[::-1]).T)
             del src
 
 
