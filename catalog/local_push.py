@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from catalog.cache.layout import checksum
 from catalog.digest import Digest, new_hasher
 from catalog.errors import Conflict, InvalidArgument, NotFound
 from catalog.model import AdapterName, Revision
@@ -181,9 +182,12 @@ class HashAndSync:
     for 16.8 MB here), the numpy bit test and the data's fsync (~10-15 ms) all let go of the
     GIL. :meth:`digest` waits for both."""
 
-    def __init__(self, fd: int, algorithm: str) -> None:
-        self._fd, self._algorithm = fd, algorithm
+    def __init__(self, fd: int, algorithm: str, chunk_bytes: int | None = None) -> None:
+        self._fd, self._algorithm, self._chunk_bytes = fd, algorithm, chunk_bytes
         self._digest: Digest | None = None
+        #: With ``chunk_bytes``: it and the NVMe tier's checksums of each chunk, taken by the
+        #: hashing thread from the same mapping (it finishes before the fsync does).
+        self.checksums: tuple[int, bytes] | None = None
         self._errors: list[BaseException] = []
         self._threads = [
             threading.Thread(target=self._run, args=(job,), name=f"inbox-{job.__name__}")
@@ -221,6 +225,10 @@ class HashAndSync:
         ):
             hasher = new_hasher(self._algorithm)
             hasher.update(view)
+            if self._chunk_bytes:
+                size = self._chunk_bytes
+                sums = (checksum(view[i : i + size]) for i in range(0, len(view), size))
+                self.checksums = (size, b"".join(sums))
         self._digest = Digest(self._algorithm, hasher.hexdigest())
 
 
@@ -249,10 +257,19 @@ def push_from_inbox(
             if not taken.leased:
                 _copy_into(upload, taken.fd)
                 return upload.commit()
-            pending = HashAndSync(taken.fd, catalog.digest_algorithm)
+            cache = catalog.pack_cache
+            pending = HashAndSync(
+                taken.fd, catalog.digest_algorithm, cache.chunk_bytes if cache else None
+            )
+
+            def digest_of() -> Digest:
+                digest = pending.digest()
+                upload.tier_checksums = pending.checksums
+                return digest
+
             try:
                 return upload.commit_file(
-                    taken.path, pending.digest, before_commit=lambda: taken.check_unbroken(what)
+                    taken.path, digest_of, before_commit=lambda: taken.check_unbroken(what)
                 )
             finally:
                 pending.wait()  # nothing may still read the file when it is closed

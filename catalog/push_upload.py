@@ -91,6 +91,9 @@ class PushUpload:
         #: Seconds left before the client's deadline (None: no deadline), set by the service;
         #: see :meth:`check_deadline`.
         self.time_left: Callable[[], float | None] | None = None
+        #: The tier's chunk size and chunk checksums of the pack, when whoever hashed it took
+        #: them from the same bytes (``catalog.local_push``): :meth:`admit` need not again.
+        self.tier_checksums: tuple[int, bytes] | None = None
         # The pack's leading bytes until its header is complete and checked; then None.
         self._header: bytearray | None = bytearray()
         try:
@@ -266,7 +269,11 @@ class PushUpload:
             memoryview(mm) as view,
         ):
             return cache.admit_verified(
-                digest, view, values_finite=True, name_for_errors=f"push of {self.adapter}"
+                digest,
+                view,
+                values_finite=True,
+                name_for_errors=f"push of {self.adapter}",
+                checksums=self.tier_checksums,
             )
 
     def close(self) -> None:

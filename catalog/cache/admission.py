@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -56,11 +57,14 @@ class AdmissionMixin:
         *,
         values_finite: bool,
         name_for_errors: str,
+        checksums: tuple[int, bytes] | None = None,
     ) -> bool:
         """Cache ``data``, which the caller has just verified against ``digest`` (and, with
         ``values_finite``, checked finite), as a fill would, unless the pack is cached or being
         loaded already. Returns whether it is cached by this call; ``False`` also when the
-        policy did not admit it. ``data`` is only read during the call.
+        policy did not admit it. ``data`` is only read during the call. ``checksums``: the
+        chunk size and the chunks' checksums (``catalog.cache.layout.checksum``), when the
+        caller took them already from the same bytes; used when the size is this cache's.
 
         A failure to write the cache is logged and counted (``fill_failures``), never raised:
         the caller's bytes are committed elsewhere whatever happens here.
@@ -78,12 +82,16 @@ class AdmissionMixin:
         admitted = False
         try:
             as_bytes = cast(bytes, data)  # read through memoryview(), as bytes would be
-            meta = EntryMeta.for_data(
-                as_bytes,
-                self.chunk_bytes,
-                file=self._reference_for(digest, as_bytes),
-                values_finite=values_finite,
-            )
+            file = self._reference_for(digest, as_bytes)
+            if checksums is not None and checksums[0] == self.chunk_bytes:
+                meta = EntryMeta(
+                    len(as_bytes), self.chunk_bytes, time.time_ns(), 0, checksums[1], file,
+                    values_finite=values_finite,
+                )  # fmt: skip
+            else:
+                meta = EntryMeta.for_data(
+                    as_bytes, self.chunk_bytes, file=file, values_finite=values_finite
+                )
             self._install(digest, as_bytes, meta)
             with self._lock:
                 admitted = key in self._policy

@@ -128,3 +128,25 @@ def test_a_closed_cache_refuses(tmp_path: Path) -> None:
     cache.close()
     with pytest.raises(FailedPrecondition):
         cache.admit_verified(digest, data, values_finite=True, name_for_errors="a")
+
+
+def test_checksums_the_caller_took_are_used_when_the_chunk_size_is_the_caches(
+    tmp_path: Path,
+) -> None:
+    from catalog.cache.layout import checksum
+
+    digest, data = pack_bytes(3 * MIB, 9)
+    other, more = pack_bytes(2 * MIB, 10)
+    with PackCache(tmp_path / "c", 16 * MIB, "lru", chunk_bytes=MIB) as cache:
+        sums = b"".join(checksum(data[i : i + MIB]) for i in range(0, len(data), MIB))
+        assert cache.admit_verified(
+            digest, data, values_finite=True, name_for_errors="a", checksums=(MIB, sums)
+        )
+        assert cache._read_meta(digest, "a").checksums == sums  # type: ignore[union-attr]
+        # Taken with another chunk size: not this cache's, so it takes its own.
+        assert cache.admit_verified(
+            other, more, values_finite=True, name_for_errors="b", checksums=(2 * MIB, b"x" * 16)
+        )
+        for key, value in ((digest, data), (other, more)):
+            assert cache.read_through(key, never_load, name_for_errors="r") == value
+        assert cache.stats()["corrupt_dropped"] == 0
