@@ -6,6 +6,8 @@ import shutil
 import signal
 import threading
 
+import pytest
+
 from catalog.client import CatalogClient
 from catalog.errors import CatalogError
 from catalog.pack import read_pack, write_pack
@@ -23,14 +25,17 @@ def snapshot(client: CatalogClient) -> list[dict]:  # type: ignore[type-arg]
     return [s.to_json() for s in client.iter_adapters()]
 
 
-def test_sigkill_mid_push_then_restart_and_reindex(tmp_path, packs):
+# On the server's host a push names a file in its inbox (catalog.local_push); colocated=False
+# streams it: both must leave every acknowledged push behind them.
+@pytest.mark.parametrize("colocated", [True, False], ids=["inbox", "stream"])
+def test_sigkill_mid_push_then_restart_and_reindex(tmp_path, packs, colocated):
     root = tmp_path / "root"
     payloads = variants(packs["all-r8"], 200)
     acknowledged: list[tuple[str, int, bytes]] = []
     enough = threading.Event()
 
     with serve_subprocess(root) as (proc, address):
-        client = CatalogClient(address)
+        client = CatalogClient(address, colocated=colocated)
 
         def pusher() -> None:
             for i, data in enumerate(payloads):
