@@ -10,9 +10,11 @@ round (interleaved, so load from other processes hits every variant alike), medi
   before every attach); ``engine.attach(ref)`` is a resolve over gRPC plus the slot copy. The
   baseline of the floor.
 - ``colocated catalog``: the staged copy is dropped first, so the attach fetches through a
-  ``CatalogClient`` on the catalog's host: a lease over gRPC, the chunks read from the NVMe
-  tier's LMDB environment and checked (``catalog.client.colocated``), then ``read_pack``,
-  staging and the slot copy. Floor: <= 1.5x ``host tier``.
+  ``CatalogClient`` on the catalog's host: the pack read from the NVMe tier (here a reference
+  entry: the ``file://`` store's file, mapped, every chunk checked; no lease for a resolved
+  revision already in the tier, see ``catalog.client.colocated``), then the header (parsed
+  once per digest), staging (views of the pack: format 2 stores ``lora_B`` in the slots'
+  layout) and the slot copy. Floor: <= 1.5x ``host tier``.
 - ``gRPC stream catalog``: the same with ``CatalogClient(..., colocated=False)``: the bytes
   streamed over loopback gRPC, as before issue 14.
 - ``in-process bytes``: the same with an in-process source handing over the pack bytes it
