@@ -12,7 +12,8 @@ timed run fills one slot from scratch:
 page cache (files read each run; a warm-up pass first)
 - ``packed attach``: ``engine.attach(ref)`` with a source that maps the pack file: fetch,
   ``read_pack`` (validation), staging (finite check; ``lora_B`` is stored rank-major, the
-  slots' layout, since pack format 2), one copy per staged tensor into the slot. The host tier is off (budget 0), so every run does all of it.
+  slots' layout, since pack format 2), one copy per staged tensor into the slot. The host
+  tier is off (budget 0), so every run does all of it.
 - ``unpacked 1-by-1 (safe_open)``: what an engine without packing does: ``safe_open`` the PEFT
   file and, for every key, work out (layer, module, expert, A/B), ``get_tensor`` and copy it
   into its place in the slot (``B`` transposed into the slot's ``[r, out]`` rows).
