@@ -196,3 +196,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_store_on_another_filesystem_gets_a_copy_of_the_leased_file(tmp_path, packs):  # type: ignore[no-untyped-def]
+    import shutil
+    import tempfile
+
+    from tests.servers import running_catalog
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    elsewhere = Path(tempfile.mkdtemp(prefix="loracat-test-", dir=shm))
+    try:
+        pack = packs["all-r8"]
+        with (
+            running_catalog(tmp_path / "root", (elsewhere / "store").as_uri()) as served,
+            CatalogClient(served.address) as client,
+        ):
+            assert client.push("acme/far", pack).created
+            assert client._inbox is not None and client._inbox.counters["pushes"] == 1
+            assert bytes(client.fetch("acme/far")) == pack
+            assert list((tmp_path / "root" / "inbox").iterdir()) == []
+        [blob] = [p for p in (elsewhere / "store").rglob("*") if p.is_file() and "blobs" in p.parts]
+        assert blob.read_bytes() == pack
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
