@@ -134,6 +134,17 @@ class PushInbox:
                 self._fd = -1
 
 
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) is on
+    this host: only such callers are told where the inbox is (the path names the catalog's
+    root, which ``Stats`` hides from non-admins; a remote caller could not write there)."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    return host == "::1" or host.startswith("127.") or host == "::ffff:127.0.0.1"
+
+
 def _lease(fd: int) -> bool:
     """Take a read lease on ``fd``; whether the kernel granted it."""
     try:

@@ -18,7 +18,7 @@ from catalog.cache.layout import host_id
 from catalog.convert import move_to_pb, revision_to_pb, summary_to_pb
 from catalog.core import ENGINE_TIER_FIELDS, Catalog
 from catalog.errors import FailedPrecondition, InvalidArgument
-from catalog.local_push import PushInbox, push_from_inbox
+from catalog.local_push import PushInbox, is_local_peer, push_from_inbox
 from catalog.model import AdapterName, PushProvenance, Ref
 from catalog.peft_export import PeftExporter, check_fits
 from catalog.service.request_record import RequestRecord, caller_of
@@ -98,6 +98,8 @@ class CatalogServicer(pb_grpc.CatalogServicer):
     def GetPushInbox(
         self, request: pb.PushInboxRequest, context: grpc.ServicerContext
     ) -> pb.PushInbox:
+        if not is_local_peer(context.peer()):  # no use elsewhere, and it names the root
+            return pb.PushInbox()
         return pb.PushInbox(directory=str(self._push_inbox().directory), host_id=host_id())
 
     def PushFromInbox(

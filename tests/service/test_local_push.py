@@ -222,3 +222,20 @@ def test_a_store_on_another_filesystem_gets_a_copy_of_the_leased_file(tmp_path, 
         assert blob.read_bytes() == pack
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("ipv4:127.0.0.1:51234", True),
+        ("ipv6:[::1]:51234", True),
+        ("unix:/run/loracat.sock", True),
+        ("ipv4:10.0.0.7:51234", False),
+        ("ipv6:[2001:db8::1]:443", False),
+        ("", False),
+    ],
+)
+def test_only_callers_on_this_host_are_told_the_inbox(peer: str, local: bool) -> None:
+    from catalog.local_push import is_local_peer
+
+    assert is_local_peer(peer) is local
