@@ -239,3 +239,13 @@ def test_only_callers_on_this_host_are_told_the_inbox(peer: str, local: bool) ->
     from catalog.local_push import is_local_peer
 
     assert is_local_peer(peer) is local
+
+
+def test_the_client_writes_the_inbox_file_whole(tmp_path: Path) -> None:
+    data = os.urandom((6 << 20) + 12345)
+    client_side._write_new(tmp_path / "push-mappedcopy.pack", data)
+    assert (tmp_path / "push-mappedcopy.pack").read_bytes() == data
+    source = tmp_path / "trainer.pack"
+    source.write_bytes(data[:1000])
+    client_side._write_new(tmp_path / "push-fromafile.pack", source)
+    assert (tmp_path / "push-fromafile.pack").read_bytes() == data[:1000]
