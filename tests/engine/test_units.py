@@ -285,3 +285,32 @@ def test_staging_borrows_only_unconverted_contiguous_pack_bytes(
     converted = stage_pack(revision(1), read_pack(data), dtype=torch.bfloat16, borrow=True)
     assert not low <= converted.modules["m"].lora_a.data_ptr() < high
     assert not low <= converted.modules["m"].lora_bt.data_ptr() < high
+
+
+@pytest.mark.parametrize("format_version", [1, 2])
+def test_every_staging_holds_the_same_slot_layout_in_either_format(format_version: int) -> None:
+    """Flat (the CUDA path's one arena, here on CPU), copied and borrowed stagings of a pack in
+    either format hold the same ``lora_a`` / ``lora_bt``, all contiguous but the borrowed
+    format-1 ``lora_bt`` (a transposed view the slot write gathers)."""
+    from catalog.pack import convert_pack, read_pack
+    from engine_plugin.staging import stage_pack
+    from tests.pack.synth import small_pack
+
+    data = convert_pack(small_pack(), format_version)
+    reference = stage_pack(revision(1), read_pack(convert_pack(data, 2)), dtype=torch.float32)
+    flat = stage_pack(revision(1), read_pack(data), dtype=torch.float32, flat=True)
+    borrowed = stage_pack(
+        revision(1),
+        read_pack(memoryview(data).toreadonly()),
+        dtype=torch.float32,
+        borrow=True,
+        borrow_b=True,
+    )
+    assert flat.flat is not None
+    for name, expected in reference.modules.items():
+        for staged in (flat, borrowed):
+            got = staged.modules[name]
+            assert torch.equal(got.lora_a, expected.lora_a), name
+            assert torch.equal(got.lora_bt, expected.lora_bt), name
+        assert flat.modules[name].lora_bt.is_contiguous()
+        assert borrowed.modules[name].lora_bt.is_contiguous() == (format_version == 2)
