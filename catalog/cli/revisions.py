@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -53,6 +54,18 @@ def _peft_config_base(src: Path) -> str:
     return base if isinstance(base, str) else ""
 
 
+def check_peft_base(src: Path, base_id: str | None) -> None:
+    """Refuse ``--base`` when the PEFT adapter directory ``src`` names another base: never
+    relabelled (the server refuses it too, with the same status). Raises ``InvalidArgument``."""
+    stated = _peft_config_base(src)
+    if base_id and stated and stated != base_id:
+        raise InvalidArgument(
+            f"{src}: the adapter was trained for base {stated!r} "
+            f"({PEFT_CONFIG_FILE} base_model_name_or_path), not {base_id!r}; "
+            "push it without --base, or with the base it names"
+        )
+
+
 def load_pack_bytes(src: Path, base_id: str | None) -> bytes:
     """Pack bytes from a PEFT adapter directory or a pack file.
 
@@ -64,13 +77,7 @@ def load_pack_bytes(src: Path, base_id: str | None) -> bytes:
     from catalog.pack import import_peft_dir, read_pack, write_pack
 
     if src.is_dir():
-        stated = _peft_config_base(src)
-        if base_id and stated and stated != base_id:
-            raise InvalidArgument(
-                f"{src}: the adapter was trained for base {stated!r} "
-                f"({PEFT_CONFIG_FILE} base_model_name_or_path), not {base_id!r}; "
-                "push it without --base, or with the base it names"
-            )
+        check_peft_base(src, base_id)
         return import_peft_dir(src, base_id=base_id or None)
     if not src.exists():
         raise InvalidArgument(f"{src}: no such file or directory")
@@ -145,18 +152,21 @@ def push(
         data_digest=data_digest,
         eval=parse_pairs(evals, "--eval"),
     )
-    data = load_pack_bytes(src, base_id)
-    with connect(server) as client, transfer_progress(f"push {adapter}") as progress:
-        result = client.push(
-            adapter,
-            data,
-            base_id=base_id or "",
-            aliases=aliases,
-            metadata=metadata,
-            provenance=provenance,
-            progress=progress,
-            timeout=transfer_timeout(),
-        )
+    options: dict[str, Any] = dict(
+        base_id=base_id or "", aliases=aliases, metadata=metadata, provenance=provenance
+    )
+    if src.is_dir():  # imported straight into the catalog's inbox when it is on this host
+        check_peft_base(src, base_id)
+        with connect(server) as client, transfer_progress(f"push {adapter}") as progress:
+            result = client.push_peft_dir(
+                adapter, src, progress=progress, timeout=transfer_timeout(), **options
+            )
+    else:
+        data = load_pack_bytes(src, base_id)
+        with connect(server) as client, transfer_progress(f"push {adapter}") as progress:
+            result = client.push(
+                adapter, data, progress=progress, timeout=transfer_timeout(), **options
+            )
     revision: Revision = result.revision
     if as_json:
         emit_json({**revision_doc(revision), "created": result.created})

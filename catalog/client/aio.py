@@ -113,6 +113,34 @@ class AsyncCatalogClient:
             )
         return PushResult(revision_from_pb(response.revision), response.created)
 
+    async def push_peft_dir(
+        self,
+        name: AdapterName | str,
+        directory: str | Path,
+        *,
+        base_id: str = "",
+        aliases: list[str] | tuple[str, ...] = (),
+        metadata: dict[str, str] | None = None,
+        provenance: PushProvenance | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> PushResult:
+        """As :meth:`CatalogClient.push_peft_dir`, always over the stream (the import runs on
+        a worker thread). Raises ``InvalidPack`` (before any RPC), then as :meth:`push`."""
+        from catalog.pack import import_peft_dir
+
+        pack = await asyncio.to_thread(import_peft_dir, directory, base_id=base_id or None)
+        return await self.push(
+            name,
+            pack,
+            base_id=base_id,
+            aliases=aliases,
+            metadata=metadata,
+            provenance=provenance,
+            progress=progress,
+            timeout=timeout,
+        )
+
     async def resolve(self, ref: Ref | str) -> Revision:
         """As :meth:`CatalogClient.resolve`."""
         with translated(self.target):

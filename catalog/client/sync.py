@@ -68,8 +68,13 @@ from catalog.model import (
     Revision,
     every_item,
 )
+from catalog.pack import PackPlan
 
 DEFAULT_TIMEOUT = 30.0
+#: A push's options as :func:`push_header` takes them: base_id, aliases, metadata, provenance.
+_PushOptions = tuple[
+    str, list[str] | tuple[str, ...], dict[str, str] | None, PushProvenance | None
+]
 #: Ranges of a parallel fetch are at least this large; smaller packs use one stream.
 MIN_PARALLEL_RANGE = 4 << 20
 TRANSFER_TIMEOUT = 3600.0
@@ -176,15 +181,78 @@ class CatalogClient:
         On the catalog's host (unless ``colocated=False``) the pack is written into the
         catalog's push inbox instead and named in one RPC (``catalog.client.local_push``).
         """
-        if self._inbox is not None:
+        options = (base_id, aliases, metadata, provenance)
+        pushed = self._push_through_inbox(name, pack, options, progress, timeout)
+        if pushed is not None:
+            return pushed
+        return self._push_stream(name, pack, options, progress, timeout)
+
+    def push_peft_dir(
+        self,
+        name: AdapterName | str,
+        directory: str | Path,
+        *,
+        base_id: str = "",
+        aliases: list[str] | tuple[str, ...] = (),
+        metadata: dict[str, str] | None = None,
+        provenance: PushProvenance | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float = TRANSFER_TIMEOUT,
+    ) -> PushResult:
+        """Import the PEFT adapter ``directory`` and push it as a new revision of ``name``: a
+        trainer's "PEFT dir -> pack -> push" in one call. ``base_id`` is as for
+        ``catalog.pack.import_peft_dir`` (the config's ``base_model_name_or_path`` when
+        empty); the other options as :meth:`push`.
+
+        On the catalog's host the pack is laid out (``catalog.pack.plan_peft_dir``) and
+        written straight into the catalog's push inbox, each byte of the adapter moved once
+        from its mapped file into the inbox file's mapping, with no pack in this process's
+        memory; otherwise it is imported and streamed as :meth:`push` does.
+        Raises ``InvalidPack`` (what import refuses, before any RPC), then as :meth:`push`.
+        """
+        from catalog.pack import plan_peft_dir
+
+        plan = plan_peft_dir(directory, base_id=base_id or None)
+        options = (base_id, aliases, metadata, provenance)
+        pushed = self._push_through_inbox(name, plan, options, progress, timeout)
+        if pushed is not None:
+            return pushed
+        return self._push_stream(name, plan.tobytes(), options, progress, timeout)
+
+    def _push_through_inbox(
+        self,
+        name: AdapterName | str,
+        pack: PackSource | PackPlan,
+        options: _PushOptions,
+        progress: ProgressCallback | None,
+        timeout: float,
+    ) -> PushResult | None:
+        """The push through the catalog's inbox; ``None``: stream it instead."""
+        if self._inbox is None:
+            return None
+        if isinstance(pack, PackPlan):
+            size = pack.nbytes
+        else:
             size = pack.stat().st_size if isinstance(pack, Path) else len(pack)
-            header = push_header(name, size, None, base_id, aliases, metadata, provenance)
-            with translated(self.target):
-                pushed = self._inbox.push(pack, header, timeout)
-            if pushed is not None:
-                if progress:
-                    progress(size, size)
-                return PushResult(revision_from_pb(pushed.revision), pushed.created)
+        header = push_header(name, size, None, *options)
+        with translated(self.target):
+            pushed = self._inbox.push(pack, header, timeout)
+        if pushed is None:
+            return None
+        if progress:
+            progress(size, size)
+        return PushResult(revision_from_pb(pushed.revision), pushed.created)
+
+    def _push_stream(
+        self,
+        name: AdapterName | str,
+        pack: PackSource,
+        options: _PushOptions,
+        progress: ProgressCallback | None,
+        timeout: float,
+    ) -> PushResult:
+        """The push over the gRPC byte stream, its digest stated ahead."""
+        base_id, aliases, metadata, provenance = options
         size, digest = source_size_and_digest(pack)
         header = push_header(name, size, digest, base_id, aliases, metadata, provenance)
         with translated(self.target):

@@ -1,7 +1,9 @@
 """The pack format: one safetensors file per adapter revision, LoRA tensors stacked per module.
 
 ``read_pack`` validates and views a pack without copying; ``write_pack`` builds one;
-``import_peft_dir`` / ``export_peft_dir`` convert from and to the PEFT adapter directory layout.
+``import_peft_dir`` / ``export_peft_dir`` convert from and to the PEFT adapter directory layout
+(``plan_peft_dir`` lays an import out so that it can be written straight into a caller's
+buffer, such as a file's mapping).
 Nothing here imports torch: stacking and splitting are byte concatenation and slicing (and
 one transposition of ``lora_B`` per layer between PEFT's orientation and the pack's rank-major
 one, see ``catalog.pack.format``; ``convert_pack`` moves a pack between format versions).
@@ -11,6 +13,7 @@ from catalog.pack.container import DTYPE_ITEMSIZE, TensorBytes
 from catalog.pack.format import (
     MAX_PACK_HEADER_BYTES,
     Pack,
+    PackPlan,
     ParsedHeaders,
     convert_pack,
     expected_tensors,
@@ -40,6 +43,8 @@ from catalog.pack.peft import (
     export_peft_dir,
     import_peft_dir,
     pack_from_peft_tensors,
+    plan_from_peft_tensors,
+    plan_peft_dir,
     synthesize_peft_config,
 )
 from catalog.pack.peft_experts import (
@@ -68,6 +73,7 @@ __all__ = [
     "ModuleSpec",
     "Pack",
     "PackManifest",
+    "PackPlan",
     "ParsedHeaders",
     "TensorBytes",
     "convert_pack",
@@ -78,6 +84,8 @@ __all__ = [
     "lora_b_name",
     "pack_from_peft_tensors",
     "pack_header_nbytes",
+    "plan_from_peft_tensors",
+    "plan_peft_dir",
     "read_pack",
     "read_pack_header",
     "synthesize_peft_config",

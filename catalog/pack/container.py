@@ -326,21 +326,40 @@ def serialize_parts(
     metadata: Mapping[str, str] | None,
     tensors: Iterable[tuple[str, str, Sequence[int], Sequence[bytes | memoryview]]],
 ) -> list[bytes | memoryview]:
-    """Like :func:`serialize` but returns the file as a list of chunks (length field, header,
-    then the tensor parts), for writing to a file without assembling it in memory first.
+    """Like :func:`serialize` but returns the file as a list of chunks (the length field and
+    header, then the tensor parts), for writing to a file without assembling it in memory
+    first.
 
     Raises:
         InvalidPack: a tensor's parts do not add up to ``prod(shape) * itemsize``.
     """
+    tensors = list(tensors)
+    sizes = [(n, d, s, sum(memoryview(p).nbytes for p in parts)) for n, d, s, parts in tensors]
+    head = header_bytes(metadata, sizes)
+    chunks: list[bytes | memoryview] = [head]
+    for _, _, _, parts in tensors:
+        chunks.extend(parts)
+    return chunks
+
+
+def header_bytes(
+    metadata: Mapping[str, str] | None,
+    tensors: Iterable[tuple[str, str, Sequence[int], int]],
+) -> bytes:
+    """The length field and the JSON header of a file whose tensors ``(name, dtype, shape,
+    nbytes)`` follow in the order given: what precedes the data section, computable before
+    any tensor byte is written (so a file can be written straight into a buffer of its size).
+
+    Raises:
+        InvalidPack: a duplicate name, or ``nbytes`` is not ``prod(shape) * itemsize``.
+    """
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
-    chunks: list[bytes | memoryview] = []
     offset = 0
-    for name, dtype, shape, parts in tensors:
+    for name, dtype, shape, size in tensors:
         if name in header:
             _fail(f"duplicate tensor name {name!r}")
-        size = sum(memoryview(p).nbytes for p in parts)
         expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
         if size != expected:
             _fail(f"tensor {name!r}: {dtype} {list(shape)} needs {expected} bytes, got {size}")
@@ -350,10 +369,9 @@ def serialize_parts(
             "data_offsets": [offset, offset + size],
         }
         offset += size
-        chunks.extend(parts)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     text += b" " * (-len(text) % _HEADER_ALIGN)
-    return [_HEADER_LEN.pack(len(text)), text, *chunks]
+    return _HEADER_LEN.pack(len(text)) + text
 
 
 def library_order(

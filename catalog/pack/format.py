@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import numpy as np
@@ -30,10 +30,10 @@ from catalog.pack.container import (
     HeaderLayout,
     TensorBytes,
     as_byte_view,
+    header_bytes,
     header_nbytes,
     loads_strict_json,
     parse_header,
-    serialize,
 )
 from catalog.pack.manifest import PACK_FORMAT, ModuleSpec, PackManifest
 
@@ -46,8 +46,86 @@ MAX_PACK_HEADER_BYTES = 8 * 1024 * 1024
 METADATA_FORMAT_KEY = "format"
 METADATA_MANIFEST_KEY = "loracat.manifest"
 
+
+class SwappedMatrices:
+    """A byte part of ``lora_B`` in PEFT's orientation, whole ``[rows, columns]`` matrices,
+    that is written transposed (``[columns, rows]`` each, bit-exact: elements move as unsigned
+    integers). The transposition is deferred to the write, so that a pack written into a
+    caller's buffer (:meth:`PackPlan.write_into`) moves these bytes once, straight into place.
+
+    Raises:
+        InvalidPack: ``source`` is not a whole number of ``[rows, columns]`` matrices.
+    """
+
+    __slots__ = ("_matrices", "nbytes")
+
+    def __init__(self, source: bytes | memoryview, itemsize: int, rows: int, columns: int) -> None:
+        array = np.frombuffer(source, dtype=_UNSIGNED[itemsize])
+        if not rows or not columns or array.size % (rows * columns):
+            _fail(f"a lora_B part is not whole [{rows}, {columns}] matrices")
+        #: The transposed view (no copy yet): [n, columns, rows] over the source's bytes.
+        self._matrices = array.reshape(-1, rows, columns).swapaxes(1, 2)
+        self.nbytes = int(array.nbytes)
+
+    def write_into(self, destination: memoryview) -> None:
+        """Write the transposed matrices into ``destination`` (exactly ``nbytes``, writable)."""
+        out = np.frombuffer(destination, dtype=self._matrices.dtype)
+        np.copyto(out.reshape(self._matrices.shape), self._matrices)
+
+    def materialize(self) -> memoryview:
+        """The transposed bytes, in a new buffer."""
+        return np.ascontiguousarray(self._matrices).data.cast("B")
+
+
+#: A byte part of a tensor: bytes as they are, or ``lora_B`` matrices transposed when written.
+Part = bytes | memoryview | SwappedMatrices
 #: One tensor to write as a list of byte parts (concatenated in order).
-TensorParts = tuple[str, str, Sequence[int], Sequence[bytes | memoryview]]
+TensorParts = tuple[str, str, Sequence[int], Sequence[Part]]
+
+
+def _part_nbytes(part: Part) -> int:
+    return part.nbytes if isinstance(part, SwappedMatrices) else memoryview(part).nbytes
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """A pack laid out but not yet written: its header (computed first) and its tensors' byte
+    parts in data order, views of the caller's buffers. :meth:`tobytes` assembles it;
+    :meth:`write_into` writes it into a buffer of exactly :attr:`nbytes` (such as a mapping
+    of a file that size), each byte moved once. The parts' buffers must stay unchanged until
+    then."""
+
+    header: bytes
+    parts: tuple[Part, ...]
+    nbytes: int
+
+    def write_into(self, buffer: memoryview) -> None:
+        """Write the pack into ``buffer`` (writable, contiguous).
+
+        Raises:
+            ValueError: ``buffer`` is not exactly :attr:`nbytes` long.
+        """
+        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        if view.nbytes != self.nbytes:
+            raise ValueError(f"a pack of {self.nbytes} bytes cannot fill {view.nbytes} bytes")
+        position = len(self.header)
+        view[:position] = self.header
+        for part in self.parts:
+            size = _part_nbytes(part)
+            if isinstance(part, SwappedMatrices):
+                part.write_into(view[position : position + size])
+            else:
+                view[position : position + size] = memoryview(part).cast("B")
+            position += size
+
+    def tobytes(self) -> bytes:
+        """The pack's bytes."""
+        return b"".join(
+            [
+                self.header,
+                *(p.materialize() if isinstance(p, SwappedMatrices) else p for p in self.parts),
+            ]
+        )
 
 
 def _fail(message: str) -> NoReturn:
@@ -315,6 +393,17 @@ def assemble_pack(manifest: PackManifest, tensors: Sequence[TensorParts]) -> byt
     Raises:
         InvalidPack: the tensors contradict the manifest.
     """
+    return plan_pack(manifest, tensors).tobytes()
+
+
+def plan_pack(manifest: PackManifest, tensors: Sequence[TensorParts]) -> PackPlan:
+    """Lay out a pack whose tensors are given as byte parts, without writing it yet (see
+    :class:`PackPlan`).
+
+    Raises:
+        InvalidPack: the tensors contradict the manifest, or a tensor's parts do not add up
+            to its shape.
+    """
     _check_tensors_match(
         manifest, {name: (dtype, tuple(shape)) for name, dtype, shape, _ in tensors}
     )
@@ -322,28 +411,35 @@ def assemble_pack(manifest: PackManifest, tensors: Sequence[TensorParts]) -> byt
         METADATA_FORMAT_KEY: PACK_FORMAT,
         METADATA_MANIFEST_KEY: manifest.to_json_text(),
     }
-    return serialize(metadata, sorted(tensors, key=lambda t: t[0]))
+    ordered = sorted(tensors, key=lambda t: t[0])
+    header = header_bytes(
+        metadata,
+        [
+            (name, dtype, shape, sum(map(_part_nbytes, parts)))
+            for name, dtype, shape, parts in ordered
+        ],
+    )
+    parts = tuple(part for *_, tensor_parts in ordered for part in tensor_parts)
+    return PackPlan(header, parts, len(header) + sum(map(_part_nbytes, parts)))
 
 
 def rank_major_parts(
     module: ModuleSpec, dtype: str, parts: Sequence[bytes | memoryview]
-) -> list[bytes | memoryview]:
+) -> list[Part]:
     """``lora_B`` byte parts in PEFT's orientation (each a whole number of ``[out, r]``
     matrices: a layer's, an expert's, or a layer's experts) as format 2 stores them, each
-    matrix transposed to ``[r, out]`` (bit-exact: elements move as unsigned integers).
+    matrix to be transposed to ``[r, out]`` when the pack is written (:class:`SwappedMatrices`).
 
     Raises:
         InvalidPack: a part is not a whole number of ``module``'s ``[out, r]`` matrices.
     """
-    unsigned = _UNSIGNED[DTYPE_ITEMSIZE[dtype]]
     out, rank = module.out_features, module.rank
-    swapped: list[bytes | memoryview] = []
+    swapped: list[Part] = []
     for part in parts:
-        array = np.frombuffer(part, dtype=unsigned)
-        if array.size % (out * rank):
+        try:
+            swapped.append(SwappedMatrices(part, DTYPE_ITEMSIZE[dtype], out, rank))
+        except InvalidPack:
             _fail(f"a lora_B part of module {module.name!r} is not whole [{out}, {rank}] matrices")
-        matrices = array.reshape(-1, out, rank).swapaxes(1, 2)
-        swapped.append(np.ascontiguousarray(matrices).data.cast("B"))
     return swapped
 
 

@@ -14,6 +14,7 @@ mixed dtypes, a missing expert) is refused by name: a pack never silently drops 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import tempfile
@@ -33,10 +34,11 @@ from catalog.pack.container import (
 )
 from catalog.pack.format import (
     Pack,
+    PackPlan,
     TensorParts,
-    assemble_pack,
     lora_a_name,
     lora_b_name,
+    plan_pack,
     rank_major_parts,
     read_pack,
 )
@@ -124,6 +126,25 @@ def import_peft_dir(
         InvalidPack: a file is missing or malformed, or the adapter holds anything a pack cannot
             carry (the message names the file, key or config field).
     """
+    return plan_peft_dir(
+        path, base_id=base_id, num_layers=num_layers, num_experts=num_experts
+    ).tobytes()
+
+
+def plan_peft_dir(
+    path: str | os.PathLike[str],
+    *,
+    base_id: str | None = None,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
+) -> PackPlan:
+    """As :func:`import_peft_dir`, but the pack laid out and not yet written: its parts are
+    views of the adapter's weights as read, written once by :meth:`PackPlan.write_into` (into
+    a catalog's push inbox, see ``CatalogClient.push_peft_dir``) or :meth:`PackPlan.tobytes`.
+
+    Raises:
+        InvalidPack: as :func:`import_peft_dir`.
+    """
     directory = Path(path)
     if not directory.is_dir():
         _fail(f"PEFT adapter directory {str(directory)!r} does not exist")
@@ -144,10 +165,10 @@ def import_peft_dir(
     if not isinstance(config, dict):
         _fail(f"{PEFT_CONFIG_FILE} is not a JSON object")
     try:
-        weights = parse_safetensors(weights_path.read_bytes())
+        weights = parse_safetensors(_mapped(weights_path))
     except InvalidPack as exc:
         raise InvalidPack(f"{PEFT_WEIGHTS_FILE}: {exc.message}") from None
-    return pack_from_peft_tensors(
+    return plan_from_peft_tensors(
         config,
         weights.tensors,
         base_id,
@@ -155,6 +176,18 @@ def import_peft_dir(
         num_experts=num_experts,
         metadata=weights.metadata,
     )
+
+
+def _mapped(path: Path) -> memoryview:
+    """The file's bytes through a private read-only mapping, as the ``safetensors`` library
+    reads weights: no copy into fresh memory (on the 2-core dev VM, reading the rank-16
+    adapter's 17.6 MB took ~8 of the import's ~13 ms, mapping it ~0.1). The mapping lives as
+    long as a view of it (the plan's parts); like any mapping, it must not be truncated
+    while it is read (the process would get SIGBUS)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
 
 
 def pack_from_peft_tensors(
@@ -176,6 +209,31 @@ def pack_from_peft_tensors(
         InvalidPack: naming the config field or key that a pack cannot carry, a module whose
             rank, alpha or shape differs across layers or experts, a missing expert, mixed
             dtypes, or no base_id.
+    """
+    return plan_from_peft_tensors(
+        config,
+        tensors,
+        base_id,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        metadata=metadata,
+    ).tobytes()
+
+
+def plan_from_peft_tensors(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, TensorBytes],
+    base_id: str | None,
+    *,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> PackPlan:
+    """As :func:`pack_from_peft_tensors`, the pack laid out and not yet written (its parts
+    are views of ``tensors``; see :class:`PackPlan`).
+
+    Raises:
+        InvalidPack: as :func:`pack_from_peft_tensors`.
     """
     config = dict(config)
     _check_config(config)
@@ -202,9 +260,9 @@ def pack_from_peft_tensors(
         stack = _STACKERS[group.layout.kind if group.layout else _DENSE]
         module, a_parts, b_parts = stack(name, group, patterns, model_prefix, experts)
         modules.append(module)
-        # Stacking is concatenation: the parts are views into the PEFT file, copied once;
-        # lora_B's are transposed first (rank-major, see catalog.pack.format: the engine's
-        # slot layout, so that attaching is a plain copy).
+        # Stacking is concatenation: the parts are views into the PEFT file, copied once
+        # when the pack is written; lora_B's are transposed as they are written (rank-major,
+        # see catalog.pack.format: the engine's slot layout, so that attaching is a plain copy).
         parts.append((lora_a_name(name), dtype, module.shape_a, a_parts))
         b_stored = rank_major_parts(module, dtype, b_parts)
         parts.append((lora_b_name(name), dtype, module.shape_bt, b_stored))
@@ -232,7 +290,7 @@ def pack_from_peft_tensors(
         modules=tuple(modules),
         source=source,
     )
-    return assemble_pack(manifest, parts)
+    return plan_pack(manifest, parts)
 
 
 def _check_config(config: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from catalog.pack import (
     export_peft_dir,
     import_peft_dir,
     pack_from_peft_tensors,
+    plan_peft_dir,
     read_pack,
     write_pack,
 )
@@ -174,6 +175,14 @@ def test_round_trip_is_bit_exact(moe_case: MoeCase, tmp_path: Path) -> None:
     peft_keys = len(load_file(str(moe_case.path / "adapter_model.safetensors")))
     manifest = read_pack(pack).manifest
     assert len(read_pack(pack).tensor_names()) == 2 * len(manifest.modules) <= peft_keys
+
+
+def test_a_plan_written_into_a_buffer_is_the_imported_pack(moe_case: MoeCase) -> None:
+    # Expert lora_B parts (per expert, or a fused layer's experts) are transposed as written.
+    plan = plan_peft_dir(moe_case.path, base_id="b")
+    buffer = bytearray(b"\xa5" * plan.nbytes)
+    plan.write_into(memoryview(buffer))
+    assert bytes(buffer) == import_peft_dir(moe_case.path, base_id="b")
 
 
 def test_manifest_records_experts_and_layouts(moe_cases: dict[str, MoeCase]) -> None:
