@@ -9,20 +9,32 @@ seven linear modules. Trainer and engine share only the durable tier:
   into the parameters of its resident model in place (zero-copy parse, one ``copy_`` each),
   after which the weights are resident and usable. The merge itself is timed separately and
   *not* counted (a conservative choice: it only makes the full path look faster).
-- **adapter path**: the trainer turns its PEFT directory into a pack (``import_peft_dir``) and
-  pushes it to the catalog server (gRPC; the server writes it to the bucket); the engine runs
-  ``engine.attach(ref)`` (resolve, fetch from the catalog, which reads the bucket, stage in host
-  memory, copy into a slot) until the adapter is usable. Every run is a new revision (new
-  bytes), so no cache on the way holds it.
+- **adapter path**: the trainer turns its PEFT directory into a pack and pushes it to the
+  catalog server, one SDK call (``CatalogClient.push_peft_dir``: on the catalog's host the pack
+  is written straight into the catalog's push inbox and named in one RPC; elsewhere imported
+  and streamed over gRPC; the server writes it to the bucket). Export and push are therefore
+  one column, "export+upload" (the full path's serialize + upload beside it); the call's
+  parts (laying the pack out, writing the inbox file, the RPC with the catalog's hash, fsync,
+  checks and commit) are printed for rank 16. The engine runs ``engine.attach(ref)``
+  (resolve, fetch from the catalog, which reads the bucket, stage in host memory, copy into a
+  slot) until the adapter is usable. Every run is a new revision (new bytes), so no cache on
+  the way holds it.
 
 Two settings: **S3** (a SeaweedFS server started here; the catalog's durable store and the
 checkpoint under one bucket) and **colocated** (the catalog a ``loracat serve`` process on a
 local ``file://`` store with its default fsync, the engine beside it reading packs straight
 from its NVMe tier (``catalog.client.colocated``), the checkpoint on a local store without
 fsync, page cache warm: the full path at memory speed, so the ratio is naturally lower).
-Warm-up runs first, then ``--runs`` timed runs, medians. Reports every component (export,
-transfer, copy), the ratio and the bytes ratio (its ceiling). Floors: S3 ratio >= 25x at
-rank 16 (issue 3); colocated >= 40x at rank 16 (issue 14).
+Warm-up runs first, then ``--runs`` timed runs, medians. Reports every component
+(export+upload, download, copy), the ratio and the bytes ratio (its ceiling). Floors: S3 ratio
+>= 25x at rank 16 (issue 3); colocated >= 40x at rank 16 (issue 14).
+
+Bench hygiene (both paths alike, never part of what is timed): before every timed step of
+either path (each full-path run, each adapter push) the bench calls ``os.sync()`` and waits
+for it, so that no path pays for the disk writeback another step left behind (the full path
+writes ~1 GB of checkpoints without fsync; on the 2-core VM single pushes that ran into that
+writeback took 80-190 ms instead of 33-44). ``--no-settle`` leaves it out. The dirty and
+writeback page-cache sizes (``/proc/meminfo``) before each step are kept in the JSON.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_handoff.py [--runs 5] [--small]
 """
@@ -133,6 +145,24 @@ def catalog_server(root: Path, store_url: str, *, process: bool = False) -> Iter
 DEVICE = "cpu"
 
 
+#: Sync the disk before each timed step (``--no-settle``: don't); see the module doc.
+SETTLE = True
+
+
+def settle() -> dict[str, float]:
+    """Bench hygiene before a timed step (untimed): ``os.sync()`` unless ``--no-settle``; the
+    page cache's dirty and writeback MB as they were before it."""
+    meminfo = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Dirty", "Writeback"):
+                meminfo[f"{key.lower()}_mb"] = int(rest.split()[0]) / 1024
+    if SETTLE:
+        os.sync()
+    return meminfo
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds ``fn`` takes, the device's queue drained after it (so copies it queued count)."""
     sync = synchronizer(DEVICE)
@@ -153,7 +183,6 @@ def run_setting(
     warmup: int,
 ) -> dict[str, Any]:
     from catalog.client import CatalogClient
-    from catalog.pack import import_peft_dir
     from engine_plugin import ResidentEngine
 
     result: dict[str, Any] = {"full": [], "adapter": {}}
@@ -162,13 +191,14 @@ def run_setting(
     print(f"[{label}] full path ...", flush=True)
     for run in range(len(adapter_dirs[RANKS[0]])):  # warm-up runs included
         key = f"checkpoints/run-{run}-{uuid.uuid4().hex[:8]}.safetensors"
+        before = settle()
         upload_s, _ = timed(lambda key=key: checkpoint_store.put(key, checkpoint))
         download_s, got = timed(lambda key=key: checkpoint_store.get(key))
         copy_s, _ = timed(lambda got=got, model=resident: load_in_place(model, got))
         checkpoint_store.delete(key)
         if run >= warmup:
             result["full"].append(
-                {"upload_s": upload_s, "download_s": download_s, "copy_s": copy_s}
+                {"upload_s": upload_s, "download_s": download_s, "copy_s": copy_s, **before}
             )
     del resident
 
@@ -189,9 +219,14 @@ def run_setting(
                 print(f"[{label}] adapter path, rank {rank} ...", flush=True)
                 runs = []
                 name = f"bench/handoff-r{rank}"
+                inbox = client.push_inbox
                 for run, directory in enumerate(dirs):
-                    export_s, pack = timed(lambda d=directory: import_peft_dir(d, base_id=BASE_ID))
-                    upload_s, pushed = timed(lambda p=pack, n=name: client.push(n, p))
+                    meminfo = settle()
+                    pushing = dict(inbox.timings) if inbox else {}
+                    export_push_s, pushed = timed(
+                        lambda d=directory, n=name: client.push_peft_dir(n, d, base_id=BASE_ID)
+                    )
+                    pushed_in = {key: inbox.timings[key] - pushing[key] for key in pushing if inbox}
                     before = dict(engine.timings)
                     attach_s, revision = timed(lambda n=name: engine.attach(n))
                     after = engine.timings
@@ -201,16 +236,22 @@ def run_setting(
                     stage_s = after["stage_s"] - before["stage_s"]
                     slot_copy_s = after["copy_s"] - before["copy_s"]
                     if run >= warmup:
+                        inbox_s = sum(pushed_in.values())
                         runs.append(
                             {
-                                "pack_bytes": len(pack),
-                                "export_s": export_s,
-                                "upload_s": upload_s,
+                                "pack_bytes": pushed.revision.size_bytes,
+                                "export_push_s": export_push_s,
+                                # through the inbox: laying the pack out (the rest of the
+                                # call), writing the inbox file, the RPC
+                                "plan_s": export_push_s - inbox_s if pushed_in else 0.0,
+                                "inbox_write_s": pushed_in.get("write_s", 0.0),
+                                "push_rpc_s": pushed_in.get("rpc_s", 0.0),
                                 "attach_s": attach_s,
                                 "fetch_s": fetch_s,
                                 "stage_s": stage_s,
                                 "slot_copy_s": slot_copy_s,
                                 "attach_other_s": attach_s - fetch_s - stage_s - slot_copy_s,
+                                **meminfo,
                             }
                         )
                 # the adapter is usable: one forward on it
@@ -237,19 +278,20 @@ def summarize(result: dict[str, Any], export_full_s: float, ckpt_bytes: int) -> 
         "copy_s": med(result["full"], "copy_s"),
         "bytes": ckpt_bytes,
     }
-    full["transfer_s"] = full["upload_s"] + full["download_s"]
+    full["export_upload_s"] = full["export_s"] + full["upload_s"]
     full["total_s"] = statistics.median(
         export_full_s + r["upload_s"] + r["download_s"] + r["copy_s"] for r in result["full"]
     )
     adapters = {}
     for rank, rows in result["adapter"].items():
-        total = statistics.median(r["export_s"] + r["upload_s"] + r["attach_s"] for r in rows)
+        total = statistics.median(r["export_push_s"] + r["attach_s"] for r in rows)
         summary = {key: med(rows, key) for key in rows[0] if key != "pack_bytes"}
         summary.update(
             {
                 "bytes": rows[0]["pack_bytes"],
                 "total_s": total,
-                "transfer_s": summary["upload_s"] + summary["fetch_s"],
+                "export_upload_s": summary["export_push_s"],
+                "download_s": summary["fetch_s"],
                 "copy_s": summary["stage_s"] + summary["slot_copy_s"],
                 "ratio": full["total_s"] / total,
                 "bytes_ratio": ckpt_bytes / rows[0]["pack_bytes"],
@@ -263,8 +305,8 @@ HANDOFF_COLUMNS = [
     "setting",
     "path",
     "MiB",
-    "export ms",
-    "transfer ms",
+    "export+upload ms",
+    "download ms",
     "copy ms",
     "total ms",
     "speedup",
@@ -328,8 +370,8 @@ def handoff_rows(settings: dict[str, Any]) -> list[list[Any]]:
                 label,
                 "full",
                 full["bytes"] / 2**20,
-                full["export_s"] * 1e3,
-                full["transfer_s"] * 1e3,
+                full["export_upload_s"] * 1e3,
+                full["download_s"] * 1e3,
                 full["copy_s"] * 1e3,
                 full["total_s"] * 1e3,
                 1.0,
@@ -342,8 +384,8 @@ def handoff_rows(settings: dict[str, Any]) -> list[list[Any]]:
                     label,
                     f"adapter r{rank}",
                     adapter["bytes"] / 2**20,
-                    adapter["export_s"] * 1e3,
-                    adapter["transfer_s"] * 1e3,
+                    adapter["export_upload_s"] * 1e3,
+                    adapter["download_s"] * 1e3,
                     adapter["copy_s"] * 1e3,
                     adapter["total_s"] * 1e3,
                     adapter["ratio"],
@@ -361,12 +403,52 @@ def parse_handoff_args(description: str) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="a tiny model, for a quick check")
     parser.add_argument("--settings", nargs="+", default=["s3", "colocated"])
+    parser.add_argument(
+        "--no-settle", action="store_true", help="no os.sync() before each timed step"
+    )
     add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE
+    global DEVICE, SETTLE
     DEVICE = args.device
+    SETTLE = not args.no_settle
     return args
+
+
+RUN_COLUMNS = [
+    "setting",
+    "run",
+    "export+push ms",
+    "plan ms",
+    "inbox write ms",
+    "push RPC ms",
+    "attach ms",
+    "total ms",
+    "dirty MB",
+    "writeback MB",
+]
+
+
+def run_rows(settings: dict[str, Any], rank: str = "16") -> list[list[Any]]:
+    """Each timed run of the adapter path at ``rank``, its parts (a slow push shows here)."""
+    rows = []
+    for label, summary in settings.items():
+        for i, r in enumerate(summary["raw"]["adapter"].get(rank, [])):
+            rows.append(
+                [
+                    label,
+                    i,
+                    r["export_push_s"] * 1e3,
+                    r["plan_s"] * 1e3,
+                    r["inbox_write_s"] * 1e3,
+                    r["push_rpc_s"] * 1e3,
+                    r["attach_s"] * 1e3,
+                    (r["export_push_s"] + r["attach_s"]) * 1e3,
+                    r.get("dirty_mb", 0.0),
+                    r.get("writeback_mb", 0.0),
+                ]
+            )
+    return rows
 
 
 def main() -> None:
@@ -424,6 +506,11 @@ def main() -> None:
         HANDOFF_COLUMNS,
         table,
     )
+    print_table(
+        f"adapter path r16, each timed run (settle before each step: {SETTLE})",
+        RUN_COLUMNS,
+        run_rows(settings),
+    )
     floors = {}
     if "s3" in settings:
         floors["s3_rank16_ratio_ge_25"] = settings["s3"]["adapter"]["16"]["ratio"] >= 25
@@ -444,6 +531,7 @@ def main() -> None:
                 "runs": args.runs,
                 "warmup": args.warmup,
                 "merge_s_not_counted": merge_s,
+                "settle": SETTLE,
                 "checkpoint_bytes": len(checkpoint),
             },
             "settings": settings,

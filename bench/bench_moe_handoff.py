@@ -2,7 +2,7 @@
 
 ``bench_handoff``'s method (see its docstring: trainer and engine share only the durable tier;
 full path = upload the merged safetensors checkpoint, download it, copy every tensor into the
-resident model in place; adapter path = ``import_peft_dir`` + push to the catalog + the engine's
+resident model in place; adapter path = ``push_peft_dir`` (import + push in one call) + the engine's
 ``attach`` until usable), on a transformers 5 Mixtral-shaped MoE base instead of a dense one:
 12 layers, hidden 1024, 16 experts of intermediate 512 (top-2), vocab 32000, bf16, ~0.4B
 parameters (~0.1B active; random weights, nothing is downloaded). The adapters are what PEFT

@@ -156,6 +156,12 @@ class CatalogClient:
         #: Pushes through the catalog's inbox on its host (``None``: always the stream).
         self._inbox = InboxPush(self._stub, timeout=timeout) if colocated else None
 
+    @property
+    def push_inbox(self) -> InboxPush | None:
+        """The colocated push path (``None`` with ``colocated=False``): why pushes stream
+        (``reason``), ``counters`` and ``timings``."""
+        return self._inbox
+
     # -- revisions --------------------------------------------------------------------------
 
     def push(
