@@ -50,6 +50,7 @@ from engine_plugin.experts import (
     ExpertsTarget,
     MultiLoRAExperts,
 )
+from engine_plugin.kept_stagings import KeptStagings
 from engine_plugin.layers import (
     BatchContext,
     BatchPlan,
@@ -184,6 +185,7 @@ class ResidentEngine:
         self.host = HostTier(host_budget_bytes, host_policy)
         # Headers parsed per digest: a pack fetched again (its staging evicted) skips the parse.
         self._headers = ParsedHeaders()
+        self._kept = KeptStagings()
         self._bindings: dict[str, Revision] = {}
         # How many bindings name each digest, so "is this revision still bound?" is O(1) on
         # the attach path instead of a scan of every binding (a 10^5-adapter sweep).
@@ -749,21 +751,25 @@ class ResidentEngine:
             started = time.perf_counter()
             data, values_checked = fetch_checked(self.catalog, revision)
             fetched = time.perf_counter()
-            pack = self._headers.read(digest, data)
-            routes = self.fit.check_manifest(revision, pack.manifest)
-            staged = stage_pack(
-                revision,
-                pack,
-                dtype=self.dtype,
-                pin_memory=self._pin_host,
-                routes=routes,
-                # A source's read-only buffer is the immutable pack (PackSource's contract).
-                borrow=memoryview(data).readonly,
-                borrow_b=into_slot,
-                helper=self._writer.helper,
-                flat=self.pool.copier is not None,
-                values_checked=values_checked,
-            )
+            # The same buffer fetched again (a kept map, every chunk checked again) is staged
+            # as before: see ``kept_stagings``.
+            staged = self._kept.get(revision, data, into_slot=into_slot, vouched=values_checked)
+            if staged is None:
+                pack = self._headers.read(digest, data)
+                staged = stage_pack(
+                    revision,
+                    pack,
+                    dtype=self.dtype,
+                    pin_memory=self._pin_host,
+                    routes=self.fit.check_manifest(revision, pack.manifest),
+                    # A source's read-only buffer is the immutable pack (PackSource's contract).
+                    borrow=memoryview(data).readonly,
+                    borrow_b=into_slot,
+                    helper=self._writer.helper,
+                    flat=self.pool.copier is not None,
+                    values_checked=values_checked,
+                )
+                self._kept.keep(data, staged, into_slot=into_slot, vouched=values_checked)
             staged_at = time.perf_counter()
         except BaseException as exc:
             with self._cond:
