@@ -519,8 +519,10 @@ def main() -> None:
         floors["colocated_rank16_ratio_ge_40"] = ratio >= 40
     print("\nfloors:", floors)
     suffix = "" if args.device == "cpu" else "_cuda"
+    # a colocated-only run keeps its own file (handoff.json holds the S3 setting's)
+    only = "_colocated" if args.settings == ["colocated"] else ""
     write_results(
-        f"handoff{suffix}{'_small' if args.small else ''}",
+        f"handoff{suffix}{only}{'_small' if args.small else ''}",
         {
             "device": device_info(args.device),
             "config": {
