@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,10 @@ log = logging.getLogger(__name__)
 #: What a client may write at once in the inbox without asking the disk: a failed write is a
 #: fallback to the stream, never an error.
 _WRITE_BYTES = 8 << 20
+#: Bytes a pack is written in (see ``_write_new``), and the scratch that lora_B's
+#: transposition goes through (at least one matrix of it).
+_PIECE_BYTES = 64 << 10
+_SCRATCH_BYTES = 1 << 20
 #: What a client writes into the inbox: pack bytes, a pack file, or a laid-out pack.
 InboxSource = bytes | bytearray | memoryview | Path | PackPlan
 _NO_INBOX = {
@@ -88,6 +91,10 @@ class InboxPush:
             self.counters["fallbacks"] += 1
             log.info("colocated push: cannot write %s (%s): streaming", path, exc)
             return None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         written = time.perf_counter()
         try:
             response = self._stub.PushFromInbox(
@@ -121,15 +128,19 @@ class InboxPush:
 
 
 def _write_new(path: Path, source: InboxSource) -> None:
-    """Write ``source`` into the new file ``path`` (private; closed and unmapped before the
-    RPC: the catalog's lease needs the file open for writing nowhere).
+    """Write ``source`` into the new file ``path`` (private; closed before the RPC: the
+    catalog's lease needs the file open for writing nowhere).
 
-    Bytes are copied through a shared mapping of the file, not ``write``: on the 2-core dev
-    VM a 16.8 MB ``write`` into pages the page cache has never used took 47-60 ms, the same
-    copy through a mapping 13-20 ms (see docs/PERFORMANCE.md, fourth pass; the ``write``
-    allocates the page cache's larger folios, which this VM hands back to its host when they
-    are freed, so that they are slow to touch again). A :class:`PackPlan` is written into the
-    mapping part by part, ``lora_B`` transposed on the way (no pack in memory first)."""
+    The file's blocks are allocated first (``posix_fallocate``: a full disk is an ``OSError``
+    here, and the caller streams instead), then the bytes are written with ``pwrite`` in
+    pieces of 64 KiB. Why pieces, on the 2-core dev VM (17.6 MB, new files kept, as the store
+    keeps them; see docs/PERFORMANCE.md, fifth pass): one large ``write`` took 4.6-48 ms
+    (median 20): the page cache then takes large folios, and this VM hands freed memory in
+    blocks of 128 KiB and more back to its host, so such blocks are slow to touch again; the
+    same copy through a shared mapping took 11-23 ms (median 12.4: a page fault per 4 KiB);
+    in 64 KiB pieces 3.2-9.9 ms (median 4.0), and its fsync was faster too (8.4 against 10.7
+    ms). A :class:`PackPlan` is written part by part, ``lora_B`` transposed a few matrices
+    at a time through a small scratch buffer: no pack in memory first."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "r+b") as f:
         if isinstance(source, Path):
@@ -137,20 +148,26 @@ def _write_new(path: Path, source: InboxSource) -> None:
                 shutil.copyfileobj(src, f, _WRITE_BYTES)
             return
         if isinstance(source, PackPlan):
-            _write_mapped(fd, source.nbytes, source.write_into)
+            size = source.nbytes
+            scratch = memoryview(bytearray(max(_SCRATCH_BYTES, source.scratch_nbytes)))
+            pieces: Iterable[memoryview] = source.pieces(scratch)
+        else:
+            view = memoryview(source).cast("B")
+            size, pieces = view.nbytes, [view]
+        if not size:
             return
-        view = memoryview(source).cast("B")
-        _write_mapped(fd, view.nbytes, lambda target: target.__setitem__(slice(None), view))
+        os.posix_fallocate(fd, 0, size)
+        offset = 0
+        for piece in pieces:
+            for start in range(0, piece.nbytes, _PIECE_BYTES):
+                offset += _pwrite_all(fd, piece[start : start + _PIECE_BYTES], offset)
+        if offset != size:  # a plan's parts and its size disagree: never pushed
+            raise ValueError(f"wrote {offset} bytes of a {size}-byte pack")
 
 
-def _write_mapped(fd: int, size: int, fill: Callable[[memoryview], None]) -> None:
-    """Size the file ``fd`` to ``size`` bytes and ``fill`` them through a shared mapping.
-
-    The blocks are allocated first (``posix_fallocate``): a full disk is then an ``OSError``
-    here (the caller streams instead), never a ``SIGBUS`` in the middle of the copy; it is
-    also no slower (11-12 ms against 13 for 17.6 MB on the dev VM)."""
-    if not size:
-        return
-    os.posix_fallocate(fd, 0, size)
-    with mmap.mmap(fd, size) as mapped, memoryview(mapped) as target:
-        fill(target)
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    """``pwrite`` all of ``data`` at ``offset`` (a short write continues); its length."""
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], offset + done)
+    return done

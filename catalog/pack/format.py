@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
@@ -76,6 +76,29 @@ class SwappedMatrices:
         """The transposed bytes, in a new buffer."""
         return np.ascontiguousarray(self._matrices).data.cast("B")
 
+    @property
+    def matrix_nbytes(self) -> int:
+        """Bytes of one matrix: the least scratch :meth:`pieces` needs."""
+        return int(self._matrices[0].nbytes)
+
+    def pieces(self, scratch: memoryview) -> Iterator[memoryview]:
+        """The transposed bytes in order, as many whole matrices at a time as ``scratch``
+        holds, each batch written into ``scratch`` and yielded as a view of it (valid until
+        the next is asked for).
+
+        Raises:
+            ValueError: ``scratch`` cannot hold one matrix.
+        """
+        per = scratch.nbytes // self.matrix_nbytes
+        if per < 1:
+            raise ValueError(f"a scratch of {scratch.nbytes} bytes holds no matrix")
+        for first in range(0, self._matrices.shape[0], per):
+            batch = self._matrices[first : first + per]
+            out = np.frombuffer(scratch, dtype=batch.dtype, count=batch.size)
+            np.copyto(out.reshape(batch.shape), batch)
+            del out  # the scratch is free again when the piece is used
+            yield scratch[: batch.nbytes]
+
 
 #: A byte part of a tensor: bytes as they are, or ``lora_B`` matrices transposed when written.
 Part = bytes | memoryview | SwappedMatrices
@@ -117,6 +140,29 @@ class PackPlan:
             else:
                 view[position : position + size] = memoryview(part).cast("B")
             position += size
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """The least scratch :meth:`pieces` needs (0 when no part is transposed)."""
+        return max(
+            (p.matrix_nbytes for p in self.parts if isinstance(p, SwappedMatrices)), default=0
+        )
+
+    def pieces(self, scratch: memoryview) -> Iterator[memoryview]:
+        """The pack's bytes in order, as views: the header, each plain part as it is, each
+        transposed part a few matrices at a time through ``scratch`` (writable, at least
+        :attr:`scratch_nbytes`; a view of it is valid until the next piece is asked for).
+        For writing the pack to a file in the caller's own pieces.
+
+        Raises:
+            ValueError: ``scratch`` is smaller than :attr:`scratch_nbytes`.
+        """
+        yield memoryview(self.header)
+        for part in self.parts:
+            if isinstance(part, SwappedMatrices):
+                yield from part.pieces(scratch)
+            else:
+                yield memoryview(part).cast("B")
 
     def tobytes(self) -> bytes:
         """The pack's bytes."""

@@ -90,3 +90,17 @@ def test_swapped_matrices_transpose_each_matrix_bit_exactly() -> None:
     assert bytes(out) == expected == bytes(part.materialize())
     with pytest.raises(InvalidPack, match="whole"):
         SwappedMatrices(source.tobytes()[:-2], 2, 5, 4)
+
+
+def test_a_plan_in_pieces_through_a_small_scratch_is_the_imported_pack(
+    adapter: AdapterCase,
+) -> None:
+    expected = import_peft_dir(adapter.path, base_id="b")
+    plan = plan_peft_dir(adapter.path, base_id="b")
+    assert plan.scratch_nbytes > 0
+    # A scratch of exactly one matrix: every transposed part goes one matrix at a time.
+    scratch = memoryview(bytearray(plan.scratch_nbytes))
+    written = b"".join(bytes(piece) for piece in plan.pieces(scratch))
+    assert written == expected
+    with pytest.raises(ValueError, match="holds no matrix"):
+        b"".join(bytes(p) for p in plan.pieces(memoryview(bytearray(plan.scratch_nbytes - 1))))

@@ -249,3 +249,12 @@ def test_the_client_writes_the_inbox_file_whole(tmp_path: Path) -> None:
     source.write_bytes(data[:1000])
     client_side._write_new(tmp_path / "push-fromafile.pack", source)
     assert (tmp_path / "push-fromafile.pack").read_bytes() == data[:1000]
+
+
+def test_the_client_writes_a_laid_out_pack_whole(tmp_path: Path, packs, adapter_dirs) -> None:  # type: ignore[no-untyped-def]
+    from catalog.pack import plan_peft_dir
+    from tests.service.conftest import BASE_ID
+
+    plan = plan_peft_dir(adapter_dirs["all-r8"], base_id=BASE_ID)
+    client_side._write_new(tmp_path / "push-laidoutpack.pack", plan)
+    assert (tmp_path / "push-laidoutpack.pack").read_bytes() == packs["all-r8"]
