@@ -166,7 +166,7 @@ def main() -> None:
             path = colocated.colocated
             if path is None or path.reason or path.counters["fallbacks"]:
                 raise AssertionError(f"the colocated client streamed: {path and path.reason}")
-            kept = dict(engine._kept.counters)
+            kept = engine.stats()["kept_stagings"]
             counters = colocated.stats()["counters"]
             tier = {
                 k: counters.get(f"nvme_{k}", 0)

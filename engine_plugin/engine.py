@@ -390,7 +390,8 @@ class ResidentEngine:
 
     def stats(self) -> dict[str, Any]:
         """Counters and what is where: ``num_slots``, ``resident`` (each with its digest),
-        ``hits``, ``misses``, ``evictions``, ``bytes_moved``, the host tier and prefetcher."""
+        ``hits``, ``misses``, ``evictions``, ``bytes_moved``, the host tier and prefetcher,
+        and ``kept_stagings`` (fetches that reused a staging, see ``kept_stagings``)."""
         with self._cond:
             resident = [
                 {
@@ -423,6 +424,7 @@ class ResidentEngine:
                 **self.counters,
                 "host": self.host.stats(),
                 "prefetch": vars(self._prefetcher.counters).copy(),
+                "kept_stagings": dict(self._kept.counters),
                 "time_s": dict(self.timings),
             }
         if self._reporter is not None:

@@ -164,7 +164,7 @@ def test_a_repeated_colocated_attach_reuses_the_staging_and_still_checks_every_c
             engine.attach(name)
             want = engine.forward(ids, [name, None]).logits
             _attach_fetching(engine, name)
-            assert engine._kept.counters["hits"] == 1  # the kept map's staging, reused
+            assert engine.stats()["kept_stagings"]["hits"] == 1  # the kept map's staging, reused
             assert torch.equal(engine.forward(ids, [name, None]).logits, want)
             # A byte flipped in the store file under the kept map (its time put back): the
             # read's checks refuse it, whatever staging is kept for that map.
@@ -177,5 +177,5 @@ def test_a_repeated_colocated_attach_reuses_the_staging_and_still_checks_every_c
             os.utime(blob, ns=(status.st_atime_ns, status.st_mtime_ns))
             with pytest.raises(DataLoss):
                 _attach_fetching(engine, name)
-            assert engine._kept.counters["hits"] == 1
+            assert engine.stats()["kept_stagings"]["hits"] == 1
             assert name not in engine.stats()["bindings"]
