@@ -38,7 +38,10 @@ cache warm; every run fetches again)
 colocated catalog (the same ``loracat serve`` child process and loaders, issue 14): the client
 reads each pack straight from the catalog's NVMe tier (a lease over gRPC, the chunks from its
 LMDB environment read-only, each checked against its checksum, copied once into the returned
-buffer), so ``transfer only`` is that read, which feeds the unpacked loaders too.
+buffer; with this bench's ``file://`` store, the store's file mapped read-only, kept mapped
+between reads and checked on every read), so ``transfer only`` is that read, which feeds the
+unpacked loaders too. A packed attach that gets the same kept map back reuses the staging it
+made over it (``engine_plugin.kept_stagings``; the read's checks still run).
 
 Headline: the fastest safetensors 1-by-1 unpacked loader over ``packed attach``, per setting, in
 wall-clock medians (CPU time beside it, steadier on this shared machine: this process's, plus
