@@ -123,7 +123,9 @@ def main() -> None:
     print(f"building the base ({config.num_hidden_layers} layers, bf16) ...", flush=True)
     base = build_base(config)
     shapes = linear_shapes(base, ALL_LINEARS)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-colocated-attach-"))
+    # Removed when the bench exits (its finalizer runs at exit): ~50 MB of store and tier.
+    scratch = tempfile.TemporaryDirectory(prefix="bench-colocated-attach-")
+    tmp = Path(scratch.name)
     packs = {
         rank: import_peft_dir(
             write_peft_adapter(
