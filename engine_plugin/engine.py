@@ -43,14 +43,12 @@ from torch import nn
 
 from catalog.errors import InvalidArgument, NotFound, ResourceExhausted
 from catalog.model import AdapterName, Ref, Revision, Selector
-from catalog.pack import ParsedHeaders
 from engine_plugin.compatibility import AdapterFit
 from engine_plugin.experts import (
     PROJECTIONS,
     ExpertsTarget,
     MultiLoRAExperts,
 )
-from engine_plugin.kept_stagings import KeptStagings
 from engine_plugin.layers import (
     BatchContext,
     BatchPlan,
@@ -61,6 +59,7 @@ from engine_plugin.layers import (
     plan_batch,
     replace_module,
 )
+from engine_plugin.pack_stager import PackStager
 from engine_plugin.prefetch import Prefetcher, ResidencyReporter
 from engine_plugin.residency import (
     EvictionPolicy,
@@ -72,8 +71,8 @@ from engine_plugin.residency import (
 )
 from engine_plugin.slot_writes import SlotWriter
 from engine_plugin.slots import SlotPool
-from engine_plugin.sources import PackSource, ResidencySink, fetch_checked
-from engine_plugin.staging import StagedAdapter, stage_pack
+from engine_plugin.sources import PackSource, ResidencySink
+from engine_plugin.staging import StagedAdapter
 from engine_plugin.targets import find_targets
 
 DEFAULT_HOST_BUDGET = 1 << 30
@@ -183,9 +182,6 @@ class ResidentEngine:
         self._cond = threading.Condition(threading.RLock())
         self.slots = SlotTable(num_slots, slot_policy)
         self.host = HostTier(host_budget_bytes, host_policy)
-        # Headers parsed per digest: a pack fetched again (its staging evicted) skips the parse.
-        self._headers = ParsedHeaders()
-        self._kept = KeptStagings()
         self._bindings: dict[str, Revision] = {}
         # How many bindings name each digest, so "is this revision still bound?" is O(1) on
         # the attach path instead of a scan of every binding (a 10^5-adapter sweep).
@@ -210,6 +206,14 @@ class ResidentEngine:
 
         self._pin_host = self.device.type == "cuda"
         self._writer = SlotWriter(self.pool, self.device, attach_threads)
+        self._stager = PackStager(
+            catalog,
+            self.fit,
+            self.dtype,
+            pin_memory=self._pin_host,
+            flat=self.pool.copier is not None,
+            helper=self._writer.helper,
+        )
 
         self._prefetcher = Prefetcher(self._stage_ref, workers=prefetch_workers)
         self._sink = catalog if isinstance(catalog, ResidencySink) else None
@@ -424,7 +428,7 @@ class ResidentEngine:
                 **self.counters,
                 "host": self.host.stats(),
                 "prefetch": vars(self._prefetcher.counters).copy(),
-                "kept_stagings": dict(self._kept.counters),
+                "kept_stagings": dict(self._stager.kept.counters),
                 "time_s": dict(self.timings),
             }
         if self._reporter is not None:
@@ -731,12 +735,8 @@ class ResidentEngine:
 
     def _staged(self, revision: Revision, *, into_slot: bool = False) -> StagedAdapter:
         """The staged pack of ``revision``: from the host tier, or fetched, checked and staged
-        (one fetch per digest however many callers ask at once).
-
-        ``into_slot``: an attach waits for it, to copy it into a slot at once. Its ``lora_B``
-        is then borrowed from the fetched bytes when it can be (see ``staging``), so the slot
-        write does the transposition a separate staging pass would: each byte is copied once.
-        (A prefetch stages off the attach path, so the attach it prepares is a plain copy.)"""
+        by the ``PackStager`` (one fetch per digest however many callers ask at once).
+        ``into_slot``: an attach waits for it, to copy it into a slot at once."""
         digest = str(revision.digest)
         with self._cond:
             staged = self.host.get(digest)
@@ -750,37 +750,15 @@ class ResidentEngine:
         if not owner:
             return future.result()
         try:
-            started = time.perf_counter()
-            data, values_checked = fetch_checked(self.catalog, revision)
-            fetched = time.perf_counter()
-            # The same buffer fetched again (a kept map, every chunk checked again) is staged
-            # as before: see ``kept_stagings``.
-            staged = self._kept.get(revision, data, into_slot=into_slot, vouched=values_checked)
-            if staged is None:
-                pack = self._headers.read(digest, data)
-                staged = stage_pack(
-                    revision,
-                    pack,
-                    dtype=self.dtype,
-                    pin_memory=self._pin_host,
-                    routes=self.fit.check_manifest(revision, pack.manifest),
-                    # A source's read-only buffer is the immutable pack (PackSource's contract).
-                    borrow=memoryview(data).readonly,
-                    borrow_b=into_slot,
-                    helper=self._writer.helper,
-                    flat=self.pool.copier is not None,
-                    values_checked=values_checked,
-                )
-                self._kept.keep(data, staged, into_slot=into_slot, vouched=values_checked)
-            staged_at = time.perf_counter()
+            staged, fetch_s, stage_s = self._stager.stage(revision, into_slot=into_slot)
         except BaseException as exc:
             with self._cond:
                 del self._staging[digest]
             future.set_exception(exc)
             raise
         with self._cond:
-            self.timings["fetch_s"] += fetched - started
-            self.timings["stage_s"] += staged_at - fetched
+            self.timings["fetch_s"] += fetch_s
+            self.timings["stage_s"] += stage_s
             self.host.put(staged)
             del self._staging[digest]
         future.set_result(staged)
