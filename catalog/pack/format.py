@@ -57,7 +57,7 @@ class SwappedMatrices:
         InvalidPack: ``source`` is not a whole number of ``[rows, columns]`` matrices.
     """
 
-    __slots__ = ("_matrices", "nbytes")
+    __slots__ = ("_matrices", "matrix_nbytes", "nbytes")
 
     def __init__(self, source: bytes | memoryview, itemsize: int, rows: int, columns: int) -> None:
         array = np.frombuffer(source, dtype=_UNSIGNED[itemsize])
@@ -66,6 +66,8 @@ class SwappedMatrices:
         #: The transposed view (no copy yet): [n, columns, rows] over the source's bytes.
         self._matrices = array.reshape(-1, rows, columns).swapaxes(1, 2)
         self.nbytes = int(array.nbytes)
+        #: Bytes of one matrix: the least scratch :meth:`pieces` needs.
+        self.matrix_nbytes = rows * columns * itemsize
 
     def write_into(self, destination: memoryview) -> None:
         """Write the transposed matrices into ``destination`` (exactly ``nbytes``, writable)."""
@@ -75,11 +77,6 @@ class SwappedMatrices:
     def materialize(self) -> memoryview:
         """The transposed bytes, in a new buffer."""
         return np.ascontiguousarray(self._matrices).data.cast("B")
-
-    @property
-    def matrix_nbytes(self) -> int:
-        """Bytes of one matrix: the least scratch :meth:`pieces` needs."""
-        return int(self._matrices[0].nbytes)
 
     def pieces(self, scratch: memoryview) -> Iterator[memoryview]:
         """The transposed bytes in order, as many whole matrices at a time as ``scratch``
@@ -96,7 +93,7 @@ class SwappedMatrices:
             batch = self._matrices[first : first + per]
             out = np.frombuffer(scratch, dtype=batch.dtype, count=batch.size)
             np.copyto(out.reshape(batch.shape), batch)
-            del out  # the scratch is free again when the piece is used
+            del out  # no export of the scratch outlives the copy
             yield scratch[: batch.nbytes]
 
 

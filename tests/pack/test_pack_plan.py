@@ -104,3 +104,9 @@ def test_a_plan_in_pieces_through_a_small_scratch_is_the_imported_pack(
     assert written == expected
     with pytest.raises(ValueError, match="holds no matrix"):
         b"".join(bytes(p) for p in plan.pieces(memoryview(bytearray(plan.scratch_nbytes - 1))))
+
+
+def test_an_empty_swapped_part_writes_nothing() -> None:
+    part = SwappedMatrices(b"", 2, 5, 4)
+    assert part.nbytes == 0 and part.matrix_nbytes == 40
+    assert list(part.pieces(memoryview(bytearray(40)))) == []
