@@ -22,8 +22,9 @@ _EXPONENT_BITS: dict[str, tuple[type[np.unsignedinteger], int]] = {
 }
 #: Bytes looked at per step: a large tensor never needs a full-size temporary, and a step's
 #: masked copy (one scratch buffer per pack, reused) stays in the CPU's cache. 1 MiB steps
-#: into a reused buffer checked the rank-16 push (17.6 MB of BF16) in 0.74 ms against 1.7 with
-#: 8 MiB steps, a fresh temporary and a boolean array per step (2-core dev VM).
+#: into a reused buffer checked 17.6 MB of BF16 (the rank-16 push's size) in 0.74-0.87 ms
+#: against 1.7-1.8 with 8 MiB steps, a fresh temporary and a boolean array per step (2-core
+#: dev VM); the whole pack's validation 1.78 -> 1.28 ms.
 _STEP_BYTES = 1 << 20
 
 
