@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catalog.cache.layout import checksum
+from catalog.cache.layout import chunk_checksums
 from catalog.digest import Digest, new_hasher
 from catalog.errors import Conflict, InvalidArgument, NotFound
 from catalog.model import AdapterName, Revision
@@ -242,8 +242,7 @@ class HashAndSync:
             mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm,
             memoryview(mm) as view,
         ):
-            sums = b"".join(checksum(view[i : i + size]) for i in range(0, len(view), size))
-        self.checksums = (size, sums)
+            self.checksums = (size, chunk_checksums(view, size))
 
     def _hash(self) -> None:
         with (

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -83,15 +82,10 @@ class AdmissionMixin:
         try:
             as_bytes = cast(bytes, data)  # read through memoryview(), as bytes would be
             file = self._reference_for(digest, as_bytes)
-            if checksums is not None and checksums[0] == self.chunk_bytes:
-                meta = EntryMeta(
-                    len(as_bytes), self.chunk_bytes, time.time_ns(), 0, checksums[1], file,
-                    values_finite=values_finite,
-                )  # fmt: skip
-            else:
-                meta = EntryMeta.for_data(
-                    as_bytes, self.chunk_bytes, file=file, values_finite=values_finite
-                )
+            taken = checksums[1] if checksums and checksums[0] == self.chunk_bytes else None
+            meta = EntryMeta.for_data(
+                as_bytes, self.chunk_bytes, file=file, values_finite=values_finite, checksums=taken
+            )
             self._install(digest, as_bytes, meta)
             with self._lock:
                 admitted = key in self._policy

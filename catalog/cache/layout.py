@@ -245,17 +245,30 @@ class EntryMeta:
 
     @classmethod
     def for_data(
-        cls, data: bytes, chunk_bytes: int, *, file: str = "", values_finite: bool = False
+        cls,
+        data: bytes,
+        chunk_bytes: int,
+        *,
+        file: str = "",
+        values_finite: bool = False,
+        checksums: bytes | None = None,
     ) -> EntryMeta:
         """The meta of ``data`` cut into chunks; with ``file``, a reference entry to that file
         (which holds exactly ``data``); ``values_finite``: the pack's values were checked
-        finite (``FLAG_VALUES_FINITE``)."""
-        view = memoryview(data)
-        starts = range(0, len(data), chunk_bytes)
-        checksums = b"".join(checksum(view[start : start + chunk_bytes]) for start in starts)
+        finite (``FLAG_VALUES_FINITE``); ``checksums``: :func:`chunk_checksums` of ``data``
+        at ``chunk_bytes``, when the caller took them already from the same bytes."""
+        if checksums is None:
+            checksums = chunk_checksums(data, chunk_bytes)
         return cls(
             len(data), chunk_bytes, time.time_ns(), 0, checksums, file, values_finite=values_finite
         )
+
+
+def chunk_checksums(data: bytes | memoryview, chunk_bytes: int) -> bytes:
+    """The :func:`checksum` of each ``chunk_bytes`` chunk of ``data``, concatenated (as an
+    entry's meta holds them)."""
+    view = memoryview(data)
+    return b"".join(checksum(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes))
 
 
 def host_id() -> str:
