@@ -38,7 +38,7 @@ from catalog.pack.container import (
 from catalog.pack.manifest import PACK_FORMAT, ModuleSpec, PackManifest
 
 #: Unsigned integer types by element size: elements are moved as bits, never as floats.
-_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+UNSIGNED_BY_ITEMSIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 #: Largest header a pack may have: a few thousand tensor entries and the manifest fit easily,
 #: and it bounds what a streaming validator buffers before it can judge a push.
@@ -60,7 +60,7 @@ class SwappedMatrices:
     __slots__ = ("_matrices", "matrix_nbytes", "nbytes")
 
     def __init__(self, source: bytes | memoryview, itemsize: int, rows: int, columns: int) -> None:
-        array = np.frombuffer(source, dtype=_UNSIGNED[itemsize])
+        array = np.frombuffer(source, dtype=UNSIGNED_BY_ITEMSIZE[itemsize])
         if not rows or not columns or array.size % (rows * columns):
             _fail(f"a lora_B part is not whole [{rows}, {columns}] matrices")
         #: The transposed view (no copy yet): [n, columns, rows] over the source's bytes.
@@ -196,7 +196,9 @@ def swap_last_axes(tensor: TensorBytes) -> TensorBytes:
     """A bit-exact copy of ``tensor`` with its last two axes swapped (``[..., m, n]`` ->
     ``[..., n, m]``): how ``lora_B`` moves between PEFT's orientation and the rank-major one."""
     *outer, rows, columns = tensor.shape
-    array = np.frombuffer(tensor.data, dtype=_UNSIGNED[tensor.itemsize]).reshape(tensor.shape)
+    array = np.frombuffer(tensor.data, dtype=UNSIGNED_BY_ITEMSIZE[tensor.itemsize]).reshape(
+        tensor.shape
+    )
     swapped = np.ascontiguousarray(array.swapaxes(-1, -2))
     return TensorBytes(tensor.dtype, (*outer, columns, rows), swapped.data.cast("B"))
 

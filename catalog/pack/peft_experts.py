@@ -47,6 +47,7 @@ import numpy as np
 
 from catalog.errors import InvalidPack
 from catalog.pack.container import TensorBytes, is_decimal
+from catalog.pack.format import UNSIGNED_BY_ITEMSIZE
 from catalog.pack.manifest import MAX_EXPERTS
 
 #: ``kind`` of an expert module imported from one LoRA pair per expert and projection.
@@ -70,7 +71,6 @@ FUSED_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
 _INPUT_PARAMETERS = ("gate_up_proj", "up_proj")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _fail(message: str) -> NoReturn:
@@ -268,7 +268,7 @@ def check_parameter_nesting(
 
 def _transpose(data: memoryview, itemsize: int, shape: Sequence[int], axes: Sequence[int]) -> bytes:
     """Bit-exact transposition of raw elements (moved as unsigned integers, never as floats)."""
-    array = np.frombuffer(data, dtype=_UNSIGNED[itemsize]).reshape(tuple(shape))
+    array = np.frombuffer(data, dtype=UNSIGNED_BY_ITEMSIZE[itemsize]).reshape(tuple(shape))
     return np.ascontiguousarray(array.transpose(tuple(axes))).tobytes()
 
 
