@@ -196,11 +196,8 @@ def swap_last_axes(tensor: TensorBytes) -> TensorBytes:
     """A bit-exact copy of ``tensor`` with its last two axes swapped (``[..., m, n]`` ->
     ``[..., n, m]``): how ``lora_B`` moves between PEFT's orientation and the rank-major one."""
     *outer, rows, columns = tensor.shape
-    array = np.frombuffer(tensor.data, dtype=UNSIGNED_BY_ITEMSIZE[tensor.itemsize]).reshape(
-        tensor.shape
-    )
-    swapped = np.ascontiguousarray(array.swapaxes(-1, -2))
-    return TensorBytes(tensor.dtype, (*outer, columns, rows), swapped.data.cast("B"))
+    swapped = SwappedMatrices(tensor.data, tensor.itemsize, rows, columns).materialize()
+    return TensorBytes(tensor.dtype, (*outer, columns, rows), swapped)
 
 
 class Pack:
