@@ -14,9 +14,16 @@ from catalog.model import AdapterName, PushProvenance, Ref, Revision
 
 PUSH_CHUNK_BYTES = 1 << 20
 MAX_CHANNEL_MESSAGE = 8 << 20
+#: The longest a channel waits between attempts to reach a catalog that went away. gRPC's own
+#: backoff grows to 120 s, failing calls fast meanwhile, so a catalog restarted after a few
+#: seconds' outage stayed unreachable to its clients for seconds more (a vLLM resolve answered
+#: 503 after the catalog was back). A catalog is a near neighbour; a 1 s retry costs nothing.
+MAX_RECONNECT_BACKOFF_MS = 1000
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHANNEL_MESSAGE),
     ("grpc.max_send_message_length", MAX_CHANNEL_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
 ]
 
 

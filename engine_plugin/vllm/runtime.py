@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 
 #: A name vLLM does not list this long after it was bound was dropped (or failed to load).
 STALE_AFTER_S = 30.0
-#: How long a resolve waits for the catalog's channel to reconnect before answering 503.
-RECONNECT_WAIT_S = 2.0
+#: How long a resolve waits for the catalog's channel to reconnect before answering 503: two of
+#: the channel's longest reconnect backoffs (``catalog.client.requests``), with their jitter.
+RECONNECT_WAIT_S = 2.5
 #: How long residency reports wait after a change (see ``start``).
 REPORT_DEBOUNCE_S = 1.0
 
