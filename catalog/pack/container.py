@@ -50,7 +50,7 @@ _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorBytes:
     """One tensor as raw row-major bytes: a safetensors dtype name, a shape and a byte view.
 
@@ -107,6 +107,20 @@ class TensorBytes:
     def tobytes(self) -> bytes:
         return self.data.tobytes()
 
+    @classmethod
+    def _of_checked_spec(cls, dtype: str, shape: tuple[int, ...], data: memoryview) -> TensorBytes:
+        """A tensor whose spec :func:`parse_header` has already checked against the file: a
+        known dtype, a shape of non-negative ints, ``data`` a slice of a flat byte view that is
+        exactly ``prod(shape) * itemsize`` long (its data_offsets' span, checked to lie inside
+        the file). Those are every check of ``__post_init__``, so it is not run twice: on a
+        336-tensor PEFT file the second run was a fifth of the import's plan (~0.4 ms)."""
+        tensor = object.__new__(cls)
+        set_field = object.__setattr__  # frozen: no plain setattr
+        set_field(tensor, "dtype", dtype)
+        set_field(tensor, "shape", shape)
+        set_field(tensor, "data", data)
+        return tensor
+
 
 @dataclass(frozen=True)
 class SafetensorsFile:
@@ -123,7 +137,8 @@ class HeaderLayout:
     """What the header alone says: metadata, tensor specs and the total file length."""
 
     metadata: dict[str, str]
-    specs: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> dtype, shape, begin, end
+    #: name -> (dtype, shape, begin, end), in data-section order (by offsets).
+    specs: dict[str, tuple[str, tuple[int, ...], int, int]]
     header_nbytes: int  # 8 + N: where the data section starts
     total_nbytes: int
 
@@ -134,6 +149,15 @@ def _fail(message: str) -> NoReturn:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _non_negative_ints(values: list[Any]) -> bool:
+    """Every value is a non-negative int (not a bool): :func:`_is_int` per value, written as one
+    loop with the plain-int case first, since a PEFT file's header has ~1000 such numbers."""
+    for value in values:  # noqa: SIM110 (a loop: all() over a generator is slower here)
+        if not (type(value) is int or _is_int(value)) or value < 0:
+            return False
+    return True
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -217,13 +241,13 @@ def parse_header(
     available = None if file_nbytes is None else file_nbytes - end
     specs: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, spec in header.items():
-        specs[name] = _parse_tensor_spec(name, spec)
-        if available is not None and specs[name][3] > available:
+        specs[name] = parsed = _parse_tensor_spec(name, spec)
+        if available is not None and parsed[3] > available:
             _fail(
-                f"tensor {name!r}: data_offsets {list(specs[name][2:])} run past the end of "
+                f"tensor {name!r}: data_offsets {list(parsed[2:])} run past the end of "
                 f"the data section ({available} bytes)"
             )
-    data_nbytes = _check_offsets(specs)
+    data_nbytes, specs = _check_offsets(specs)
     total = end + data_nbytes
     # A short file was refused above (some tensor ran past the end); only a long one is left.
     if file_nbytes is not None and file_nbytes > total:
@@ -234,26 +258,23 @@ def parse_header(
 def _parse_tensor_spec(name: str, spec: object) -> tuple[str, tuple[int, ...], int, int]:
     if not name:
         _fail("tensor with an empty name")
-    if not isinstance(spec, dict) or set(spec) != _TENSOR_KEYS:
+    if not isinstance(spec, dict) or spec.keys() != _TENSOR_KEYS:
         _fail(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
+    itemsize = DTYPE_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+    if itemsize is None:
         _fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_TENSOR_NDIM
-        or not all(_is_int(d) and d >= 0 for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_TENSOR_NDIM or not _non_negative_ints(shape):
         _fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or not _non_negative_ints(offsets)
         or offsets[0] > offsets[1]
     ):
         _fail(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] with begin <= end")
     begin, end = offsets
-    expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+    expected = math.prod(shape) * itemsize
     if end - begin != expected:
         _fail(
             f"tensor {name!r}: data_offsets span {end - begin} bytes but {dtype} "
@@ -262,16 +283,20 @@ def _parse_tensor_spec(name: str, spec: object) -> tuple[str, tuple[int, ...], i
     return dtype, tuple(shape), begin, end
 
 
-def _check_offsets(specs: Mapping[str, tuple[str, tuple[int, ...], int, int]]) -> int:
-    """The tensors must tile the data section exactly; returns its length."""
+def _check_offsets(
+    specs: Mapping[str, tuple[str, tuple[int, ...], int, int]],
+) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """The tensors must tile the data section exactly; returns its length and the specs in
+    data-section order (sorted once here, for every reader of the layout)."""
     position = 0
-    for name, (_, _, begin, end) in sorted(specs.items(), key=lambda item: item[1][2:]):
+    ordered = dict(sorted(specs.items(), key=lambda item: item[1][2:]))
+    for name, (_, _, begin, end) in ordered.items():
         if begin < position:
             _fail(f"tensor {name!r}: data_offsets [{begin}, {end}] overlap the previous tensor")
         if begin > position:
             _fail(f"tensor {name!r}: data_offsets [{begin}, {end}] leave a hole at {position}")
         position = end
-    return position
+    return position, ordered
 
 
 def parse_safetensors(
@@ -285,11 +310,10 @@ def parse_safetensors(
     view = as_byte_view(data)
     layout = parse_header(view, max_header=max_header, file_nbytes=view.nbytes)
     base = layout.header_nbytes
+    checked = TensorBytes._of_checked_spec
     tensors = {
-        name: TensorBytes(dtype, shape, view[base + begin : base + end])
-        for name, (dtype, shape, begin, end) in sorted(
-            layout.specs.items(), key=lambda item: item[1][2:]
-        )
+        name: checked(dtype, shape, view[base + begin : base + end])
+        for name, (dtype, shape, begin, end) in layout.specs.items()
     }
     return SafetensorsFile(layout.metadata, tensors, base, view.nbytes)
 

@@ -60,14 +60,23 @@ class SwappedMatrices:
     __slots__ = ("_matrices", "matrix_nbytes", "nbytes")
 
     def __init__(self, source: bytes | memoryview, itemsize: int, rows: int, columns: int) -> None:
-        array = np.frombuffer(source, dtype=UNSIGNED_BY_ITEMSIZE[itemsize])
-        if not rows or not columns or array.size % (rows * columns):
+        nbytes = memoryview(source).nbytes
+        matrix_nbytes = rows * columns * itemsize
+        if not matrix_nbytes or nbytes % matrix_nbytes:
             _fail(f"a lora_B part is not whole [{rows}, {columns}] matrices")
-        #: The transposed view (no copy yet): [n, columns, rows] over the source's bytes.
-        self._matrices = array.reshape(-1, rows, columns).swapaxes(1, 2)
-        self.nbytes = int(array.nbytes)
+        #: The transposed view (no copy yet): [n, columns, rows] over the source's bytes, as
+        #: one strided array (a plan makes one per layer and module: 168 for a dense rank-16
+        #: adapter of 24 layers, where frombuffer + reshape + swapaxes cost 0.9 us each).
+        self._matrices = np.ndarray(  # shape, dtype, buffer, offset, strides (positional:
+            (nbytes // matrix_nbytes, columns, rows),  # keywords cost numpy 0.25 us more)
+            UNSIGNED_BY_ITEMSIZE[itemsize],
+            source,
+            0,
+            (matrix_nbytes, itemsize, columns * itemsize),
+        )
+        self.nbytes = nbytes
         #: Bytes of one matrix: the least scratch :meth:`pieces` needs.
-        self.matrix_nbytes = rows * columns * itemsize
+        self.matrix_nbytes = matrix_nbytes
 
     def write_into(self, destination: memoryview) -> None:
         """Write the transposed matrices into ``destination`` (exactly ``nbytes``, writable)."""
@@ -346,7 +355,7 @@ def _parse(view: memoryview) -> tuple[PackManifest, _Specs, int]:
     data section starts. Raises ``InvalidPack``."""
     layout = parse_header(view, max_header=MAX_PACK_HEADER_BYTES, file_nbytes=view.nbytes)
     manifest = _manifest_from_layout(layout)
-    specs = sorted(layout.specs.items(), key=lambda item: item[1][2:])
+    specs = list(layout.specs.items())  # in data order
     return manifest, specs, layout.header_nbytes
 
 
@@ -454,15 +463,12 @@ def plan_pack(manifest: PackManifest, tensors: Sequence[TensorParts]) -> PackPla
         METADATA_MANIFEST_KEY: manifest.to_json_text(),
     }
     ordered = sorted(tensors, key=lambda t: t[0])
-    header = header_bytes(
-        metadata,
-        [
-            (name, dtype, shape, sum(map(_part_nbytes, parts)))
-            for name, dtype, shape, parts in ordered
-        ],
-    )
+    sized = [
+        (name, dtype, shape, sum(map(_part_nbytes, parts))) for name, dtype, shape, parts in ordered
+    ]
+    header = header_bytes(metadata, sized)
     parts = tuple(part for *_, tensor_parts in ordered for part in tensor_parts)
-    return PackPlan(header, parts, len(header) + sum(map(_part_nbytes, parts)))
+    return PackPlan(header, parts, len(header) + sum(size for *_, size in sized))
 
 
 def rank_major_parts(

@@ -338,3 +338,49 @@ def test_pack_from_peft_tensors_builds_synthetic_adapters() -> None:
     a, b = pack.module_tensors("self_attn.q_proj")
     assert a.shape == (2, 2, 8) and b.shape == (2, 8, 2)
     assert a.tobytes() == bytes([2]) * 32 + bytes([4]) * 32
+
+
+def _q_proj_tensors(shapes: dict[int, tuple[int, int]]) -> dict[str, TensorBytes]:
+    """q_proj LoRA of the given layers, lora_A of shape ``shapes[layer]`` (rank, in)."""
+    tensors = {}
+    for layer, (rank, fan_in) in shapes.items():
+        for ab, shape in (("A", (rank, fan_in)), ("B", (8, rank))):
+            tensors[f"{PREFIX}.{layer}.self_attn.q_proj.lora_{ab}.weight"] = TensorBytes(
+                "BF16", shape, memoryview(bytes(2 * shape[0] * shape[1]))
+            )
+    return tensors
+
+
+def test_shape_differs_in_a_later_layer_without_patterns() -> None:
+    """With no rank/alpha patterns the stacking checks one layer for all only when every layer
+    has its shapes: a later layer that differs is still named."""
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    _refused_tensors(
+        config,
+        _q_proj_tensors({0: (2, 8), 1: (2, 8), 2: (2, 16), 3: (2, 8)}),
+        r"module 'self_attn.q_proj' layer 2: lora_A \[2, 16\] / lora_B \[8, 2\] differ from "
+        r"layer 0's \[2, 8\] / \[8, 2\]; a pack holds one rank and shape per module",
+    )
+
+
+def test_rank_differs_from_config_in_every_layer() -> None:
+    """Layers that agree with each other but not with the config's r are refused."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    _refused_tensors(
+        config,
+        _q_proj_tensors({0: (2, 8), 1: (2, 8)}),
+        r"module 'self_attn.q_proj' layer 0: tensors have rank 2 but adapter_config.json says 4",
+    )
+
+
+def test_keys_in_any_order_group_alike() -> None:
+    """Keys split under the prefix found first, whatever order they come in (the layer
+    index of a key after the first is found without a search): the same pack either way."""
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    tensors = _q_proj_tensors({layer: (2, 8) for layer in (0, 1, 10, 2)})
+    reverse = dict(reversed(list(tensors.items())))
+    assert pack_from_peft_tensors(config, tensors, "b") == pack_from_peft_tensors(
+        config, reverse, "b"
+    )
+    pack = read_pack(pack_from_peft_tensors(config, reverse, "b"))
+    assert pack.manifest.module("self_attn.q_proj").layers == (0, 1, 2, 10)
