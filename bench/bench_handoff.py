@@ -24,7 +24,12 @@ Two settings: **S3** (a SeaweedFS server started here; the catalog's durable sto
 checkpoint under one bucket) and **colocated** (the catalog a ``loracat serve`` process on a
 local ``file://`` store with its default fsync, the engine beside it reading packs straight
 from its NVMe tier (``catalog.client.colocated``), the checkpoint on a local store without
-fsync, page cache warm: the full path at memory speed, so the ratio is naturally lower).
+fsync, page cache warm: the full path at memory speed, so the ratio is naturally lower). The
+colocated catalog runs with its default warm inbox files (``catalog.warm_inbox``: the push
+writes over a file whose pages the catalog cached after the previous push);
+``--cold-inbox`` serves with none (``--push-warm-files 0``), each push writing a new file,
+and writes its JSON beside (``*_cold_inbox``). The per-run r16 table says which pushes
+found a warm file.
 Warm-up runs first, then ``--runs`` timed runs, medians. Reports every component
 (export+upload, download, copy), the ratio and the bytes ratio (its ceiling). Floors: S3 ratio
 >= 25x at rank 16 (issue 3); colocated >= 40x at rank 16 (issue 14).
@@ -36,7 +41,8 @@ writes ~1 GB of checkpoints without fsync; on the 2-core VM single pushes that r
 writeback took 80-190 ms instead of 33-44). ``--no-settle`` leaves it out. The dirty and
 writeback page-cache sizes (``/proc/meminfo``) before each step are kept in the JSON.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_handoff.py [--runs 5] [--small]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_handoff.py [--runs 5] [--small] \
+        [--settings colocated] [--cold-inbox]
 """
 
 from __future__ import annotations
@@ -120,16 +126,23 @@ def load_in_place(model: Any, checkpoint: bytes) -> int:
     return moved
 
 
+#: ``--cold-inbox``: the colocated catalog keeps no warm inbox files (``loracat serve
+#: --push-warm-files 0``), so each push writes a new inbox file as before issue 14's warm files.
+COLD_INBOX = False
+
+
 @contextmanager
 def catalog_server(root: Path, store_url: str, *, process: bool = False) -> Iterator[str]:
     """A catalog serving ``store_url``: in this process, or (``process``) a ``loracat serve``
-    child, as on a node where engines beside the catalog read its NVMe tier directly."""
+    child, as on a node where engines beside the catalog read its NVMe tier directly (with
+    its default warm inbox files, or none with ``--cold-inbox``)."""
     from catalog.service.server import create_server, open_catalog
 
     if process:
         from tests.servers import serve_subprocess
 
-        with serve_subprocess(root, store_url) as (_, address):
+        extra = ["--push-warm-files", "0"] if COLD_INBOX else []
+        with serve_subprocess(root, store_url, extra_args=extra) as (_, address):
             yield address
         return
     catalog = open_catalog(root, store_url)
@@ -223,10 +236,13 @@ def run_setting(
                 for run, directory in enumerate(dirs):
                     meminfo = settle()
                     pushing = dict(inbox.timings) if inbox else {}
+                    warm_before = inbox.counters["warm"] if inbox else 0
                     export_push_s, pushed = timed(
                         lambda d=directory, n=name: client.push_peft_dir(n, d, base_id=BASE_ID)
                     )
                     pushed_in = {key: inbox.timings[key] - pushing[key] for key in pushing if inbox}
+                    # whether the push wrote over a warm inbox file (catalog.warm_inbox)
+                    warm = bool(inbox and inbox.counters["warm"] > warm_before)
                     before = dict(engine.timings)
                     attach_s, revision = timed(lambda n=name: engine.attach(n))
                     after = engine.timings
@@ -246,6 +262,7 @@ def run_setting(
                                 "plan_s": export_push_s - inbox_s if pushed_in else 0.0,
                                 "inbox_write_s": pushed_in.get("write_s", 0.0),
                                 "push_rpc_s": pushed_in.get("rpc_s", 0.0),
+                                "warm_inbox": warm,
                                 "attach_s": attach_s,
                                 "fetch_s": fetch_s,
                                 "stage_s": stage_s,
@@ -285,7 +302,10 @@ def summarize(result: dict[str, Any], export_full_s: float, ckpt_bytes: int) -> 
     adapters = {}
     for rank, rows in result["adapter"].items():
         total = statistics.median(r["export_push_s"] + r["attach_s"] for r in rows)
-        summary = {key: med(rows, key) for key in rows[0] if key != "pack_bytes"}
+        summary = {
+            key: med(rows, key) for key in rows[0] if key not in ("pack_bytes", "warm_inbox")
+        }
+        summary["warm_inbox_runs"] = sum(bool(r.get("warm_inbox")) for r in rows)
         summary.update(
             {
                 "bytes": rows[0]["pack_bytes"],
@@ -406,12 +426,18 @@ def parse_handoff_args(description: str) -> argparse.Namespace:
     parser.add_argument(
         "--no-settle", action="store_true", help="no os.sync() before each timed step"
     )
+    parser.add_argument(
+        "--cold-inbox",
+        action="store_true",
+        help="colocated: serve without warm inbox files (--push-warm-files 0)",
+    )
     add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE, SETTLE
+    global DEVICE, SETTLE, COLD_INBOX
     DEVICE = args.device
     SETTLE = not args.no_settle
+    COLD_INBOX = args.cold_inbox
     return args
 
 
@@ -421,6 +447,7 @@ RUN_COLUMNS = [
     "export+push ms",
     "plan ms",
     "inbox write ms",
+    "warm",
     "push RPC ms",
     "attach ms",
     "total ms",
@@ -441,6 +468,7 @@ def run_rows(settings: dict[str, Any], rank: str = "16") -> list[list[Any]]:
                     r["export_push_s"] * 1e3,
                     r["plan_s"] * 1e3,
                     r["inbox_write_s"] * 1e3,
+                    "yes" if r.get("warm_inbox") else "no",
                     r["push_rpc_s"] * 1e3,
                     r["attach_s"] * 1e3,
                     (r["export_push_s"] + r["attach_s"]) * 1e3,
@@ -507,7 +535,8 @@ def main() -> None:
         table,
     )
     print_table(
-        f"adapter path r16, each timed run (settle before each step: {SETTLE})",
+        f"adapter path r16, each timed run (settle before each step: {SETTLE}; "
+        f"warm inbox files: {'off' if COLD_INBOX else 'on'})",
         RUN_COLUMNS,
         run_rows(settings),
     )
@@ -521,6 +550,7 @@ def main() -> None:
     suffix = "" if args.device == "cpu" else "_cuda"
     # a colocated-only run keeps its own file (handoff.json holds the S3 setting's)
     only = "_colocated" if args.settings == ["colocated"] else ""
+    only += "_cold_inbox" if args.cold_inbox else ""
     write_results(
         f"handoff{suffix}{only}{'_small' if args.small else ''}",
         {
@@ -534,6 +564,7 @@ def main() -> None:
                 "warmup": args.warmup,
                 "merge_s_not_counted": merge_s,
                 "settle": SETTLE,
+                "warm_inbox": not COLD_INBOX,
                 "checkpoint_bytes": len(checkpoint),
             },
             "settings": settings,

@@ -30,6 +30,11 @@ What a linked file does not guard against: a process of the catalog's own user t
 store's file later can write it, as it can any file of a ``file://`` store; the NVMe tier's
 chunk checksums then find the change (corruption, not forgery; see ``catalog.cache.layout``).
 
+Warm files: the catalog keeps a few ``warm-*.pack`` files in the inbox whose pages are already
+in the page cache; a client claims one by renaming it to its ``push-*`` name and writes its pack
+over it (``catalog.warm_inbox`` says why, and why the races are harmless). Nothing above
+changes for such a file: it is a ``push-*`` file like any other when the push names it.
+
 Cost (16.8 MB, this 2-core VM): the data's fsync and sha256 run on threads of their own while
 the caller validates the pack (:class:`HashAndSync`; all on the page cache's pages, no copy),
 then the log event's small fsync.
@@ -55,6 +60,7 @@ from catalog.cache.layout import chunk_checksums
 from catalog.digest import Digest, new_hasher
 from catalog.errors import Conflict, InvalidArgument, NotFound
 from catalog.model import AdapterName, Revision
+from catalog.warm_inbox import OFF, WarmFiles, WarmPolicy
 
 if TYPE_CHECKING:
     from catalog.core import Catalog
@@ -74,14 +80,18 @@ _F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 
 
 class PushInbox:
-    """The directory colocated clients write pushes into (``0700``, the catalog's user)."""
+    """The directory colocated clients write pushes into (``0700``, the catalog's user), with
+    the warm files ``warm`` asks for (``catalog.warm_inbox``; default none). Raises
+    ``OSError`` when the directory cannot be made or opened."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, warm: WarmPolicy = OFF) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         self._fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         self._lock = threading.Lock()
+        #: The warm files clients claim; ``warm.pushed(size)`` after each push refills them.
+        self.warm = WarmFiles(self._fd, warm)
 
     def sweep(self, older_than_s: float = STALE_S) -> int:
         """Delete inbox files older than ``older_than_s`` (their clients died); how many."""
@@ -128,6 +138,7 @@ class PushInbox:
             os.unlink(file_name, dir_fd=self._fd)
 
     def close(self) -> None:
+        self.warm.close()
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)

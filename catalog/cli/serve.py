@@ -11,6 +11,7 @@ import click
 
 from catalog.cli.common import parse_bytes
 from catalog.cli.exit_codes import UNAVAILABLE, fail
+from catalog.errors import InvalidArgument
 
 DEFAULT_ROOT = Path.home() / ".loracat"
 
@@ -199,6 +200,26 @@ def check_port_free(host: str, port: int, option: str) -> None:
     "into directories they made under this one (their node cache), instead of streaming "
     "the packs to them. Default: nowhere.",
 )
+@click.option(
+    "--push-warm-files",
+    envvar="LORACAT_PUSH_WARM_FILES",
+    show_envvar=True,
+    default=2,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Files the push inbox keeps ready, their pages already in the page cache, for "
+    "colocated clients to write their next push over (0: none; clients then write new "
+    "files). Sized after the largest recent push; each takes that much disk.",
+)
+@click.option(
+    "--push-warm-max-bytes",
+    envvar="LORACAT_PUSH_WARM_MAX_BYTES",
+    show_envvar=True,
+    default="256M",
+    show_default=True,
+    help="Largest capacity of a warm inbox file (suffixes K, M, G); a larger push writes "
+    "its tail into new pages.",
+)
 def serve(
     root: Path,
     store_url: str | None,
@@ -220,6 +241,8 @@ def serve(
     insecure: bool,
     access_log: bool,
     peft_export_root: Path | None,
+    push_warm_files: int,
+    push_warm_max_bytes: str,
 ) -> None:
     """Run the catalog server. Every option can also come from its LORACAT_* variable.
 
@@ -230,8 +253,14 @@ def serve(
 
     from catalog.cache.policies import resolve_policy_name
     from catalog.service.server import serve_forever
+    from catalog.warm_inbox import WarmPolicy
 
     resolve_policy_name(cache_policy)
+    warm_max_bytes = parse_bytes(push_warm_max_bytes)
+    if warm_max_bytes < 1:
+        raise InvalidArgument(
+            f"--push-warm-max-bytes must be positive, not {push_warm_max_bytes!r}"
+        )
     check_port_free(host, port, "--port")
     if metrics_port:
         check_port_free(host, metrics_port, "--metrics-port")
@@ -262,6 +291,7 @@ def serve(
             insecure=insecure,
             access_log=access_log,
             peft_export_root=peft_export_root,
+            warm_inbox=WarmPolicy(push_warm_files, warm_max_bytes),
         )
     except RuntimeError as exc:  # grpc's "Failed to bind": taken between the check and now
         if "bind" not in str(exc):

@@ -8,6 +8,11 @@ host and boot id), that this process can create a file in. Otherwise (another ho
 user, a catalog without the RPC) every push streams. The bytes are not hashed here: the catalog
 hashes the file itself, under a lease that keeps it unchanged (a stated digest would prove
 nothing a local file could not also fake).
+
+Warm files: when the catalog keeps ``warm-*.pack`` files ready in its inbox (their pages already
+in the page cache, see ``catalog.warm_inbox``), a push claims one by renaming it to its own
+``push-*`` name (one claimer wins) and writes the pack over it in place, so its write allocates
+no new page cache; with none left it writes a new file as before.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -34,12 +41,15 @@ log = logging.getLogger(__name__)
 #: What a client may write at once in the inbox without asking the disk: a failed write is a
 #: fallback to the stream, never an error.
 _WRITE_BYTES = 8 << 20
-#: Bytes a pack is written in (see ``_write_new``), and the scratch that lora_B's
+#: Bytes a pack is written in (see ``_write_into``), and the scratch that lora_B's
 #: transposition goes through (at least one matrix of it).
 _PIECE_BYTES = 64 << 10
 _SCRATCH_BYTES = 1 << 20
 #: What a client writes into the inbox: pack bytes, a pack file, or a laid-out pack.
 InboxSource = bytes | bytearray | memoryview | Path | PackPlan
+#: A warm file the catalog made (``catalog.warm_inbox.WARM_NAME``; the client does not import
+#: the catalog's side).
+_WARM_NAME = re.compile(r"warm-[A-Za-z0-9_-]{8,64}\.pack")
 _NO_INBOX = {
     grpc.StatusCode.UNIMPLEMENTED,  # an older catalog
     grpc.StatusCode.PERMISSION_DENIED,
@@ -57,7 +67,8 @@ class InboxPush:
         self._directory: Path | None = None
         #: Why pushes stream ("" while the inbox is used or not yet decided).
         self.reason = ""
-        self.counters = {"pushes": 0, "fallbacks": 0}
+        #: ``warm``: pushes written over a warm file the catalog had ready.
+        self.counters = {"pushes": 0, "fallbacks": 0, "warm": 0}
         #: Seconds spent, summed over pushes: writing inbox files, and in ``PushFromInbox``
         #: (the catalog's hash, fsync, checks and commit), as ``ResidentEngine.timings``.
         self.timings = {"write_s": 0.0, "rpc_s": 0.0}
@@ -84,7 +95,12 @@ class InboxPush:
         path = directory / name
         started = time.perf_counter()
         try:
-            _write_new(path, source)
+            fd = _claim_warm(directory, path, _size_of(source))
+            warm = fd is not None
+            if fd is None:
+                _write_new(path, source)
+            else:
+                _write_into(fd, source)
         except OSError as exc:  # a full disk, lost permissions: the stream still works
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -106,6 +122,7 @@ class InboxPush:
         self.timings["write_s"] += written - started
         self.timings["rpc_s"] += time.perf_counter() - written
         self.counters["pushes"] += 1
+        self.counters["warm"] += warm
         return response  # type: ignore[no-any-return]
 
     def _find(self) -> Path | None:
@@ -127,25 +144,81 @@ class InboxPush:
         return None
 
 
+def _size_of(source: InboxSource) -> int:
+    """The bytes ``source`` will take in the inbox."""
+    if isinstance(source, Path):
+        return source.stat().st_size
+    if isinstance(source, PackPlan):
+        return source.nbytes
+    return memoryview(source).nbytes
+
+
+def _warm_candidates(directory: Path, size: int) -> list[str]:
+    """The warm files in ``directory``, those that hold ``size`` bytes first (smallest
+    first: the least to truncate), then the others (largest first: the least to allocate)."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if _WARM_NAME.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    found.append((entry.stat(follow_symlinks=False).st_size, entry.name))
+    fits = sorted(item for item in found if item[0] >= size)
+    short = sorted((item for item in found if item[0] < size), reverse=True)
+    return [name for _, name in fits + short]
+
+
+def _claim_warm(directory: Path, path: Path, size: int) -> int | None:
+    """Claim a warm file as ``path`` (a ``push-*`` name of this client) and open it for
+    writing; its descriptor, or ``None`` when there is none to claim. ``rename`` is the claim:
+    of clients racing for one file exactly one succeeds, the others get ``ENOENT`` and try
+    the next. A claimed file that is not a plain file of one link is removed and skipped.
+    Raises ``OSError`` when a claimed file cannot be opened."""
+    for name in _warm_candidates(directory, size):
+        try:
+            os.rename(directory / name, path)
+        except FileNotFoundError:  # another client's, or the catalog replaced it
+            continue
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # ELOOP: a symlink was named like a warm file
+            path.unlink()
+            continue
+        found = os.fstat(fd)
+        if stat.S_ISREG(found.st_mode) and found.st_nlink == 1:
+            return fd
+        os.close(fd)
+        path.unlink()
+    return None
+
+
 def _write_new(path: Path, source: InboxSource) -> None:
-    """Write ``source`` into the new file ``path`` (private; closed before the RPC: the
-    catalog's lease needs the file open for writing nowhere).
+    """Write ``source`` into the new file ``path`` (private to this user), as
+    :func:`_write_into`."""
+    _write_into(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), source)
+
+
+def _write_into(fd: int, source: InboxSource) -> None:
+    """Write ``source`` into the inbox file ``fd`` from its start, truncate it to exactly
+    that, and close ``fd`` (the catalog's lease needs the file open for writing nowhere).
+    The file is new, or a warm file whose old bytes are all overwritten or cut off.
 
     The file's blocks are allocated first (``posix_fallocate``: a full disk is an ``OSError``
-    here, and the caller streams instead), then the bytes are written with ``pwrite`` in
-    pieces of 64 KiB. Why pieces, on the 2-core dev VM (17.6 MB, new files kept, as the store
-    keeps them; see docs/PERFORMANCE.md, fifth pass): one large ``write`` took 4.6-48 ms
-    (median 20): the page cache then takes large folios, and this VM hands freed memory in
-    blocks of 128 KiB and more back to its host, so such blocks are slow to touch again; the
-    same copy through a shared mapping took 11-23 ms (median 12.4: a page fault per 4 KiB);
-    in 64 KiB pieces 3.2-9.9 ms (median 4.0), and its fsync was faster too (8.4 against 10.7
-    ms). A :class:`PackPlan` is written part by part, ``lora_B`` transposed a few matrices
-    at a time through a small scratch buffer: no pack in memory first."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "r+b") as f:
+    here, and the caller streams instead; over a warm file's capacity this is only its
+    tail), then the bytes are written with ``pwrite`` in pieces of 64 KiB. Why pieces, on
+    the 2-core dev VM (17.6 MB, new files kept, as the store keeps them; see
+    docs/PERFORMANCE.md, fifth pass): one large ``write`` took 4.6-48 ms (median 20): the
+    page cache then takes large folios, and this VM hands freed memory in blocks of 128 KiB
+    and more back to its host, so such blocks are slow to touch again; the same copy through
+    a shared mapping took 11-23 ms (median 12.4: a page fault per 4 KiB); in 64 KiB pieces
+    3.2-9.9 ms (median 4.0), and its fsync was faster too (8.4 against 10.7 ms). A
+    :class:`PackPlan` is written part by part, ``lora_B`` transposed a few matrices at a
+    time through a small scratch buffer: no pack in memory first."""
+    with os.fdopen(fd, "wb") as f:  # an open descriptor: "w" truncates nothing
         if isinstance(source, Path):
             with open(source, "rb") as src:
                 shutil.copyfileobj(src, f, _WRITE_BYTES)
+            f.flush()
+            os.ftruncate(fd, f.tell())
             return
         if isinstance(source, PackPlan):
             size = source.nbytes
@@ -154,15 +227,15 @@ def _write_new(path: Path, source: InboxSource) -> None:
         else:
             view = memoryview(source).cast("B")
             size, pieces = view.nbytes, [view]
-        if not size:
-            return
-        os.posix_fallocate(fd, 0, size)
+        if size:
+            os.posix_fallocate(fd, 0, size)
         offset = 0
         for piece in pieces:
             for start in range(0, piece.nbytes, _PIECE_BYTES):
                 offset += _pwrite_all(fd, piece[start : start + _PIECE_BYTES], offset)
         if offset != size:  # a plan's parts and its size disagree: never pushed
             raise ValueError(f"wrote {offset} bytes of a {size}-byte pack")
+        os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:

@@ -28,6 +28,7 @@ from catalog.service.tls import server_credentials
 from catalog.shutdown import ShutdownMarker
 from catalog.storage import open_store
 from catalog.storage.base import BlobStore
+from catalog.warm_inbox import WarmPolicy
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 7070
@@ -192,6 +193,7 @@ def create_server(
     record_requests: int = DEFAULT_RECORD_ENTRIES,
     access_log: bool = False,
     peft_export_root: Path | None = None,
+    warm_inbox: WarmPolicy | None = None,
 ) -> tuple[CatalogServer, int]:
     """A started server bound to ``address``; returns ``(server, port)`` (port 0 picks one).
 
@@ -203,8 +205,9 @@ def create_server(
     trace export`` (0: none; ``catalog.service.request_record``). ``access_log``: one line per
     call on the ``loracat.access`` logger. ``peft_export_root``: where ``ExportPeftDir`` may
     write PEFT directories for colocated engines (``catalog.peft_export``; None: nowhere).
-    Raises ``OSError`` when the address cannot be bound, ``InvalidArgument`` for a
-    ``peft_export_root`` that is not a directory.
+    ``warm_inbox``: the warm files the push inbox keeps for colocated pushes
+    (``catalog.warm_inbox``; None: its default, two). Raises ``OSError`` when the address
+    cannot be bound, ``InvalidArgument`` for a ``peft_export_root`` that is not a directory.
     """
     exporter = PeftExporter(peft_export_root)
     pool = ThreadPoolExecutor(
@@ -222,6 +225,7 @@ def create_server(
                 catalog,
                 RequestRecord(record_requests) if record_requests > 0 else None,
                 exporter,
+                warm_inbox or WarmPolicy(),
             ),
             pool,
             max_hint_watchers=max_hint_watchers,
@@ -281,6 +285,7 @@ def serve_forever(
     record_requests: int = DEFAULT_RECORD_ENTRIES,
     access_log: bool = False,
     peft_export_root: Path | None = None,
+    warm_inbox: WarmPolicy | None = None,
 ) -> None:
     """Run the catalog until SIGINT/SIGTERM, then drain in-flight calls and close the index.
 
@@ -320,6 +325,7 @@ def serve_forever(
         record_requests=record_requests,
         access_log=access_log,
         peft_export_root=peft_export_root,
+        warm_inbox=warm_inbox,
     )
     stop = threading.Event()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from catalog.model import AdapterName, PushProvenance, Ref
 from catalog.peft_export import PeftExporter, check_fits
 from catalog.service.request_record import RequestRecord, caller_of
 from catalog.service.resolve_cache import GenerationCache
+from catalog.warm_inbox import WarmPolicy
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: The largest push chunk the servicer accepts; the channel limit sits above it so an oversized
@@ -60,16 +62,22 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         catalog: Catalog,
         record: RequestRecord | None = None,
         peft_exporter: PeftExporter | None = None,
+        warm_inbox: WarmPolicy | None = None,
     ) -> None:
         """``record``: where resolves and fetches are recorded for capacity planning (None:
         nowhere, and ``ExportRequests`` answers FAILED_PRECONDITION). ``peft_exporter``: where
-        ``ExportPeftDir`` may write (None: it answers FAILED_PRECONDITION)."""
+        ``ExportPeftDir`` may write (None: it answers FAILED_PRECONDITION). ``warm_inbox``:
+        the warm files the push inbox keeps for colocated pushes (``catalog.warm_inbox``;
+        None: its default)."""
         self.catalog = catalog
         self.resolves: GenerationCache[pb.Revision] = GenerationCache(catalog.generation)
         self.record = record
         self.peft_exporter = peft_exporter or PeftExporter(None)
         self._inbox: PushInbox | None = None
         self._inbox_lock = threading.Lock()
+        self._warm_inbox = warm_inbox or WarmPolicy()
+        if self._inbox_directory().is_dir():  # used before: its leftovers are handled now
+            self._push_inbox()
 
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -106,24 +114,33 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         self, request: pb.PushFromInboxRequest, context: grpc.ServicerContext
     ) -> pb.PushResponse:
         header = request.header
-        revision, created = push_from_inbox(
-            self.catalog,
-            self._push_inbox(),
-            request.file_name,
-            AdapterName.parse(header.name),
-            size_bytes=header.size_bytes,
-            time_left=getattr(context, "time_remaining", None),
-            **_push_options(header),
-        )
+        inbox = self._push_inbox()
+        committed = None
+        try:
+            revision, created = push_from_inbox(
+                self.catalog,
+                inbox,
+                request.file_name,
+                AdapterName.parse(header.name),
+                size_bytes=header.size_bytes,
+                time_left=getattr(context, "time_remaining", None),
+                **_push_options(header),
+            )
+            committed = header.size_bytes
+        finally:  # the pushed file may have been a warm one: refilled on a thread of its own
+            inbox.warm.pushed(committed)
         return pb.PushResponse(revision=revision_to_pb(revision), created=created)
 
     def _push_inbox(self) -> PushInbox:
         """The catalog's push inbox (``catalog.local_push``), made and swept on first use."""
         with self._inbox_lock:
             if self._inbox is None:
-                self._inbox = PushInbox(self.catalog.spool_dir.parent / "inbox")
+                self._inbox = PushInbox(self._inbox_directory(), self._warm_inbox)
                 self._inbox.sweep()
             return self._inbox
+
+    def _inbox_directory(self) -> Path:
+        return self.catalog.spool_dir.parent / "inbox"
 
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.Revision:
         ref = request.ref
