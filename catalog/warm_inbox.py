@@ -105,7 +105,7 @@ class WarmFiles:
         self._wanted = False
         self._closed = False
         self._worker: threading.Thread | None = None
-        #: Warm files made and refills that ran (tests and ``Stats``-like reports).
+        #: Warm files made and removed, refill passes run, refills that failed (logs, tests).
         self.counters = {"made": 0, "removed": 0, "refills": 0, "errors": 0}
         leftover = self._remove_leftovers()
         if leftover and policy.files:
@@ -141,15 +141,6 @@ class WarmFiles:
                 return
             self._worker = threading.Thread(target=self._work, name="inbox-warm", daemon=True)
             self._worker.start()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until no refill runs or is asked for (True), or ``timeout`` passes (False)."""
-        with self._lock:
-            worker = self._worker
-        if worker is None:
-            return True
-        worker.join(timeout)
-        return not worker.is_alive()
 
     def close(self) -> None:
         """Stop refilling (a pass in progress ends after the file it makes); the warm files

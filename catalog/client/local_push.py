@@ -200,7 +200,8 @@ def _write_new(path: Path, source: InboxSource) -> None:
 def _write_into(fd: int, source: InboxSource) -> None:
     """Write ``source`` into the inbox file ``fd`` from its start, truncate it to exactly
     that, and close ``fd`` (the catalog's lease needs the file open for writing nowhere).
-    The file is new, or a warm file whose old bytes are all overwritten or cut off.
+    The file is new, or a warm file whose old bytes are all overwritten or cut off (cutting
+    a warm file's rest off took 0.5 ms for 17 of 18 MiB, 1.5 ms for 255 of 256 MiB here).
 
     The file's blocks are allocated first (``posix_fallocate``: a full disk is an ``OSError``
     here, and the caller streams instead; over a warm file's capacity this is only its

@@ -18,7 +18,7 @@ from catalog.client import CatalogClient
 from catalog.client import local_push as client_side
 from catalog.pack import import_peft_dir
 from catalog.service.server import create_server, open_catalog
-from catalog.warm_inbox import WarmPolicy
+from catalog.warm_inbox import WARM_NAME, WarmFiles, WarmPolicy
 from tests.servers import RunningCatalog, serve_subprocess
 from tests.service.conftest import BASE_ID
 
@@ -245,3 +245,34 @@ def test_writing_over_a_warm_file_leaves_exactly_the_pack(tmp_path, capacity, si
     client_side._write_into(fd, data)
     assert target.read_bytes() == data
     assert not (inbox / "warm-prepared001.pack").exists()
+
+
+def wait_for_sizes(directory: Path, sizes: list[int]) -> None:
+    deadline = time.monotonic() + 60
+    while sorted(s.st_size for s in warm_files(directory.parent).values()) != sizes:
+        assert time.monotonic() < deadline, warm_files(directory.parent)
+        time.sleep(0.02)
+
+
+def test_the_capacity_follows_the_largest_recent_push_within_the_cap(tmp_path):  # type: ignore[no-untyped-def]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    warm = WarmFiles(fd, WarmPolicy(files=2, max_bytes=6 * MiB))
+    try:
+        assert warm.capacity() == 0
+        warm.pushed(None)  # a failed push teaches nothing, and nothing is made
+        warm.pushed(MiB + 1)
+        wait_for_sizes(inbox, [2 * MiB, 2 * MiB])
+        warm.pushed(5 * MiB)  # the smaller files are replaced
+        wait_for_sizes(inbox, [5 * MiB, 5 * MiB])
+        warm.pushed(100 * MiB)  # capped
+        wait_for_sizes(inbox, [6 * MiB, 6 * MiB])
+        for _ in range(8):  # the large pushes are no longer recent
+            warm.pushed(MiB)
+        wait_for_sizes(inbox, [MiB, MiB])  # files over twice the capacity are replaced
+        assert warm.counters["made"] == 8 and warm.counters["errors"] == 0
+        assert [p.name for p in inbox.iterdir() if not WARM_NAME.fullmatch(p.name)] == []
+    finally:
+        warm.close()
+        os.close(fd)
