@@ -164,9 +164,11 @@ class WarmFiles:
                 self._wanted = False
             try:
                 self._refill_once()
-            except OSError as exc:  # a full disk, a removed inbox: pushes write new files
+            except Exception as exc:  # a full disk, a removed inbox: pushes write new files
                 self.counters["errors"] += 1
-                log.warning("push inbox: cannot make warm files (%s)", exc)
+                # once as a warning (a file system without fallocate would say it each push)
+                level = logging.WARNING if self.counters["errors"] == 1 else logging.DEBUG
+                log.log(level, "push inbox: cannot make warm files (%s)", exc, exc_info=True)
 
     def _refill_once(self) -> None:
         self.counters["refills"] += 1

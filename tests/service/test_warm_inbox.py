@@ -276,3 +276,25 @@ def test_the_capacity_follows_the_largest_recent_push_within_the_cap(tmp_path): 
     finally:
         warm.close()
         os.close(fd)
+
+
+def test_a_refill_that_fails_is_logged_and_the_next_one_still_runs(tmp_path):  # type: ignore[no-untyped-def]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    warm = WarmFiles(fd, WarmPolicy(files=1))
+    try:
+        inbox.rmdir()  # files can no longer be made in it
+        warm.pushed(MiB)
+        deadline = time.monotonic() + 60
+        while warm.counters["errors"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        warm.pushed(MiB)  # the failure did not stop refills
+        while warm.counters["errors"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert warm.counters["made"] == 0
+    finally:
+        warm.close()
+        os.close(fd)
