@@ -4,7 +4,8 @@ The engine's single flight (one fetch per digest however many callers ask at onc
 host tier sit around this; what is here is the one fetch: read the pack through the source
 (``sources.fetch_checked``: the source's own checks, and whether it vouched for the values),
 reuse a staging kept with the very buffer it returned (``kept_stagings``), or parse its header
-(kept per digest), check its manifest against the engine and stage it (``staging``).
+(a parse is kept per header, see ``ParsedHeaders``), check its manifest against the engine and
+stage it (``staging``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class PackStager:
         self.pin_memory = pin_memory
         self.flat = flat
         self.helper = helper
-        # Headers parsed per digest: a pack fetched again (its staging evicted) skips the parse.
+        # Headers parsed, kept by their bytes: a pack fetched again (its staging evicted), or
+        # a new revision laid out like one seen before (a hot swap), skips the parse.
         self.headers = ParsedHeaders()
         self.kept = KeptStagings()
 
@@ -71,7 +73,7 @@ class PackStager:
         # before: see ``kept_stagings``.
         staged = self.kept.get(revision, data, into_slot=into_slot, vouched=values_checked)
         if staged is None:
-            pack = self.headers.read(str(revision.digest), data)
+            pack = self.headers.read(data)
             staged = stage_pack(
                 revision,
                 pack,

@@ -372,38 +372,47 @@ def _pack_of(view: memoryview, manifest: PackManifest, specs: _Specs, base: int)
 
 
 class ParsedHeaders:
-    """Validated pack headers kept by a key (the pack's content digest), so that reading a pack
-    seen before skips the JSON parse and the manifest validation (~0.2 ms for a seven-module
-    dense pack, against ~1 ms for the slot copy of the whole rank-16 adapter).
+    """Validated pack headers kept by their bytes, so that reading a pack whose header was
+    seen before skips the JSON parse and the manifest validation (0.26 ms for the rank-16
+    seven-module pack of the 0.5B shapes, against 0.04 ms reusing it). A header names no
+    digest: every revision that a trainer pushes with the same config and shapes has the same
+    header, so an engine's hot swap to a new revision reuses its predecessor's parse.
 
     A kept parse serves only bytes of the same length whose header is byte-identical to the
-    one parsed: validation is a function of exactly those, so a wrong or reused key costs a
-    fresh parse, never a wrong view. Thread safe; keeps the ``capacity`` most recently used.
+    one parsed: validation is a function of exactly those (never of the tensors' bytes), so
+    a kept parse never serves a wrong view. Thread safe; keeps the ``capacity`` most
+    recently used.
     """
 
     def __init__(self, capacity: int = 256) -> None:
         self._capacity = capacity
         self._lock = threading.Lock()
-        self._parsed: OrderedDict[str, tuple[bytes, int, PackManifest, _Specs]] = OrderedDict()
+        # (header bytes, pack length) -> the parse of every pack that has them
+        self._parsed: OrderedDict[tuple[bytes, int], tuple[PackManifest, _Specs]] = OrderedDict()
 
-    def read(self, key: str, data: bytes | bytearray | memoryview) -> Pack:
-        """As :func:`read_pack`, reusing the parse kept under ``key`` when it applies.
+    def read(self, data: bytes | bytearray | memoryview) -> Pack:
+        """As :func:`read_pack`, reusing the parse kept for the same header and length.
 
         Raises:
             InvalidPack: as :func:`read_pack`.
         """
         view = as_byte_view(data)
-        with self._lock:
-            kept = self._parsed.get(key)
+        try:
+            base = header_nbytes(view, max_header=MAX_PACK_HEADER_BYTES)
+        except InvalidPack:
+            base = view.nbytes + 1  # not a header: the full parse below says why
+        if base <= view.nbytes:
+            key = (bytes(view[:base]), view.nbytes)
+            with self._lock:
+                kept = self._parsed.get(key)
+                if kept is not None:
+                    self._parsed.move_to_end(key)
             if kept is not None:
-                self._parsed.move_to_end(key)
-        if kept is not None:
-            header, nbytes, manifest, specs = kept
-            if view.nbytes == nbytes and view[: len(header)] == header:
-                return _pack_of(view, manifest, specs, len(header))
+                return _pack_of(view, *kept, base)
         manifest, specs, base = _parse(view)
         with self._lock:
-            self._parsed[key] = (bytes(view[:base]), view.nbytes, manifest, specs)
+            key = (bytes(view[:base]), view.nbytes)
+            self._parsed[key] = (manifest, specs)
             self._parsed.move_to_end(key)
             while len(self._parsed) > self._capacity:
                 self._parsed.popitem(last=False)

@@ -87,21 +87,35 @@ def test_export_is_the_same_peft_directory_from_either_format(tmp_path: Path) ->
 def test_parsed_headers_reuse_a_parse_only_for_an_identical_header() -> None:
     headers = ParsedHeaders(capacity=2)
     first, second = small_pack(), convert_pack(small_pack(), 1)
-    pack = headers.read("k", first)
-    again = headers.read("k", bytearray(first))
+    pack = headers.read(first)
+    again = headers.read(bytearray(first))
     assert again.manifest is pack.manifest  # the kept parse
     assert again.tensor_names() == pack.tensor_names()
     for name in pack.tensor_names():
         assert again.tensor(name).tobytes() == pack.tensor(name).tobytes()
-    # Other bytes under the same key: parsed afresh, never served the kept views.
-    other = headers.read("k", second)
-    assert not other.manifest.lora_b_rank_major
-    # A corrupt header under a key whose parse is kept is still refused.
+    # Another pack with the same header (a new revision of the same layout) shares the parse,
+    # with views of its own bytes.
+    base = pack.data_offset
+    other_bytes = first[:base] + bytes(b ^ 0x5A for b in first[base:])
+    other = headers.read(other_bytes)
+    assert other.manifest is pack.manifest
+    for name in pack.tensor_names():
+        assert other.tensor(name).tobytes() == read_pack(other_bytes).tensor(name).tobytes()
+        assert other.tensor(name).tobytes() != pack.tensor(name).tobytes()
+    # Other headers: parsed afresh, never served the kept views.
+    assert not headers.read(second).manifest.lora_b_rank_major
+    # A corrupt header, or the kept header over bytes of another length, is still refused.
     bad = bytearray(first)
     bad[10] ^= 0xFF
     with pytest.raises(InvalidPack):
-        headers.read("k", bytes(bad))
+        headers.read(bytes(bad))
+    with pytest.raises(InvalidPack, match="trailing bytes"):
+        headers.read(first + b"\0" * 8)
+    with pytest.raises(InvalidPack):
+        headers.read(first[:-2])
+    with pytest.raises(InvalidPack):
+        headers.read(first[:4])
     # Bounded: the least recently used parse goes.
-    for key in ("a", "b", "c"):
-        headers.read(key, first)
+    for data in (first, second, small_pack(base_id="another")):
+        headers.read(data)
     assert len(headers._parsed) == 2
