@@ -5,9 +5,10 @@ pack over them in place, so the push's own write allocates no new page cache.
 Why (the 2-core dev VM, see docs/PERFORMANCE.md): this VM hands every free memory block of 128
 KiB and more back to its host at once (``page_reporting``), and touching such memory again
 costs a host fault per 4 KiB page. A push's inbox write of 17.6 MB into a new file allocates
-that much new page cache: 3-9 ms while small free fragments last, 16-60 ms once they are used
-up. Overwriting a file whose pages are already cached costs ~3 ms whatever the memory state;
-the allocation (9-48 ms) moves here, onto a background thread after the push.
+that much new page cache: mostly 3-4 ms, but 40-60 ms in 3 of 20 writes (twice), and 16-60 ms
+in the handoff bench's runs after its full path. Over a warm file the same write took 3.3-10.7
+ms, median 3.6 (``bench/bench_inbox_write.py``: the two side by side); the allocation (~12 ms
+for 18 MiB, more when the memory is cold) moves here, onto a background thread after the push.
 
 How a warm file is made (:meth:`WarmFiles._make`): created as ``warm-<random>.tmp`` (a name no
 client takes), ``posix_fallocate``'d to the capacity (unwritten extents: no disk IO) and read
