@@ -12,8 +12,9 @@ for 18 MiB, more when the memory is cold) moves here, onto a background thread a
 
 How a warm file is made (:meth:`WarmFiles._make`): created as ``warm-<random>.tmp`` (a name no
 client takes), ``posix_fallocate``'d to the capacity (unwritten extents: no disk IO) and read
-once, which fills the page cache with clean zero pages (``posix_fadvise(WILLNEED)`` was
-measured too: it cached only ~44% of an 18 MiB file, against 100% for the read), then renamed
+once (:func:`_read_once`), which fills the page cache with clean zero pages
+(``posix_fadvise(WILLNEED)`` was measured too: it cached only ~44% of an 18 MiB file, against
+100% for the read), then renamed
 to ``warm-<random>.pack`` and closed: the catalog holds no descriptor, so the lease the push
 takes later finds no writer. Capacity: the largest of the last few pushes, rounded up to 1
 MiB, at most ``WarmPolicy.max_bytes``; none before the first push, so a catalog that never
@@ -73,6 +74,23 @@ _READ_BYTES = 1 << 20
 #: A warm file more than this many times the capacity is replaced: the push that claims it
 #: would truncate the rest on its own clock.
 _MAX_OVERSIZE = 2
+
+
+def _read_once(fd: int, size: int) -> None:
+    """Read the file ``fd`` once, which puts all its pages in the page cache: spliced to
+    ``/dev/null`` (no copy to this process: 1.5 against 3.3 ms for 17 MiB here, both caching
+    every page), or read into a small buffer where ``sendfile`` cannot."""
+    offset = 0
+    with contextlib.suppress(OSError):
+        sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            while offset < size and (sent := os.sendfile(sink, fd, offset, size - offset)):
+                offset += sent
+        finally:
+            os.close(sink)
+    buffer = memoryview(bytearray(_READ_BYTES))
+    while offset < size and (got := os.preadv(fd, [buffer], offset)):
+        offset += got
 
 
 @dataclass(frozen=True)
@@ -201,13 +219,7 @@ class WarmFiles:
         fd = os.open(preparing, flags, 0o600, dir_fd=self._dir_fd)
         try:
             os.posix_fallocate(fd, 0, capacity)
-            buffer = memoryview(bytearray(_READ_BYTES))
-            offset = 0
-            while offset < capacity:  # fills the page cache (the module doc says why a read)
-                got = os.preadv(fd, [buffer], offset)
-                if not got:
-                    break
-                offset += got
+            _read_once(fd, capacity)
         except BaseException:
             os.close(fd)
             self._unlink(preparing)

@@ -298,3 +298,42 @@ def test_a_refill_that_fails_is_logged_and_the_next_one_still_runs(tmp_path):  #
     finally:
         warm.close()
         os.close(fd)
+
+
+def resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (``mincore`` over a mapping of it,
+    which itself touches none)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        vector = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vector) / pages
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_a_warm_file_is_in_the_page_cache_when_it_is_ready(tmp_path, monkeypatch, sendfile):  # type: ignore[no-untyped-def]
+    if not sendfile:  # the fallback: read into a buffer
+
+        def no_sendfile(*args: object) -> int:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(os, "sendfile", no_sendfile)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    warm = WarmFiles(fd, WarmPolicy(files=1))
+    try:
+        warm.pushed(3 * MiB)
+        [(name, found)] = wait_for_warm(tmp_path, 1, 3 * MiB).items()
+        assert found.st_size == 3 * MiB
+        assert resident_fraction(inbox / name) == 1.0
+    finally:
+        warm.close()
+        os.close(fd)
