@@ -151,6 +151,9 @@ class HostTier:
 class SlotState(enum.Enum):
     LOADING = "loading"  # claimed by one loader, being written; nobody else may use it
     READY = "ready"
+    #: Released, its weights being zeroed off the releasing thread; nobody may use it, and its
+    #: slot is freed only once zeroed (see ``ResidentEngine``'s hot swap).
+    CLEARING = "clearing"
 
 
 @dataclass(eq=False)
@@ -262,6 +265,11 @@ class SlotTable:
         """Forget ``entry`` and free its slot (the caller has cleared it)."""
         self._drop(entry)
         self._free.append(entry.slot)
+
+    def withdraw(self, entry: SlotEntry) -> None:
+        """Forget ``entry`` without freeing its slot: a slot that could not be zeroed is never
+        handed out again (the table has one slot fewer from then on)."""
+        self._drop(entry)
 
     def _drop(self, entry: SlotEntry) -> None:
         self._by_digest.pop(entry.digest, None)
