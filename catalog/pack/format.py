@@ -83,6 +83,39 @@ class SwappedMatrices:
         out = np.frombuffer(destination, dtype=self._matrices.dtype)
         np.copyto(out.reshape(self._matrices.shape), self._matrices)
 
+    def write_range(self, destination: memoryview, start: int, stop: int) -> None:
+        """Write bytes ``start:stop`` of the transposed matrices into ``destination`` (exactly
+        ``stop - start`` bytes, writable): a window of the output that may begin and end
+        inside a matrix, or inside one of its rows (see ``catalog.pack.aligned_writes``).
+
+        Raises:
+            ValueError: the range is outside ``0:nbytes``, does not fall on element
+                boundaries, or ``destination`` is not ``stop - start`` bytes.
+        """
+        matrices = self._matrices
+        item = matrices.itemsize
+        if not 0 <= start <= stop <= self.nbytes or start % item or stop % item:
+            raise ValueError(f"bytes {start}:{stop} of {self.nbytes} are not whole elements")
+        if destination.nbytes != stop - start:
+            raise ValueError(f"{destination.nbytes} bytes cannot hold bytes {start}:{stop}")
+        out = np.frombuffer(destination, dtype=matrices.dtype)
+        _, columns, rows = matrices.shape  # each output matrix: `columns` rows of `rows`
+        element, end, at = start // item, stop // item, 0
+        while element < end:
+            matrix, within = divmod(element, columns * rows)
+            row, column = divmod(within, rows)
+            if column or end - element < rows:  # a partial row
+                count = min(rows - column, end - element)
+                out[at : at + count] = matrices[matrix, row, column : column + count]
+            else:  # whole rows of this matrix
+                whole = min((end - element) // rows, columns - row)
+                count = whole * rows
+                np.copyto(
+                    out[at : at + count].reshape(whole, rows), matrices[matrix, row : row + whole]
+                )
+            element += count
+            at += count
+
     def materialize(self) -> memoryview:
         """The transposed bytes, in a new buffer."""
         return np.ascontiguousarray(self._matrices).data.cast("B")
