@@ -39,7 +39,11 @@ either path (each full-path run, each adapter push) the bench calls ``os.sync()`
 for it, so that no path pays for the disk writeback another step left behind (the full path
 writes ~1 GB of checkpoints without fsync; on the 2-core VM single pushes that ran into that
 writeback took 80-190 ms instead of 33-44). ``--no-settle`` leaves it out. The dirty and
-writeback page-cache sizes (``/proc/meminfo``) before each step are kept in the JSON.
+writeback page-cache sizes (``/proc/meminfo``) before each step are kept in the JSON. The
+adapter path's runs are ``--gap-s`` apart (default 1 s, untimed): a trainer hands off a revision
+per training step, not one every few milliseconds, and the catalog's warm inbox is refilled
+in the quiet after a push (``catalog.warm_inbox.QUIET_S``); with ``--gap-s 0`` pushes come
+back to back and only the first ones find a warm file.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_handoff.py [--runs 5] [--small] \
         [--settings colocated] [--cold-inbox]
@@ -160,6 +164,8 @@ DEVICE = "cpu"
 
 #: Sync the disk before each timed step (``--no-settle``: don't); see the module doc.
 SETTLE = True
+#: Seconds between two runs of the adapter path (``--gap-s``; untimed): the trainer's step.
+GAP_S = 1.0
 
 
 def settle() -> dict[str, float]:
@@ -234,6 +240,8 @@ def run_setting(
                 name = f"bench/handoff-r{rank}"
                 inbox = client.push_inbox
                 for run, directory in enumerate(dirs):
+                    if run:
+                        time.sleep(GAP_S)
                     meminfo = settle()
                     pushing = dict(inbox.timings) if inbox else {}
                     warm_before = inbox.counters["warm"] if inbox else 0
@@ -431,10 +439,17 @@ def parse_handoff_args(description: str) -> argparse.Namespace:
         action="store_true",
         help="colocated: serve without warm inbox files (--push-warm-files 0)",
     )
+    parser.add_argument(
+        "--gap-s",
+        type=float,
+        default=1.0,
+        help="seconds between two adapter-path runs (untimed; a trainer's step)",
+    )
     add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE, SETTLE, COLD_INBOX
+    global DEVICE, SETTLE, COLD_INBOX, GAP_S
+    GAP_S = args.gap_s
     DEVICE = args.device
     SETTLE = not args.no_settle
     COLD_INBOX = args.cold_inbox
@@ -564,6 +579,7 @@ def main() -> None:
                 "warmup": args.warmup,
                 "merge_s_not_counted": merge_s,
                 "settle": SETTLE,
+                "gap_s": GAP_S,
                 "warm_inbox": not COLD_INBOX,
                 "checkpoint_bytes": len(checkpoint),
             },

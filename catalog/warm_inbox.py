@@ -56,6 +56,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ _ROUND_BYTES = 1 << 20
 #: Pushes whose sizes the capacity is learned from (the largest of them).
 _RECENT_PUSHES = 8
 _READ_BYTES = 1 << 20
+#: How long after the last push a refill waits (see :meth:`WarmFiles._wait_quiet`).
+QUIET_S = 0.3
 #: A warm file more than this many times the capacity is replaced: the push that claims it
 #: would truncate the rest on its own clock.
 _MAX_OVERSIZE = 2
@@ -121,6 +124,8 @@ class WarmFiles:
         self.policy = policy
         self._recent: collections.deque[int] = collections.deque(maxlen=_RECENT_PUSHES)
         self._lock = threading.Lock()
+        self._last_push = -float("inf")  # time.monotonic() of the last push
+        self._quiet = threading.Condition(self._lock)
         self._wanted = False
         self._closed = False
         self._worker: threading.Thread | None = None
@@ -145,9 +150,10 @@ class WarmFiles:
         when it failed): learn the size and refill on the worker thread."""
         if not self.policy.files:
             return
-        if size_bytes:
-            with self._lock:
+        with self._lock:
+            if size_bytes:
                 self._recent.append(size_bytes)
+            self._last_push = time.monotonic()
         self.refill()
 
     def refill(self) -> None:
@@ -166,6 +172,7 @@ class WarmFiles:
         stay for the next run to replace."""
         with self._lock:
             self._closed = True
+            self._quiet.notify_all()
             worker = self._worker
         if worker is not None:
             worker.join()
@@ -181,6 +188,8 @@ class WarmFiles:
                     self._worker = None
                     return
                 self._wanted = False
+            if not self._wait_quiet():
+                continue
             try:
                 self._refill_once()
             except Exception as exc:  # a full disk, a removed inbox: pushes write new files
@@ -188,6 +197,24 @@ class WarmFiles:
                 # once as a warning (a file system without fallocate would say it each push)
                 level = logging.WARNING if self.counters["errors"] == 1 else logging.DEBUG
                 log.log(level, "push inbox: cannot make warm files (%s)", exc, exc_info=True)
+
+    def _wait_quiet(self) -> bool:
+        """Wait until ``QUIET_S`` has passed since the last push; False when closed meanwhile.
+
+        Why: a refill's first touch of new page cache is slow on this VM (host faults, 10-50
+        ms for 17.6 MB) and it slowed the catalog's other calls while it ran, however low its
+        thread's priority: a resolve right after a push took 4-29 ms with the refill started at
+        once, 1.0-1.7 ms without warm files (2-core dev VM). Right after a push is when its
+        engine attaches the new revision, so the refill waits for a quiet moment; a push that
+        comes first (pushes < ``QUIET_S`` apart) claims the next warm file or writes a new one
+        and pushes the refill back again."""
+        with self._lock:
+            while not self._closed:
+                left = self._last_push + QUIET_S - time.monotonic()
+                if left <= 0:
+                    return True
+                self._quiet.wait(left)
+            return False
 
     def _refill_once(self) -> None:
         self.counters["refills"] += 1

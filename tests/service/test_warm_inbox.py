@@ -337,3 +337,24 @@ def test_a_warm_file_is_in_the_page_cache_when_it_is_ready(tmp_path, monkeypatch
     finally:
         warm.close()
         os.close(fd)
+
+
+def test_a_refill_waits_for_quiet_after_the_last_push(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    from catalog import warm_inbox
+
+    monkeypatch.setattr(warm_inbox, "QUIET_S", 3600.0)  # never quiet while the test runs
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    warm = WarmFiles(fd, WarmPolicy(files=1))
+    try:
+        warm.pushed(MiB)
+        warm.pushed(MiB)
+        time.sleep(0.3)  # a refill started at once would have made its file by now
+        assert warm.counters["refills"] == 0 and list(inbox.iterdir()) == []
+    finally:
+        started = time.monotonic()
+        warm.close()  # a waiting refill ends at once, nothing made
+        assert time.monotonic() - started < 60
+        os.close(fd)
+    assert warm.counters["made"] == 0 and list(inbox.iterdir()) == []
