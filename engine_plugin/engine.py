@@ -9,9 +9,8 @@ revision and binds ``ref`` to it (only ``ref``: a bare ``t/a`` means ``latest`` 
 ``attach("t/a@serving")`` leaves what ``t/a`` serves alone); that is a hot swap when ``ref``
 was bound to another revision: calls already running keep the old slot (they hold leases on
 it), new calls get the new one, and the old slot is zeroed and freed when its last lease ends.
-On CPU with a helper thread (``attach_threads``), an old slot that no call is using is zeroed
-there: ``attach`` returns once the new revision serves, and the old slot, out of use meanwhile
-(``CLEARING``), is freed once zeroed.
+With a helper thread (CPU, ``attach_threads``) an idle old slot is zeroed there and ``attach``
+returns once the new revision serves (``engine_plugin.slot_reclaimer``).
 A reference the engine has not seen is resolved through the catalog on first use and bound.
 Exact references (``t/a@3``, ``t/a@sha256:...``) name immutable revisions and are cached.
 
@@ -33,13 +32,12 @@ compute in either direction. On CPU the same code runs synchronously.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -73,13 +71,12 @@ from engine_plugin.residency import (
     SlotState,
     SlotTable,
 )
+from engine_plugin.slot_reclaimer import SlotReclaimer
 from engine_plugin.slot_writes import SlotWriter
 from engine_plugin.slots import SlotPool
 from engine_plugin.sources import PackSource, ResidencySink
 from engine_plugin.staging import StagedAdapter
 from engine_plugin.targets import find_targets
-
-log = logging.getLogger(__name__)
 
 DEFAULT_HOST_BUDGET = 1 << 30
 _PLAN_CACHE_SIZE = 64
@@ -209,11 +206,12 @@ class ResidentEngine:
         }
         #: Cumulative seconds spent fetching packs, staging them and copying them into slots.
         self.timings = {"fetch_s": 0.0, "stage_s": 0.0, "copy_s": 0.0}
-        #: Released slots being zeroed on the helper thread (see ``_clear_in_background``).
-        self._clearing = 0
 
         self._pin_host = self.device.type == "cuda"
         self._writer = SlotWriter(self.pool, self.device, attach_threads)
+        self._reclaimer = SlotReclaimer(
+            self.slots, self._writer, self._cond, self.counters, self._report
+        )
         self._stager = PackStager(
             catalog,
             self.fit,
@@ -276,7 +274,7 @@ class ResidentEngine:
         parsed = self._parse(ref)
         whole_name = "@" not in ref
         with self._cond:
-            self._wait_for_clears()
+            self._reclaimer.wait_for_clears()
             mine = [k for k in self._bindings if self._refs_adapter(k) == parsed.adapter]
             if whole_name:
                 digests = {e.digest for e in self.slots if e.revision.adapter == parsed.adapter}
@@ -305,7 +303,7 @@ class ResidentEngine:
             for entry in matched:
                 if entry.digest not in still_bound:
                     entry.retired = True
-                    self._release_if_done(entry)
+                    self._reclaimer.release_if_done(entry)
             detached = [e.revision for e in matched]
         self._report()
         return detached
@@ -341,7 +339,7 @@ class ResidentEngine:
             self._pins.discard(key)
             self._refresh_pins()
             for entry in list(self.slots):
-                self._release_if_done(entry)
+                self._reclaimer.release_if_done(entry)
 
     def prefetch(self, refs: Sequence[str]) -> list[Future[Revision]]:
         """Resolve and stage ``refs`` in host memory on background threads (no slot is taken).
@@ -406,7 +404,7 @@ class ResidentEngine:
         ``hits``, ``misses``, ``evictions``, ``bytes_moved``, the host tier and prefetcher,
         and ``kept_stagings`` (fetches that reused a staging, see ``kept_stagings``)."""
         with self._cond:
-            self._wait_for_clears()
+            self._reclaimer.wait_for_clears()
             resident = [
                 {
                     "ref": f"{e.revision.adapter}@{e.revision.number}",
@@ -594,7 +592,7 @@ class ResidentEngine:
             entry = self.slots.get(digest)
             if entry is not None:
                 entry.retired = True
-                self._release_if_done(entry, background=True)
+                self._reclaimer.release_if_done(entry, background=True)
 
     def _unbind_key(self, key: str) -> None:
         digest = str(self._bindings.pop(key).digest)
@@ -713,66 +711,8 @@ class ResidentEngine:
         """End one lease (lock held); frees the slot if it was retired meanwhile."""
         self.slots.unlease(entry)
         self._writer.read_ended(entry.slot)
-        self._release_if_done(entry)
+        self._reclaimer.release_if_done(entry)
         self._cond.notify_all()
-
-    def _release_if_done(self, entry: SlotEntry, *, background: bool = False) -> None:
-        """Zero and free ``entry``'s slot if it is retired, idle and unpinned (lock held);
-        ``background``: on the helper thread where there is one (a hot swap's old slot)."""
-        if entry.retired and entry.idle and not entry.pinned:
-            helper = self._writer.helper if background else None
-            if helper is None or not self._clear_in_background(entry, helper):
-                self._writer.clear(entry.slot)
-                self._free(entry)
-
-    def _free(self, entry: SlotEntry) -> None:
-        """Free ``entry``'s slot, zeroed (lock held)."""
-        self.slots.release(entry)
-        self.counters["released"] += 1
-        self._cond.notify_all()
-        self._report()
-
-    def _clear_in_background(self, entry: SlotEntry, helper: Executor) -> bool:
-        """Zero ``entry``'s slot on ``helper`` and free it then (lock held); False when the
-        helper takes no more work (``close``). A hot swap's ``attach`` so returns as soon as
-        the new revision serves, and the zeroing (~0.8 ms of a colocated rank-16 attach on the
-        0.5B shapes, 17.6 MB) runs beside the new revision's first calls.
-
-        Meanwhile the entry is ``CLEARING``: not idle (never evicted or claimed), not ready
-        (a call or attach naming its revision waits, then loads it afresh), its slot not free
-        (no tenant is written there) and named by no binding (no batch's rows use it). Its
-        slot is freed only once zeroed; one that cannot be zeroed is never handed out again.
-        ``stats`` and ``detach`` wait for clears in flight, so what they see is settled.
-        """
-
-        def clear() -> None:
-            try:
-                self._writer.clear(entry.slot)
-            except BaseException:
-                log.exception("zeroing slot %d failed: the slot is withdrawn", entry.slot)
-                with self._cond:
-                    self.slots.withdraw(entry)
-                    self._clearing -= 1
-                    self._cond.notify_all()
-                raise
-            with self._cond:
-                self._clearing -= 1
-                self._free(entry)
-
-        try:
-            # The job takes the lock (to free the slot) only after this thread lets go of it.
-            helper.submit(clear)
-        except RuntimeError:  # shut down
-            return False
-        entry.state = SlotState.CLEARING
-        self._clearing += 1
-        self._report()  # it no longer counts as resident (nor does it once freed)
-        return True
-
-    def _wait_for_clears(self) -> None:
-        """Wait until no released slot is being zeroed in the background (lock held)."""
-        while self._clearing:
-            self._cond.wait()
 
     # ------------------------------------------------------------------ host tier
 
