@@ -145,11 +145,13 @@ class CatalogServer:
         thread: threading.Thread,
         server: grpc.aio.Server,
         pool: ThreadPoolExecutor,
+        servicer: CatalogServicer | None = None,
     ) -> None:
         self._loop = loop
         self._thread = thread
         self._server = server
         self._pool = pool
+        self._servicer = servicer
         self._stopped: threading.Event | None = None
         self._lock = threading.Lock()
 
@@ -171,6 +173,8 @@ class CatalogServer:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join()
+                if self._servicer is not None:  # no call runs now: its inbox may go
+                    self._servicer.close()
                 stopped.set()
 
         threading.Thread(target=finish, name="loracat-grpc-stop", daemon=True).start()
@@ -217,16 +221,18 @@ def create_server(
     thread = threading.Thread(target=loop.run_forever, name="loracat-grpc-loop", daemon=True)
     thread.start()
 
+    servicer = CatalogServicer(
+        catalog,
+        RequestRecord(record_requests) if record_requests > 0 else None,
+        exporter,
+        warm_inbox or WarmPolicy(),
+    )
+
     async def start() -> tuple[grpc.aio.Server, int]:
         never_wait_here()  # the loop thread: index reads that would wait move to the pool
         server = grpc.aio.server(options=server_options())
         handlers = catalog_handlers(
-            CatalogServicer(
-                catalog,
-                RequestRecord(record_requests) if record_requests > 0 else None,
-                exporter,
-                warm_inbox or WarmPolicy(),
-            ),
+            servicer,
             pool,
             max_hint_watchers=max_hint_watchers,
             guard=guard,
@@ -258,8 +264,9 @@ def create_server(
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         pool.shutdown(wait=False)
+        servicer.close()
         raise
-    return CatalogServer(loop, thread, server, pool), port
+    return CatalogServer(loop, thread, server, pool, servicer), port
 
 
 def serve_forever(

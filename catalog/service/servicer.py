@@ -79,6 +79,14 @@ class CatalogServicer(pb_grpc.CatalogServicer):
         if self._inbox_directory().is_dir():  # used before: its leftovers are handled now
             self._push_inbox()
 
+    def close(self) -> None:
+        """Let go of the push inbox (its warm-file refill ends; a pass in progress finishes
+        the file it makes). The server calls this once it has stopped serving calls."""
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, None
+        if inbox is not None:
+            inbox.close()
+
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
     ) -> pb.PushResponse:

@@ -358,3 +358,17 @@ def test_a_refill_waits_for_quiet_after_the_last_push(tmp_path, monkeypatch):  #
         assert time.monotonic() - started < 60
         os.close(fd)
     assert warm.counters["made"] == 0 and list(inbox.iterdir()) == []
+
+
+def test_a_stopped_server_ends_its_refill(tmp_path, packs):  # type: ignore[no-untyped-def]
+    import shutil
+
+    root = tmp_path / "root"
+    with warm_catalog(root) as served, served.client() as client:
+        client.push("acme/stopped", packs["qv-r4"])  # a refill now waits for quiet
+        assert client.push_inbox is not None and client.push_inbox.counters["pushes"] == 1
+    # the server stopped: no refill thread is left to write into a root that goes away
+    assert not [t for t in threading.enumerate() if t.name == "inbox-warm"]
+    shutil.rmtree(root)
+    time.sleep(0.5)  # past the refill's quiet wait: nothing recreates the inbox
+    assert not root.exists()
