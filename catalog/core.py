@@ -37,23 +37,19 @@ from catalog.errors import (
     CatalogError,
     Conflict,
     DataLoss,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
-from catalog.events import (
-    BLOB_PREFIX,
-    LOG_PREFIX,
-    Event,
-    blob_key,
-    log_key,
-    parse_blob_key,
-)
+from catalog.events import BLOB_PREFIX, LOG_PREFIX, Event, blob_key, log_key, parse_blob_key
 from catalog.hints import HintBroker
 from catalog.identity import caller
 from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
 from catalog.index.rules import check_alias_name
+from catalog.intents import IntentSettler, settle_intent
 from catalog.locks import KeyedLocks, ReadWriteLock
 from catalog.model import (
     LATEST,
@@ -140,29 +136,23 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, P
         self._engines_lock = threading.Lock()
         self._restore_interrupted_swap()
         self.index = open_index(self.index_path)
+        self.intent_settler = IntentSettler(self)
         self.prefetcher = PrefetchQueue(self._warm, workers=prefetch_workers)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def recover(self) -> int:
         """Finish or forget events left behind by a crash; returns how many were applied."""
-        applied = 0
         with self._swap.shared():
-            for intent in self.index.intents():
-                data = self.store.get(log_key(intent.adapter, intent.seq))
-                if data is None:
-                    self.index.drop_intent(intent.adapter, intent.seq)
-                    continue
-                event = Event.decode(data, key=log_key(intent.adapter, intent.seq))
-                # next_seq, not adapter_state: an applied purge leaves no state but its seq
-                if self.index.next_seq(event.adapter) > event.seq:
-                    self.index.drop_intent(intent.adapter, intent.seq)
-                    continue
-                self.index.apply(event)
-                applied += 1
+            applied = sum(settle_intent(self, i.adapter, i.seq) for i in self.index.intents())
         if applied:
             log.warning("recovered %d event(s) written durably before a crash", applied)
         return applied
+
+    def settle_intent(self, adapter: AdapterName, seq: int) -> bool:
+        """Apply or drop one kept intent as the durable log says (``catalog.intents``)."""
+        with self._swap.shared(), self._adapter_locks.hold(adapter):
+            return settle_intent(self, adapter, seq)
 
     def index_is_empty(self) -> bool:
         """No adapter and no purged name: a catalog whose names were all purged is not empty
@@ -175,6 +165,7 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, P
 
     def close(self) -> None:
         """Close the index (and run ``on_close``, e.g. marking a clean shutdown)."""
+        self.intent_settler.close()
         self.prefetcher.close()
         with self._swap.exclusive():
             self.index.close()
@@ -400,6 +391,9 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, P
             written = self.store.put(
                 log_key(event.adapter, event.seq), event.encode(), if_absent=True
             )
+        except (Unavailable, DeadlineExceeded):  # it may have landed: settled when known
+            self.intent_settler.settle_later(event.adapter, event.seq)
+            raise
         except BaseException:
             self.index.drop_intent(event.adapter, event.seq)
             raise

@@ -271,9 +271,12 @@ def _load(
 
 def _settle(catalog: Catalog, timeout: float = 30.0) -> None:
     """Wait for the server's calls that outlived their clients (a store call runs to its own
-    timeout) to finish, so the checks see the final state: no push left in the spool."""
+    timeout) to finish, so the checks see the final state: no push left in the spool, no log
+    write of unknown outcome left to settle (``catalog.intents``)."""
     deadline = time.monotonic() + timeout
-    while catalog.spool.held_bytes and time.monotonic() < deadline:
+    while (catalog.spool.held_bytes or catalog.intent_settler.pending()) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.1)
 
 
