@@ -49,7 +49,7 @@ from catalog.hints import HintBroker
 from catalog.identity import caller
 from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
 from catalog.index.rules import check_alias_name
-from catalog.intents import IntentSettler, settle_intent
+from catalog.intents import IntentSettler, settle_earlier_intents, settle_intent
 from catalog.locks import KeyedLocks, ReadWriteLock
 from catalog.model import (
     LATEST,
@@ -383,9 +383,12 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, P
     def _append(self, event: Event) -> None:
         """Intent, durable log write (conditional), index apply: the one write path.
 
-        The event is stamped with the principal the call acts for (``catalog.identity``)."""
+        The event is stamped with the principal the call acts for (``catalog.identity``); an
+        earlier write of the adapter with an unknown outcome is settled first (the caller holds
+        the adapter's lock), and ``Conflict`` raised if it took this event's place."""
         if not event.principal and caller():
             event = replace(event, principal=caller())
+        settle_earlier_intents(self, event)
         self.index.add_intent(event)
         try:
             written = self.store.put(

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from catalog.errors import DeadlineExceeded, Unavailable
+from catalog.errors import Conflict, DeadlineExceeded, Unavailable
 from catalog.events import Event, log_key
 from catalog.model import AdapterName
 
@@ -50,6 +50,21 @@ def settle_intent(catalog: Catalog, adapter: AdapterName, seq: int) -> bool:
         return False
     index.apply(event)
     return True
+
+
+def settle_earlier_intents(catalog: Catalog, event: Event) -> None:
+    """Before ``event`` is written: settle the kept intents of its adapter (the caller holds
+    the adapter's lock), so that its log write cannot take the place of one that had landed.
+    Raises ``Conflict`` when one had (``event``'s sequence number is taken: retry), and what
+    the store's ``get`` raises."""
+    for intent in catalog.index.intents():
+        if intent.adapter == event.adapter:
+            settle_intent(catalog, intent.adapter, intent.seq)
+    if catalog.index.next_seq(event.adapter) > event.seq:
+        raise Conflict(
+            f"an earlier write of {event.adapter} whose outcome was unknown had landed and is "
+            "applied now; retry"
+        )
 
 
 class IntentSettler:

@@ -100,3 +100,22 @@ def test_an_intent_left_at_close_is_settled_at_the_next_start(tmp_path: Path) ->
         assert reopened.resolve("acme/later").number == 1
     finally:
         reopened.close()
+
+
+def test_a_write_settles_its_adapters_earlier_intent_first(tmp_path: Path) -> None:
+    from catalog.errors import Conflict
+
+    catalog = open_catalog(tmp_path / "root", (tmp_path / "store").as_uri())
+    try:
+        failing_log_writes(catalog, landed=True)
+        catalog.intent_settler.close()  # nothing settles it in the background
+        with pytest.raises(Unavailable):
+            catalog.push_bytes(AdapterName.parse("acme/next"), PACK, base_id="b")
+        # the next write would take the landed event's place: it settles it and asks to retry
+        with pytest.raises(Conflict):
+            catalog.push_bytes(AdapterName.parse("acme/next"), OTHER, base_id="b")
+        assert catalog.resolve("acme/next").number == 1
+        assert catalog.push_bytes(AdapterName.parse("acme/next"), OTHER, base_id="b")[0].number == 2
+        assert catalog.index.intents() == []
+    finally:
+        catalog.close()
