@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -36,6 +35,7 @@ from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.cache.layout import host_id
 from catalog.pack import PackPlan
 from catalog.pack.aligned_writes import aligned_windows
+from catalog.warm_inbox import WARM_NAME
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,10 @@ log = logging.getLogger(__name__)
 #: fallback to the stream, never an error.
 _WRITE_BYTES = 8 << 20
 #: Bytes a pack is written in (see ``_write_into``), and the scratch that lora_B's
-#: transposition goes through (at least one matrix of it).
+#: transposition goes through, one window at a time.
 _PIECE_BYTES = 64 << 10
-_SCRATCH_BYTES = 1 << 20
 #: What a client writes into the inbox: pack bytes, a pack file, or a laid-out pack.
 InboxSource = bytes | bytearray | memoryview | Path | PackPlan
-#: A warm file the catalog made (``catalog.warm_inbox.WARM_NAME``; the client does not import
-#: the catalog's side).
-_WARM_NAME = re.compile(r"warm-[A-Za-z0-9_-]{8,64}\.pack")
 _NO_INBOX = {
     grpc.StatusCode.UNIMPLEMENTED,  # an older catalog
     grpc.StatusCode.PERMISSION_DENIED,
@@ -160,7 +156,7 @@ def _warm_candidates(directory: Path, size: int) -> list[str]:
     found = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if _WARM_NAME.fullmatch(entry.name):
+            if WARM_NAME.fullmatch(entry.name):
                 with contextlib.suppress(OSError):
                     found.append((entry.stat(follow_symlinks=False).st_size, entry.name))
     fits = sorted(item for item in found if item[0] >= size)
@@ -229,7 +225,7 @@ def _write_into(fd: int, source: InboxSource) -> None:
             return
         if isinstance(source, PackPlan):
             size = source.nbytes
-            scratch = memoryview(bytearray(max(_SCRATCH_BYTES, source.scratch_nbytes)))
+            scratch = memoryview(bytearray(_PIECE_BYTES))
             windows: Iterable[tuple[int, list[memoryview]]] = aligned_windows(
                 source, scratch, _PIECE_BYTES
             )

@@ -1,10 +1,10 @@
 """A laid-out pack cut at file offsets that are multiples of a window, for ``os.pwritev``.
 
-:meth:`PackPlan.pieces` yields the pack's bytes as they lie in its parts: the header (4,232
-bytes for a dense seven-module adapter), then one piece per layer and matrix (4 KiB to 155 KiB
-for the 0.5B shapes at rank 16), so every piece after the header starts at an offset no page
-boundary lines up with, and a file written piece by piece takes a partial page at both ends of
-nearly every ``pwrite``. :func:`aligned_windows` regroups the same bytes into windows that
+A :class:`PackPlan`'s bytes lie in its parts: the header (4,232 bytes for a dense
+seven-module adapter), then one part per layer and matrix (4 KiB to 155 KiB for the 0.5B
+shapes at rank 16), so every part after the header starts at an offset no page boundary lines
+up with, and a file written part by part takes a partial page at both ends of nearly every
+``pwrite``. :func:`aligned_windows` regroups the same bytes into windows that
 start at multiples of ``window`` bytes (64 KiB by default) and are exactly that long except the
 last: one ``os.pwritev`` per window, whole pages every time. Parts stored as they are stay
 views (no copy); ``lora_B``'s transposed parts are transposed straight into the caller's scratch,

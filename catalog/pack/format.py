@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
@@ -57,7 +57,7 @@ class SwappedMatrices:
         InvalidPack: ``source`` is not a whole number of ``[rows, columns]`` matrices.
     """
 
-    __slots__ = ("_matrices", "matrix_nbytes", "nbytes")
+    __slots__ = ("_matrices", "nbytes")
 
     def __init__(self, source: bytes | memoryview, itemsize: int, rows: int, columns: int) -> None:
         nbytes = memoryview(source).nbytes
@@ -75,8 +75,6 @@ class SwappedMatrices:
             (matrix_nbytes, itemsize, columns * itemsize),
         )
         self.nbytes = nbytes
-        #: Bytes of one matrix: the least scratch :meth:`pieces` needs.
-        self.matrix_nbytes = matrix_nbytes
 
     def write_into(self, destination: memoryview) -> None:
         """Write the transposed matrices into ``destination`` (exactly ``nbytes``, writable)."""
@@ -120,24 +118,6 @@ class SwappedMatrices:
         """The transposed bytes, in a new buffer."""
         return np.ascontiguousarray(self._matrices).data.cast("B")
 
-    def pieces(self, scratch: memoryview) -> Iterator[memoryview]:
-        """The transposed bytes in order, as many whole matrices at a time as ``scratch``
-        holds, each batch written into ``scratch`` and yielded as a view of it (valid until
-        the next is asked for).
-
-        Raises:
-            ValueError: ``scratch`` cannot hold one matrix.
-        """
-        per = scratch.nbytes // self.matrix_nbytes
-        if per < 1:
-            raise ValueError(f"a scratch of {scratch.nbytes} bytes holds no matrix")
-        for first in range(0, self._matrices.shape[0], per):
-            batch = self._matrices[first : first + per]
-            out = np.frombuffer(scratch, dtype=batch.dtype, count=batch.size)
-            np.copyto(out.reshape(batch.shape), batch)
-            del out  # no export of the scratch outlives the copy
-            yield scratch[: batch.nbytes]
-
 
 #: A byte part of a tensor: bytes as they are, or ``lora_B`` matrices transposed when written.
 Part = bytes | memoryview | SwappedMatrices
@@ -179,29 +159,6 @@ class PackPlan:
             else:
                 view[position : position + size] = memoryview(part).cast("B")
             position += size
-
-    @property
-    def scratch_nbytes(self) -> int:
-        """The least scratch :meth:`pieces` needs (0 when no part is transposed)."""
-        return max(
-            (p.matrix_nbytes for p in self.parts if isinstance(p, SwappedMatrices)), default=0
-        )
-
-    def pieces(self, scratch: memoryview) -> Iterator[memoryview]:
-        """The pack's bytes in order, as views: the header, each plain part as it is, each
-        transposed part a few matrices at a time through ``scratch`` (writable, at least
-        :attr:`scratch_nbytes`; a view of it is valid until the next piece is asked for).
-        For writing the pack to a file in the caller's own pieces.
-
-        Raises:
-            ValueError: ``scratch`` is smaller than :attr:`scratch_nbytes`.
-        """
-        yield memoryview(self.header)
-        for part in self.parts:
-            if isinstance(part, SwappedMatrices):
-                yield from part.pieces(scratch)
-            else:
-                yield memoryview(part).cast("B")
 
     def tobytes(self) -> bytes:
         """The pack's bytes."""

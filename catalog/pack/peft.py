@@ -143,8 +143,9 @@ def plan_peft_dir(
 ) -> PackPlan:
     """As :func:`import_peft_dir`, but the pack laid out and not yet written: its parts are
     views of the adapter's weights file, mapped read-only (as the ``safetensors`` library
-    reads it), written once by :meth:`PackPlan.pieces` (into a catalog's push inbox, see
-    ``CatalogClient.push_peft_dir``), :meth:`PackPlan.write_into` or :meth:`PackPlan.tobytes`.
+    reads it), written once by ``catalog.pack.aligned_writes.aligned_windows`` (into a
+    catalog's push inbox, see ``CatalogClient.push_peft_dir``), :meth:`PackPlan.write_into`
+    or :meth:`PackPlan.tobytes`.
     The file may be replaced meanwhile (a new file under its name), not truncated in place:
     like any mapping, a truncated one ends the process with ``SIGBUS``.
 
