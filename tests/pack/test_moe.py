@@ -32,6 +32,12 @@ from catalog.pack import (
 )
 from catalog.pack.container import parse_safetensors
 from tests import factories
+from tests.pack.refusal_checks import (
+    peft_parts,
+    refused_stray_key,
+    refused_tensors,
+    refused_unpaired,
+)
 
 PREFIX = "base_model.model.model.layers"
 _CONFIGS = {
@@ -143,20 +149,6 @@ def _copy(case: MoeCase, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(case.path, target)
     return target
-
-
-def _peft_parts(case: MoeCase) -> tuple[dict[str, Any], dict[str, TensorBytes]]:
-    config = json.loads((case.path / "adapter_config.json").read_text())
-    data = (case.path / "adapter_model.safetensors").read_bytes()
-    return config, dict(parse_safetensors(data).tensors)
-
-
-def _refused(
-    config: dict[str, Any], tensors: dict[str, TensorBytes], message: str, **kw: Any
-) -> None:
-    with pytest.raises(InvalidPack) as info:
-        pack_from_peft_tensors(config, tensors, "base", **kw)
-    assert re.fullmatch(message, str(info.value)), str(info.value)
 
 
 # ---------------------------------------------------------------- round trips
@@ -378,10 +370,10 @@ def test_synthesized_fused_export_loads_identically_in_peft(
 
 
 def test_fused_wrong_rows(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["mixtral-fused-attn"])
+    config, tensors = peft_parts(moe_cases["mixtral-fused-attn"].path)
     key = f"{PREFIX}.1.mlp.experts.lora_A.weight"
     tensors[key] = TensorBytes("F32", (12, 96), memoryview(bytes(12 * 96 * 4)))
-    _refused(
+    refused_tensors(
         config,
         tensors,
         r"module 'mlp.experts.down_proj' layer 1: lora_B has 16 columns but lora_A has 12 "
@@ -389,7 +381,7 @@ def test_fused_wrong_rows(moe_cases: dict[str, MoeCase]) -> None:
     )
     b_key = f"{PREFIX}.1.mlp.experts.lora_B.weight"
     tensors[b_key] = TensorBytes("F32", (64, 12), memoryview(bytes(12 * 64 * 4)))
-    _refused(
+    refused_tensors(
         config,
         tensors,
         r"module 'mlp.experts.down_proj' layer 1: lora_A has 12 rows, not 4 experts x rank 4 "
@@ -397,7 +389,7 @@ def test_fused_wrong_rows(moe_cases: dict[str, MoeCase]) -> None:
     )
     tensors[key] = TensorBytes("F32", (15, 96), memoryview(bytes(15 * 96 * 4)))
     tensors[b_key] = TensorBytes("F32", (64, 15), memoryview(bytes(15 * 64 * 4)))
-    _refused(
+    refused_tensors(
         config,
         tensors,
         r"module 'mlp.experts.down_proj' layer 1: lora_A has 15 rows, not 4 experts x rank 4 .*",
@@ -405,8 +397,8 @@ def test_fused_wrong_rows(moe_cases: dict[str, MoeCase]) -> None:
 
 
 def test_fused_rank_disagreeing_with_config(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["mixtral-fused-attn"])
-    _refused(
+    config, tensors = peft_parts(moe_cases["mixtral-fused-attn"].path)
+    refused_tensors(
         {**config, "rank_pattern": {"gate_up_proj": 8}},
         tensors,
         r"module 'mlp.experts.gate_up_proj' layer 0: lora_A has 16 rows, not 4 experts x "
@@ -415,7 +407,7 @@ def test_fused_rank_disagreeing_with_config(moe_cases: dict[str, MoeCase]) -> No
 
 
 def test_fused_keys_swapped_against_nesting_order(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["mixtral-fused-attn"])
+    config, tensors = peft_parts(moe_cases["mixtral-fused-attn"].path)
     swapped = {}
     for key, tensor in tensors.items():
         if ".mlp.experts.base_layer." in key:
@@ -423,7 +415,7 @@ def test_fused_keys_swapped_against_nesting_order(moe_cases: dict[str, MoeCase])
         elif ".mlp.experts." in key:
             key = key.replace(".mlp.experts.", ".mlp.experts.base_layer.")
         swapped[key] = tensor
-    _refused(
+    refused_tensors(
         config,
         swapped,
         r"module 'mlp.experts.gate_up_proj' reads 96 features but 'mlp.experts.down_proj' "
@@ -432,34 +424,69 @@ def test_fused_keys_swapped_against_nesting_order(moe_cases: dict[str, MoeCase])
     )
 
 
-def test_fused_unknown_keys(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["mixtral-fused-attn"])
-    some = tensors[f"{PREFIX}.0.mlp.experts.lora_A.weight"]
-    for key, message in [
+#: A tensor of each case to put under a stray key.
+_STRAY_KEY_TENSOR = {
+    "mixtral-fused-attn": f"{PREFIX}.0.mlp.experts.lora_A.weight",
+    "per-expert-w123": f"{PREFIX}.0.block_sparse_moe.experts.0.w1.lora_A.weight",
+}
+
+
+@pytest.mark.parametrize(
+    ("case_id", "key", "problem"),
+    [
         (
+            "mixtral-fused-attn",
             f"{PREFIX}.0.mlp.experts.base_layer.base_layer.lora_A.weight",
             r"2 base_layer levels but target_parameters name only \['gate_up_proj', "
             r"'down_proj'\] on 'mlp.experts'",
         ),
         (
+            "mixtral-fused-attn",
             f"{PREFIX}.0.mlp.experts.lora_A.default.weight",
             "not a lora_A/lora_B weight of a decoder-layer module",
         ),
         (
+            "mixtral-fused-attn",
             f"{PREFIX}.0.mlp.experts.lora_magnitude_vector",
             "DoRA magnitude vectors are not supported",
         ),
         (
+            "mixtral-fused-attn",
             f"{PREFIX}.0.mlp.base_layer.experts.lora_A.weight",
             "a base_layer level outside a parameter-LoRA module",
         ),
         (
+            "mixtral-fused-attn",
             f"{PREFIX}.0.mlp.gate.base_layer.lora_A.weight",
             "base_layer levels but no target_parameters entry names a parameter of 'mlp.gate'",
         ),
-    ]:
-        _refused(config, {**tensors, key: some}, rf"unsupported key '{re.escape(key)}': {message}")
-    _refused(
+        (
+            "per-expert-w123",
+            f"{PREFIX}.0.block_sparse_moe.experts.01.w1.lora_A.weight",
+            "expert index '01' is not canonical",
+        ),
+        (
+            "per-expert-w123",
+            f"{PREFIX}.0.block_sparse_moe.experts.9999.w1.lora_A.weight",
+            "expert index '9999' is not canonical",
+        ),
+        (
+            "per-expert-w123",
+            f"{PREFIX}.0.block_sparse_moe.experts.0.w1.base_layer.lora_A.weight",
+            "a base_layer level outside a parameter-LoRA module",
+        ),
+    ],
+)
+def test_unknown_expert_key(
+    moe_cases: dict[str, MoeCase], case_id: str, key: str, problem: str
+) -> None:
+    config, tensors = peft_parts(moe_cases[case_id].path)
+    refused_stray_key(config, tensors, key, problem, like=_STRAY_KEY_TENSOR[case_id])
+
+
+def test_fused_parameter_outside_the_nesting_order(moe_cases: dict[str, MoeCase]) -> None:
+    config, tensors = peft_parts(moe_cases["mixtral-fused-attn"].path)
+    refused_tensors(
         {**config, "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.router_proj"]},
         tensors,
         rf"unsupported key '{PREFIX}.0.mlp.experts.base_layer.lora_A.weight': cannot tell how "
@@ -468,14 +495,16 @@ def test_fused_unknown_keys(moe_cases: dict[str, MoeCase]) -> None:
     )
 
 
-def test_fused_unpaired(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["mixtral-fused-attn"])
-    del tensors[f"{PREFIX}.1.mlp.experts.base_layer.lora_B.weight"]
-    _refused(
-        config,
-        tensors,
-        rf"key {PREFIX}.1.mlp.experts.base_layer.lora_A.weight has no matching lora_B.weight",
-    )
+@pytest.mark.parametrize(
+    ("case_id", "dropped"),
+    [
+        ("mixtral-fused-attn", f"{PREFIX}.1.mlp.experts.base_layer.lora_B.weight"),
+        ("per-expert-w123", f"{PREFIX}.0.block_sparse_moe.experts.1.w3.lora_A.weight"),
+    ],
+)
+def test_expert_lora_unpaired(moe_cases: dict[str, MoeCase], case_id: str, dropped: str) -> None:
+    config, tensors = peft_parts(moe_cases[case_id].path)
+    refused_unpaired(config, tensors, dropped)
 
 
 def _drop_expert(tensors: dict[str, TensorBytes], layer: int, expert: int) -> None:
@@ -484,9 +513,9 @@ def _drop_expert(tensors: dict[str, TensorBytes], layer: int, expert: int) -> No
 
 
 def test_per_expert_missing_expert(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
+    config, tensors = peft_parts(moe_cases["per-expert-w123"].path)
     _drop_expert(tensors, 1, 2)
-    _refused(
+    refused_tensors(
         config,
         tensors,
         r"module 'block_sparse_moe.experts.w1' layer 1: experts \[2\] are missing \(3 of 4 "
@@ -496,10 +525,10 @@ def test_per_expert_missing_expert(moe_cases: dict[str, MoeCase]) -> None:
 
 def test_per_expert_last_expert_missing_everywhere(moe_cases: dict[str, MoeCase]) -> None:
     """Only the caller knows the base has 4 experts when expert 3 is gone from every layer."""
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
+    config, tensors = peft_parts(moe_cases["per-expert-w123"].path)
     for layer in (0, 1):
         _drop_expert(tensors, layer, 3)
-    _refused(
+    refused_tensors(
         config,
         tensors,
         r"module 'block_sparse_moe.experts.w1' layer 0: experts \[3\] are missing \(3 of 4 "
@@ -507,71 +536,40 @@ def test_per_expert_last_expert_missing_everywhere(moe_cases: dict[str, MoeCase]
         num_experts=4,
     )
     assert read_pack(pack_from_peft_tensors(config, tensors, "b")).manifest.num_experts == 3
-    _refused(
+    refused_tensors(
         config, tensors, r"num_experts must be an integer in \[1, 4096\], got 0", num_experts=0
     )
 
 
-def test_per_expert_unpaired(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
-    del tensors[f"{PREFIX}.0.block_sparse_moe.experts.1.w3.lora_A.weight"]
-    _refused(
-        config,
-        tensors,
-        rf"key {PREFIX}.0.block_sparse_moe.experts.1.w3.lora_B.weight has no matching "
-        r"lora_A.weight",
-    )
-
-
 def test_per_expert_mixed_ranks(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
+    config, tensors = peft_parts(moe_cases["per-expert-w123"].path)
     key = f"{PREFIX}.0.block_sparse_moe.experts.2.w1"
     tensors[f"{key}.lora_A.weight"] = TensorBytes("F32", (2, 64), memoryview(bytes(2 * 64 * 4)))
     tensors[f"{key}.lora_B.weight"] = TensorBytes("F32", (40, 2), memoryview(bytes(40 * 2 * 4)))
-    _refused(
+    refused_tensors(
         config,
         tensors,
         r"module 'block_sparse_moe.experts.w1' layer 0 expert 2: lora_A \[2, 64\] / lora_B "
         r"\[40, 2\] differ from layer 0 expert 0's \[4, 64\] / \[40, 4\]; a pack holds one rank "
         r"and shape per module",
     )
-    _refused(
+    refused_tensors(
         {**config, "rank_pattern": {r"experts\.3\.w2": 2}},
-        _peft_parts(moe_cases["per-expert-w123"])[1],
+        peft_parts(moe_cases["per-expert-w123"].path)[1],
         r"module 'block_sparse_moe.experts.w2' layer 0 expert 3: tensors have rank 4 but "
         r"adapter_config.json says 2",
     )
-    _refused(
+    refused_tensors(
         {**config, "alpha_pattern": {r"experts\.3\.w2": 2}},
-        _peft_parts(moe_cases["per-expert-w123"])[1],
+        peft_parts(moe_cases["per-expert-w123"].path)[1],
         r"module 'block_sparse_moe.experts.w2' layer 0 expert 3: lora_alpha 2.0 differs from "
         r"layer 0 expert 0's 8.0; a pack holds one alpha per module",
     )
 
 
-def test_per_expert_odd_keys(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
-    some = tensors[f"{PREFIX}.0.block_sparse_moe.experts.0.w1.lora_A.weight"]
-    for key, message in [
-        (
-            f"{PREFIX}.0.block_sparse_moe.experts.01.w1.lora_A.weight",
-            "expert index '01' is not canonical",
-        ),
-        (
-            f"{PREFIX}.0.block_sparse_moe.experts.9999.w1.lora_A.weight",
-            "expert index '9999' is not canonical",
-        ),
-        (
-            f"{PREFIX}.0.block_sparse_moe.experts.0.w1.base_layer.lora_A.weight",
-            "a base_layer level outside a parameter-LoRA module",
-        ),
-    ]:
-        _refused(config, {**tensors, key: some}, rf"unsupported key '{re.escape(key)}': {message}")
-
-
 def test_expert_counts_must_agree_across_modules(moe_cases: dict[str, MoeCase]) -> None:
     """A per-expert module with 4 experts beside a fused one whose rows say 2: refused."""
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
+    config, tensors = peft_parts(moe_cases["per-expert-w123"].path)
     fused = {
         f"{PREFIX}.{layer}.mlp.experts.lora_{ab}.weight": TensorBytes(
             "F32", shape, memoryview(bytes(8 * 64 * 4))
@@ -579,7 +577,7 @@ def test_expert_counts_must_agree_across_modules(moe_cases: dict[str, MoeCase]) 
         for layer in (0, 1)
         for ab, shape in (("A", (8, 64)), ("B", (64, 8)))
     }
-    _refused(
+    refused_tensors(
         {**config, "target_parameters": ["mlp.experts.down_proj"]},
         {**tensors, **fused},
         r"module 'mlp.experts.down_proj' layer 0: lora_A has 8 rows, not 4 experts x rank 4 .*",
@@ -587,10 +585,10 @@ def test_expert_counts_must_agree_across_modules(moe_cases: dict[str, MoeCase]) 
 
 
 def test_one_layout_per_module(moe_cases: dict[str, MoeCase]) -> None:
-    config, tensors = _peft_parts(moe_cases["per-expert-w123"])
+    config, tensors = peft_parts(moe_cases["per-expert-w123"].path)
     dense = f"{PREFIX}.1.block_sparse_moe.experts.w1.lora_A.weight"
     some = tensors[f"{PREFIX}.0.block_sparse_moe.experts.0.w1.lora_A.weight"]
-    _refused(
+    refused_tensors(
         config,
         {**tensors, dense: some},
         rf"unsupported key '{re.escape(dense)}': module 'block_sparse_moe.experts.w1' is saved "

@@ -11,8 +11,13 @@ import pytest
 
 from catalog.errors import InvalidPack
 from catalog.pack import TensorBytes, import_peft_dir, pack_from_peft_tensors, read_pack
-from catalog.pack.container import parse_safetensors
 from tests.pack.conftest import AdapterCase, make_adapter
+from tests.pack.refusal_checks import (
+    peft_parts,
+    refused_stray_key,
+    refused_tensors,
+    refused_unpaired,
+)
 
 PREFIX = "base_model.model.model.layers"
 
@@ -33,20 +38,6 @@ def _edit_config(path: Path, **changes: object) -> None:
     config = json.loads((path / "adapter_config.json").read_text())
     config.update(changes)
     (path / "adapter_config.json").write_text(json.dumps(config))
-
-
-def _peft_parts(case: AdapterCase) -> tuple[dict[str, object], dict[str, TensorBytes]]:
-    config = json.loads((case.path / "adapter_config.json").read_text())
-    data = (case.path / "adapter_model.safetensors").read_bytes()
-    return config, dict(parse_safetensors(data).tensors)
-
-
-def _refused_tensors(
-    config: dict[str, object], tensors: dict[str, TensorBytes], message: str
-) -> None:
-    with pytest.raises(InvalidPack) as info:
-        pack_from_peft_tensors(config, tensors, "base")
-    assert re.fullmatch(message, str(info.value)), str(info.value)
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -98,103 +89,88 @@ def test_config_not_json(adapter_cases: dict[str, AdapterCase], tmp_path: Path) 
     _refused(path, r"adapter_config.json is not valid JSON: .*", base_id="b")
 
 
-def test_dora_adapter(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), use_dora=True)
+@pytest.mark.parametrize(
+    ("feature", "config_message", "key_message"),
+    [
+        pytest.param(
+            {"use_dora": True},
+            r"DoRA \(use_dora\)",
+            rf"unsupported key '{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector': "
+            r"DoRA magnitude vectors are not supported",
+            id="dora",
+        ),
+        pytest.param(
+            {"modules_to_save": ["lm_head"]},
+            r"modules_to_save",
+            r"unsupported key 'base_model.model.lm_head.weight': "
+            r"not a lora_A/lora_B weight of a decoder-layer module",
+            id="modules_to_save",
+        ),
+        pytest.param(
+            {"lora_bias": True},
+            r"LoRA bias \(lora_bias\)",
+            rf"unsupported key '{PREFIX}.0.self_attn.q_proj.lora_B.bias': "
+            r"bias tensors are not supported",
+            id="lora_bias",
+        ),
+    ],
+)
+def test_feature_refused_by_config_then_by_its_keys(
+    tmp_path: Path, feature: dict[str, object], config_message: str, key_message: str
+) -> None:
+    """A feature the pack cannot carry is refused by the config field that asks for it and,
+    when the config lies (the field turned off), by the weights it saved."""
+    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), **feature)
     _refused(
         path,
-        r"adapter_config.json: DoRA \(use_dora\) is not supported by the pack format",
+        rf"adapter_config.json: {config_message} is not supported by the pack format",
         base_id="b",
     )
-    # Even when the config lies, the magnitude vectors themselves are refused.
-    _edit_config(path, use_dora=False)
-    _refused(
-        path,
-        rf"unsupported key '{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector': "
-        r"DoRA magnitude vectors are not supported",
-        base_id="b",
-    )
+    (field,) = feature
+    _edit_config(path, **{field: None if field == "modules_to_save" else False})
+    _refused(path, key_message, base_id="b")
 
 
-def test_embedding_lora(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, rank=4, target_modules=("embed_tokens", "q_proj"))
-    _refused(
-        path,
-        r"unsupported key 'base_model.model.model.embed_tokens.lora_embedding_A': "
-        r"embedding LoRA is not supported",
-        base_id="b",
-    )
-
-
-def test_modules_to_save(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), modules_to_save=["lm_head"])
-    _refused(
-        path,
-        r"adapter_config.json: modules_to_save is not supported by the pack format",
-        base_id="b",
-    )
-    _edit_config(path, modules_to_save=None)
-    _refused(
-        path,
-        r"unsupported key 'base_model.model.lm_head.weight': "
-        r"not a lora_A/lora_B weight of a decoder-layer module",
-        base_id="b",
-    )
-
-
-def test_lora_bias(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj",), lora_bias=True)
-    _refused(
-        path,
-        r"adapter_config.json: LoRA bias \(lora_bias\) is not supported by the pack format",
-        base_id="b",
-    )
-    _edit_config(path, lora_bias=False)
-    _refused(
-        path,
-        rf"unsupported key '{PREFIX}.0.self_attn.q_proj.lora_B.bias': "
-        r"bias tensors are not supported",
-        base_id="b",
-    )
-
-
-def test_lm_head_lora_is_outside_decoder_layers(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, rank=4, target_modules=("q_proj", "lm_head"))
-    _refused(
-        path,
-        r"unsupported key 'base_model.model.lm_head.base_layer.weight': full base-layer weights "
-        r"\(e.g. saved embedding layers\) are not supported",
-        base_id="b",
-    )
-
-
-def test_rank_differs_across_layers(tmp_path: Path) -> None:
-    path = make_adapter(
-        tmp_path,
-        rank=4,
-        target_modules=("q_proj",),
-        rank_pattern={"model.layers.1.self_attn.q_proj": 2},
-    )
-    _refused(
-        path,
-        r"module 'self_attn.q_proj' layer 1: lora_A \[2, 64\] / lora_B \[64, 2\] differ from "
-        r"layer 0's \[4, 64\] / \[64, 4\]; a pack holds one rank and shape per module",
-        base_id="b",
-    )
-
-
-def test_alpha_differs_across_layers(tmp_path: Path) -> None:
-    path = make_adapter(
-        tmp_path,
-        rank=4,
-        target_modules=("q_proj",),
-        alpha_pattern={"model.layers.1.self_attn.q_proj": 2},
-    )
-    _refused(
-        path,
-        r"module 'self_attn.q_proj' layer 1: lora_alpha 2.0 differs from layer 0's 16.0; "
-        r"a pack holds one alpha per module",
-        base_id="b",
-    )
+@pytest.mark.parametrize(
+    ("adapter_kwargs", "message"),
+    [
+        pytest.param(
+            {"target_modules": ("embed_tokens", "q_proj")},
+            r"unsupported key 'base_model.model.model.embed_tokens.lora_embedding_A': "
+            r"embedding LoRA is not supported",
+            id="embedding-lora",
+        ),
+        pytest.param(
+            {"target_modules": ("q_proj", "lm_head")},
+            r"unsupported key 'base_model.model.lm_head.base_layer.weight': full base-layer "
+            r"weights \(e.g. saved embedding layers\) are not supported",
+            id="lm_head-outside-decoder-layers",
+        ),
+        pytest.param(
+            {
+                "target_modules": ("q_proj",),
+                "rank_pattern": {"model.layers.1.self_attn.q_proj": 2},
+            },
+            r"module 'self_attn.q_proj' layer 1: lora_A \[2, 64\] / lora_B \[64, 2\] differ "
+            r"from layer 0's \[4, 64\] / \[64, 4\]; a pack holds one rank and shape per module",
+            id="rank-differs-across-layers",
+        ),
+        pytest.param(
+            {
+                "target_modules": ("q_proj",),
+                "alpha_pattern": {"model.layers.1.self_attn.q_proj": 2},
+            },
+            r"module 'self_attn.q_proj' layer 1: lora_alpha 2.0 differs from layer 0's 16.0; "
+            r"a pack holds one alpha per module",
+            id="alpha-differs-across-layers",
+        ),
+    ],
+)
+def test_real_adapter_refused(
+    tmp_path: Path, adapter_kwargs: dict[str, object], message: str
+) -> None:
+    path = make_adapter(tmp_path, rank=4, **adapter_kwargs)
+    _refused(path, message, base_id="b")
 
 
 @pytest.mark.parametrize(
@@ -237,16 +213,16 @@ def test_alpha_differs_across_layers(tmp_path: Path) -> None:
 def test_config_refused(
     adapter_cases: dict[str, AdapterCase], changes: dict[str, object], message: str
 ) -> None:
-    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    config, tensors = peft_parts(adapter_cases["llama-f32-qv-r8"].path)
     config.update(changes)
-    _refused_tensors(config, tensors, message)
+    refused_tensors(config, tensors, message)
 
 
 def test_mixed_dtypes(adapter_cases: dict[str, AdapterCase]) -> None:
-    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    config, tensors = peft_parts(adapter_cases["llama-f32-qv-r8"].path)
     key = f"{PREFIX}.1.self_attn.v_proj.lora_B.weight"
     tensors[key] = TensorBytes("F16", (32, 8), memoryview(bytes(32 * 8 * 2)))
-    _refused_tensors(
+    refused_tensors(
         config,
         tensors,
         rf"mixed dtypes: '{re.escape(key)}' is F16 but '.*' is F32",
@@ -254,7 +230,7 @@ def test_mixed_dtypes(adapter_cases: dict[str, AdapterCase]) -> None:
 
 
 def test_integer_tensors(adapter_cases: dict[str, AdapterCase]) -> None:
-    config, _ = _peft_parts(adapter_cases["llama-f32-qv-r8"])
+    config, _ = peft_parts(adapter_cases["llama-f32-qv-r8"].path)
     tensors = {
         f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": TensorBytes(
             "I32", (8, 64), memoryview(bytes(2048))
@@ -263,7 +239,7 @@ def test_integer_tensors(adapter_cases: dict[str, AdapterCase]) -> None:
             "I32", (64, 8), memoryview(bytes(2048))
         ),
     }
-    _refused_tensors(
+    refused_tensors(
         config,
         tensors,
         rf"dtype I32 of '{PREFIX}.0.self_attn.q_proj.lora_A.weight' is not one of F32, BF16, F16",
@@ -271,19 +247,13 @@ def test_integer_tensors(adapter_cases: dict[str, AdapterCase]) -> None:
 
 
 def test_unpaired_lora_a(adapter_cases: dict[str, AdapterCase]) -> None:
-    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
-    del tensors[f"{PREFIX}.1.self_attn.v_proj.lora_B.weight"]
-    _refused_tensors(
-        config,
-        tensors,
-        rf"key {PREFIX}.1.self_attn.v_proj.lora_A.weight has no matching lora_B.weight",
-    )
+    config, tensors = peft_parts(adapter_cases["llama-f32-qv-r8"].path)
+    refused_unpaired(config, tensors, f"{PREFIX}.1.self_attn.v_proj.lora_B.weight")
 
 
-def test_unknown_keys(adapter_cases: dict[str, AdapterCase]) -> None:
-    config, tensors = _peft_parts(adapter_cases["llama-f32-qv-r8"])
-    some = next(iter(tensors.values()))
-    for key, message in [
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
         (
             "base_model.model.model.norm.weight",
             "not a lora_A/lora_B weight of a decoder-layer module",
@@ -312,15 +282,18 @@ def test_unknown_keys(adapter_cases: dict[str, AdapterCase]) -> None:
             "its layers live under 'base_model.model.vision.blocks' but other keys under "
             f"'{PREFIX}'; a pack holds one stack of decoder layers",
         ),
-    ]:
-        _refused_tensors(
-            config, {**tensors, key: some}, rf"unsupported key '{re.escape(key)}': {message}"
-        )
+    ],
+)
+def test_unknown_key(adapter_cases: dict[str, AdapterCase], key: str, problem: str) -> None:
+    config, tensors = peft_parts(adapter_cases["llama-f32-qv-r8"].path)
+    refused_stray_key(
+        config, tensors, key, problem, like=f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
+    )
 
 
 def test_no_tensors(adapter_cases: dict[str, AdapterCase]) -> None:
-    config, _ = _peft_parts(adapter_cases["llama-f32-qv-r8"])
-    _refused_tensors(config, {}, r"adapter has no LoRA weights")
+    config, _ = peft_parts(adapter_cases["llama-f32-qv-r8"].path)
+    refused_tensors(config, {}, r"adapter has no LoRA weights")
 
 
 def test_pack_from_peft_tensors_builds_synthetic_adapters() -> None:
@@ -355,7 +328,7 @@ def test_shape_differs_in_a_later_layer_without_patterns() -> None:
     """With no rank/alpha patterns the stacking checks one layer for all only when every layer
     has its shapes: a later layer that differs is still named."""
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
-    _refused_tensors(
+    refused_tensors(
         config,
         _q_proj_tensors({0: (2, 8), 1: (2, 8), 2: (2, 16), 3: (2, 8)}),
         r"module 'self_attn.q_proj' layer 2: lora_A \[2, 16\] / lora_B \[8, 2\] differ from "
@@ -366,7 +339,7 @@ def test_shape_differs_in_a_later_layer_without_patterns() -> None:
 def test_rank_differs_from_config_in_every_layer() -> None:
     """Layers that agree with each other but not with the config's r are refused."""
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}
-    _refused_tensors(
+    refused_tensors(
         config,
         _q_proj_tensors({0: (2, 8), 1: (2, 8)}),
         r"module 'self_attn.q_proj' layer 0: tensors have rank 2 but adapter_config.json says 4",
