@@ -17,37 +17,21 @@ fill: an admitted pack may evict others, and one larger than the tier is not adm
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 import lmdb
 
+from catalog.cache.cache_state import PackCacheState
 from catalog.cache.layout import EntryMeta
 from catalog.digest import Digest
 from catalog.errors import CatalogError
 
-if TYPE_CHECKING:
-    from catalog.cache.policies import EvictionPolicy
-
 log = logging.getLogger(__name__)
 
 
-class AdmissionMixin:
+class AdmissionMixin(PackCacheState):
     """:meth:`admit_verified`, mixed into :class:`~catalog.cache.pack_cache.PackCache`."""
-
-    # What the pack cache provides (see there).
-    path: Path
-    chunk_bytes: int
-    _lock: threading.Lock
-    _inflight: dict[str, Future[bytes]]
-    _policy: EvictionPolicy
-    _counters: Any
-    _check_open: Callable[[], None]
-    _reference_for: Callable[[Digest, bytes], str]
-    _install: Callable[[Digest, bytes, EntryMeta], None]
 
     def admit_verified(
         self,

@@ -1,10 +1,10 @@
 """Writes of cached packs inside one LMDB write transaction: install, pins, delete.
 
 The write-side counterpart of :mod:`catalog.cache.chunk_reads`, used by the one writer,
-:class:`~catalog.cache.pack_cache.PackCache` (which serialises its write transactions and
-grows the map around them). Each function is one step of a transaction the caller commits, so
-a fill, with the deletion of its victims, is all or nothing (see the pack cache's crash
-safety).
+:class:`~catalog.cache.pack_cache.PackCache` (which serialises its write transactions;
+:class:`~catalog.cache.environment.CacheEnvironment` grows the map around them). Each function
+is one step of a transaction the caller commits, so a fill, with the deletion of its victims,
+is all or nothing (see the pack cache's crash safety).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_a_corrupt_copy_drops_its_holds(cache: PackCache, leases: PackLeases) ->
     lease = leases.grant(digest, lambda: data, name_for_errors="x", size_bytes=len(data))
     assert lease is not None
     # What a reader's report makes the catalog do: re-read the chunk, which fails.
-    env = cache._env
+    env = cache._env.lmdb
     with env.begin(write=True) as txn:
         chunks = env.open_db(b"chunks", txn=txn)
         raw = bytearray(txn.get(chunk_key(digest, 1), db=chunks))
