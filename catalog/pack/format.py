@@ -115,8 +115,9 @@ class SwappedMatrices:
             at += count
 
     def materialize(self) -> memoryview:
-        """The transposed bytes, in a new buffer."""
-        return np.ascontiguousarray(self._matrices).data.cast("B")
+        """The transposed bytes, in a new buffer (empty for a part of no matrices)."""
+        # Flattened to bytes by numpy, not memoryview.cast: cast refuses a zero-sized view.
+        return np.ascontiguousarray(self._matrices).reshape(-1).view(np.uint8).data
 
 
 #: A byte part of a tensor: bytes as they are, or ``lora_B`` matrices transposed when written.

@@ -110,3 +110,27 @@ def test_write_range_is_any_slice_of_the_transposed_bytes() -> None:
         swapped.write_range(memoryview(bytearray(2)), len(whole), len(whole) + 2)
     with pytest.raises(ValueError, match="cannot hold"):
         swapped.write_range(memoryview(bytearray(4)), 0, 2)
+
+
+def test_an_empty_transposed_part_is_a_zero_length_piece() -> None:
+    """A ``lora_B`` part of no matrices writes nothing, whichever way the plan is written
+    (``materialize`` raised TypeError on it: numpy cannot cast a zero-sized view)."""
+    empty = SwappedMatrices(b"", 2, 5, 3)
+    assert empty.nbytes == 0
+    assert bytes(empty.materialize()) == b""
+    assert empty.materialize().format == "B"
+    empty.write_into(memoryview(bytearray(0)))
+    empty.write_range(memoryview(bytearray(0)), 0, 0)
+    whole = SwappedMatrices(bytes(range(2 * 5 * 3)), 2, 5, 3)
+    plan = PackPlan(
+        header=b"header",
+        parts=(b"ab", empty, whole, empty, memoryview(b"cd")),
+        nbytes=6 + 2 + whole.nbytes + 2,
+    )
+    expected = b"header" + b"ab" + bytes(whole.materialize()) + b"cd"
+    assert plan.tobytes() == expected
+    buffer = bytearray(plan.nbytes)
+    plan.write_into(memoryview(buffer))
+    assert bytes(buffer) == expected
+    windows = aligned_windows(plan, memoryview(bytearray(8)), 8)
+    assert b"".join(bytes(b) for _, buffers in windows for b in buffers) == expected
