@@ -2,7 +2,11 @@
 
 - :mod:`catalog.cache.policies`: ``EvictionPolicy`` and its implementations, ``POLICIES``,
   ``DEFAULT_POLICY``, ``make_policy``.
-- :mod:`catalog.cache.pack_cache`: ``PackCache``, pack bytes in LMDB under a byte budget.
+- :mod:`catalog.cache.pack_cache`: ``PackCache``, pack bytes in LMDB under a byte budget, put
+  together from its parts: ``environment`` (the LMDB environment), ``reads``, ``fills`` (the
+  miss path), ``pins`` (pins, holds, eviction), ``repair`` (corrupt copies), ``admission``
+  (at push), over ``cache_state`` (their shared state); ``layout``, ``chunk_reads`` and
+  ``chunk_writes`` are the on-disk format and the steps inside one transaction.
 - :mod:`catalog.cache.traces`: the request-trace file format and synthetic workloads.
 - :mod:`catalog.cache.replay`: ``simulate`` a trace through a policy, LRU and Belady
   (``loracat cache simulate``), and ``format_simulation``.
