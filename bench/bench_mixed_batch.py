@@ -200,6 +200,12 @@ def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
+def lora_kernels_config() -> str:
+    from engine_plugin import lora_kernels
+
+    return lora_kernels.CONFIG.text()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--targets", choices=["all", "qv"], default="all")
@@ -221,6 +227,9 @@ def main() -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="captured variants: auto = on CUDA only; on = also on CPU (run eagerly, a check)",
+    )
+    parser.add_argument(
+        "--tag", default="", help="appended to the results' name (e.g. a kernel config's run)"
     )
     add_device_argument(parser)
     args = parser.parse_args()
@@ -438,6 +447,8 @@ def main() -> None:
             "rank": args.rank,
             "targets": list(targets),
             "threads": args.threads,
+            # LORACAT_LORA_KERNELS as read (the kernels' launch settings; CUDA only).
+            "lora_kernels": lora_kernels_config(),
             "adapter_bytes": engine.host.nbytes // args.rows,
             "base_params": sum(p.numel() for p in base.parameters()),
             "load_average_at_start": os.getloadavg()[0],
@@ -564,6 +575,7 @@ def main() -> None:
     suffix += "" if args.threads == 1 else f"_t{args.threads}"
     suffix += "" if args.shape == "0.5b" else f"_{args.shape}"
     suffix += "" if not cuda else f"_cuda_r{args.rows}"
+    suffix += f"_{args.tag}" if args.tag else ""
     write_results(f"mixed_batch{suffix}", results)
     engine.close()
 

@@ -9,13 +9,18 @@ shape's base launches ~1,000 kernels a step and four more per wrapped module (16
 the engine 1.7x slower than its base. Under a CUDA graph the launch cost goes, and what is left
 is each kernel's own latency, so both the count and the length of the kernels matter:
 
-* **fused** (inputs up to ``FUSED_MAX_K`` features): one launch for the group. A program takes
+* **fused** (inputs up to ``KernelConfig.fused_max_k`` features): one launch for the group. A program takes
   ``BLOCK_M`` tokens of one row (one slot, so ``tl.dot`` on the tensor cores) and ``BLOCK_N``
   features of one output; it computes the tokens' shrink ``x @ A^T`` (``K * R`` a token,
   recomputed per output tile) and adds ``h @ B^T`` (Punica's SGMV shrink and expand, fused).
 * **split** (wider inputs, e.g. ``down_proj``): the shrink's ``K`` loop would be the kernel's
-  whole latency, so it is split over ``SPLIT_K`` chunks in parallel (partial sums in a small fp32
-  buffer), and a second launch sums them and adds ``h @ B^T``.
+  whole latency, so it is split over chunks of ``KernelConfig.split_chunk`` features in parallel
+  (partial sums in a small fp32 buffer), and a second launch sums them and adds ``h @ B^T``.
+
+Which of the two, and the tile sizes, are a ``KernelConfig``: the defaults were chosen on CPU
+reasoning and one H200 run; ``bench/bench_lora_kernels.py --device cuda`` times the
+alternatives per module group under a CUDA graph and prints the best as a
+``LORACAT_LORA_KERNELS`` value, which this module reads when it is imported.
 
 Routing is read from device tensors only (``index``: each row's slot; each output's column of
 the pool's ``scales``: each slot's scale, 0 for the zero slot and for empty slots), never from
@@ -31,8 +36,10 @@ and the reference the kernels are tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,12 +51,79 @@ _DISABLED = os.environ.get("LORACAT_TRITON", "1") == "0"
 #: interpreted from the moment it is imported (``tests/engine/conftest.py`` sets it on CPU
 #: machines before this module is imported).
 INTERPRET_ON_CPU = False
-#: Inputs up to this many features take the fused kernel; wider ones the split one.
-FUSED_MAX_K = 1024
-#: Features of the input each program of the split shrink reads.
-SPLIT_CHUNK = 512
 #: Outputs one launch serves (q/k/v).
 MAX_GROUP = 3
+_WARPS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How ``add_lora_group`` launches its kernels on a device.
+
+    ``fused_max_k``: inputs up to this many features take the fused kernel, wider ones the
+    split one (0: always split). ``fused_block_k``: features of the input a fused program
+    reads per step of its shrink loop. ``split_chunk``: features each program of the split
+    shrink reads, in steps of ``split_block_k``. ``num_warps``: per program, every launch.
+    Block sizes are powers of two of at least 16 (``tl.dot``'s least inner size).
+    """
+
+    fused_max_k: int = 1024
+    fused_block_k: int = 256
+    split_chunk: int = 512
+    split_block_k: int = 128
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("fused_block_k", "split_block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, not {value}")
+        if self.fused_max_k < 0:
+            raise ValueError(f"fused_max_k must be >= 0, not {self.fused_max_k}")
+        if self.split_chunk < self.split_block_k:
+            raise ValueError(
+                f"split_chunk ({self.split_chunk}) must be >= split_block_k ({self.split_block_k})"
+            )
+        if self.num_warps not in _WARPS:
+            raise ValueError(f"num_warps must be one of {_WARPS}, not {self.num_warps}")
+
+    @classmethod
+    def parse(cls, text: str) -> KernelConfig:
+        """``"fused_max_k=1024,split_chunk=256"``: the named fields, the rest at their defaults.
+
+        Raises:
+            ValueError: naming the item that is not ``field=integer`` of a known field, or the
+                value out of range.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep or name not in fields:
+                raise ValueError(f"{item!r} is not field=value with a field of {sorted(fields)}")
+            try:
+                values[name] = int(value)
+            except ValueError:
+                raise ValueError(f"{item!r}: the value is not an integer") from None
+        return cls(**values)
+
+    def text(self) -> str:
+        """The form ``parse`` reads (every field)."""
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _config_from_env() -> KernelConfig:
+    text = os.environ.get("LORACAT_LORA_KERNELS", "")
+    try:
+        return KernelConfig.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"LORACAT_LORA_KERNELS={text!r}: {exc}") from None
+
+
+#: What ``add_lora_group`` uses unless a call passes its own (``LORACAT_LORA_KERNELS``, read
+#: once, when this module is imported; an unreadable value is refused right there).
+CONFIG = _config_from_env()
 
 try:
     if _DISABLED:
@@ -426,6 +500,7 @@ def add_lora_group(
     scales: Sequence[torch.Tensor],
     index: torch.Tensor,
     rows: int,
+    config: KernelConfig | None = None,
 ) -> None:
     """For each output ``g``: ``outs[g][b, t] += scales[g][s_b] * x[b, t] @ lora_as[g][s_b]^T
     @ lora_bts[g][s_b]``, in place.
@@ -435,7 +510,8 @@ def add_lora_group(
     ``[S + 1, R, N_g]`` (one layer's slots; every ``lora_as[g]`` with the same strides);
     ``scales[g]`` ``[S + 1]`` (any stride, the same for all); ``index`` ``[rows]`` integer
     slots. Up to ``MAX_GROUP`` outputs.
-    Rows whose slot has scale 0 in an output are left as they are there.
+    Rows whose slot has scale 0 in an output are left as they are there. ``config``: how the
+    kernels launch (``CONFIG`` when None); the torch path ignores it.
     """
     if not kernel_available(x.device):
         for out, lora_a, lora_bt, scale in zip(outs, lora_as, lora_bts, scales, strict=True):
@@ -467,28 +543,31 @@ def add_lora_group(
     so = _padded([t.stride(0) for t in outs2], 0)
     br = _padded([t.stride(1) for t in lora_bts], 0)
     out_tiles = (rows * m_blocks, sum(n_blocks))
-    if k_features <= FUSED_MAX_K:
+    cfg = config or CONFIG
+    if k_features <= cfg.fused_max_k:
         _fused_group_kernel[out_tiles](
             x2, index, *a, *b, *o, *s, *n, nb[0], nb[1], *sb, *so, *br,
             tokens, k_features, m_blocks, x2.stride(0),
             a[0].stride(0), a[0].stride(1), s[0].stride(0),
             NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=min(256, max(64, _next_pow2(k_features))), IEEE=ieee,
+            BLOCK_K=min(cfg.fused_block_k, max(64, _next_pow2(k_features))), IEEE=ieee,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         return
-    chunks = -(-k_features // SPLIT_CHUNK)
+    chunks = -(-k_features // cfg.split_chunk)
     partial = torch.empty((num, chunks, total, rank_pad), dtype=torch.float32, device=x.device)
     _split_shrink_kernel[(rows * m_blocks, chunks, num)](
         x2, index, partial, *a, *s,
         tokens, total, k_features, m_blocks, x2.stride(0),
         a[0].stride(0), a[0].stride(1), s[0].stride(0),
-        NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_K=128,
-        CHUNK=SPLIT_CHUNK, IEEE=ieee,
+        NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_K=cfg.split_block_k,
+        CHUNK=cfg.split_chunk, IEEE=ieee, num_warps=cfg.num_warps,
     )  # fmt: skip
     _split_expand_kernel[out_tiles](
         partial, index, *b, *o, *s, *n, nb[0], nb[1], *sb, *so, *br,
         tokens, total, chunks, m_blocks, s[0].stride(0),
         NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
+        num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
@@ -500,9 +579,10 @@ def add_lora(
     scales: torch.Tensor,
     index: torch.Tensor,
     rows: int,
+    config: KernelConfig | None = None,
 ) -> None:
     """``add_lora_group`` for one output."""
-    add_lora_group(x, [out], [lora_a], [lora_bt], [scales], index, rows)
+    add_lora_group(x, [out], [lora_a], [lora_bt], [scales], index, rows, config)
 
 
 def add_lora_reference(

@@ -119,7 +119,7 @@ def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
         (2, 20, 96, (33, 17, 128), 16),
         (4, 1, 256, (300, 40), 8),
         (2, 70, 64, (130,), 1),
-        (3, 2, 1500, (70, 33), 4),  # wider than FUSED_MAX_K: the split shrink
+        (3, 2, 1500, (70, 33), 4),  # wider than CONFIG.fused_max_k: the split shrink
         (2, 40, 1100, (20, 200, 9), 16),
     ],
 )
@@ -157,6 +157,74 @@ def test_kernels_match_the_reference(
     for g in range(len(n)):
         assert rel_err(got[g].float(), want[g].float()) <= tolerance, g
         assert torch.equal(got[g][-1], outs[g][-1])  # the base row untouched
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "fused_max_k=0",  # every input through the split shrink, even a narrow one
+        "fused_max_k=0,split_chunk=32,split_block_k=16,num_warps=2",
+        "fused_max_k=4096,fused_block_k=32",  # a wide input through the fused kernel
+        "fused_max_k=4096,fused_block_k=512,num_warps=8",
+    ],
+)
+@pytest.mark.parametrize(("tokens", "k"), [(1, 96), (20, 1500)])
+def test_every_kernel_config_matches_the_reference(
+    interpreted: None, config: str, tokens: int, k: int
+) -> None:
+    """What ``bench_lora_kernels`` tries on a device computes what the default does."""
+    gen = torch.Generator().manual_seed(tokens + k)
+    rows, slots, rank, widths = 3, 4, 8, (40, 130)
+    lora_as = [torch.randn(slots + 1, rank, k, generator=gen) for _ in widths]
+    lora_bts = [torch.randn(slots + 1, rank, n, generator=gen) for n in widths]
+    scales = [torch.rand(slots + 1, generator=gen) for _ in widths]
+    for lora_a, lora_bt, scale in zip(lora_as, lora_bts, scales, strict=True):
+        lora_a[slots], lora_bt[slots], scale[slots] = 0, 0, 0
+    index = torch.tensor([2, slots, 0])
+    x = torch.randn(rows, tokens, k, generator=gen)
+    outs = [torch.randn(rows, tokens, n, generator=gen) for n in widths]
+    got = [o.clone() for o in outs]
+    want = [o.clone() for o in outs]
+    lora_kernels.add_lora_group(
+        x, got, lora_as, lora_bts, scales, index, rows, lora_kernels.KernelConfig.parse(config)
+    )
+    for g in range(len(widths)):
+        lora_kernels.add_lora_reference(x, want[g], lora_as[g], lora_bts[g], scales[g], index, rows)
+        assert rel_err(got[g], want[g]) <= 1e-5, g
+        assert torch.equal(got[g][1], outs[g][1])  # the base row untouched
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fused_block_k=48", "power of two"),
+        ("split_block_k=8", "power of two"),
+        ("split_chunk=64,split_block_k=128", "split_chunk"),
+        ("num_warps=3", "num_warps"),
+        ("fused_max_k=-1", "fused_max_k"),
+        ("fused_max=1024", "field=value"),
+        ("split_chunk", "field=value"),
+        ("split_chunk=big", "not an integer"),
+    ],
+)
+def test_kernel_config_refusals_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lora_kernels.KernelConfig.parse(text)
+
+
+def test_kernel_config_text_round_trips() -> None:
+    config = lora_kernels.KernelConfig.parse(" fused_max_k=0, num_warps=8 ,")
+    assert (config.fused_max_k, config.num_warps, config.split_chunk) == (0, 8, 512)
+    assert lora_kernels.KernelConfig.parse(config.text()) == config
+    assert lora_kernels.KernelConfig.parse("") == lora_kernels.KernelConfig()
+
+
+def test_an_unreadable_kernel_config_in_the_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LORACAT_LORA_KERNELS", "num_warps=5")
+    with pytest.raises(ValueError, match="LORACAT_LORA_KERNELS='num_warps=5': num_warps"):
+        lora_kernels._config_from_env()
 
 
 def test_kernel_reads_scales_through_a_strided_column(interpreted: None) -> None:
