@@ -36,18 +36,19 @@ Policies (``POLICIES``):
   resistant. Ranking by value per byte is the greedy answer to the knapsack that caching
   variable sizes is; the default exponent (0.6) keeps most of that gain in request hit rate
   while giving up less byte hit rate than 1.0 would. The half-life is about twice the number of
-  keys the workload touches, in requests. O(log n) (a heap with lazy deletion).
+  keys the workload touches, in requests. O(log n) (a heap with lazy deletion,
+  :mod:`catalog.cache.lazy_heap`, shared with ``gdsf``).
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 
+from catalog.cache.lazy_heap import Entry, LazyMinHeap
 from catalog.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -575,18 +576,11 @@ class GDSF(EvictionPolicy):
         super().__init__(capacity_bytes)
         self._clock = 0.0
         self._hits: dict[str, int] = {}
-        self._priority: dict[str, float] = {}  # unpinned resident keys only
-        self._heap: list[tuple[float, int, str]] = []
-        self._sequence = itertools.count()
+        self._ranking = LazyMinHeap()  # unpinned resident keys only
 
     def _push(self, key: str) -> None:
         # Sizes in MiB keep priorities readable; the ratio is all that matters.
-        priority = self._clock + self._hits[key] * 1_048_576 / self._sizes[key]
-        self._priority[key] = priority
-        heapq.heappush(self._heap, (priority, next(self._sequence), key))
-        if len(self._heap) > 2 * len(self._priority) + 1024:
-            self._heap = [entry for entry in self._heap if self._priority.get(entry[2]) == entry[0]]
-            heapq.heapify(self._heap)
+        self._ranking.push(key, self._clock + self._hits[key] * 1_048_576 / self._sizes[key])
 
     def _on_insert(self, key: str, size: int) -> None:
         self._hits[key] = 1
@@ -594,22 +588,19 @@ class GDSF(EvictionPolicy):
 
     def _on_hit(self, key: str) -> None:
         self._hits[key] += 1
-        if key in self._priority:
+        if key in self._ranking.priorities:
             self._push(key)
 
     def _choose_victims(self, bytes_needed: int) -> list[str]:
-        heap, current = self._heap, self._priority
-        while heap:
-            priority, _, key = heapq.heappop(heap)
-            if current.get(key) == priority:
-                del current[key]
-                del self._hits[key]
-                self._clock = priority
-                return [key]
-        raise _nothing_to_evict(self)
+        lowest = self._ranking.pop_lowest()
+        if lowest is None:
+            raise _nothing_to_evict(self)
+        self._clock, key = lowest
+        del self._hits[key]
+        return [key]
 
     def _unlink(self, key: str) -> None:
-        del self._priority[key]
+        self._ranking.remove(key)
 
     def _relink(self, key: str) -> None:
         self._push(key)
@@ -662,9 +653,7 @@ class SizeAwareLRFU(EvictionPolicy):
         self._growth = 1.0
         self._until_retune = 0
         self._value: dict[str, float] = {}  # decayed request count, resident or recently seen
-        self._priority: dict[str, float] = {}  # unpinned resident keys only
-        self._heap: list[tuple[float, int, str]] = []
-        self._sequence = itertools.count()
+        self._ranking = LazyMinHeap()  # unpinned resident keys only
 
     @property
     def remembered_keys(self) -> int:
@@ -701,9 +690,8 @@ class SizeAwareLRFU(EvictionPolicy):
             if value * factor >= floor or key in sizes
         }
         self._weight = 1.0
-        ranked = list(self._priority)
-        self._priority = {}
-        self._heap = []
+        ranked = self._ranking.keys()
+        self._ranking.clear()
         for key in ranked:
             self._push(key)
 
@@ -711,35 +699,27 @@ class SizeAwareLRFU(EvictionPolicy):
         return self._value[key] / math.pow(size, self._exponent)
 
     def _push(self, key: str) -> None:
-        priority = self._score(key, self._sizes[key])
-        self._priority[key] = priority
-        heapq.heappush(self._heap, (priority, next(self._sequence), key))
-        if len(self._heap) > 2 * len(self._priority) + 1024:
-            current = self._priority
-            self._heap = [entry for entry in self._heap if current.get(entry[2]) == entry[0]]
-            heapq.heapify(self._heap)
+        self._ranking.push(key, self._score(key, self._sizes[key]))
 
     def _should_admit(self, key: str, size: int) -> bool:
         self._count(key)
         shortfall = self._used + size - self._capacity
         if shortfall <= 0:
             return True
-        # Admit only if every item it would displace ranks below the candidate. Pop them to
-        # look, then put them back: victims() pops them again.
+        # Admit only if every item it would displace ranks below the candidate. Take them to
+        # look, then put them back: victims() takes them out. ``admit`` checked that the
+        # unpinned bytes cover the shortfall, so the heap does not run dry first.
         score = self._score(key, size)
-        heap, current, sizes = self._heap, self._priority, self._sizes
-        looked: list[tuple[float, int, str]] = []
+        ranking, sizes = self._ranking, self._sizes
+        looked: list[Entry] = []
         freed = 0
         while freed < shortfall:
-            entry = heapq.heappop(heap)
-            if current.get(entry[2]) != entry[0]:
-                continue  # stale
+            entry = ranking.take_lowest()
             looked.append(entry)
             if entry[0] >= score:
                 break
             freed += sizes[entry[2]]
-        for entry in looked:
-            heapq.heappush(heap, entry)
+        ranking.put_back(looked)
         return freed >= shortfall
 
     def _on_insert(self, key: str, size: int) -> None:
@@ -749,20 +729,17 @@ class SizeAwareLRFU(EvictionPolicy):
 
     def _on_hit(self, key: str) -> None:
         self._count(key)
-        if key in self._priority:
+        if key in self._ranking.priorities:
             self._push(key)
 
     def _choose_victims(self, bytes_needed: int) -> list[str]:
-        heap, current = self._heap, self._priority
-        while heap:
-            priority, _, key = heapq.heappop(heap)
-            if current.get(key) == priority:
-                del current[key]
-                return [key]
-        raise _nothing_to_evict(self)
+        lowest = self._ranking.pop_lowest()
+        if lowest is None:
+            raise _nothing_to_evict(self)
+        return [lowest[1]]
 
     def _unlink(self, key: str) -> None:
-        del self._priority[key]
+        self._ranking.remove(key)
 
     def _relink(self, key: str) -> None:
         self._push(key)

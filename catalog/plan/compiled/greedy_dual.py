@@ -40,7 +40,7 @@ def replay_gdsf(
     size = 0
     sequence = 0
     resident = np.zeros(keys, dtype=np.bool_)
-    ranked = np.zeros(keys, dtype=np.bool_)  # GDSF._priority holds the key
+    ranked = np.zeros(keys, dtype=np.bool_)  # GDSF._ranking (catalog.cache.lazy_heap) holds the key
     current = np.zeros(keys, dtype=np.float64)
     hit_count = np.zeros(keys, dtype=np.int64)
     charge_of = np.zeros(keys, dtype=np.int64)
@@ -120,10 +120,10 @@ def replay_lrfu_size(
     value = np.zeros(keys, dtype=np.float64)
     valued = np.zeros(keys, dtype=np.bool_)  # SizeAwareLRFU._value holds the key
     valued_count = 0
-    ranked = np.zeros(keys, dtype=np.bool_)  # SizeAwareLRFU._priority holds the key
+    ranked = np.zeros(keys, dtype=np.bool_)  # SizeAwareLRFU._ranking holds the key
     ranked_count = 0
     current = np.zeros(keys, dtype=np.float64)
-    # The order of SizeAwareLRFU._priority (a dict): when each key entered it.
+    # The order of SizeAwareLRFU._ranking.keys(): when each key entered it.
     entered = np.zeros(keys, dtype=np.int64)
     entries = 0
     weight = 1.0
