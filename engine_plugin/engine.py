@@ -35,7 +35,6 @@ import contextlib
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -44,7 +43,8 @@ import torch
 from torch import nn
 
 from catalog.errors import InvalidArgument, NotFound, ResourceExhausted
-from catalog.model import AdapterName, Ref, Revision, Selector
+from catalog.model import Ref, Revision, Selector
+from engine_plugin.bindings import References
 from engine_plugin.compatibility import AdapterFit
 from engine_plugin.experts import (
     PROJECTIONS,
@@ -80,10 +80,6 @@ from engine_plugin.targets import find_targets
 
 DEFAULT_HOST_BUDGET = 1 << 30
 _PLAN_CACHE_SIZE = 64
-_REF_CACHE_SIZE = 4096
-#: Past this many bindings, those whose revision holds no slot are dropped (their next use
-#: resolves through the catalog again), so a sweep over 10^5 names does not grow the table.
-_BINDINGS_LIMIT = 4096
 
 
 class ResidentEngine:
@@ -185,13 +181,7 @@ class ResidentEngine:
         self._cond = threading.Condition(threading.RLock())
         self.slots = SlotTable(num_slots, slot_policy)
         self.host = HostTier(host_budget_bytes, host_policy)
-        self._bindings: dict[str, Revision] = {}
-        # How many bindings name each digest, so "is this revision still bound?" is O(1) on
-        # the attach path instead of a scan of every binding (a 10^5-adapter sweep).
-        self._bound: Counter[str] = Counter()
-        self._exact: dict[str, Revision] = {}
-        self._pins: set[str] = set()
-        self._refs: dict[str, Ref] = {}
+        self._references = References()
         self._staging: dict[str, Future[StagedAdapter]] = {}
         self._plans: dict[tuple[tuple[int, ...], int], BatchPlan] = {}
         self.counters = {
@@ -275,7 +265,8 @@ class ResidentEngine:
         whole_name = "@" not in ref
         with self._cond:
             self._reclaimer.wait_for_clears()
-            mine = [k for k in self._bindings if self._refs_adapter(k) == parsed.adapter]
+            refs = self._references
+            mine = [(k, r) for k, r in refs.bindings() if refs.adapter_of(k) == parsed.adapter]
             if whole_name:
                 digests = {e.digest for e in self.slots if e.revision.adapter == parsed.adapter}
             else:
@@ -283,25 +274,25 @@ class ResidentEngine:
                 if known is None:
                     raise NotFound(f"{ref} is not attached to engine {self.engine_id}")
                 digests = {str(known.digest)}
-                mine = [k for k in mine if str(self._bindings[k].digest) in digests]
-            digests.update(str(self._bindings[k].digest) for k in mine)
+                mine = [(k, r) for k, r in mine if str(r.digest) in digests]
+            digests.update(str(r.digest) for _, r in mine)
             matched = [e for d in digests if (e := self.slots.get(d)) is not None]
             if not matched and not mine:
                 raise NotFound(f"{ref} is not attached to engine {self.engine_id}")
-            self._pins = {
+            resident = [e.revision for e in self.slots]
+            refs.pins = {
                 k
-                for k in self._pins
-                if self._refs_adapter(k) != parsed.adapter
-                or not (whole_name or self._pin_digest(k) in digests)
+                for k in refs.pins
+                if refs.adapter_of(k) != parsed.adapter
+                or not (whole_name or refs.pin_digest(k, resident) in digests)
             }
-            for key in mine:
-                self._unbind_key(key)
+            for key, _ in mine:
+                refs.unbind(key)
             self.counters["detaches"] += 1
             self._refresh_pins()
             # Identical bytes published under another name share the slot: keep it for them.
-            still_bound = {str(r.digest) for r in self._bindings.values()}
             for entry in matched:
-                if entry.digest not in still_bound:
+                if not refs.is_bound(entry.digest):
                     entry.retired = True
                     self._reclaimer.release_if_done(entry)
             detached = [e.revision for e in matched]
@@ -319,9 +310,9 @@ class ResidentEngine:
         parsed = self._parse(ref)
         entry = self._lease_ref(parsed)
         with self._cond:
-            self._pins.add(str(parsed))
+            self._references.pins.add(str(parsed))
             if parsed.selector is not Selector.ALIAS:
-                self._remember_exact(str(parsed), entry.revision)
+                self._references.remember_exact(str(parsed), entry.revision)
             self._refresh_pins()
             self._unlease(entry)
             return entry.revision
@@ -334,9 +325,9 @@ class ResidentEngine:
         """
         key = str(self._parse(ref))
         with self._cond:
-            if key not in self._pins:
+            if key not in self._references.pins:
                 raise NotFound(f"{ref} is not pinned on engine {self.engine_id}")
-            self._pins.discard(key)
+            self._references.pins.discard(key)
             self._refresh_pins()
             for entry in list(self.slots):
                 self._reclaimer.release_if_done(entry)
@@ -360,7 +351,8 @@ class ResidentEngine:
         """Run the model on a batch whose row ``i`` uses adapter ``adapters[i]`` (None: base).
 
         Adapters not resident are attached first. Extra keyword arguments go to the model
-        (``attention_mask``, ``past_key_values``, ``use_cache``...). Returns the model's output
+        (``attention_mask``, a KV cache under the model's own keyword, see
+        :mod:`engine_plugin.model_cache`, ``use_cache``...). Returns the model's output
         (``.logits`` ``[rows, tokens, vocab]``).
 
         Raises:
@@ -430,9 +422,9 @@ class ResidentEngine:
                 "slot_bytes": self.pool.nbytes,
                 "resident": resident,
                 "bindings": {
-                    k: f"{r.adapter}@{r.number}" for k, r in sorted(self._bindings.items())
+                    k: f"{r.adapter}@{r.number}" for k, r in sorted(self._references.bindings())
                 },
-                "pins": sorted(self._pins),
+                "pins": sorted(self._references.pins),
                 **self.counters,
                 "host": self.host.stats(),
                 "prefetch": vars(self._prefetcher.counters).copy(),
@@ -527,81 +519,25 @@ class ResidentEngine:
     # ------------------------------------------------------------------ references
 
     def _parse(self, ref: str) -> Ref:
-        parsed = self._refs.get(ref)
-        if parsed is None:
-            parsed = Ref.parse(ref)
-            if len(self._refs) >= _REF_CACHE_SIZE:
-                self._refs.clear()
-            self._refs[ref] = parsed
-        return parsed
-
-    def _refs_adapter(self, key: str) -> AdapterName:
-        return self._parse(key).adapter
+        return self._references.parse(ref)
 
     def _known(self, ref: Ref) -> Revision | None:
         """The revision ``ref`` means on this engine without asking the catalog (lock held)."""
-        key = str(ref)
-        if ref.selector is Selector.ALIAS:
-            return self._bindings.get(key)
-        known = self._exact.get(key)
-        if known is not None:
-            return known
-        for entry in self.slots:
-            revision = entry.revision
-            if revision.adapter != ref.adapter:
-                continue
-            if (ref.selector is Selector.REVISION and revision.number == int(ref.value)) or (
-                ref.selector is Selector.DIGEST and str(revision.digest).startswith(ref.value)
-            ):
-                self._remember_exact(key, revision)
-                return revision
-        return None
-
-    def _remember_exact(self, key: str, revision: Revision) -> None:
-        if len(self._exact) >= _REF_CACHE_SIZE:
-            self._exact.clear()  # a cache of immutable facts: dropping it only costs lookups
-        self._exact[key] = revision
-
-    def _pin_digest(self, key: str) -> str | None:
-        known = self._known(self._parse(key))
-        return str(known.digest) if known is not None else None
+        return self._references.known(ref, (e.revision for e in self.slots))
 
     def _bind(self, ref: Ref, revision: Revision) -> None:
         """Point alias reference ``ref`` at ``revision`` (an exact one is remembered); retire
         revisions that thereby lose their last binding (lock held)."""
-        keys = []
-        if ref.selector is Selector.ALIAS:
-            keys.append(str(ref))
-        else:
-            self._remember_exact(str(ref), revision)
-        if len(self._bindings) >= _BINDINGS_LIMIT:
-            held = {e.digest for e in self.slots}
-            for key in [k for k, r in self._bindings.items() if str(r.digest) not in held]:
-                self._unbind_key(key)
-        displaced = set()
-        for key in keys:
-            old = self._bindings.get(key)
-            if old is not None:
-                self._unbind_key(key)
-            self._bindings[key] = revision
-            self._bound[str(revision.digest)] += 1
-            if old is not None and old.digest != revision.digest:
-                displaced.add(str(old.digest))
+        displaced = self._references.bind(ref, revision, lambda: {e.digest for e in self.slots})
         self._refresh_pins()
-        for digest in (d for d in displaced if not self._bound[d]):
+        for digest in displaced:
             entry = self.slots.get(digest)
             if entry is not None:
                 entry.retired = True
                 self._reclaimer.release_if_done(entry, background=True)
 
-    def _unbind_key(self, key: str) -> None:
-        digest = str(self._bindings.pop(key).digest)
-        self._bound[digest] -= 1
-        if self._bound[digest] <= 0:
-            del self._bound[digest]
-
     def _refresh_pins(self) -> None:
-        pinned = {d for k in self._pins if (d := self._pin_digest(k)) is not None}
+        pinned = self._references.pinned_digests(e.revision for e in self.slots)
         for entry in self.slots.entries():
             entry.pinned = entry.digest in pinned
 
@@ -630,10 +566,10 @@ class ResidentEngine:
         entry = self._load(revision)
         with self._cond:
             if ref.selector is Selector.ALIAS:
-                if str(ref) not in self._bindings:
+                if self._references.bound(str(ref)) is None:
                     self._bind(ref, revision)
             else:
-                self._remember_exact(str(ref), revision)
+                self._references.remember_exact(str(ref), revision)
         return entry
 
     def _load(self, revision: Revision) -> SlotEntry:

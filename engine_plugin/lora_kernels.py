@@ -9,10 +9,11 @@ shape's base launches ~1,000 kernels a step and four more per wrapped module (16
 the engine 1.7x slower than its base. Under a CUDA graph the launch cost goes, and what is left
 is each kernel's own latency, so both the count and the length of the kernels matter:
 
-* **fused** (inputs up to ``KernelConfig.fused_max_k`` features): one launch for the group. A program takes
-  ``BLOCK_M`` tokens of one row (one slot, so ``tl.dot`` on the tensor cores) and ``BLOCK_N``
-  features of one output; it computes the tokens' shrink ``x @ A^T`` (``K * R`` a token,
-  recomputed per output tile) and adds ``h @ B^T`` (Punica's SGMV shrink and expand, fused).
+* **fused** (inputs up to ``KernelConfig.fused_max_k`` features): one launch for the group. A
+  program takes ``BLOCK_M`` tokens of one row (one slot, so ``tl.dot`` on the tensor cores) and
+  ``BLOCK_N`` features of one output; it computes the tokens' shrink ``x @ A^T`` (``K * R`` a
+  token, recomputed per output tile) and adds ``h @ B^T`` (Punica's SGMV shrink and expand,
+  fused).
 * **split** (wider inputs, e.g. ``down_proj``): the shrink's ``K`` loop would be the kernel's
   whole latency, so it is split over chunks of ``KernelConfig.split_chunk`` features in parallel
   (partial sums in a small fp32 buffer), and a second launch sums them and adds ``h @ B^T``.

@@ -56,7 +56,7 @@ def main() -> int:
             compile_variant(
                 kernels._split_shrink_kernel,
                 dtype,
-                {**common, "RANK": 8, "BLOCK_M": 64, "BLOCK_K": 128, "CHUNK": kernels.CONFIG.split_chunk},
+                {**common, "RANK": 8, "BLOCK_M": 64, "BLOCK_K": 128, "CHUNK": 512},
             )
             compile_variant(
                 kernels._split_expand_kernel, dtype, {**common, "BLOCK_M": 16, "BLOCK_N": 256}

@@ -329,9 +329,9 @@ def test_same_bytes_under_two_names_share_a_slot(llama: Arch) -> None:
 def test_bindings_of_evicted_revisions_are_pruned_past_the_limit(
     make_engine: Callable[..., ResidentEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine_plugin import engine as engine_module
+    from engine_plugin import bindings
 
-    monkeypatch.setattr(engine_module, "_BINDINGS_LIMIT", 2)
+    monkeypatch.setattr(bindings, "BINDINGS_LIMIT", 2)
     engine = make_engine(num_slots=1)
     ids = make_ids(1, 2)
     for name in ["t/qv-r8", "t/all-r4", "t/mlp-r16-rs"]:
