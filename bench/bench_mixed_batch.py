@@ -247,6 +247,7 @@ def main() -> None:
     from engine_plugin import LocalPackSource, ResidentEngine
     from engine_plugin import layers as lora_layers
     from engine_plugin.graphs import CapturedCall, GraphedDecoder
+    from engine_plugin.model_cache import cache_keyword, returned_cache
 
     targets = ALL_LINEARS if args.targets == "all" else ATTN_QV
     config = shape_config(args.shape)
@@ -327,14 +328,16 @@ def main() -> None:
     agreement = rel_diff(got, want)
     print(f"engine vs PEFT, LoRA delta of the last logits: relative difference {agreement:.2e}")
 
+    # The base, the engine's model and the PEFT models' base are one model class: one keyword.
+    cache_key = cache_keyword(base)
     caches: dict[str, Any] = {}
     with torch.inference_mode():
-        caches["base"] = base(input_ids=prompt, use_cache=True).past_key_values
-        caches["engine"] = engine.forward(prompt, names, use_cache=True).past_key_values
+        caches["base"] = returned_cache(base(input_ids=prompt, use_cache=True))
+        caches["engine"] = returned_cache(engine.forward(prompt, names, use_cache=True))
         for kind, model in pefts.items():
-            caches[kind] = model(
-                input_ids=prompt, adapter_names=names, use_cache=True
-            ).past_key_values
+            caches[kind] = returned_cache(
+                model(input_ids=prompt, adapter_names=names, use_cache=True)
+            )
 
     def decode(kind: str, run: Callable[[Any], Any]) -> Callable[[], Any]:
         def once() -> Any:
@@ -347,16 +350,16 @@ def main() -> None:
 
     def base_step(cache: Any) -> Any:
         with torch.inference_mode():
-            return base(input_ids=step, past_key_values=cache, use_cache=True)
+            return base(input_ids=step, **{cache_key: cache}, use_cache=True)
 
     def engine_step(cache: Any) -> Any:
-        return engine.forward(step, names, past_key_values=cache, use_cache=True)
+        return engine.forward(step, names, **{cache_key: cache}, use_cache=True)
 
     def peft_step(kind: str) -> Callable[[Any], Any]:
         def run(cache: Any) -> Any:
             with torch.inference_mode():
                 return pefts[kind](
-                    input_ids=step, adapter_names=names, past_key_values=cache, use_cache=True
+                    input_ids=step, adapter_names=names, **{cache_key: cache}, use_cache=True
                 )
 
         return run

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from engine_plugin.layers import BatchContext, BatchPlan
+from engine_plugin.model_cache import cache_kwargs
 
 if TYPE_CHECKING:
     from engine_plugin.engine import ResidentEngine
@@ -222,7 +223,7 @@ class GraphedDecoder:
             positions = torch.arange(tokens, device=self.device)
             out = self.model(
                 input_ids=input_ids.to(self.device),
-                past_key_values=bucket.cache,
+                **cache_kwargs(self.model, bucket.cache),
                 cache_position=positions,
                 use_cache=True,
                 logits_to_keep=1,
@@ -231,10 +232,12 @@ class GraphedDecoder:
             yield DecodeSession(self, bucket, out.logits[:, -1], tokens)
 
     def _step_fn(self, bucket: _Bucket) -> Callable[[], torch.Tensor]:
+        cache = cache_kwargs(self.model, bucket.cache)
+
         def step() -> torch.Tensor:
             out = self.model(
                 input_ids=bucket.ids,
-                past_key_values=bucket.cache,
+                **cache,
                 cache_position=bucket.position,
                 use_cache=True,
             )

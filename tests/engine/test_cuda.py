@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from engine_plugin.model_cache import cache_kwargs, returned_cache
 from tests.engine.conftest import Arch, make_ids, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,7 +30,8 @@ def test_mixed_batch_on_cuda_matches_peft(llama: Arch) -> None:
     ids = make_ids(len(MIXED), 7, seed=31)
     prompt = engine.forward(ids.cuda(), MIXED, use_cache=True)
     step = make_ids(len(MIXED), 1, seed=32)
-    logits = engine.forward(step.cuda(), MIXED, past_key_values=prompt.past_key_values).logits
+    cache = cache_kwargs(engine.model, returned_cache(prompt))
+    logits = engine.forward(step.cuda(), MIXED, **cache).logits
     full = torch.cat([ids, step], dim=1)
     for row, adapter in enumerate(MIXED):
         expected = llama.reference_logits(adapter, full[row : row + 1])[0, -1]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine_plugin import layers
+from engine_plugin.model_cache import cache_kwargs, returned_cache
 from tests.engine.conftest import ADAPTER_SPECS, Arch, make_ids, rel_err
 
 TOLERANCE = 1e-4
@@ -41,7 +42,7 @@ def test_decode_step_with_cache_matches_peft(arch: Arch) -> None:
     ids = make_ids(len(MIXED), 6, seed=2)
     prompt, step = ids[:, :5], ids[:, 5:]
     out = engine.forward(prompt, MIXED, use_cache=True)
-    logits = engine.forward(step, MIXED, past_key_values=out.past_key_values).logits
+    logits = engine.forward(step, MIXED, **cache_kwargs(engine.model, returned_cache(out))).logits
     for row, adapter in enumerate(MIXED):
         expected = arch.reference_logits(adapter, ids[row : row + 1])[0, -1]
         assert rel_err(logits[row, -1], expected) <= TOLERANCE, (row, adapter)

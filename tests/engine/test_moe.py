@@ -22,6 +22,7 @@ from catalog.errors import IncompatibleAdapter
 from catalog.pack import TensorBytes, import_peft_dir, read_pack, write_pack
 from engine_plugin import LocalPackSource, ResidentEngine
 from engine_plugin.experts import ExpertsTarget, MultiLoRAExperts, expert_routes
+from engine_plugin.model_cache import cache_kwargs, returned_cache
 from engine_plugin.staging import SlotRoute
 from tests import factories
 from tests.engine.conftest import Arch, make_ids, rel_err
@@ -205,7 +206,10 @@ def test_decode_steps_with_cache_match_peft(moe: MoeArch) -> None:
     out = engine.forward(prompt, MIXED, use_cache=True)
     for step in (5, 6):
         out = engine.forward(
-            ids[:, step : step + 1], MIXED, past_key_values=out.past_key_values, use_cache=True
+            ids[:, step : step + 1],
+            MIXED,
+            **cache_kwargs(engine.model, returned_cache(out)),
+            use_cache=True,
         )
         for row, adapter in enumerate(MIXED):
             expected = moe.reference_logits(adapter, ids[row : row + 1, : step + 1])[0, -1]
@@ -535,7 +539,9 @@ def test_mixed_batch_on_cuda(mixtral: MoeArch, dtype: torch.dtype, tolerance: fl
     )
     ids = make_ids(len(MIXED), 7, seed=41)
     prompt = engine.forward(ids[:, :6].cuda(), MIXED, use_cache=True)
-    step = engine.forward(ids[:, 6:].cuda(), MIXED, past_key_values=prompt.past_key_values)
+    step = engine.forward(
+        ids[:, 6:].cuda(), MIXED, **cache_kwargs(engine.model, returned_cache(prompt))
+    )
     for row, adapter in enumerate(MIXED):
         expected = mixtral.reference_logits(adapter, ids[row : row + 1])[0]
         got_prompt, got_step = prompt.logits[row].float(), step.logits[row, -1].float()
