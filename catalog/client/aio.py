@@ -3,48 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
-from catalog.client.address import default_target
-from catalog.client.answers import (
-    cache_entries,
-    checkpoint_doc,
-    gc_doc,
-    hint_from_pb,
-    prefetch_progress,
-    register_request,
-    reindex_doc,
-    stats_doc,
-    verify_doc,
-)
+from catalog.client import answers, requests
 from catalog.client.channel import channel_settings, open_aio_channel
-from catalog.client.errors import translated
+from catalog.client.errors import not_ready, translated
+from catalog.client.parallel_fetch import parallel_fetch
 from catalog.client.requests import (
+    DEFAULT_TIMEOUT,
+    TRANSFER_TIMEOUT,
     PackSource,
     ProgressCallback,
     PushResult,
-    alias_request,
-    check_range,
-    push_header,
-    push_requests,
     ref_text,
-    source_size_and_digest,
 )
-from catalog.client.sync import (
-    DEFAULT_TIMEOUT,
-    MIN_PARALLEL_RANGE,
-    TRANSFER_TIMEOUT,
-    _name,
-)
-from catalog.client.transfer import FETCH_PACK_METHOD, PackReceiver, serialize_request
-from catalog.convert import move_from_pb, revision_from_pb, summary_from_pb
-from catalog.digest import Digest
-from catalog.errors import DataLoss, Unavailable
-from catalog.hostmem import new_buffer
+from catalog.client.transfer import PackReceiver, fetch_request, raw_fetch_pack, write_pack_file
+from catalog.convert import move_from_pb, revision_from_pb
 from catalog.model import (
     AdapterName,
     AdapterSummary,
@@ -56,6 +34,21 @@ from catalog.model import (
     Ref,
     Revision,
 )
+
+T = TypeVar("T")
+
+
+async def _every_item(fetch_page: Callable[[str], Awaitable[Page[T]]]) -> AsyncIterator[T]:
+    """Walk a paged listing: ``await fetch_page(token)`` until a page has no ``next_token``
+    (``catalog.model.every_item``'s asyncio twin)."""
+    token = ""
+    while True:
+        page = await fetch_page(token)
+        for item in page.items:
+            yield item
+        if not page.next_token:
+            return
+        token = page.next_token
 
 
 class AsyncCatalogClient:
@@ -77,20 +70,22 @@ class AsyncCatalogClient:
         and ``tls_key`` answer a server that asks for mutual TLS (each falls back to its
         ``$LORACAT_*`` variable, see ``catalog.client.channel``). Raises ``InvalidArgument``."""
         settings = channel_settings(
-            default_target() if target is None else target,
-            token=token,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
+            target, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
         )
         self.target = settings.address
         self.timeout = timeout
         self._channel = open_aio_channel(settings)
         self._stub = pb_grpc.CatalogStub(self._channel)
         # FetchPack's messages arrive undecoded (see catalog.client.transfer).
-        self._fetch_pack = self._channel.unary_stream(
-            FETCH_PACK_METHOD, request_serializer=serialize_request, response_deserializer=None
-        )
+        self._fetch_pack = raw_fetch_pack(self._channel)
+
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None = None
+    ) -> T:
+        """``await method(request)`` of the stub under a deadline (``timeout``, else the
+        client's), its RPC error raised as the catalog's exception."""
+        with translated(self.target):
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
 
     async def push(
         self,
@@ -104,14 +99,11 @@ class AsyncCatalogClient:
         progress: ProgressCallback | None = None,
         timeout: float = TRANSFER_TIMEOUT,
     ) -> PushResult:
-        """As :meth:`CatalogClient.push`."""
-        size, digest = source_size_and_digest(pack)
-        header = push_header(name, size, digest, base_id, aliases, metadata, provenance)
-        with translated(self.target):
-            response = await self._stub.Push(
-                push_requests(pack, header, progress=progress), timeout=timeout
-            )
-        return PushResult(revision_from_pb(response.revision), response.created)
+        """As :meth:`CatalogClient.push`, always over the stream."""
+        options = (base_id, aliases, metadata, provenance)
+        header = requests.streamed_push_header(name, pack, options)
+        pushing = requests.push_requests(pack, header, progress=progress)
+        return answers.push_result(await self._call(self._stub.Push, pushing, timeout))
 
     async def push_peft_dir(
         self,
@@ -143,11 +135,8 @@ class AsyncCatalogClient:
 
     async def resolve(self, ref: Ref | str) -> Revision:
         """As :meth:`CatalogClient.resolve`."""
-        with translated(self.target):
-            msg = await self._stub.Resolve(
-                pb.ResolveRequest(ref=ref_text(ref)), timeout=self.timeout
-            )
-        return revision_from_pb(msg)
+        request = pb.ResolveRequest(ref=ref_text(ref))
+        return revision_from_pb(await self._call(self._stub.Resolve, request))
 
     async def list_adapters(
         self,
@@ -160,60 +149,35 @@ class AsyncCatalogClient:
         alias: str = "",
     ) -> Page[AdapterSummary]:
         """As :meth:`CatalogClient.list_adapters`."""
-        request = pb.ListAdaptersRequest(
-            prefix=prefix,
-            page_size=page_size,
-            page_token=page_token,
-            base_id=base_id,
-            tags=dict(tags or {}),
-            alias=alias,
+        request = requests.list_adapters_request(
+            prefix, page_size, page_token, base_id, tags, alias
         )
-        with translated(self.target):
-            response = await self._stub.ListAdapters(request, timeout=self.timeout)
-        return Page(tuple(summary_from_pb(s) for s in response.adapters), response.next_page_token)
+        return answers.adapters_page(await self._call(self._stub.ListAdapters, request))
 
-    async def iter_adapters(
+    def iter_adapters(
         self, prefix: str = "", *, page_size: int = 1000, **filters: Any
     ) -> AsyncIterator[AdapterSummary]:
         """As :meth:`CatalogClient.iter_adapters`."""
-        token = ""
-        while True:
-            page = await self.list_adapters(
+        return _every_item(
+            lambda token: self.list_adapters(
                 prefix, page_size=page_size, page_token=token, **filters
             )
-            for item in page.items:
-                yield item
-            if not page.next_token:
-                return
-            token = page.next_token
+        )
 
     async def list_revisions(
         self, name: AdapterName | str, *, page_size: int = 100, page_token: str = ""
     ) -> Page[Revision]:
         """As :meth:`CatalogClient.list_revisions`."""
-        with translated(self.target):
-            response = await self._stub.ListRevisions(
-                pb.ListRevisionsRequest(
-                    name=_name(name), page_size=page_size, page_token=page_token
-                ),
-                timeout=self.timeout,
-            )
-        return Page(
-            tuple(revision_from_pb(r) for r in response.revisions), response.next_page_token
-        )
+        request = requests.list_revisions_request(name, page_size, page_token)
+        return answers.revisions_page(await self._call(self._stub.ListRevisions, request))
 
-    async def iter_revisions(
+    def iter_revisions(
         self, name: AdapterName | str, *, page_size: int = 1000
     ) -> AsyncIterator[Revision]:
         """As :meth:`CatalogClient.iter_revisions`."""
-        token = ""
-        while True:
-            page = await self.list_revisions(name, page_size=page_size, page_token=token)
-            for item in page.items:
-                yield item
-            if not page.next_token:
-                return
-            token = page.next_token
+        return _every_item(
+            lambda token: self.list_revisions(name, page_size=page_size, page_token=token)
+        )
 
     async def set_alias(
         self,
@@ -224,11 +188,8 @@ class AsyncCatalogClient:
         expected: int | None = None,
     ) -> AliasMove:
         """As :meth:`CatalogClient.set_alias`."""
-        request = alias_request(name, alias, revision)
-        if expected is not None:
-            request.expected_revision = expected
-        with translated(self.target):
-            return move_from_pb(await self._stub.SetAlias(request, timeout=self.timeout))
+        request = requests.alias_request(name, alias, revision, expected)
+        return move_from_pb(await self._call(self._stub.SetAlias, request))
 
     async def rollback(
         self,
@@ -239,19 +200,13 @@ class AsyncCatalogClient:
         to: int | str = "",
     ) -> AliasMove:
         """As :meth:`CatalogClient.rollback`."""
-        request = pb.RollbackRequest(name=_name(name), alias=alias, to=str(to) if to else "")
-        if expected is not None:
-            request.expected_revision = expected
-        with translated(self.target):
-            return move_from_pb(await self._stub.Rollback(request, timeout=self.timeout))
+        request = requests.rollback_request(name, alias, expected, to)
+        return move_from_pb(await self._call(self._stub.Rollback, request))
 
     async def alias_history(self, name: AdapterName | str, alias: str = "") -> list[AliasMove]:
         """As :meth:`CatalogClient.alias_history`."""
-        with translated(self.target):
-            response = await self._stub.AliasHistory(
-                pb.AliasHistoryRequest(name=_name(name), alias=alias), timeout=self.timeout
-            )
-        return [move_from_pb(m) for m in response.moves]
+        request = pb.AliasHistoryRequest(name=requests.adapter_text(name), alias=alias)
+        return answers.alias_moves(await self._call(self._stub.AliasHistory, request))
 
     async def set_metadata(
         self,
@@ -261,27 +216,20 @@ class AsyncCatalogClient:
         remove: list[str] | tuple[str, ...] = (),
     ) -> Revision:
         """As :meth:`CatalogClient.set_metadata`."""
-        request = pb.SetMetadataRequest(
-            ref=ref_text(ref), metadata=dict(metadata or {}), remove=list(remove)
-        )
-        with translated(self.target):
-            return revision_from_pb(await self._stub.SetMetadata(request, timeout=self.timeout))
+        request = requests.set_metadata_request(ref, metadata, remove)
+        return revision_from_pb(await self._call(self._stub.SetMetadata, request))
 
     async def delete(
         self, ref: Ref | str, *, all_revisions: bool = False, force: bool = False
     ) -> list[int]:
         """As :meth:`CatalogClient.delete`."""
         request = pb.DeleteRequest(ref=ref_text(ref), all_revisions=all_revisions, force=force)
-        with translated(self.target):
-            response = await self._stub.Delete(request, timeout=self.timeout)
-        return list(response.deleted)
+        return list((await self._call(self._stub.Delete, request)).deleted)
 
     async def purge(self, name: AdapterName | str) -> int:
         """As :meth:`CatalogClient.purge`."""
-        request = pb.PurgeRequest(name=_name(name))
-        with translated(self.target):
-            response = await self._stub.Purge(request, timeout=self.timeout)
-        return int(response.revisions)
+        request = pb.PurgeRequest(name=requests.adapter_text(name))
+        return int((await self._call(self._stub.Purge, request)).revisions)
 
     async def fetch_with_revision(
         self,
@@ -296,7 +244,7 @@ class AsyncCatalogClient:
     ) -> tuple[Revision, memoryview]:
         """As :meth:`CatalogClient.fetch_with_revision`: ``parallel`` > 1 fetches a whole pack
         as that many ranges on concurrent streams, named by digest, into one buffer."""
-        check_range(offset, length)
+        requests.check_range(offset, length)
         if parallel > 1 and offset == 0 and length == 0:
             return await self._fetch_parallel(ref, parallel, verify, progress, timeout)
         receiver = PackReceiver(ref_text(ref), offset, length, verify=verify)
@@ -305,11 +253,8 @@ class AsyncCatalogClient:
     async def _fetch_stream(
         self, receiver: PackReceiver, progress: ProgressCallback | None, timeout: float
     ) -> tuple[Revision, memoryview]:
-        request = pb.FetchPackRequest(
-            ref=receiver.ref, offset=receiver.offset, length=receiver.length
-        )
         with translated(self.target):
-            async for raw in self._fetch_pack(request, timeout=timeout):
+            async for raw in self._fetch_pack(fetch_request(receiver), timeout=timeout):
                 receiver.add(raw)
                 if progress:
                     progress(receiver.received, receiver.expected)
@@ -324,32 +269,17 @@ class AsyncCatalogClient:
         timeout: float,
     ) -> tuple[Revision, memoryview]:
         revision = ref if isinstance(ref, Revision) else await self.resolve(ref)
-        pinned = f"{revision.adapter}@{revision.digest}"
-        size = revision.size_bytes
-        span = max(MIN_PARALLEL_RANGE, -(-size // parallel))
-        if span >= size:
-            return await self._fetch_stream(
-                PackReceiver(pinned, 0, 0, verify=verify), progress, timeout
-            )
-        buffer = memoryview(new_buffer(size))
-        done = [0]
+        ranges = parallel_fetch(revision, parallel, verify=verify)
+        if ranges is None:
+            whole = PackReceiver(requests.pinned_ref(revision), 0, 0, verify=verify)
+            return await self._fetch_stream(whole, progress, timeout)
 
-        async def fetch_range(start: int) -> None:
-            into = buffer[start : min(size, start + span)]
-            receiver = PackReceiver(pinned, start, span, verify=False, into=into)
+        async def fetch_range(receiver: PackReceiver) -> None:
             await self._fetch_stream(receiver, None, timeout)
-            done[0] += receiver.received
-            if progress:
-                progress(done[0], size)
+            ranges.landed(receiver, progress)  # tasks of one loop: one call at a time
 
-        await asyncio.gather(*(fetch_range(start) for start in range(0, size, span)))
-        if verify:
-            actual = await asyncio.to_thread(Digest.of, buffer, revision.digest.algorithm)
-            if actual != revision.digest:
-                raise DataLoss(
-                    f"fetch of {pinned}: bytes hash to {actual}, expected {revision.digest}"
-                )
-        return revision, buffer.toreadonly()
+        await asyncio.gather(*(fetch_range(receiver) for receiver in ranges.receivers()))
+        return await asyncio.to_thread(ranges.result)
 
     async def fetch(
         self,
@@ -381,46 +311,39 @@ class AsyncCatalogClient:
     async def fetch_to(self, ref: Ref | Revision | str, dest: Path, **options: Any) -> Revision:
         """As :meth:`CatalogClient.fetch_to` (the file is written on a worker thread)."""
         revision, data = await self.fetch_with_revision(ref, **options)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        await asyncio.to_thread(tmp.write_bytes, data)
-        tmp.replace(dest)
+        await asyncio.to_thread(write_pack_file, dest, data)
         return revision
 
     # -- administration ---------------------------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
         """As :meth:`CatalogClient.stats`."""
-        with translated(self.target):
-            return stats_doc(await self._stub.Stats(pb.StatsRequest(), timeout=self.timeout))
+        return answers.stats_doc(await self._call(self._stub.Stats, pb.StatsRequest()))
 
     async def gc(
         self, *, dry_run: bool = False, timeout: float = TRANSFER_TIMEOUT
     ) -> dict[str, Any]:
         """As :meth:`CatalogClient.gc`."""
-        with translated(self.target):
-            response = await self._stub.GarbageCollect(
-                pb.GarbageCollectRequest(dry_run=dry_run), timeout=timeout
-            )
-        return gc_doc(response, dry_run)
+        request = pb.GarbageCollectRequest(dry_run=dry_run)
+        response = await self._call(self._stub.GarbageCollect, request, timeout)
+        return answers.gc_doc(response, dry_run)
 
     async def verify(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """As :meth:`CatalogClient.verify`."""
-        with translated(self.target):
-            return verify_doc(await self._stub.Verify(pb.VerifyRequest(), timeout=timeout))
+        response = await self._call(self._stub.Verify, pb.VerifyRequest(), timeout)
+        return answers.verify_doc(response)
 
     async def reindex(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """As :meth:`CatalogClient.reindex`."""
-        with translated(self.target):
-            return reindex_doc(await self._stub.Reindex(pb.ReindexRequest(), timeout=timeout))
+        response = await self._call(self._stub.Reindex, pb.ReindexRequest(), timeout)
+        return answers.reindex_doc(response)
 
     async def checkpoint(
         self, *, keep: int = 0, timeout: float = TRANSFER_TIMEOUT
     ) -> dict[str, Any]:
         """As :meth:`CatalogClient.checkpoint`."""
-        with translated(self.target):
-            return checkpoint_doc(
-                await self._stub.Checkpoint(pb.CheckpointRequest(keep=keep), timeout=timeout)
-            )
+        request = pb.CheckpointRequest(keep=keep)
+        return answers.checkpoint_doc(await self._call(self._stub.Checkpoint, request, timeout))
 
     # -- the NVMe tier -----------------------------------------------------------------------
 
@@ -433,39 +356,25 @@ class AsyncCatalogClient:
         timeout: float = TRANSFER_TIMEOUT,
     ) -> AsyncIterator[PrefetchProgress]:
         """As :meth:`CatalogClient.prefetch`."""
-        request = pb.PrefetchRequest(
-            refs=[ref_text(r) for r in refs], priority=priority, deadline_s=deadline_s
-        )
+        request = requests.prefetch_request(refs, priority, deadline_s)
         with translated(self.target):
             async for item in self._stub.Prefetch(request, timeout=timeout):
-                yield prefetch_progress(item)
+                yield answers.prefetch_progress(item)
 
     async def pin_pack(self, ref: Ref | str) -> Revision:
         """As :meth:`CatalogClient.pin_pack`."""
-        with translated(self.target):
-            return revision_from_pb(
-                await self._stub.PinPack(
-                    pb.PackRefRequest(ref=ref_text(ref)), timeout=TRANSFER_TIMEOUT
-                )
-            )
+        request = requests.pack_ref_request(ref)
+        return revision_from_pb(await self._call(self._stub.PinPack, request, TRANSFER_TIMEOUT))
 
     async def unpin_pack(self, ref: Ref | str) -> Revision:
         """As :meth:`CatalogClient.unpin_pack`."""
-        with translated(self.target):
-            return revision_from_pb(
-                await self._stub.UnpinPack(
-                    pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout
-                )
-            )
+        request = requests.pack_ref_request(ref)
+        return revision_from_pb(await self._call(self._stub.UnpinPack, request))
 
     async def evict_pack(self, ref: Ref | str) -> Revision:
         """As :meth:`CatalogClient.evict_pack`."""
-        with translated(self.target):
-            return revision_from_pb(
-                await self._stub.EvictPack(
-                    pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout
-                )
-            )
+        request = requests.pack_ref_request(ref)
+        return revision_from_pb(await self._call(self._stub.EvictPack, request))
 
     async def export_peft_dir(
         self,
@@ -479,24 +388,13 @@ class AsyncCatalogClient:
         timeout: float = TRANSFER_TIMEOUT,
     ) -> tuple[Revision, int]:
         """As :meth:`CatalogClient.export_peft_dir`."""
-        request = pb.ExportPeftDirRequest(
-            ref=ref_text(ref),
-            dest=str(dest),
-            nonce=nonce,
-            fsync=fsync,
-            served_base=served_base,
-            max_rank=max_rank,
-        )
-        with translated(self.target):
-            response = await self._stub.ExportPeftDir(request, timeout=timeout)
-        return revision_from_pb(response.revision), response.bytes_written
+        request = requests.export_peft_dir_request(ref, dest, nonce, fsync, served_base, max_rank)
+        return answers.exported(await self._call(self._stub.ExportPeftDir, request, timeout))
 
     async def list_cache(self) -> list[dict[str, Any]]:
         """As :meth:`CatalogClient.list_cache`."""
-        with translated(self.target):
-            return cache_entries(
-                await self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout)
-            )
+        response = await self._call(self._stub.ListCache, pb.ListCacheRequest())
+        return answers.cache_entries(response)
 
     async def export_requests(
         self, *, since: float = 0.0, engine: str = "", timeout: float = TRANSFER_TIMEOUT
@@ -505,15 +403,9 @@ class AsyncCatalogClient:
         request = pb.ExportRequestsRequest(since=since, engine=engine)
         with translated(self.target):
             return [
-                {
-                    "time": r.time,
-                    "kind": r.kind,
-                    "ref": r.ref,
-                    "size_bytes": r.size_bytes,
-                    "engine": r.engine,
-                }
+                record
                 async for message in self._stub.ExportRequests(request, timeout=timeout)
-                for r in message.requests
+                for record in answers.request_records(message)
             ]
 
     # -- engines ----------------------------------------------------------------------------
@@ -525,7 +417,7 @@ class AsyncCatalogClient:
         try:
             with translated(self.target):
                 async for hint in call:
-                    yield hint_from_pb(hint)
+                    yield answers.hint_from_pb(hint)
         finally:
             call.cancel()
 
@@ -533,11 +425,8 @@ class AsyncCatalogClient:
         self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int = 0
     ) -> None:
         """As :meth:`CatalogClient.register_engine`."""
-        with translated(self.target):
-            await self._stub.RegisterEngine(
-                register_request(engine_id, base_id, num_slots, max_rank, host_bytes),
-                timeout=self.timeout,
-            )
+        request = requests.register_request(engine_id, base_id, num_slots, max_rank, host_bytes)
+        await self._call(self._stub.RegisterEngine, request)
 
     async def report_residency(
         self,
@@ -548,18 +437,8 @@ class AsyncCatalogClient:
         tiers: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         """As :meth:`CatalogClient.report_residency`."""
-        for text in (*gpu, *host):
-            Digest.parse(text)
-        with translated(self.target):
-            await self._stub.ReportResidency(
-                pb.ReportResidencyRequest(
-                    engine_id=engine_id,
-                    gpu=gpu,
-                    host=host,
-                    tiers=[pb.TierStats(**tier) for tier in tiers],
-                ),
-                timeout=self.timeout,
-            )
+        request = requests.residency_request(engine_id, gpu, host, tiers)
+        await self._call(self._stub.ReportResidency, request)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -568,7 +447,7 @@ class AsyncCatalogClient:
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except TimeoutError:
-            raise Unavailable(f"catalog at {self.target} is unavailable") from None
+            raise not_ready(self.target) from None
 
     async def close(self) -> None:
         await self._channel.close()

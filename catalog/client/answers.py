@@ -1,7 +1,8 @@
-"""Responses of the administrative RPCs as the plain dicts both clients return.
+"""Responses as the model types and plain dicts both clients return.
 
 One function per response, shared by the sync and the asyncio client so their answers are the
-same shape (``loracat ... --json`` prints them).
+same shape (``loracat ... --json`` prints the dicts). ``catalog.client.requests`` builds the
+requests.
 """
 
 from __future__ import annotations
@@ -9,7 +10,44 @@ from __future__ import annotations
 from typing import Any
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
-from catalog.model import Hint, PrefetchProgress
+from catalog.client.requests import PushResult
+from catalog.convert import move_from_pb, revision_from_pb, summary_from_pb
+from catalog.model import AdapterSummary, AliasMove, Hint, Page, PrefetchProgress, Revision
+
+
+def push_result(response: pb.PushResponse) -> PushResult:
+    return PushResult(revision_from_pb(response.revision), response.created)
+
+
+def adapters_page(response: pb.ListAdaptersResponse) -> Page[AdapterSummary]:
+    return Page(tuple(summary_from_pb(s) for s in response.adapters), response.next_page_token)
+
+
+def revisions_page(response: pb.ListRevisionsResponse) -> Page[Revision]:
+    return Page(tuple(revision_from_pb(r) for r in response.revisions), response.next_page_token)
+
+
+def alias_moves(response: pb.AliasHistoryResponse) -> list[AliasMove]:
+    return [move_from_pb(m) for m in response.moves]
+
+
+def exported(response: pb.ExportPeftDirResponse) -> tuple[Revision, int]:
+    """The revision a PEFT export wrote and the files' total size."""
+    return revision_from_pb(response.revision), response.bytes_written
+
+
+def request_records(message: pb.RecordedRequests) -> list[dict[str, Any]]:
+    """One message of the server's request record as ``export_requests`` rows."""
+    return [
+        {
+            "time": r.time,
+            "kind": r.kind,
+            "ref": r.ref,
+            "size_bytes": r.size_bytes,
+            "engine": r.engine,
+        }
+        for r in message.requests
+    ]
 
 
 def stats_doc(response: pb.StatsResponse) -> dict[str, Any]:
@@ -91,15 +129,3 @@ def prefetch_progress(item: pb.PrefetchProgress) -> PrefetchProgress:
 
 def hint_from_pb(hint: pb.Hint) -> Hint:
     return Hint(hint.kind, hint.ref, hint.digest, hint.base_id, hint.reason, hint.at)
-
-
-def register_request(
-    engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int
-) -> pb.RegisterEngineRequest:
-    return pb.RegisterEngineRequest(
-        engine_id=engine_id,
-        base_id=base_id,
-        num_slots=num_slots,
-        max_rank=max_rank,
-        host_bytes=host_bytes,
-    )

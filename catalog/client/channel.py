@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from catalog.client.address import parse_address
+from catalog.client.address import default_target, parse_address
 from catalog.client.requests import CHANNEL_OPTIONS
 from catalog.errors import InvalidArgument
 
@@ -52,14 +52,15 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 
 
 def channel_settings(
-    target: str,
+    target: str | None,
     *,
     token: str | None = None,
     tls_ca: str | Path | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
 ) -> ChannelSettings:
-    """Settings for ``target`` (``host:port``, ``grpc://host:port`` or ``grpcs://host:port``);
+    """Settings for ``target`` (``host:port``, ``grpc://host:port`` or ``grpcs://host:port``;
+    None: ``$LORACAT_SERVER``, else ``127.0.0.1:7070``, see ``catalog.client.address``);
     arguments left None fall back to ``$LORACAT_TOKEN``, ``$LORACAT_TLS_CA``,
     ``$LORACAT_TLS_CERT`` and ``$LORACAT_TLS_KEY``.
 
@@ -70,7 +71,8 @@ def channel_settings(
     tls_ca = os.environ.get(TLS_CA_ENV) if tls_ca is None else tls_ca
     tls_cert = os.environ.get(TLS_CERT_ENV) if tls_cert is None else tls_cert
     tls_key = os.environ.get(TLS_KEY_ENV) if tls_key is None else tls_key
-    address, tls = parse_address(target)  # host, host:port, grpc:// and grpcs:// URLs
+    # host, host:port, grpc:// and grpcs:// URLs
+    address, tls = parse_address(default_target() if target is None else target)
     if bool(tls_cert) != bool(tls_key):
         raise InvalidArgument("a TLS client certificate needs its key, and a key its certificate")
     if token is not None and (

@@ -59,6 +59,7 @@ from catalog.cache.layout import (
 )
 from catalog.client.errors import error_from_rpc, translated
 from catalog.client.mapped_files import MappedFiles
+from catalog.client.requests import TRANSFER_TIMEOUT
 from catalog.convert import revision_from_pb
 from catalog.digest import Digest
 from catalog.errors import DataLoss, PermissionDenied, ResourceExhausted
@@ -79,8 +80,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-#: A lease's RPCs may wait for a cold pack's durable read: as long as a streamed fetch may.
-TRANSFER_TIMEOUT = 3600.0
 #: Unleased reads are reported this many seconds after the first of a batch ...
 REPORT_DELAY_S = 0.5
 #: ... or as soon as this many are waiting (the catalog takes at most 1024 per report).
@@ -393,6 +392,7 @@ class ColocatedPath:
         for attempt in range(2):
             try:
                 with translated(self._target):
+                    # it may wait for a cold pack's durable read, as a streamed fetch may
                     lease = self._stub.LeasePack(
                         pb.LeasePackRequest(ref=ref, ttl_s=self.lease_ttl_s),
                         timeout=TRANSFER_TIMEOUT,

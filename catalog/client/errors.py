@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from catalog.errors import CatalogError, all_error_classes, error_for_code
+from catalog.errors import CatalogError, Unavailable, all_error_classes, error_for_code
 
 ERROR_CLASS_KEY = "loracat-error"
 
@@ -27,6 +27,11 @@ def error_from_rpc(exc: grpc.RpcError, target: str) -> CatalogError:
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"catalog at {target} did not answer in time: {details}"
     return cls(details or code.name.lower())
+
+
+def not_ready(target: str) -> Unavailable:
+    """The error of a client whose channel did not connect in time."""
+    return Unavailable(f"catalog at {target} is unavailable")
 
 
 @contextmanager

@@ -7,7 +7,7 @@ Every method returns catalog model types and raises ``CatalogError`` subclasses 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,46 +16,23 @@ import grpc
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog._proto.loracat.v1 import catalog_pb2_grpc as pb_grpc
-from catalog.client.address import default_target
-from catalog.client.answers import (
-    cache_entries,
-    checkpoint_doc,
-    gc_doc,
-    hint_from_pb,
-    prefetch_progress,
-    register_request,
-    reindex_doc,
-    stats_doc,
-    verify_doc,
-)
+from catalog.client import answers, requests
 from catalog.client.channel import channel_settings, open_channel
 from catalog.client.colocated import ColocatedPath
-from catalog.client.errors import translated
+from catalog.client.errors import not_ready, translated
 from catalog.client.local_push import InboxPush
+from catalog.client.parallel_fetch import parallel_fetch
 from catalog.client.requests import (
+    DEFAULT_TIMEOUT,
+    TRANSFER_TIMEOUT,
     PackSource,
     ProgressCallback,
+    PushOptions,
     PushResult,
-    alias_request,
-    check_range,
-    push_header,
-    push_requests,
     ref_text,
-    source_size_and_digest,
 )
-from catalog.client.transfer import (
-    FETCH_PACK_METHOD,
-    PackReceiver,
-    serialize_request,
-)
-from catalog.convert import (
-    move_from_pb,
-    revision_from_pb,
-    summary_from_pb,
-)
-from catalog.digest import Digest
-from catalog.errors import DataLoss, Unavailable
-from catalog.hostmem import new_buffer
+from catalog.client.transfer import PackReceiver, fetch_request, raw_fetch_pack, write_pack_file
+from catalog.convert import move_from_pb, revision_from_pb
 from catalog.model import (
     AdapterName,
     AdapterSummary,
@@ -70,15 +47,7 @@ from catalog.model import (
 )
 from catalog.pack import PackPlan
 
-DEFAULT_TIMEOUT = 30.0
-#: A push's options as :func:`push_header` takes them: base_id, aliases, metadata, provenance.
-_PushOptions = tuple[
-    str, list[str] | tuple[str, ...], dict[str, str] | None, PushProvenance | None
-]
-#: Ranges of a parallel fetch are at least this large; smaller packs use one stream.
-MIN_PARALLEL_RANGE = 4 << 20
-TRANSFER_TIMEOUT = 3600.0
-
+__all__ = ["DEFAULT_TIMEOUT", "TRANSFER_TIMEOUT", "CatalogClient", "HintStream"]
 
 T = TypeVar("T")
 
@@ -93,21 +62,17 @@ class HintStream:
     def __iter__(self) -> Iterator[Hint]:
         with translated(self._target):
             for hint in self._call:
-                yield hint_from_pb(hint)
+                yield answers.hint_from_pb(hint)
 
     def cancel(self) -> None:
         self._call.cancel()
-
-
-def _name(adapter: AdapterName | str) -> str:
-    return str(AdapterName.parse(adapter) if isinstance(adapter, str) else adapter)
 
 
 def _leased_ref(ref: Ref | Revision | str) -> str:
     """The reference a lease names: a revision by its digest, so the bytes leased are the
     ones the caller resolved."""
     if isinstance(ref, Revision):
-        return f"{ref.adapter}@{ref.digest}"
+        return requests.pinned_ref(ref)
     return ref_text(ref)
 
 
@@ -135,20 +100,14 @@ class CatalogClient:
         host, its environment readable here; see ``catalog.client.colocated``), with gRPC for
         control only; ``colocated=False`` always streams the bytes over gRPC."""
         settings = channel_settings(
-            default_target() if target is None else target,
-            token=token,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
+            target, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
         )
         self.target = settings.address
         self.timeout = timeout
         self._channel = open_channel(settings)
         self._stub = pb_grpc.CatalogStub(self._channel)
         # FetchPack's messages arrive undecoded (see catalog.client.transfer).
-        self._fetch_pack = self._channel.unary_stream(
-            FETCH_PACK_METHOD, request_serializer=serialize_request, response_deserializer=None
-        )
+        self._fetch_pack = raw_fetch_pack(self._channel)
         #: The colocated read path (``None``: disabled); decides on the first fetch.
         self.colocated = (
             ColocatedPath(self._stub, self.target, timeout=timeout) if colocated else None
@@ -161,6 +120,12 @@ class CatalogClient:
         """The colocated push path (``None`` with ``colocated=False``): why pushes stream
         (``reason``), ``counters`` and ``timings``."""
         return self._inbox
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        """``method(request)`` of the stub under a deadline (``timeout``, else the client's),
+        its RPC error raised as the catalog's exception."""
+        with translated(self.target):
+            return method(request, timeout=self.timeout if timeout is None else timeout)
 
     # -- revisions --------------------------------------------------------------------------
 
@@ -229,7 +194,7 @@ class CatalogClient:
         self,
         name: AdapterName | str,
         pack: PackSource | PackPlan,
-        options: _PushOptions,
+        options: PushOptions,
         progress: ProgressCallback | None,
         timeout: float,
     ) -> PushResult | None:
@@ -240,39 +205,32 @@ class CatalogClient:
             size = pack.nbytes
         else:
             size = pack.stat().st_size if isinstance(pack, Path) else len(pack)
-        header = push_header(name, size, None, *options)
+        header = requests.push_header(name, size, None, *options)
         with translated(self.target):
             pushed = self._inbox.push(pack, header, timeout)
         if pushed is None:
             return None
         if progress:
             progress(size, size)
-        return PushResult(revision_from_pb(pushed.revision), pushed.created)
+        return answers.push_result(pushed)
 
     def _push_stream(
         self,
         name: AdapterName | str,
         pack: PackSource,
-        options: _PushOptions,
+        options: PushOptions,
         progress: ProgressCallback | None,
         timeout: float,
     ) -> PushResult:
         """The push over the gRPC byte stream, its digest stated ahead."""
-        base_id, aliases, metadata, provenance = options
-        size, digest = source_size_and_digest(pack)
-        header = push_header(name, size, digest, base_id, aliases, metadata, provenance)
-        with translated(self.target):
-            response = self._stub.Push(
-                push_requests(pack, header, progress=progress), timeout=timeout
-            )
-        return PushResult(revision_from_pb(response.revision), response.created)
+        header = requests.streamed_push_header(name, pack, options)
+        pushing = requests.push_requests(pack, header, progress=progress)
+        return answers.push_result(self._call(self._stub.Push, pushing, timeout))
 
     def resolve(self, ref: Ref | str) -> Revision:
         """The live revision ``ref`` names. Raises ``InvalidReference``, ``NotFound``."""
-        with translated(self.target):
-            return revision_from_pb(
-                self._stub.Resolve(pb.ResolveRequest(ref=ref_text(ref)), timeout=self.timeout)
-            )
+        request = pb.ResolveRequest(ref=ref_text(ref))
+        return revision_from_pb(self._call(self._stub.Resolve, request))
 
     def list_adapters(
         self,
@@ -288,17 +246,10 @@ class CatalogClient:
         those whose latest revision has ``base_id`` and every ``tags`` metadata entry and that
         have ``alias`` set, answered by the server's index. A filtered page may be short (even
         empty) and still have a ``next_token``. Raises ``InvalidName``, ``InvalidArgument``."""
-        request = pb.ListAdaptersRequest(
-            prefix=prefix,
-            page_size=page_size,
-            page_token=page_token,
-            base_id=base_id,
-            tags=dict(tags or {}),
-            alias=alias,
+        request = requests.list_adapters_request(
+            prefix, page_size, page_token, base_id, tags, alias
         )
-        with translated(self.target):
-            response = self._stub.ListAdapters(request, timeout=self.timeout)
-        return Page(tuple(summary_from_pb(s) for s in response.adapters), response.next_page_token)
+        return answers.adapters_page(self._call(self._stub.ListAdapters, request))
 
     def iter_adapters(
         self, prefix: str = "", *, page_size: int = 1000, **filters: Any
@@ -314,16 +265,8 @@ class CatalogClient:
     def list_revisions(
         self, name: AdapterName | str, *, page_size: int = 100, page_token: str = ""
     ) -> Page[Revision]:
-        with translated(self.target):
-            response = self._stub.ListRevisions(
-                pb.ListRevisionsRequest(
-                    name=_name(name), page_size=page_size, page_token=page_token
-                ),
-                timeout=self.timeout,
-            )
-        return Page(
-            tuple(revision_from_pb(r) for r in response.revisions), response.next_page_token
-        )
+        request = requests.list_revisions_request(name, page_size, page_token)
+        return answers.revisions_page(self._call(self._stub.ListRevisions, request))
 
     def iter_revisions(
         self, name: AdapterName | str, *, page_size: int = 1000
@@ -349,11 +292,8 @@ class CatalogClient:
 
         Raises ``Conflict`` when it does not (a lost compare-and-swap), ``NotFound``.
         """
-        request = alias_request(name, alias, revision)
-        if expected is not None:
-            request.expected_revision = expected
-        with translated(self.target):
-            return move_from_pb(self._stub.SetAlias(request, timeout=self.timeout))
+        request = requests.alias_request(name, alias, revision, expected)
+        return move_from_pb(self._call(self._stub.SetAlias, request))
 
     def rollback(
         self,
@@ -366,18 +306,12 @@ class CatalogClient:
         """Move ``alias`` back one step of its history (repeated calls keep walking back), or
         to ``to`` (a number, alias or digest). Raises ``FailedPrecondition`` (nothing earlier,
         or it was deleted), ``Conflict`` (moved meanwhile), ``NotFound``."""
-        request = pb.RollbackRequest(name=_name(name), alias=alias, to=str(to) if to else "")
-        if expected is not None:
-            request.expected_revision = expected
-        with translated(self.target):
-            return move_from_pb(self._stub.Rollback(request, timeout=self.timeout))
+        request = requests.rollback_request(name, alias, expected, to)
+        return move_from_pb(self._call(self._stub.Rollback, request))
 
     def alias_history(self, name: AdapterName | str, alias: str = "") -> list[AliasMove]:
-        with translated(self.target):
-            response = self._stub.AliasHistory(
-                pb.AliasHistoryRequest(name=_name(name), alias=alias), timeout=self.timeout
-            )
-        return [move_from_pb(m) for m in response.moves]
+        request = pb.AliasHistoryRequest(name=requests.adapter_text(name), alias=alias)
+        return answers.alias_moves(self._call(self._stub.AliasHistory, request))
 
     def set_metadata(
         self,
@@ -389,11 +323,8 @@ class CatalogClient:
         """Merge ``metadata`` (eval results, ``description``, tags) into a revision's, then drop
         the keys in ``remove``. Raises ``NotFound``, ``InvalidArgument`` (``provenance.*`` keys
         are the catalog's own, limits)."""
-        request = pb.SetMetadataRequest(
-            ref=ref_text(ref), metadata=dict(metadata or {}), remove=list(remove)
-        )
-        with translated(self.target):
-            return revision_from_pb(self._stub.SetMetadata(request, timeout=self.timeout))
+        request = requests.set_metadata_request(ref, metadata, remove)
+        return revision_from_pb(self._call(self._stub.SetMetadata, request))
 
     def delete(
         self, ref: Ref | str, *, all_revisions: bool = False, force: bool = False
@@ -403,9 +334,7 @@ class CatalogClient:
         Raises ``FailedPrecondition`` when an alias points at a revision to delete, unless
         ``all_revisions`` and ``force`` (which remove the aliases first); ``NotFound``."""
         request = pb.DeleteRequest(ref=ref_text(ref), all_revisions=all_revisions, force=force)
-        with translated(self.target):
-            response = self._stub.Delete(request, timeout=self.timeout)
-        return list(response.deleted)
+        return list(self._call(self._stub.Delete, request).deleted)
 
     def purge(self, name: AdapterName | str) -> int:
         """Forget a name all of whose revisions are deleted (its aliases and alias history
@@ -413,10 +342,8 @@ class CatalogClient:
 
         Raises ``FailedPrecondition`` naming the live revisions while any remain (delete them
         with ``delete(name, all_revisions=True)`` first), ``NotFound``, ``InvalidName``."""
-        request = pb.PurgeRequest(name=_name(name))
-        with translated(self.target):
-            response = self._stub.Purge(request, timeout=self.timeout)
-        return int(response.revisions)
+        request = pb.PurgeRequest(name=requests.adapter_text(name))
+        return int(self._call(self._stub.Purge, request).revisions)
 
     # -- packs ------------------------------------------------------------------------------
 
@@ -461,7 +388,7 @@ class CatalogClient:
         A whole pack comes from the NVMe tier directly when the client is colocated (the
         returned view then is a private copy, every chunk checked against its checksum).
         """
-        check_range(offset, length)
+        requests.check_range(offset, length)
         if self.colocated is not None and offset == 0 and length == 0:
             known = ref if isinstance(ref, Revision) else None
             read = self.colocated.fetch(_leased_ref(ref), known)
@@ -494,11 +421,8 @@ class CatalogClient:
     def _fetch_stream(
         self, receiver: PackReceiver, progress: ProgressCallback | None, timeout: float
     ) -> tuple[Revision, memoryview]:
-        request = pb.FetchPackRequest(
-            ref=receiver.ref, offset=receiver.offset, length=receiver.length
-        )
         with translated(self.target):
-            for raw in self._fetch_pack(request, timeout=timeout):
+            for raw in self._fetch_pack(fetch_request(receiver), timeout=timeout):
                 receiver.add(raw)
                 if progress:
                     progress(receiver.received, receiver.expected)
@@ -513,73 +437,50 @@ class CatalogClient:
         timeout: float,
     ) -> tuple[Revision, memoryview]:
         revision = ref if isinstance(ref, Revision) else self.resolve(ref)
-        pinned = f"{revision.adapter}@{revision.digest}"
-        size = revision.size_bytes
-        span = max(MIN_PARALLEL_RANGE, -(-size // parallel))
-        if span >= size:
-            return self._fetch_stream(PackReceiver(pinned, 0, 0, verify=verify), progress, timeout)
-        buffer = memoryview(new_buffer(size))
-        done = [0]
+        ranges = parallel_fetch(revision, parallel, verify=verify)
+        if ranges is None:
+            whole = PackReceiver(requests.pinned_ref(revision), 0, 0, verify=verify)
+            return self._fetch_stream(whole, progress, timeout)
         lock = threading.Lock()
 
-        def fetch_range(start: int) -> None:
-            into = buffer[start : min(size, start + span)]
-            receiver = PackReceiver(pinned, start, span, verify=False, into=into)
+        def fetch_range(receiver: PackReceiver) -> None:
             self._fetch_stream(receiver, None, timeout)
             with lock:
-                done[0] += receiver.received
-                if progress:
-                    progress(done[0], size)
+                ranges.landed(receiver, progress)
 
         with ThreadPoolExecutor(parallel, thread_name_prefix="loracat-fetch") as pool:
-            list(pool.map(fetch_range, range(0, size, span)))
-        if verify:
-            actual = Digest.of(buffer, revision.digest.algorithm)
-            if actual != revision.digest:
-                raise DataLoss(
-                    f"fetch of {pinned}: bytes hash to {actual}, expected {revision.digest}"
-                )
-        return revision, buffer.toreadonly()
+            list(pool.map(fetch_range, ranges.receivers()))
+        return ranges.result()
 
     def fetch_to(self, ref: Ref | Revision | str, dest: Path, **options: Any) -> Revision:
         """Write the verified pack to ``dest`` (via a temporary name, renamed into place)."""
         revision, data = self.fetch_with_revision(ref, **options)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        tmp.write_bytes(data)
-        tmp.replace(dest)
+        write_pack_file(dest, data)
         return revision
 
     # -- administration ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Catalog counts, per-tier occupancy and traffic, and counters."""
-        with translated(self.target):
-            return stats_doc(self._stub.Stats(pb.StatsRequest(), timeout=self.timeout))
+        return answers.stats_doc(self._call(self._stub.Stats, pb.StatsRequest()))
 
     def gc(self, *, dry_run: bool = False, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """Delete pack blobs no live revision references (``dry_run``: only report them)."""
-        with translated(self.target):
-            response = self._stub.GarbageCollect(
-                pb.GarbageCollectRequest(dry_run=dry_run), timeout=timeout
-            )
-        return gc_doc(response, dry_run)
+        request = pb.GarbageCollectRequest(dry_run=dry_run)
+        return answers.gc_doc(self._call(self._stub.GarbageCollect, request, timeout), dry_run)
 
     def verify(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """Check every log event and referenced blob; ``problems`` lists what is wrong."""
-        with translated(self.target):
-            return verify_doc(self._stub.Verify(pb.VerifyRequest(), timeout=timeout))
+        return answers.verify_doc(self._call(self._stub.Verify, pb.VerifyRequest(), timeout))
 
     def reindex(self, *, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """Rebuild the server's index from the durable store and swap it in."""
-        with translated(self.target):
-            return reindex_doc(self._stub.Reindex(pb.ReindexRequest(), timeout=timeout))
+        return answers.reindex_doc(self._call(self._stub.Reindex, pb.ReindexRequest(), timeout))
 
     def checkpoint(self, *, keep: int = 0, timeout: float = TRANSFER_TIMEOUT) -> dict[str, Any]:
         """Fold the durable log into a checkpoint (``keep``: how many to keep; 0 = default)."""
-        with translated(self.target):
-            return checkpoint_doc(
-                self._stub.Checkpoint(pb.CheckpointRequest(keep=keep), timeout=timeout)
-            )
+        request = pb.CheckpointRequest(keep=keep)
+        return answers.checkpoint_doc(self._call(self._stub.Checkpoint, request, timeout))
 
     # -- the NVMe tier -----------------------------------------------------------------------
 
@@ -592,25 +493,18 @@ class CatalogClient:
         timeout: float = TRANSFER_TIMEOUT,
     ) -> Iterator[PrefetchProgress]:
         """Warm the server's NVMe tier; yields one progress record per reference as it ends."""
-        request = pb.PrefetchRequest(
-            refs=[ref_text(r) for r in refs], priority=priority, deadline_s=deadline_s
-        )
+        request = requests.prefetch_request(refs, priority, deadline_s)
         with translated(self.target):
             for item in self._stub.Prefetch(request, timeout=timeout):
-                yield prefetch_progress(item)
+                yield answers.prefetch_progress(item)
 
     def pin_pack(self, ref: Ref | str) -> Revision:
         """Load ``ref``'s pack into the NVMe tier and keep it there until unpinned."""
-        with translated(self.target):
-            return revision_from_pb(
-                self._stub.PinPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=TRANSFER_TIMEOUT)
-            )
+        request = requests.pack_ref_request(ref)
+        return revision_from_pb(self._call(self._stub.PinPack, request, TRANSFER_TIMEOUT))
 
     def unpin_pack(self, ref: Ref | str) -> Revision:
-        with translated(self.target):
-            return revision_from_pb(
-                self._stub.UnpinPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout)
-            )
+        return revision_from_pb(self._call(self._stub.UnpinPack, requests.pack_ref_request(ref)))
 
     def evict_pack(self, ref: Ref | str) -> Revision:
         """Drop ``ref``'s pack from the catalog's NVMe tier; returns its revision.
@@ -625,10 +519,7 @@ class CatalogClient:
         """
         if self.colocated is not None:
             self.colocated.flush()
-        with translated(self.target):
-            return revision_from_pb(
-                self._stub.EvictPack(pb.PackRefRequest(ref=ref_text(ref)), timeout=self.timeout)
-            )
+        return revision_from_pb(self._call(self._stub.EvictPack, requests.pack_ref_request(ref)))
 
     def export_peft_dir(
         self,
@@ -656,22 +547,12 @@ class CatalogClient:
             PermissionDenied: ``dest`` is not under the server's export root.
             InvalidArgument, InvalidReference, NotFound, DataLoss, InvalidPack: as named.
         """
-        request = pb.ExportPeftDirRequest(
-            ref=ref_text(ref),
-            dest=str(dest),
-            nonce=nonce,
-            fsync=fsync,
-            served_base=served_base,
-            max_rank=max_rank,
-        )
-        with translated(self.target):
-            response = self._stub.ExportPeftDir(request, timeout=timeout)
-        return revision_from_pb(response.revision), response.bytes_written
+        request = requests.export_peft_dir_request(ref, dest, nonce, fsync, served_base, max_rank)
+        return answers.exported(self._call(self._stub.ExportPeftDir, request, timeout))
 
     def list_cache(self) -> list[dict[str, Any]]:
         """The NVMe tier's entries: digest, size, pins, when inserted."""
-        with translated(self.target):
-            return cache_entries(self._stub.ListCache(pb.ListCacheRequest(), timeout=self.timeout))
+        return answers.cache_entries(self._call(self._stub.ListCache, pb.ListCacheRequest()))
 
     def export_requests(
         self, *, since: float = 0.0, engine: str = "", timeout: float = TRANSFER_TIMEOUT
@@ -679,19 +560,12 @@ class CatalogClient:
         """The server's request record (resolves and fetches it answered, oldest first, from
         ``since`` seconds since the epoch, of ``engine`` if given): ``time``, ``kind``, ``ref``,
         ``size_bytes``, ``engine``. Raises ``FailedPrecondition`` when the server keeps none."""
+        request = pb.ExportRequestsRequest(since=since, engine=engine)
         with translated(self.target):
             return [
-                {
-                    "time": r.time,
-                    "kind": r.kind,
-                    "ref": r.ref,
-                    "size_bytes": r.size_bytes,
-                    "engine": r.engine,
-                }
-                for message in self._stub.ExportRequests(
-                    pb.ExportRequestsRequest(since=since, engine=engine), timeout=timeout
-                )
-                for r in message.requests
+                record
+                for message in self._stub.ExportRequests(request, timeout=timeout)
+                for record in answers.request_records(message)
             ]
 
     # -- engines ----------------------------------------------------------------------------
@@ -707,11 +581,8 @@ class CatalogClient:
     def register_engine(
         self, engine_id: str, base_id: str, num_slots: int, max_rank: int, host_bytes: int = 0
     ) -> None:
-        with translated(self.target):
-            self._stub.RegisterEngine(
-                register_request(engine_id, base_id, num_slots, max_rank, host_bytes),
-                timeout=self.timeout,
-            )
+        request = requests.register_request(engine_id, base_id, num_slots, max_rank, host_bytes)
+        self._call(self._stub.RegisterEngine, request)
 
     def report_residency(
         self,
@@ -723,18 +594,8 @@ class CatalogClient:
     ) -> None:
         """What an engine holds (digests in GPU slots and host memory) and, optionally, its
         counters for those tiers (``tier`` plus any of ``catalog.core.ENGINE_TIER_FIELDS``)."""
-        for text in (*gpu, *host):
-            Digest.parse(text)
-        with translated(self.target):
-            self._stub.ReportResidency(
-                pb.ReportResidencyRequest(
-                    engine_id=engine_id,
-                    gpu=gpu,
-                    host=host,
-                    tiers=[pb.TierStats(**tier) for tier in tiers],
-                ),
-                timeout=self.timeout,
-            )
+        request = requests.residency_request(engine_id, gpu, host, tiers)
+        self._call(self._stub.ReportResidency, request)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -743,7 +604,7 @@ class CatalogClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise Unavailable(f"catalog at {self.target} is unavailable") from None
+            raise not_ready(self.target) from None
 
     def close(self) -> None:
         if self.colocated is not None:

@@ -16,6 +16,12 @@ copying; see ``engine_plugin.sources.PackSource``).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
 from catalog.convert import revision_from_pb
 from catalog.digest import Digest, Hasher, new_hasher
@@ -33,6 +39,27 @@ _WIRE_TYPES = {_OFFSET: _VARINT, _DATA: _LENGTH_DELIMITED, _REVISION: _LENGTH_DE
 
 def serialize_request(request: pb.FetchPackRequest) -> bytes:
     return request.SerializeToString()
+
+
+def raw_fetch_pack(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """``FetchPack`` on ``channel`` (sync or asyncio), its messages handed over undecoded for
+    :class:`PackReceiver`."""
+    return channel.unary_stream(
+        FETCH_PACK_METHOD, request_serializer=serialize_request, response_deserializer=None
+    )
+
+
+def fetch_request(receiver: PackReceiver) -> pb.FetchPackRequest:
+    """The request for the range ``receiver`` expects."""
+    return pb.FetchPackRequest(ref=receiver.ref, offset=receiver.offset, length=receiver.length)
+
+
+def write_pack_file(dest: Path, data: memoryview) -> None:
+    """Write ``data`` to ``dest`` through a temporary name renamed into place, so ``dest``
+    never holds part of a pack. Raises ``OSError``."""
+    tmp = dest.with_name(f".{dest.name}.partial")
+    tmp.write_bytes(data)
+    tmp.replace(dest)
 
 
 def _varint(raw: memoryview, pos: int, ref: str) -> tuple[int, int]:

@@ -321,23 +321,20 @@ def test_checkpoint_then_reindex_reproduces_listing(client, packs):
     assert client.verify()["problems"] == []
 
 
-def test_parallel_ranged_fetch_of_a_large_pack(client, packs):
-    from catalog.client import sync
+def test_parallel_ranged_fetch_of_a_large_pack(client, packs, monkeypatch):
+    from catalog.client import parallel_fetch
     from catalog.pack import read_pack, write_pack
 
     pack = read_pack(packs["all-r8"])
     tensors = {name: pack.tensor(name) for name in pack.tensor_names()}
     data = write_pack(pack.manifest.with_base_id("x" * 64), tensors)
     rev = client.push("acme/big", data).revision
-    original = sync.MIN_PARALLEL_RANGE
-    sync.MIN_PARALLEL_RANGE = 4096  # several ranges even for this small pack
-    try:
-        seen = []
-        got_rev, got = client.fetch_with_revision(
-            "acme/big", parallel=4, progress=lambda done, total: seen.append((done, total))
-        )
-    finally:
-        sync.MIN_PARALLEL_RANGE = original
+    # several ranges even for this small pack
+    monkeypatch.setattr(parallel_fetch, "MIN_PARALLEL_RANGE", 4096)
+    seen = []
+    got_rev, got = client.fetch_with_revision(
+        "acme/big", parallel=4, progress=lambda done, total: seen.append((done, total))
+    )
     assert got == data and got_rev.digest == rev.digest
     assert len(seen) == 4 and seen[-1] == (len(data), len(data))
 

@@ -15,8 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
-from catalog.client import AsyncCatalogClient, CatalogClient
-from catalog.client import sync as client_sync
+from catalog.client import AsyncCatalogClient, CatalogClient, parallel_fetch
 from catalog.client.transfer import PackReceiver, decode_chunk
 from catalog.convert import revision_to_pb
 from catalog.errors import DataLoss
@@ -166,7 +165,7 @@ def test_fetch_returns_a_read_only_view_of_the_verified_pack(client: CatalogClie
 
 def test_parallel_ranges_land_in_one_buffer(client: CatalogClient, pushed, monkeypatch):
     revision, data = pushed
-    monkeypatch.setattr(client_sync, "MIN_PARALLEL_RANGE", 3000)
+    monkeypatch.setattr(parallel_fetch, "MIN_PARALLEL_RANGE", 3000)
     got_revision, got = client.fetch_with_revision(revision, parallel=4)
     assert got_revision == revision and got == data and got.readonly
 
@@ -220,6 +219,47 @@ def test_bytes_that_do_not_match_the_digest_are_data_loss(pushed):
         with pytest.raises(DataLoss, match="hash to"):
             client.fetch_with_revision(revision, parallel=2)  # one range (small pack)
         assert client.fetch(revision, verify=False) == flipped
+
+
+def test_both_clients_check_parallel_ranges_as_one_pack(pushed, monkeypatch):
+    """Four ranges, each named by its digest; a flipped last byte is ``DataLoss`` from the
+    whole pack's digest, from either client, and returned as is with ``verify=False``."""
+    revision, data = pushed
+    monkeypatch.setattr(parallel_fetch, "MIN_PARALLEL_RANGE", 3000)
+    assert len(data) > 4 * 3000  # four ranges
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x80
+    asked: list[tuple[str, int, int]] = []
+
+    def stream(request: pb.FetchPackRequest) -> Iterator[pb.PackChunk]:
+        asked.append((request.ref, request.offset, request.length))
+        end = min(len(flipped), request.offset + request.length)
+        for raw in _chunks(revision, bytes(flipped[:end]), size=4096, start=request.offset):
+            yield pb.PackChunk.FromString(raw)
+
+    async def fetch_async(address: str) -> tuple[memoryview, list[tuple[int, int]]]:
+        async with AsyncCatalogClient(address) as client:
+            with pytest.raises(DataLoss, match="hash to"):
+                await client.fetch_with_revision(revision, parallel=4)
+            seen: list[tuple[int, int]] = []
+            _, got = await client.fetch_with_revision(
+                revision, parallel=4, verify=False, progress=lambda *p: seen.append(p)
+            )
+            return got, seen
+
+    with fake_catalog(stream) as address:
+        with CatalogClient(address, colocated=False) as client:
+            with pytest.raises(DataLoss, match="hash to"):
+                client.fetch_with_revision(revision, parallel=4)
+            assert client.fetch_with_revision(revision, parallel=4, verify=False)[1] == flipped
+        got, seen = asyncio.run(fetch_async(address))
+    assert got == flipped and got.readonly
+    assert len(seen) == 4 and seen[-1] == (len(data), len(data))
+    span = -(-len(data) // 4)
+    ranges = {
+        (f"{revision.adapter}@{revision.digest}", at, span) for at in range(0, len(data), span)
+    }
+    assert len(ranges) == 4 and set(asked) == ranges and len(asked) == 4 * 4
 
 
 def test_a_stream_cut_short_is_data_loss(pushed):
