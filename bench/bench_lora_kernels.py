@@ -2,17 +2,19 @@
 
 For each module group of a shape's layer (``q/k/v`` and ``gate/up`` share one launch; ``o`` and
 ``down`` have their own) and each case (rows x tokens: decode is one token a row, prefill 128),
-this times ``lora_kernels.add_lora_group`` under every ``KernelConfig`` variant against the
-base's own linear layers for the same group, both captured in a CUDA graph (10 calls a graph,
-replays timed with CUDA events): a graph removes the launch cost, so what is timed is each
-kernel's own latency, which decides the engine's decode step under ``GraphedDecoder``.
+this times the group's base linears alone and with their LoRA deltas as the engine adds them
+(``lora_kernels.add_lora_group_over``), under every ``KernelConfig`` variant, each captured in
+a CUDA graph (10 calls a graph, replays timed with CUDA events): a graph removes the launch
+cost, so what is timed is the kernels' own latency, which decides the engine's decode step
+under ``GraphedDecoder``. Timing the two together is what shows the overlapped variant (the
+split shrink on a side stream while the base computes).
 
-Every variant's output is first checked against ``add_lora_reference`` at the case's shapes.
-Then the variants are combined into whole configs (one ``fused_max_k`` threshold, one fused
-block, one split chunk, one warp count for every group) and the one with the least LoRA time
-over all cases, relative to the base linears, is printed as a ``LORACAT_LORA_KERNELS`` value
-(and written to ``--best-out``, which ``scripts/gpu_check.sh`` feeds to a second mixed-batch
-run).
+Every variant's outputs are first checked against the base plus ``add_lora_reference``. Then
+the variants are combined into whole configs (one ``fused_max_k`` threshold, one fused block,
+one split chunk, one warp count, overlap or not, for every group) and the one with the least
+time over all cases, relative to the base linears, is printed as a ``LORACAT_LORA_KERNELS``
+value (and written to ``--best-out``, which ``scripts/gpu_check.sh`` feeds to a second
+mixed-batch run).
 
     python bench/bench_lora_kernels.py --device cuda
     python bench/bench_lora_kernels.py --device cpu --interpret --quick   # tries the harness
@@ -94,17 +96,21 @@ def layer_groups(shape: str) -> tuple[int, list[Group]]:
 
 
 def variants(warps: tuple[int, ...] = (4,)) -> Iterator[KernelConfig]:
-    """The fused kernel at each block, and the split one at each chunk, at these warp counts."""
+    """The fused kernel at each block, and the split one at each chunk, after the base or
+    overlapped with it, at these warp counts."""
     for num_warps in warps:
         for block_k in (64, 128, 256, 512):
             yield KernelConfig(fused_max_k=ALWAYS_FUSED, fused_block_k=block_k, num_warps=num_warps)
-        for chunk in (256, 512, 1024):
-            yield KernelConfig(fused_max_k=0, split_chunk=chunk, num_warps=num_warps)
+        for chunk, overlap in itertools.product((256, 512, 1024), (0, 1)):
+            yield KernelConfig(
+                fused_max_k=0, split_chunk=chunk, num_warps=num_warps, overlap=overlap
+            )
 
 
 def variant_key(config: KernelConfig) -> str:
     if config.fused_max_k == 0:
-        return f"split chunk={config.split_chunk} warps={config.num_warps}"
+        overlapped = " overlapped" if config.overlap else ""
+        return f"split chunk={config.split_chunk} warps={config.num_warps}{overlapped}"
     return f"fused block_k={config.fused_block_k} warps={config.num_warps}"
 
 
@@ -184,48 +190,56 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def measure_group(
     group: Group, case: Case, args: argparse.Namespace, timer: Timer, kernels_run: bool
 ) -> dict[str, Any]:
+    """The group's base linears alone, and with the LoRA deltas under every variant, as the
+    engine runs them (``add_lora_group_over``: the base's outputs, then or alongside the
+    kernels)."""
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" and kernels_run else torch.bfloat16
     t = group_tensors(group, case, args.rank, device, dtype, seed=group.k + case.rows)
-    x, outs, index = t["x"], t["outs"], t["index"]
+    x, index = t["x"], t["index"]
 
-    def base() -> None:
-        for out, weight in zip(outs, t["weights"], strict=True):
-            torch.nn.functional.linear(x, weight, out=out)
+    def base() -> list[torch.Tensor]:
+        return [torch.nn.functional.linear(x, weight) for weight in t["weights"]]
 
-    def lora(config: KernelConfig | None) -> Callable[[], None]:
-        def run() -> None:
-            lora_kernels.add_lora_group(
-                x, outs, t["lora_as"], t["lora_bts"], t["scales"], index, case.rows, config
+    def with_lora(config: KernelConfig | None) -> Callable[[], list[torch.Tensor]]:
+        def run() -> list[torch.Tensor]:
+            return lora_kernels.add_lora_group_over(
+                base, x, t["lora_as"], t["lora_bts"], t["scales"], index, case.rows, config
             )
 
         return run
 
-    want = [torch.zeros_like(o) for o in outs]
+    want = base()
     for g, out in enumerate(want):
         lora_kernels.add_lora_reference(
             x, out, t["lora_as"][g], t["lora_bts"][g], t["scales"][g], index, case.rows
         )
     result: dict[str, Any] = {"base_us": timer(base), "variants": {}}
     if not kernels_run:
-        result["variants"]["torch path"] = {"us": timer(lora(None)), "rel_err": 0.0}
+        result["variants"]["torch path"] = {"us": timer(with_lora(None)), "rel_err": 0.0}
         return result
 
     def try_variant(config: KernelConfig) -> None:
-        for out in outs:
-            out.zero_()
-        lora(config)()
-        err = max(rel_err(o, w) for o, w in zip(outs, want, strict=True))
+        got = with_lora(config)()
+        err = max(rel_err(o, w) for o, w in zip(got, want, strict=True))
         entry: dict[str, Any] = {"rel_err": err, "config": config.text()}
-        entry["us"] = timer(lora(config)) if err <= args.tolerance else float("nan")
+        entry["us"] = timer(with_lora(config)) if err <= args.tolerance else float("nan")
         result["variants"][variant_key(config)] = entry
 
     for config in variants():
         try_variant(config)
-    # Other warp counts for the best fused and the best split variant only (compiles are slow).
+    # Other warp counts for the best variant of each kind only (compiles are slow).
     measured = result["variants"]
-    for fused in (True, False):
-        mine = [v for k, v in measured.items() if k.startswith("fused" if fused else "split")]
+    for kind in ("fused", "split", "overlapped"):
+        mine = [
+            v
+            for key, v in measured.items()
+            if v["us"] == v["us"]
+            and (key.endswith(kind) if kind == "overlapped" else key.startswith(kind))
+            and not (kind == "split" and key.endswith("overlapped"))
+        ]
+        if not mine:
+            continue
         best = KernelConfig.parse(min(mine, key=lambda v: v["us"])["config"])
         for num_warps in args.more_warps:
             try_variant(dataclasses.replace(best, num_warps=num_warps))
@@ -233,19 +247,23 @@ def measure_group(
 
 
 def whole_configs(warps: tuple[int, ...]) -> Iterator[KernelConfig]:
-    for fused_max_k, block_k, chunk, num_warps in itertools.product(
-        (0, 1024, 2048, 8192, ALWAYS_FUSED), (64, 128, 256, 512), (256, 512, 1024), warps
+    for fused_max_k, block_k, chunk, num_warps, overlap in itertools.product(
+        (0, 1024, 2048, 8192, ALWAYS_FUSED), (64, 128, 256, 512), (256, 512, 1024), warps, (0, 1)
     ):
         yield KernelConfig(
-            fused_max_k=fused_max_k, fused_block_k=block_k, split_chunk=chunk, num_warps=num_warps
+            fused_max_k=fused_max_k,
+            fused_block_k=block_k,
+            split_chunk=chunk,
+            num_warps=num_warps,
+            overlap=overlap,
         )
 
 
-def lora_us_per_step(
+def step_us(
     config: KernelConfig, layers: int, groups: list[Group], measured: dict[str, Any]
 ) -> float | None:
-    """A whole config's LoRA time over one step's layers, from the per-group variants (None
-    where a group's variant was not measured)."""
+    """A whole config's time for one step's adapted linears (base and LoRA), from the
+    per-group variants (None where a group's variant was not measured, or was wrong)."""
     total = 0.0
     for group in groups:
         as_variant = (
@@ -256,7 +274,10 @@ def lora_us_per_step(
             )
             if group.k <= config.fused_max_k
             else KernelConfig(
-                fused_max_k=0, split_chunk=config.split_chunk, num_warps=config.num_warps
+                fused_max_k=0,
+                split_chunk=config.split_chunk,
+                num_warps=config.num_warps,
+                overlap=config.overlap,
             )
         )
         entry = measured[group.name]["variants"].get(variant_key(as_variant))
@@ -283,6 +304,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.interpret:
         lora_kernels.INTERPRET_ON_CPU = True
+        lora_kernels.OVERLAP_ON_CPU = True  # the overlapped order, on one stream
     kernels_run = lora_kernels.kernel_available(device)
     if args.quick:
         cases = [Case("small", 4, 1), Case("small", 2, 16)]
@@ -328,8 +350,8 @@ def report(
                     rows.append([label, group.name, key, m["base_us"], v["us"], ratio])
         clock = "under a CUDA graph" if device.type == "cuda" else "wall time, eager"
         print_table(
-            f"LoRA kernels per module group, {clock} (us a call; base = its linears)",
-            ["case", "group", "variant", "base us", "lora us", "lora / base"],
+            f"Module groups' linears with LoRA, {clock} (us a call; base = the linears alone)",
+            ["case", "group", "variant", "base us", "with LoRA us", "x base"],
             rows,
         )
     doc: dict[str, Any] = {
@@ -371,7 +393,8 @@ def report(
 def rank_whole_configs(
     per_case: dict[str, Any], args: argparse.Namespace, quiet: bool
 ) -> dict[str, Any]:
-    """Every whole config's LoRA time per step over the base linears', per case; the best is
+    """Every whole config's time for a step's linears with LoRA over the base linears', per
+    case; the best is
     the least mean of those ratios over the cases (a table unless ``quiet``)."""
     warps = (4, *args.more_warps)
     default = KernelConfig()
@@ -379,11 +402,11 @@ def rank_whole_configs(
     for config in [default, *whole_configs(warps)]:
         ratios = {}
         for label, c in per_case.items():
-            lora_us = lora_us_per_step(config, c["layers"], c["groups"], c["m"])
-            if lora_us is None:
+            with_lora_us = step_us(config, c["layers"], c["groups"], c["m"])
+            if with_lora_us is None:
                 break
             base_us = sum(c["layers"] * c["m"][g.name]["base_us"] for g in c["groups"])
-            ratios[label] = lora_us / base_us
+            ratios[label] = with_lora_us / base_us
         else:
             scored.append((statistics.fmean(ratios.values()), config, ratios))
     scored.sort(key=lambda s: s[0])
@@ -399,7 +422,7 @@ def rank_whole_configs(
         return result
     default_ratios = by_text.get(default.text(), {})
     print_table(
-        f"LoRA time per step over the base linears': default vs best ({best_text})",
+        f"A step's linears with LoRA over the base linears': default vs best ({best_text})",
         ["case", "default", "best"],
         [
             [label, default_ratios.get(label, float("nan")), by_text[best_text][label]]

@@ -173,12 +173,16 @@ class MultiLoRALinear(nn.Module):
         if plan is not None and plan.fused_index is not None:
             if self.group is not None:
                 return self.group.output(self, x, plan.fused_index, plan.rows)
-            out: torch.Tensor = self.base(x)
-            lora_kernels.add_lora(
-                x, out, self._lora_a, self._lora_bt, self._scales, plan.fused_index, plan.rows
-            )
-            return out
-        out = self.base(x)
+            return lora_kernels.add_lora_group_over(
+                lambda: [self.base(x)],
+                x,
+                [self._lora_a],
+                [self._lora_bt],
+                [self._scales],
+                plan.fused_index,
+                plan.rows,
+            )[0]
+        out: torch.Tensor = self.base(x)
         if plan is None:
             return out
         module = plan.modules.get(self.module_name)
@@ -223,10 +227,9 @@ class LinearGroup(threading.local):
                 if not self._pending:
                     self._input = None
                 return stashed
-        outs = [m.base(x) for m in self.members]
-        lora_kernels.add_lora_group(
+        outs = lora_kernels.add_lora_group_over(
+            lambda: [m.base(x) for m in self.members],
             x,
-            outs,
             [m._lora_a for m in self.members],
             [m._lora_bt for m in self.members],
             [m._scales for m in self.members],

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,9 @@ class KernelConfig:
     split one (0: always split). ``fused_block_k``: features of the input a fused program
     reads per step of its shrink loop. ``split_chunk``: features each program of the split
     shrink reads, in steps of ``split_block_k``. ``num_warps``: per program, every launch.
-    Block sizes are powers of two of at least 16 (``tl.dot``'s least inner size).
+    ``overlap`` (0 or 1): under CUDA graph capture, run the split shrink on a side stream
+    while the base computes (``add_lora_group_over``); off by default until a GPU has
+    measured it. Block sizes are powers of two of at least 16 (``tl.dot``'s least inner size).
     """
 
     fused_max_k: int = 1024
@@ -73,6 +75,7 @@ class KernelConfig:
     split_chunk: int = 512
     split_block_k: int = 128
     num_warps: int = 4
+    overlap: int = 0
 
     def __post_init__(self) -> None:
         for name in ("fused_block_k", "split_block_k"):
@@ -85,6 +88,8 @@ class KernelConfig:
             raise ValueError(
                 f"split_chunk ({self.split_chunk}) must be >= split_block_k ({self.split_block_k})"
             )
+        if self.overlap not in (0, 1):
+            raise ValueError(f"overlap must be 0 or 1, not {self.overlap}")
         if self.num_warps not in _WARPS:
             raise ValueError(f"num_warps must be one of {_WARPS}, not {self.num_warps}")
 
@@ -518,58 +523,168 @@ def add_lora_group(
         for out, lora_a, lora_bt, scale in zip(outs, lora_as, lora_bts, scales, strict=True):
             add_lora_reference(x, out, lora_a, lora_bt, scale, index, rows)
         return
-    num = len(outs)
-    k_features = lora_as[0].shape[-1]
-    x2 = x.reshape(-1, k_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    total = x2.shape[0]
-    tokens = total // rows
-    rank = lora_as[0].shape[-2]
-    rank_pad = max(16, _next_pow2(rank))
-    block_m = _block_m(tokens)
-    m_blocks = -(-tokens // block_m)
-    outs2 = [o.view(-1, o.shape[-1]) for o in outs]
-    n_feats = [o.shape[-1] for o in outs2]
-    block_n = _block_n(max(n_feats))
-    n_blocks = [-(-n // block_n) for n in n_feats]
-    ieee = x2.dtype == torch.float32 or interpreting()
-    a = _padded(lora_as, lora_as[0])
-    b = _padded(lora_bts, lora_bts[0])
-    o = _padded(outs2, outs2[0])
-    s = _padded(scales, scales[0])
-    n = _padded(n_feats, 0)
-    nb = _padded(n_blocks, 0)
-    sb = _padded([t.stride(0) for t in lora_bts], 0)
-    so = _padded([t.stride(0) for t in outs2], 0)
-    br = _padded([t.stride(1) for t in lora_bts], 0)
-    out_tiles = (rows * m_blocks, sum(n_blocks))
+    launch = _GroupLaunch(x, lora_as, lora_bts, scales, index, rows, config or CONFIG)
+    if launch.fused:
+        launch.fused_kernel(outs)
+        return
+    launch.split_shrink()
+    launch.split_expand(outs)
+
+
+def add_lora_group_over(
+    base_outputs: Callable[[], list[torch.Tensor]],
+    x: torch.Tensor,
+    lora_as: Sequence[torch.Tensor],
+    lora_bts: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    index: torch.Tensor,
+    rows: int,
+    config: KernelConfig | None = None,
+) -> list[torch.Tensor]:
+    """The group's base outputs, ``base_outputs()`` (computed from ``x``), with the deltas of
+    ``add_lora_group`` added.
+
+    With ``config.overlap``, on a GPU while a CUDA graph is being captured and for an input
+    that takes the split kernels, the shrink runs on a side stream while the base computes its
+    outputs (both only read ``x``), and only the expand waits for them: in a captured decode
+    step the shrink's latency leaves the critical path. Otherwise: the base, then
+    ``add_lora_group``.
+    """
     cfg = config or CONFIG
-    if k_features <= cfg.fused_max_k:
-        _fused_group_kernel[out_tiles](
-            x2, index, *a, *b, *o, *s, *n, nb[0], nb[1], *sb, *so, *br,
-            tokens, k_features, m_blocks, x2.stride(0),
-            a[0].stride(0), a[0].stride(1), s[0].stride(0),
-            NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=min(cfg.fused_block_k, max(64, _next_pow2(k_features))), IEEE=ieee,
+    if not (cfg.overlap and kernel_available(x.device) and _overlapping(x.device)):
+        outs = base_outputs()
+        add_lora_group(x, outs, lora_as, lora_bts, scales, index, rows, cfg)
+        return outs
+    launch = _GroupLaunch(x, lora_as, lora_bts, scales, index, rows, cfg)
+    if launch.fused:
+        outs = base_outputs()
+        launch.fused_kernel(outs)
+        return outs
+    if x.device.type != "cuda":  # the interpreter (tests): the same order, one stream
+        launch.split_shrink()
+        outs = base_outputs()
+        launch.split_expand(outs)
+        return outs
+    current = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    side.wait_stream(current)  # x (and the partial sums' buffer) are ready
+    with torch.cuda.stream(side):
+        launch.split_shrink()
+    outs = base_outputs()
+    current.wait_stream(side)
+    # Everything the side stream touched (x, the buffer) is alive until this returns, and any
+    # later use of their memory is queued on the current stream after this join.
+    launch.split_expand(outs)
+    return outs
+
+
+#: Run the overlapped order on CPU under the interpreter (tests; no streams there).
+OVERLAP_ON_CPU = False
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _overlapping(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_current_stream_capturing())
+    return OVERLAP_ON_CPU
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    return stream
+
+
+class _GroupLaunch:
+    """One group's kernel arguments, worked out once: the fused launch, or the split shrink
+    (it needs only the input) and the split expand (it needs the outputs)."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        lora_as: Sequence[torch.Tensor],
+        lora_bts: Sequence[torch.Tensor],
+        scales: Sequence[torch.Tensor],
+        index: torch.Tensor,
+        rows: int,
+        config: KernelConfig,
+    ) -> None:
+        self.num = len(lora_as)
+        self.config = config
+        k_features = lora_as[0].shape[-1]
+        x2 = x.reshape(-1, k_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.x2, self.index, self.rows, self.k_features = x2, index, rows, k_features
+        self.total = x2.shape[0]
+        self.tokens = self.total // rows
+        self.rank = lora_as[0].shape[-2]
+        self.rank_pad = max(16, _next_pow2(self.rank))
+        self.block_m = _block_m(self.tokens)
+        self.m_blocks = -(-self.tokens // self.block_m)
+        self.n_feats = [b.shape[-1] for b in lora_bts]
+        self.block_n = _block_n(max(self.n_feats))
+        self.n_blocks = [-(-n // self.block_n) for n in self.n_feats]
+        self.ieee = x2.dtype == torch.float32 or interpreting()
+        self.a = _padded(lora_as, lora_as[0])
+        self.b = _padded(lora_bts, lora_bts[0])
+        self.s = _padded(scales, scales[0])
+        self.n = _padded(self.n_feats, 0)
+        self.nb = _padded(self.n_blocks, 0)
+        self.sb = _padded([t.stride(0) for t in lora_bts], 0)
+        self.br = _padded([t.stride(1) for t in lora_bts], 0)
+        self.out_tiles = (rows * self.m_blocks, sum(self.n_blocks))
+        self.fused = k_features <= config.fused_max_k
+        self.chunks = -(-k_features // config.split_chunk)
+        self.partial: torch.Tensor | None = None
+        if not self.fused:
+            # Made here, on the caller's stream, even when the shrink runs on a side stream.
+            self.partial = torch.empty(
+                (self.num, self.chunks, self.total, self.rank_pad),
+                dtype=torch.float32,
+                device=x.device,
+            )
+
+    def _outputs(self, outs: Sequence[torch.Tensor]) -> tuple[list[Any], list[Any]]:
+        outs2 = [o.view(-1, o.shape[-1]) for o in outs]
+        return _padded(outs2, outs2[0]), _padded([t.stride(0) for t in outs2], 0)
+
+    def fused_kernel(self, outs: Sequence[torch.Tensor]) -> None:
+        o, so = self._outputs(outs)
+        cfg, nb = self.config, self.nb
+        _fused_group_kernel[self.out_tiles](
+            self.x2, self.index, *self.a, *self.b, *o, *self.s, *self.n, nb[0], nb[1],
+            *self.sb, *so, *self.br,
+            self.tokens, self.k_features, self.m_blocks, self.x2.stride(0),
+            self.a[0].stride(0), self.a[0].stride(1), self.s[0].stride(0),
+            NUM=self.num, RANK=self.rank, RANK_PAD=self.rank_pad, BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n,
+            BLOCK_K=min(cfg.fused_block_k, max(64, _next_pow2(self.k_features))), IEEE=self.ieee,
             num_warps=cfg.num_warps,
         )  # fmt: skip
-        return
-    chunks = -(-k_features // cfg.split_chunk)
-    partial = torch.empty((num, chunks, total, rank_pad), dtype=torch.float32, device=x.device)
-    _split_shrink_kernel[(rows * m_blocks, chunks, num)](
-        x2, index, partial, *a, *s,
-        tokens, total, k_features, m_blocks, x2.stride(0),
-        a[0].stride(0), a[0].stride(1), s[0].stride(0),
-        NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_K=cfg.split_block_k,
-        CHUNK=cfg.split_chunk, IEEE=ieee, num_warps=cfg.num_warps,
-    )  # fmt: skip
-    _split_expand_kernel[out_tiles](
-        partial, index, *b, *o, *s, *n, nb[0], nb[1], *sb, *so, *br,
-        tokens, total, chunks, m_blocks, s[0].stride(0),
-        NUM=num, RANK=rank, RANK_PAD=rank_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        num_warps=cfg.num_warps,
-    )  # fmt: skip
+
+    def split_shrink(self) -> None:
+        cfg = self.config
+        _split_shrink_kernel[(self.rows * self.m_blocks, self.chunks, self.num)](
+            self.x2, self.index, self.partial, *self.a, *self.s,
+            self.tokens, self.total, self.k_features, self.m_blocks, self.x2.stride(0),
+            self.a[0].stride(0), self.a[0].stride(1), self.s[0].stride(0),
+            NUM=self.num, RANK=self.rank, RANK_PAD=self.rank_pad, BLOCK_M=self.block_m,
+            BLOCK_K=cfg.split_block_k, CHUNK=cfg.split_chunk, IEEE=self.ieee,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+
+    def split_expand(self, outs: Sequence[torch.Tensor]) -> None:
+        o, so = self._outputs(outs)
+        nb = self.nb
+        _split_expand_kernel[self.out_tiles](
+            self.partial, self.index, *self.b, *o, *self.s, *self.n, nb[0], nb[1],
+            *self.sb, *so, *self.br,
+            self.tokens, self.total, self.chunks, self.m_blocks, self.s[0].stride(0),
+            NUM=self.num, RANK=self.rank, RANK_PAD=self.rank_pad, BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n, IEEE=self.ieee, num_warps=self.config.num_warps,
+        )  # fmt: skip
 
 
 def add_lora(

@@ -97,6 +97,32 @@ def test_captured_decode_matches_peft_through_swaps(llama: Arch) -> None:
                 assert rel_err(logits[row], want[step]) <= 1e-4, (round_, row, adapter, step)
 
 
+@pytest.mark.parametrize("fused_max_k", [0, 1 << 30])
+def test_captured_decode_with_the_shrink_overlapped(
+    llama: Arch, monkeypatch: pytest.MonkeyPatch, fused_max_k: int
+) -> None:
+    """``KernelConfig.overlap``: the split shrink forked onto a side stream inside the capture
+    and joined before the expand gives PEFT's results (and the fused kernel ignores it)."""
+    from engine_plugin import lora_kernels
+    from engine_plugin.graphs import GraphedDecoder
+    from tests.engine.test_graphs import _greedy_reference
+
+    config = lora_kernels.KernelConfig(fused_max_k=fused_max_k, overlap=1)
+    monkeypatch.setattr(lora_kernels, "CONFIG", config)
+    engine = llama.engine(num_slots=4, device="cuda")
+    decoder = GraphedDecoder(engine=engine, max_len=24)
+    ids = make_ids(len(MIXED), 6, seed=46)
+    with decoder.session(ids.cuda(), MIXED) as session:
+        got = [session.logits.float().cpu()]
+        for _ in range(3):
+            got.append(session.step(session.logits.argmax(-1, keepdim=True)).float().cpu())
+    assert decoder.captures == 1
+    for row, adapter in enumerate(MIXED):
+        want = _greedy_reference(llama, adapter, ids[row : row + 1], 3)
+        for step, logits in enumerate(got):
+            assert rel_err(logits[row], want[step]) <= 1e-4, (row, adapter, step)
+
+
 def test_fused_kernel_matches_the_reference_on_cuda() -> None:
     from engine_plugin import lora_kernels
 

@@ -202,6 +202,7 @@ def test_every_kernel_config_matches_the_reference(
         ("split_chunk=64,split_block_k=128", "split_chunk"),
         ("num_warps=3", "num_warps"),
         ("fused_max_k=-1", "fused_max_k"),
+        ("overlap=2", "overlap"),
         ("fused_max=1024", "field=value"),
         ("split_chunk", "field=value"),
         ("split_chunk=big", "not an integer"),
@@ -246,6 +247,60 @@ def test_decoder_through_the_interpreted_kernel_matches_peft(
     engine = llama.engine(num_slots=5)
     decoder = GraphedDecoder(engine=engine, max_len=16)
     ids = make_ids(len(MIXED), 4, seed=44)
+    with decoder.session(ids, MIXED) as session:
+        first = session.logits.clone()
+        second = session.step(first.argmax(-1, keepdim=True)).clone()
+    for row, adapter in enumerate(MIXED):
+        want = _greedy_reference(llama, adapter, ids[row : row + 1], 1)
+        assert rel_err(first[row], want[0]) <= 1e-4, (row, adapter)
+        assert rel_err(second[row], want[1]) <= 1e-4, (row, adapter)
+
+
+@pytest.mark.parametrize("config", ["fused_max_k=0,overlap=1", "overlap=1"])
+def test_the_overlapped_order_matches_the_reference(
+    interpreted: None, monkeypatch: pytest.MonkeyPatch, config: str
+) -> None:
+    """``add_lora_group_over`` with ``overlap``: the split shrink first, then the base, then
+    the expand (one stream here; a side stream for the shrink under a CUDA capture)."""
+    monkeypatch.setattr(lora_kernels, "OVERLAP_ON_CPU", True)
+    gen = torch.Generator().manual_seed(5)
+    rows, tokens, k, widths, rank, slots = 3, 2, 96, (40, 24), 8, 4
+    lora_as = [torch.randn(slots + 1, rank, k, generator=gen) for _ in widths]
+    lora_bts = [torch.randn(slots + 1, rank, n, generator=gen) for n in widths]
+    scales = [torch.rand(slots + 1, generator=gen) for _ in widths]
+    for lora_a, lora_bt, scale in zip(lora_as, lora_bts, scales, strict=True):
+        lora_a[slots], lora_bt[slots], scale[slots] = 0, 0, 0
+    weights = [torch.randn(n, k, generator=gen) for n in widths]
+    index = torch.tensor([1, slots, 3])
+    x = torch.randn(rows, tokens, k, generator=gen)
+    calls = []
+
+    def base() -> list[torch.Tensor]:
+        calls.append(1)
+        return [x @ w.T for w in weights]
+
+    got = lora_kernels.add_lora_group_over(
+        base, x, lora_as, lora_bts, scales, index, rows, lora_kernels.KernelConfig.parse(config)
+    )
+    assert len(calls) == 1
+    for g, weight in enumerate(weights):
+        want = x @ weight.T
+        lora_kernels.add_lora_reference(x, want, lora_as[g], lora_bts[g], scales[g], index, rows)
+        assert rel_err(got[g], want) <= 1e-5, g
+
+
+def test_decoder_with_the_overlapped_order_matches_peft(
+    interpreted: None, llama: Arch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's groups and single modules through ``add_lora_group_over`` with every
+    input split and overlapped (one stream on CPU)."""
+    monkeypatch.setattr(lora_kernels, "OVERLAP_ON_CPU", True)
+    monkeypatch.setattr(
+        lora_kernels, "CONFIG", lora_kernels.KernelConfig.parse("fused_max_k=0,overlap=1")
+    )
+    engine = llama.engine(num_slots=5)
+    decoder = GraphedDecoder(engine=engine, max_len=16)
+    ids = make_ids(len(MIXED), 4, seed=47)
     with decoder.session(ids, MIXED) as session:
         first = session.logits.clone()
         second = session.step(first.argmax(-1, keepdim=True)).clone()

@@ -10,8 +10,8 @@ from bench.bench_lora_kernels import (
     Case,
     Group,
     layer_groups,
-    lora_us_per_step,
     rank_whole_configs,
+    step_us,
     variant_key,
     variants,
 )
@@ -25,12 +25,19 @@ def measured(times: dict[str, dict[str, float]], base_us: float = 10.0) -> dict[
     }
 
 
-def timings(fused_us: float, split_us: float) -> dict[str, float]:
-    """Every variant at warps 4: fused ones at ``fused_us`` (block 256 a little faster)."""
+def timings(
+    fused_us: float, split_us: float, overlapped_us: float | None = None
+) -> dict[str, float]:
+    """Every variant at warps 4: fused ones at ``fused_us`` (block 256 a little faster), split
+    ones at ``split_us`` (overlapped: ``overlapped_us``, else the same)."""
     out = {}
     for config in variants():
-        fused = config.fused_max_k == ALWAYS_FUSED
-        us = fused_us - (0.5 if fused and config.fused_block_k == 256 else 0) if fused else split_us
+        if config.fused_max_k == ALWAYS_FUSED:
+            us = fused_us - (0.5 if config.fused_block_k == 256 else 0)
+        elif config.overlap and overlapped_us is not None:
+            us = overlapped_us
+        else:
+            us = split_us
         out[variant_key(config)] = us
     return out
 
@@ -64,7 +71,18 @@ def test_a_config_with_an_unmeasured_or_wrong_variant_is_not_scored() -> None:
     times[variant_key(KernelConfig(fused_max_k=ALWAYS_FUSED, fused_block_k=256))] = float("nan")
     m = measured({"g": times})
     fused_256 = KernelConfig(fused_max_k=ALWAYS_FUSED, fused_block_k=256)
-    assert lora_us_per_step(fused_256, 1, groups, m) is None
-    assert lora_us_per_step(KernelConfig(fused_max_k=0, split_chunk=512), 1, groups, m) == 6
+    assert step_us(fused_256, 1, groups, m) is None
+    assert step_us(KernelConfig(fused_max_k=0, split_chunk=512), 1, groups, m) == 6
     warps_8 = KernelConfig(fused_max_k=0, num_warps=8)
-    assert lora_us_per_step(warps_8, 1, groups, m) is None
+    assert step_us(warps_8, 1, groups, m) is None
+
+
+def test_the_overlapped_split_is_chosen_where_it_is_faster() -> None:
+    groups = [Group("narrow", 896, (896,)), Group("wide", 4864, (896,))]
+    m = measured({"narrow": timings(3, 6, overlapped_us=2), "wide": timings(12, 5, 4)})
+    per_case = {"c": {"case": Case("0.5b", 8, 1), "layers": 1, "groups": groups, "m": m}}
+    ranked = rank_whole_configs(per_case, argparse.Namespace(more_warps=()), quiet=True)
+    best = KernelConfig.parse(ranked["best"])
+    assert (best.fused_max_k, best.overlap) == (0, 1)
+    assert ranked["ratios"][ranked["best"]]["c"] == (2 + 4) / 20
+    assert ranked["default_ratios"]["c"] == (2.5 + 5) / 20
