@@ -141,17 +141,22 @@ class ModuleSlots:
         self.ranks[slot] = staged.rank
         self.scalings[slot] = staged.scaling
 
-    def stale_views(self, slot: int, incoming: StagedModule | None) -> list[torch.Tensor]:
-        """The views of ``slot`` that still hold weights after ``incoming`` is written over
-        them: rows from ``incoming``'s rank up to the old tenant's (all of them when
-        ``incoming`` is None or fills only some layers, as then it overwrites no whole row).
-        Rows beyond the old tenant's rank were never written, so they are still zero."""
+    def stale_rows(self, slot: int, incoming: StagedModule | None) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of ``slot`` that still hold weights after ``incoming``
+        is written over them: from ``incoming``'s rank up to the old tenant's (all of them
+        when ``incoming`` is None or fills only some layers, as then it overwrites no whole
+        row). Rows beyond the old tenant's rank were never written, so they are still zero."""
         old = self.ranks[slot]
         keep = incoming.rank if incoming is not None and incoming.layers == self._all_layers else 0
-        if old <= keep:
+        return keep, max(old, keep)
+
+    def stale_views(self, slot: int, rows: tuple[int, int]) -> list[torch.Tensor]:
+        """``slot``'s A and B views of ``rows`` (from ``stale_rows``; none when empty)."""
+        start, stop = rows
+        if stop <= start:
             return []
         return [
-            view.narrow(self.slot_axis, keep, old - keep)
+            view.narrow(self.slot_axis, start, stop - start)
             for view in (self._slot_a[slot], self._slot_bt[slot])
         ]
 
@@ -201,6 +206,8 @@ class SlotPool:
         self.generation = 0
         # (slot, StagedAdapter.layout_key) -> the slot views its tensors are copied into.
         self._copy_targets: dict[tuple[int, str | None], list[torch.Tensor]] = {}
+        # ("zero", slot, stale rows per module) -> the zeroing kernel's runs (None: not runs).
+        self._zero_runs: dict[object, list[slot_copy.Runs] | None] = {}
         #: A thread that takes half of a write with strided sources (CPU; set by the engine).
         self.copy_helper: Executor | None = None
 
@@ -335,21 +342,38 @@ class SlotPool:
     def _zero_stale(self, slot: int, incoming: StagedAdapter | None) -> None:
         """Zero what ``slot``'s tenant left that ``incoming`` (None: nothing) will not
         overwrite, and forget the tenant's ranks and scales."""
-        views = [
-            view
+        stale = tuple(
+            module.stale_rows(slot, incoming.modules.get(name) if incoming is not None else None)
             for name, module in self.modules.items()
-            for view in module.stale_views(
-                slot, incoming.modules.get(name) if incoming is not None else None
-            )
-        ]
-        views.append(self.scales[slot])
-        runs = [slot_copy.as_runs(v) for v in views] if self.copier is not None else []
-        if self.copier is not None and all(r is not None for r in runs):
-            self.copier.zero(tuple(runs), [r for r in runs if r is not None])
+        )
+        # The zeroing kernel's runs depend on the slot and these rows alone: worked out once
+        # (building ~15 views and their runs was ~40 us of Python a detach).
+        key = ("zero", slot, stale)
+        runs: list[slot_copy.Runs] | None = None
+        if self.copier is not None:
+            if key in self._zero_runs:
+                runs = self._zero_runs[key]
+            else:
+                found = [slot_copy.as_runs(v) for v in self._stale_views(slot, stale)]
+                runs = [r for r in found if r is not None] if None not in found else None
+                if len(self._zero_runs) >= _COPY_TARGETS_LIMIT:
+                    self._zero_runs.clear()
+                self._zero_runs[key] = runs
+        if self.copier is not None and runs is not None:
+            self.copier.zero(key, runs)
         else:
-            torch._foreach_zero_(views)
+            torch._foreach_zero_(self._stale_views(slot, stale))
         for module in self.modules.values():
             module.forget(slot)
+
+    def _stale_views(self, slot: int, stale: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+        views = [
+            view
+            for module, rows in zip(self.modules.values(), stale, strict=True)
+            for view in module.stale_views(slot, rows)
+        ]
+        views.append(self.scales[slot])
+        return views
 
     def is_clear(self, slot: int) -> bool:
         """Whether every tensor of ``slot`` is zero (a check for tests and ``verify``)."""

@@ -366,6 +366,16 @@ def test_one_launch_slot_writes_match_copy_and_zero(
         ("attach", "t/one-layer"),  # one layer only: the per-tensor fallback
         ("attach", "t/first-layer"),
         ("attach", "t/all-r4"),
+        # the same tenants and evictions again: the zeroing runs come from their cache
+        ("detach", "t/all-r4"),
+        ("attach", "t/qv-r8"),
+        ("attach", "t/mlp-r16-rs"),
+        ("detach", "t/qv-r8"),
+        ("detach", "t/mlp-r16-rs"),
+        ("attach", "t/qv-r8"),
+        ("attach", "t/mlp-r16-rs"),
+        ("detach", "t/qv-r8"),
+        ("detach", "t/mlp-r16-rs"),
     ]
     for op, name in steps:
         for engine in (plain, fast):
