@@ -5,13 +5,14 @@ weights, Llama-3.2-3B shapes) of about 1, 16 and 64 MiB. For each size, the best
 (the machine is shared, and the least disturbed run is the truest):
 
 - ``cache hit``: ``PackCache.read_through`` of a cached pack, verified by sha256 (the digest);
-- ``cache hit, chunk-checked``: ``read_range(0, size)``, verified by the per-chunk BLAKE3
-  checksums recorded at fill time (what ranged reads do);
+- ``cache hit, chunk-checked``: ``read_range(0, size)``, verified by the per-chunk XXH3-128
+  checksums recorded at fill time (what ranged reads do; BLAKE3 before 2026-12-04, see
+  ``catalog.cache.layout``);
 - ``local file + sha256``: ``open_store(file://...).get`` plus the same digest check, the
   embedded durable store;
 - ``S3 + sha256``: the same from SeaweedFS (``catalog.testing.seaweedfs``) through ``s3://``;
 - ``fill (miss)``: ``read_through`` on an empty cache with the bytes in hand: the cost of
-  writing a pack into the tier (BLAKE3 per chunk, one LMDB transaction, fsync).
+  writing a pack into the tier (XXH3-128 per chunk, one LMDB transaction, fsync).
 
 "warm" reads have the file in the page cache (the common case for a hot tier); "cold" reads
 first drop this benchmark's own files from the page cache with ``posix_fadvise(DONTNEED)``
@@ -49,6 +50,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_results
+from catalog.cache.layout import chunk_checksums
 from catalog.cache.pack_cache import DEFAULT_CHUNK_BYTES, PackCache
 from catalog.digest import Digest
 from catalog.events import blob_key
@@ -170,10 +172,10 @@ class ReadBench:
         assert cache_hit() == data and cache_chunk_checked() == data and local_read() == data
         sources: dict[str, tuple[Callable[[], object], Callable[[], None]]] = {
             "cache hit (sha256), warm": (cache_hit, nothing),
-            "cache hit (chunk BLAKE3), warm": (cache_chunk_checked, nothing),
+            "cache hit (chunk XXH3), warm": (cache_chunk_checked, nothing),
             "local file + sha256, warm": (local_read, nothing),
             "cache hit (sha256), cold": (cache_hit, self.reopen_cold),
-            "cache hit (chunk BLAKE3), cold": (cache_chunk_checked, self.reopen_cold),
+            "cache hit (chunk XXH3), cold": (cache_chunk_checked, self.reopen_cold),
             "local file + sha256, cold": (local_read, lambda: drop_from_page_cache(blob_path)),
         }
         if self.s3_store is not None:
@@ -210,7 +212,7 @@ class ReadBench:
         return rows
 
     def fill_samples(self, digest: Digest, data: bytes, name: str, reps: int) -> list[float]:
-        """Writing the pack into empty caches: BLAKE3 per chunk, one transaction, fsync."""
+        """Writing the pack into empty caches: XXH3-128 per chunk, one transaction, fsync."""
         runs = []
         for attempt in range(reps):
             with PackCache(self.work / f"fill-{name[6:]}-{attempt}", len(data) * 2) as empty:
@@ -297,6 +299,9 @@ def bench_hashes(data: bytes, repeats: int) -> dict[str, float]:
             for i in range(0, len(data), DEFAULT_CHUNK_BYTES)
         ]
 
+    def xxh3() -> object:  # what the tier checks chunks with
+        return chunk_checksums(data, DEFAULT_CHUNK_BYTES)
+
     def copy() -> object:
         return b"".join([memoryview(data)[: len(data) // 2], memoryview(data)[len(data) // 2 :]])
 
@@ -305,6 +310,7 @@ def bench_hashes(data: bytes, repeats: int) -> dict[str, float]:
         for name, work in (
             ("sha256_MB_per_s", sha),
             ("blake3_per_chunk_MB_per_s", b3),
+            ("xxh3_128_per_chunk_MB_per_s", xxh3),
             ("memcpy_MB_per_s", copy),
         )
     }
