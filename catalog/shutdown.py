@@ -15,8 +15,9 @@ This trades a full reindex after a power loss for several fsyncs less on every w
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from catalog.atomic_files import write_atomically
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -35,12 +36,13 @@ class ShutdownMarker:
         self.path = Path(path)
 
     def _write(self, clean: bool) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"boot_id": current_boot_id(), "clean": clean}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        state = json.dumps({"boot_id": current_boot_id(), "clean": clean})
+        # The file is fsynced and its directory is not, as the marker has always been written.
+        # A power cut can therefore undo the rename and bring back the marker before it: after
+        # open(), the "clean" one of the last close, which would hide index writes lost since.
+        # Closing that gap needs fsync_dir=True here (a change of durability, left to its own
+        # commit).
+        write_atomically(self.path, state, fsync=True, fsync_dir=False)
 
     def open(self) -> bool:
         """Mark the index in use; returns True when it must be rebuilt from the durable log."""

@@ -18,12 +18,11 @@ independent of size. Every generator is deterministic for a given seed.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
+from catalog.atomic_files import open_atomically
 from catalog.errors import InvalidArgument
 from catalog.model import Ref
 
@@ -116,31 +115,24 @@ def write_trace(
     """Write ``requests`` as a trace file (temporary name, then rename) and return their count.
 
     Raises:
-        InvalidArgument: a key contains whitespace or a size is not a positive integer; nothing
-            is left at ``path`` in that case.
+        InvalidArgument: a key contains whitespace or a size is not a positive integer; ``path``
+            is left as it was in that case.
+        OSError: the file cannot be written (``path`` is left as it was).
     """
-    target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     count = 0
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            for line in comment.splitlines():
-                handle.write(f"# {line}\n")
-            for key, size in requests:
-                if not key or any(ch.isspace() for ch in key):
-                    raise InvalidArgument(
-                        f"request {count + 1}: key {key!r} is empty or has spaces"
-                    )
-                if type(size) is not int or size <= 0:
-                    raise InvalidArgument(
-                        f"request {count + 1}: size {size!r} of {key} is not a positive integer"
-                    )
-                handle.write(f"{key} {size}\n")
-                count += 1
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    # No fsync (none before either): a trace lost to a power cut is generated again.
+    with open_atomically(path, fsync=False, text=True) as handle:
+        for line in comment.splitlines():
+            handle.write(f"# {line}\n")
+        for key, size in requests:
+            if not key or any(ch.isspace() for ch in key):
+                raise InvalidArgument(f"request {count + 1}: key {key!r} is empty or has spaces")
+            if type(size) is not int or size <= 0:
+                raise InvalidArgument(
+                    f"request {count + 1}: size {size!r} of {key} is not a positive integer"
+                )
+            handle.write(f"{key} {size}\n")
+            count += 1
     return count
 
 

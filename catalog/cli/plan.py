@@ -246,7 +246,8 @@ def trace_export(since: float, engine: str, kind: str, out_path: Path | None, se
     if out_path is None:
         click.echo(text, nl=False)
     else:
-        from catalog.plan.calibrate import write_text
+        from catalog.atomic_files import write_atomically
 
-        write_text(out_path, text)
+        # No fsync (none before either): an export lost to a power cut is exported again.
+        write_atomically(out_path, text, fsync=False)
         click.echo(f"{len(chosen)} requests -> {out_path}", err=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from catalog.atomic_files import write_atomically
 from catalog.cli.common import (
     connect,
     json_option,
@@ -370,9 +371,8 @@ def pull(ref: str, dest: Path, fmt: str, force: bool, server: str) -> None:
             with open(target, "wb") as stream:
                 stream.write(data)
         else:
-            tmp = target.with_name(f".{target.name}.partial")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            # No fsync (none before either): a pulled copy of a pack the catalog keeps durably.
+            write_atomically(target, data, fsync=False)
     else:
         from catalog.pack import export_peft_dir
 

@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 
 from catalog._proto.loracat.v1 import catalog_pb2 as pb
+from catalog.atomic_files import write_atomically
 from catalog.convert import revision_from_pb
 from catalog.digest import Digest, Hasher, new_hasher
 from catalog.errors import DataLoss
@@ -56,10 +57,9 @@ def fetch_request(receiver: PackReceiver) -> pb.FetchPackRequest:
 
 def write_pack_file(dest: Path, data: memoryview) -> None:
     """Write ``data`` to ``dest`` through a temporary name renamed into place, so ``dest``
-    never holds part of a pack. Raises ``OSError``."""
-    tmp = dest.with_name(f".{dest.name}.partial")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
+    never holds part of a pack (nor is a temporary file left beside it). Raises ``OSError``."""
+    # No fsync (none before either): the caller's copy of a pack the catalog keeps durably.
+    write_atomically(dest, data, fsync=False)
 
 
 def _varint(raw: memoryview, pos: int, ref: str) -> tuple[int, int]:

@@ -1,34 +1,27 @@
-"""Writing a file so that readers see the old contents or the new, never a part."""
+"""``write_atomically`` as the pack package has always offered it (``catalog.pack.peft``
+re-exports it): an adapter file written whole or not at all, mode ``0o644``, fsynced unless
+told otherwise. The mechanism is :mod:`catalog.atomic_files`; new code calls that directly."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from catalog import atomic_files
+
+#: Adapter files are read by engines that may run as another user: never mkstemp's 0600 and
+#: never narrowed by the writer's umask.
+ADAPTER_FILE_MODE = 0o644
 
 
 def write_atomically(
     path: Path, data: bytes | Sequence[bytes | memoryview], *, fsync: bool = True
 ) -> None:
     """Write ``data`` (bytes, or chunks written in order) to a temporary file beside ``path``,
-    fsync it (unless ``fsync`` is False), and rename it into place.
+    fsync it (unless ``fsync`` is False), and rename it into place (mode ``0o644``; the
+    directory is not fsynced).
 
     Raises:
         OSError: the write, fsync or rename failed (the temporary file is removed).
     """
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the adapter from other readers
-        with os.fdopen(fd, "wb") as handle:
-            if isinstance(data, bytes):
-                handle.write(data)
-            else:
-                handle.writelines(data)
-            handle.flush()
-            if fsync:
-                os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_files.write_atomically(path, data, fsync=fsync, mode=ADAPTER_FILE_MODE)

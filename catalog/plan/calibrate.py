@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from catalog.atomic_files import write_atomically
 from catalog.errors import FailedPrecondition, InvalidArgument, NotFound
 from catalog.pack import read_pack
 from catalog.plan.profile import STEPS, TierProfile, fit_cost
@@ -94,21 +93,11 @@ def calibrate(client: Any, refs: list[str], *, repeats: int = 3) -> TierProfile:
 
 
 def write_profile(profile: TierProfile, path: str | os.PathLike[str]) -> None:
-    """Write ``profile`` as JSON (temporary name, then rename)."""
-    write_text(path, json.dumps(profile.to_json(), indent=2, sort_keys=True) + "\n")
+    """Write ``profile`` as JSON (temporary name, then rename: never half-written).
 
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name and a rename (never half-written)."""
-    target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    Raises:
+        OSError: the file cannot be written (``path`` is left as it was).
+    """
+    text = json.dumps(profile.to_json(), indent=2, sort_keys=True) + "\n"
+    # No fsync (none before either): a profile lost to a power cut is measured again.
+    write_atomically(path, text, fsync=False)

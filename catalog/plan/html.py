@@ -10,13 +10,12 @@ from __future__ import annotations
 import html
 import io
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from catalog.atomic_files import write_atomically
 from catalog.plan.text import format_bytes, format_capacity
 
 _STYLE = """
@@ -260,17 +259,12 @@ def render_html(plan: dict[str, Any]) -> str:
 
 
 def write_html(plan: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the page to ``path`` (temporary name, then rename)."""
-    target = Path(path)
-    page = render_html(plan)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # a report to share, not mkstemp's 0600
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write the page to ``path`` (temporary name, then rename: never half-written), with the
+    mode a plain ``open`` gives (a report to share).
+
+    Raises:
+        OSError: the file cannot be written (``path`` is left as it was).
+    """
+    # No fsync (none before either): a page lost to a power cut is made again by rerunning
+    # the plan.
+    write_atomically(path, render_html(plan), fsync=False)

@@ -2,7 +2,10 @@
 
 Plain ``os`` calls rather than fsspec's local file system: every write needs a temporary name,
 ``fsync`` and an atomic publish step that fsspec does not expose, and reads are a single
-``read`` of the file either way.
+``read`` of the file either way. Nor :func:`catalog.atomic_files.open_atomically`: a store's
+temporary names carry the reserved ``TEMP_PREFIX`` (listings skip them, keys cannot take
+them), and ``if_absent`` publishes by hard link, which fails when the name exists, where that
+helper would replace it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from catalog.atomic_files import fsync_directory
 from catalog.errors import InvalidArgument, Unavailable
 from catalog.storage.base import BlobStore
 from catalog.storage.keys import check_key, check_prefix, check_range
@@ -185,7 +189,7 @@ class LocalDirStore(BlobStore):
             else:
                 os.replace(temp, final)
             if self._fsync:
-                _fsync_dir(directory)
+                fsync_directory(directory)
             return True
         except (FileExistsError, NotADirectoryError) as exc:
             # mkdir met a file where a directory must be: a shorter key is an object.
@@ -228,7 +232,7 @@ class LocalDirStore(BlobStore):
                 _hard_link(path, temp)
                 os.replace(temp, final)
             if self._fsync:
-                _fsync_dir(directory)
+                fsync_directory(directory)
             return True
         except FileNotFoundError as exc:
             if not path.exists():
@@ -291,12 +295,3 @@ def _hard_link(source: Path, target: Path) -> None:
         os.link(source.name, target, src_dir_fd=parent, follow_symlinks=True)
     finally:
         os.close(parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or link in ``directory`` durable (POSIX needs the directory synced)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
