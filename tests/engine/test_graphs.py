@@ -241,9 +241,16 @@ def test_kernel_reads_scales_through_a_strided_column(interpreted: None) -> None
     assert torch.equal(out[1], torch.zeros(1, 5))
 
 
+@pytest.mark.parametrize("config", [None, "fused_max_k=0,overlap=1"])
 def test_decoder_through_the_interpreted_kernel_matches_peft(
-    interpreted: None, llama: Arch
+    interpreted: None, llama: Arch, monkeypatch: pytest.MonkeyPatch, config: str | None
 ) -> None:
+    """The engine's groups and single modules through the kernels: with the default config,
+    and with every input split and the shrink overlapped (the overlapped order on one stream
+    here)."""
+    if config is not None:
+        monkeypatch.setattr(lora_kernels, "OVERLAP_ON_CPU", True)
+        monkeypatch.setattr(lora_kernels, "CONFIG", lora_kernels.KernelConfig.parse(config))
     engine = llama.engine(num_slots=5)
     decoder = GraphedDecoder(engine=engine, max_len=16)
     ids = make_ids(len(MIXED), 4, seed=44)
@@ -287,27 +294,6 @@ def test_the_overlapped_order_matches_the_reference(
         want = x @ weight.T
         lora_kernels.add_lora_reference(x, want, lora_as[g], lora_bts[g], scales[g], index, rows)
         assert rel_err(got[g], want) <= 1e-5, g
-
-
-def test_decoder_with_the_overlapped_order_matches_peft(
-    interpreted: None, llama: Arch, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The engine's groups and single modules through ``add_lora_group_over`` with every
-    input split and overlapped (one stream on CPU)."""
-    monkeypatch.setattr(lora_kernels, "OVERLAP_ON_CPU", True)
-    monkeypatch.setattr(
-        lora_kernels, "CONFIG", lora_kernels.KernelConfig.parse("fused_max_k=0,overlap=1")
-    )
-    engine = llama.engine(num_slots=5)
-    decoder = GraphedDecoder(engine=engine, max_len=16)
-    ids = make_ids(len(MIXED), 4, seed=47)
-    with decoder.session(ids, MIXED) as session:
-        first = session.logits.clone()
-        second = session.step(first.argmax(-1, keepdim=True)).clone()
-    for row, adapter in enumerate(MIXED):
-        want = _greedy_reference(llama, adapter, ids[row : row + 1], 1)
-        assert rel_err(first[row], want[0]) <= 1e-4, (row, adapter)
-        assert rel_err(second[row], want[1]) <= 1e-4, (row, adapter)
 
 
 @pytest.mark.slow
