@@ -9,6 +9,14 @@ transactions, growing the map when a write finds it full, and closing.
 Every transaction holds ``_gate`` shared; growing the map takes it exclusively, as
 ``mdb_env_set_mapsize`` requires (no transaction may be open in this process meanwhile).
 Closing takes it exclusively too, so no transaction is cut short.
+
+Why this is not the index's environment (:mod:`catalog.index.environment`), which shares only
+:mod:`catalog.lmdb_env` with it: the cache has one writer process (the directory lock), so no
+other process grows its map and ``MapResizedError`` never comes; its gate is a plain
+:class:`~catalog.locks.ReadWriteLock` (a read here moves chunk bytes, so the lock is a small
+part of it; the index's reads are microseconds and needed a lock-free gate); and only a full
+map ends a write without ``abort()``, since a cache write may fail after writing (see
+:meth:`CacheEnvironment.write`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from catalog.cache.layout import (
     SCHEMA_KEY,
     SCHEMA_VERSION,
 )
-from catalog.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from catalog.errors import FailedPrecondition, InvalidArgument, Unavailable
+from catalog.lmdb_env import check_schema, end_failed_write, grow_map
 from catalog.locks import ReadWriteLock
 
 __all__ = ["CacheEnvironment"]
@@ -122,14 +131,14 @@ class CacheEnvironment:
         """Record the schema and an instance id in a new environment; check an old one's.
         Returns the instance id."""
         with self.lmdb.begin(write=True) as txn:
-            found = txn.get(SCHEMA_KEY, db=self._info)
-            if found is None:
-                txn.put(SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self._info)
-            elif found != str(SCHEMA_VERSION).encode():
-                raise FailedPrecondition(
-                    f"pack cache at {self.path} has schema {found.decode(errors='replace')!r}, "
-                    f"this version reads {SCHEMA_VERSION}; delete the directory to start empty"
-                )
+            check_schema(
+                txn,
+                self._info,
+                SCHEMA_KEY,
+                SCHEMA_VERSION,
+                f"pack cache at {self.path}",
+                "delete the directory to start empty",
+            )
             instance = txn.get(INSTANCE_KEY, db=self._info)
             if instance is None:
                 instance = secrets.token_hex(16).encode()
@@ -155,27 +164,47 @@ class CacheEnvironment:
         """Run ``work`` in one write transaction, growing the map when it is full.
 
         The caller serialises its writes. Raises ``ResourceExhausted`` at ``max_map_size``,
-        ``FailedPrecondition`` when closed, and what ``work`` or LMDB raises.
+        ``FailedPrecondition`` when closed, and what ``work`` or LMDB raises (its writes
+        discarded).
         """
         while True:
             with self._gate.shared():
                 self.check_open()
                 try:
-                    with self.lmdb.begin(write=True) as txn:
-                        return work(txn)
+                    return self._write_once(work)
                 except lmdb.MapFullError:
-                    pass
+                    pass  # nothing was written
             self._grow_map()
+
+    def _write_once(self, work: Callable[[Txn], T]) -> T:
+        """One try of ``work`` in a write transaction, committed unless something fails.
+
+        A full map, the expected failure, ends the transaction without ``abort()``
+        (:func:`~catalog.lmdb_env.end_failed_write`: py-lmdb 3.0's abort stalls for seconds
+        beside busy reader threads; ``tests/cache/test_environment.py`` shows it). Any other
+        failure may come after some writes (``install_entry`` deletes victims before it can
+        refuse a pack), so it pays for ``abort()``: unlike the index's handlers, no cache
+        write promises to check before it writes.
+        """
+        txn = self.lmdb.begin(write=True)
+        ended = False
+        try:
+            result = work(txn)
+            ended = True
+            txn.commit()  # a commit that fails has been aborted by LMDB
+        except lmdb.MapFullError:
+            if not ended:
+                end_failed_write(txn, f"the pack cache at {self.path}")
+            raise
+        except BaseException:
+            if not ended:
+                txn.abort()
+            raise
+        return result
 
     def _grow_map(self) -> None:
         with self._gate.exclusive():
-            current = int(self.lmdb.info()["map_size"])
-            if current >= self._max_map_size:
-                raise ResourceExhausted(
-                    f"pack cache at {self.path} is full at its {current}-byte LMDB map "
-                    "(max_map_size)"
-                )
-            self.lmdb.set_mapsize(min(current * 2, self._max_map_size))
+            grow_map(self.lmdb, self._max_map_size, f"pack cache at {self.path}")
 
     def clear_stale_readers(self) -> int:
         """Free the reader slots of processes that died mid-read; returns how many.
