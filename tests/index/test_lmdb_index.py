@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from catalog.index.memory_index import MemoryIndex
 from catalog.model import Ref
 from tests.index.suite import ACME_X, RevisionIndexSuite, busy_history, snapshot
 from tests.index.writer import MANIFEST, Writer, digest_of, name
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TestLmdbIndex(RevisionIndexSuite):
@@ -98,6 +103,47 @@ def _push(adapter: str, number: int, label: int) -> Event:
         manifest=MANIFEST,
         metadata={"label": str(label)},
     )
+
+
+_GROWER = """
+import sys
+from catalog.index.lmdb_index import LmdbIndex
+from tests.index.test_lmdb_index import _push
+
+label, count = sys.argv[2], int(sys.argv[3])
+with LmdbIndex(sys.argv[1], map_size=64 * 1024, sync=False, batch_events=500) as index:
+    index.apply_many(_push(f"{label}/a{i}", 1, i) for i in range(count))
+    print(index.counts()["map_size"])
+"""
+
+
+def _grow_in_another_process(path: Path, label: str, count: int) -> int:
+    """Push ``count`` adapters under tenant ``label`` from a child process; its map size."""
+    grown = subprocess.run(
+        [sys.executable, "-c", _GROWER, str(path), label, str(count)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(grown.stdout)
+
+
+def test_a_map_grown_by_another_process_is_adopted(tmp_path: Path) -> None:
+    # Several processes may open one index; LMDB refuses a transaction of a process whose map is
+    # smaller than the one another process grew it to (MapResizedError) until it adopts it.
+    with LmdbIndex(tmp_path / "ix", map_size=64 * 1024, sync=False) as index:
+        index.apply(_push("acme/x", 1, 0))
+        first = _grow_in_another_process(tmp_path / "ix", "one", 2000)
+        assert first > 64 * 1024
+        index.apply(_push("acme/y", 1, 1))  # a write adopts the grown map
+        second = _grow_in_another_process(tmp_path / "ix", "two", 20_000)
+        assert second > first
+        assert index.resolve(Ref.parse("two/a19999")).number == 1  # and so does a read
+        counts = index.counts()
+        assert (counts["revisions"], counts["map_size"]) == (22_002, second)
 
 
 def test_full_map_is_resource_exhausted_and_writes_nothing(tmp_path: Path) -> None:
