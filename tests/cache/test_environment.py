@@ -12,9 +12,12 @@ import pytest
 from catalog.cache.environment import CacheEnvironment
 from catalog.errors import ResourceExhausted
 
-# Generous: each write below takes milliseconds once it ends its transaction without abort();
-# with abort() it took 1.7-29 s per write under these readers (py-lmdb 3.0, 2-core machine).
-_WRITES_DEADLINE_S = 30.0
+# Generous: the five writes below take about a second in all once a full map's transaction
+# ends without abort(), and up to ~30 s under heavy machine load (the readers and the writer
+# share the GIL); with abort() one write could stall past 60 s beside three readers (py-lmdb
+# 3.0, 2-core machine).
+_WRITES_DEADLINE_S = 120.0
+_READERS = 3
 
 
 def _open(path: Path, max_map_size: int = 64 << 20) -> CacheEnvironment:
@@ -66,7 +69,7 @@ def test_a_full_map_grows_while_other_threads_read(tmp_path: Path) -> None:
             errors.append(exc)
         written.set()
 
-    readers = [threading.Thread(target=read) for _ in range(4)]
+    readers = [threading.Thread(target=read) for _ in range(_READERS)]
     writer = threading.Thread(target=write)
     for thread in [*readers, writer]:
         thread.start()
