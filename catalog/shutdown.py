@@ -37,12 +37,10 @@ class ShutdownMarker:
 
     def _write(self, clean: bool) -> None:
         state = json.dumps({"boot_id": current_boot_id(), "clean": clean})
-        # The file is fsynced and its directory is not, as the marker has always been written.
-        # A power cut can therefore undo the rename and bring back the marker before it: after
-        # open(), the "clean" one of the last close, which would hide index writes lost since.
-        # Closing that gap needs fsync_dir=True here (a change of durability, left to its own
-        # commit).
-        write_atomically(self.path, state, fsync=True, fsync_dir=False)
+        # The file and then its directory are fsynced: without the directory, a power cut can
+        # undo the rename and bring back the marker before it, which after open() is the
+        # "clean" one of the last close, and that would hide the index writes lost since.
+        write_atomically(self.path, state, fsync=True, fsync_dir=True)
 
     def open(self) -> bool:
         """Mark the index in use; returns True when it must be rebuilt from the durable log."""

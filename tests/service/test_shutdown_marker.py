@@ -18,6 +18,25 @@ def test_unclean_stop_in_the_same_boot_needs_no_rebuild(tmp_path):
     assert ShutdownMarker(tmp_path / "state").open() is False
 
 
+def test_the_in_use_marker_is_durable_before_the_index_is_used(tmp_path, monkeypatch):
+    """open() fsyncs the marker and then its directory: a power cut must not bring back the
+    last close's "clean" marker after writes the index never fsyncs."""
+    import os
+    import stat
+
+    ShutdownMarker(tmp_path / "state").close()
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ShutdownMarker(tmp_path / "state").open()
+    assert synced == ["file", "dir"]
+
+
 def test_unclean_stop_before_a_reboot_needs_a_rebuild(tmp_path, monkeypatch):
     ShutdownMarker(tmp_path / "state").open()
     monkeypatch.setattr(shutdown, "current_boot_id", lambda: "another-boot")
