@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from catalog.atomic_files import fsync_directory
 from catalog.cache.policies import EvictionPolicy, make_policy, resolve_policy_name
 from catalog.digest import Digest
 from catalog.errors import CatalogError, InvalidArgument
@@ -255,7 +256,7 @@ class PeftDirCache:
                         for entry in scratch.iterdir():
                             os.rename(entry, into / entry.name)
                         if self.fsync:  # the files are durable; make their new names so
-                            _fsync_dir(into)
+                            fsync_directory(into)
                         moved = True
                         return written
 
@@ -328,7 +329,7 @@ class PeftDirCache:
             _touch(tmp / USED_STAMP)
             os.rename(tmp, path)
             if self.fsync:
-                _fsync_dir(self._adapters)
+                fsync_directory(self._adapters)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -507,14 +508,6 @@ def _touch(path: Path) -> None:
         os.utime(path, (now, now))
     except FileNotFoundError:
         path.touch()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
