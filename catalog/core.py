@@ -1,4 +1,4 @@
-"""The catalog core: push, resolve, list, aliases, delete, fetch, GC, verify, reindex.
+"""The catalog core: lifecycle and recovery, the write path and pushes, reads, stats.
 
 It composes a durable :class:`~catalog.storage.BlobStore` (the source of truth) with a
 :class:`~catalog.index.base.RevisionIndex` (derived state). Every change follows one path,
@@ -10,27 +10,26 @@ the event that names them, so no visible revision ever lacks its bytes.
 The core knows nothing of gRPC or protobuf; the service is a thin layer over it. Its seams live
 in modules of their own, mixed into :class:`Catalog`: ``catalog.push_upload`` (a push in
 progress, limits), ``catalog.alias_moves`` (alias moves, rollback), ``catalog.revision_metadata``
-(metadata edits), ``catalog.name_purge`` (purge of deleted names), ``catalog.pack_reads``
-(verified pack reads through the NVMe tier, pins, prefetch), ``catalog.pack_leasing`` (leases
-for colocated readers) and ``catalog.engines`` (engine registration, residency, hint streams).
+(metadata edits), ``catalog.revision_deletes`` (deletes of revisions), ``catalog.name_purge``
+(purge of deleted names), ``catalog.maintenance`` (GC, verify, log replay, checkpoints,
+reindex), ``catalog.pack_reads`` (verified pack reads through the NVMe tier, pins, prefetch),
+``catalog.pack_leasing`` (leases for colocated readers) and ``catalog.engines`` (engine
+registration, residency, hint streams).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from catalog.alias_moves import AliasMoves
 from catalog.cache.pack_cache import PackCache
-from catalog.checkpoint import CheckpointInfo, load_log, verify_checkpoints, write_checkpoint
 from catalog.digest import DEFAULT_ALGORITHM, HASHERS, Digest
 from catalog.engines import ENGINE_TIER_FIELDS, ENGINE_TIERS, EngineRecord, EngineRegistry
 from catalog.errors import (
@@ -38,21 +37,20 @@ from catalog.errors import (
     Conflict,
     DataLoss,
     DeadlineExceeded,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from catalog.events import BLOB_PREFIX, LOG_PREFIX, Event, blob_key, log_key, parse_blob_key
+from catalog.events import LOG_PREFIX, Event, blob_key, log_key
 from catalog.hints import HintBroker
 from catalog.identity import caller
-from catalog.index.base import DEFAULT_PAGE_SIZE, RevisionIndex
+from catalog.index.base import DEFAULT_PAGE_SIZE
 from catalog.index.rules import check_alias_name
 from catalog.intents import IntentSettler, settle_earlier_intents, settle_intent
 from catalog.locks import KeyedLocks, ReadWriteLock
+from catalog.maintenance import IndexOpener, Maintenance
 from catalog.model import (
-    LATEST,
     AdapterName,
     AdapterSummary,
     AliasMove,
@@ -62,13 +60,13 @@ from catalog.model import (
     Revision,
     Selector,
     check_part,
-    every_item,
 )
 from catalog.name_purge import NamePurge
 from catalog.pack_leasing import PackLeasing
 from catalog.pack_reads import PackReads
 from catalog.prefetch import PrefetchQueue
 from catalog.push_upload import Limits, PushUpload
+from catalog.revision_deletes import RevisionDeletes
 from catalog.revision_metadata import (
     ANONYMOUS,
     MetadataEdits,
@@ -81,11 +79,17 @@ from catalog.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
 
-IndexOpener = Callable[[Path], RevisionIndex]
-REPLAY_BATCH = 2000
 
-
-class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, PackLeasing):
+class Catalog(
+    AliasMoves,
+    MetadataEdits,
+    RevisionDeletes,
+    NamePurge,
+    Maintenance,
+    EngineRegistry,
+    PackReads,
+    PackLeasing,
+):
     """The catalog over one durable store and one index. Thread-safe.
 
     Every public method documents what it raises; all errors derive from ``CatalogError``.
@@ -408,201 +412,7 @@ class Catalog(AliasMoves, MetadataEdits, NamePurge, EngineRegistry, PackReads, P
             )
         self.index.apply(event)
 
-    def delete(
-        self, ref: Ref | str, *, all_revisions: bool = False, force: bool = False
-    ) -> list[int]:
-        """Delete the revision ``ref`` names, or with ``all_revisions`` the whole adapter.
-
-        Deleting a revision an alias points at raises ``FailedPrecondition`` naming the alias,
-        for one revision and for all of them alike; with ``all_revisions`` and ``force`` the
-        aliases are removed first. Numbers are never reused. Pack bytes stay in the durable
-        store until ``gc``. Raises ``NotFound``, ``FailedPrecondition``.
-        """
-        parsed = Ref.parse(ref) if isinstance(ref, str) else ref
-        adapter = parsed.adapter
-        with self._swap.shared(), self._adapter_locks.hold(adapter):
-            state = self.index.adapter_state(adapter)
-            if state is None:
-                raise NotFound(f"adapter {adapter} not found")
-            if all_revisions:
-                held = sorted(a for a in state.aliases if a != LATEST)
-                if held and not force:
-                    raise FailedPrecondition(
-                        f"{adapter} has alias{'es' if len(held) > 1 else ''} "
-                        f"{', '.join(f'{a}->{state.aliases[a]}' for a in held)}; move or "
-                        "remove them first, or force the delete to drop them"
-                    )
-                for alias in held:
-                    self._move_alias_locked(adapter, alias, 0, expected=None)
-                numbers = [r.number for r in self._all_live_revisions(adapter)]
-                if not numbers:
-                    raise NotFound(f"adapter {adapter} has no live revisions")
-            else:
-                revision = self.index.resolve(parsed)
-                held = sorted(
-                    a for a, n in state.aliases.items() if n == revision.number and a != LATEST
-                )
-                if held:
-                    raise FailedPrecondition(
-                        f"revision {adapter}@{revision.number} is aliased as {', '.join(held)}; "
-                        "move or remove the alias first"
-                    )
-                numbers = [revision.number]
-            for number in numbers:
-                current = self.index.adapter_state(adapter)
-                assert current is not None
-                self._append(
-                    Event(
-                        adapter=adapter,
-                        seq=current.next_seq,
-                        op="delete",
-                        at=time.time(),
-                        revision=number,
-                    )
-                )
-        return numbers
-
-    def _all_live_revisions(self, adapter: AdapterName) -> Iterator[Revision]:
-        return every_item(lambda token: self.index.list_revisions(adapter, 1000, token))
-
-    # -- maintenance ------------------------------------------------------------------------
-
-    def gc(self, *, dry_run: bool = False) -> tuple[list[Digest], int, int]:
-        """Delete pack blobs no live revision references.
-
-        Returns ``(deleted digests, freed bytes, kept blobs)``. Blobs of pushes in flight and of
-        recorded intents are kept. Holding the blob guard while deciding and deleting means a
-        concurrent push either registered its digest first (kept) or starts after the delete and
-        writes the blob again.
-        """
-        deleted: list[Digest] = []
-        freed = 0
-        kept = 0
-        with self._swap.shared(), self._blob_guard:
-            protected = set(self._inflight)
-            protected.update(e.digest for e in self.index.intents() if e.digest is not None)
-            for key in list(self.store.list(BLOB_PREFIX)):
-                digest = parse_blob_key(key)
-                if digest in protected or self.index.digest_refcount(digest) > 0:
-                    kept += 1
-                    continue
-                size = self.store.size(key) or 0
-                if not dry_run:
-                    self.store.delete(key)
-                    self._drop_from_cache(digest)
-                deleted.append(digest)
-                freed += size
-        return deleted, freed, kept
-
-    def _drop_from_cache(self, digest: Digest) -> None:
-        cache = self.pack_cache
-        if cache is None or not cache.contains(digest):
-            return
-        for entry in cache.entries():
-            if entry.digest == digest:
-                for _ in range(entry.pins):
-                    cache.unpin(digest)
-        try:
-            cache.evict(digest)
-        except FailedPrecondition as exc:
-            # Leased by a colocated engine reading it right now: the policy evicts it later
-            # (nothing resolves to an unreferenced digest, so nobody asks for it again).
-            log.info("gc left %s in the NVMe tier for now: %s", digest, exc)
-
-    def verify(self) -> tuple[int, int, list[str]]:
-        """Check every log event decodes and every referenced blob exists and hashes right.
-
-        Returns ``(blobs checked, events checked, problems)``; each problem is one line.
-        """
-        problems: list[str] = []
-        events = 0
-        for key, data in self._iter_log_objects():
-            events += 1
-            if data is None:
-                problems.append(f"log object {key} vanished while verifying")
-                continue
-            try:
-                Event.decode(data, key=key)
-            except DataLoss as exc:
-                problems.append(str(exc))
-        blobs = 0
-        with self._swap.shared():
-            digests = [d for d, _ in self.index.referenced_digests()]
-        for digest in digests:
-            blobs += 1
-            data = self.store.get(blob_key(digest))
-            if data is None:
-                problems.append(f"blob {digest} is referenced but missing from {self.store.url}")
-            elif Digest.of(data, digest.algorithm) != digest:
-                problems.append(f"blob {digest} is corrupt in {self.store.url}")
-        problems.extend(verify_checkpoints(self.store))
-        if self.pack_cache is not None:
-            report = self.pack_cache.verify()
-            blobs += report.checked
-            problems.extend(
-                f"NVMe cache copy of {item} was corrupt and has been dropped"
-                for item in report.corrupt
-            )
-        return blobs, events, problems
-
-    def _iter_log_objects(self) -> Iterator[tuple[str, bytes | None]]:
-        keys = sorted(self.store.list(LOG_PREFIX))
-        for start in range(0, len(keys), REPLAY_BATCH):
-            batch = keys[start : start + REPLAY_BATCH]
-            fetched = self.store.get_many(batch)
-            for key in batch:
-                yield key, fetched.get(key)
-
-    def replay_into(self, index: RevisionIndex) -> int:
-        """Apply the whole durable log to ``index`` (empty) in each adapter's order: the newest
-        valid checkpoint plus the log objects written after it (``catalog.checkpoint``)."""
-        return index.apply_many(load_log(self.store))
-
-    def checkpoint(self, *, keep: int = 2) -> CheckpointInfo:
-        """Write a log checkpoint so the next rebuild reads one object plus the tail."""
-        return write_checkpoint(self.store, keep=keep)
-
-    def reindex(self) -> tuple[int, int, int, float]:
-        """Rebuild the index from the durable tier alone and swap it in.
-
-        Returns ``(adapters, revisions, events, seconds)``. Writers wait during the swap only.
-        """
-        started = time.perf_counter()
-        fresh_path = self.index_path.with_name(self.index_path.name + ".reindex")
-        shutil.rmtree(fresh_path, ignore_errors=True)
-        fresh = self._open_index(fresh_path)
-        try:
-            events = self.replay_into(fresh)
-        except BaseException:
-            fresh.close()
-            shutil.rmtree(fresh_path, ignore_errors=True)
-            raise
-        fresh.close()
-        old_path = self.index_path.with_name(self.index_path.name + ".old")
-        with self._swap.exclusive():
-            self.index.close()
-            shutil.rmtree(old_path, ignore_errors=True)
-            os.replace(self.index_path, old_path)
-            os.replace(fresh_path, self.index_path)
-            self.index = self._open_index(self.index_path)
-            shutil.rmtree(old_path, ignore_errors=True)
-            counts = self.index.counts()
-        return (
-            int(counts.get("adapters", 0)),
-            int(counts.get("revisions", 0)),
-            events,
-            time.perf_counter() - started,
-        )
-
-    def _restore_interrupted_swap(self) -> None:
-        old_path = self.index_path.with_name(self.index_path.name + ".old")
-        if not self.index_path.exists() and old_path.exists():
-            os.replace(old_path, self.index_path)
-        shutil.rmtree(
-            self.index_path.with_name(self.index_path.name + ".reindex"), ignore_errors=True
-        )
-
-    # -- engines ----------------------------------------------------------------------------
+    # -- stats ------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Counts and per-tier occupancy and traffic (durable, nvme, host and gpu of engines)."""
