@@ -1,8 +1,9 @@
 """What the catalog's mixins may use of the catalog they are mixed into.
 
 ``Catalog`` (``catalog.core``) is split along its seams into mixins (alias moves, metadata
-edits, engines); each mixin states here, once, the catalog attributes it relies on, so mypy
-checks them and the class that mixes them in is the one place that provides them.
+edits, deletes, purge, maintenance, engines, pack reads and leases); the attributes several of
+them rely on are stated here, once, and each mixin states at the top of its class any others it
+uses, so mypy checks them and the class that mixes them in is the one place that provides them.
 """
 
 from __future__ import annotations
