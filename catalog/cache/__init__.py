@@ -1,8 +1,9 @@
 """The NVMe tier's cache and the tools to choose its eviction policy.
 
 - :mod:`catalog.cache.policies`: ``EvictionPolicy`` and its implementations, ``POLICIES``,
-  ``DEFAULT_POLICY``, ``make_policy``; :mod:`catalog.cache.lazy_heap` ranks keys for the
-  heap-based ones.
+  ``DEFAULT_POLICY``, ``make_policy``, put together from ``eviction_policy`` (the ABC and its
+  request protocol), ``recency_policies``, ``tinylfu`` and ``size_aware_policies``;
+  :mod:`catalog.cache.lazy_heap` ranks keys for the heap-based ones.
 - :mod:`catalog.cache.pack_cache`: ``PackCache``, pack bytes in LMDB under a byte budget, put
   together from its parts: ``environment`` (the LMDB environment), ``reads``, ``fills`` (the
   miss path), ``pins`` (pins, holds, eviction), ``repair`` (corrupt copies), ``admission``

@@ -1,12 +1,12 @@
 """A min-heap of keys whose priorities change: the ranking of the heap-based eviction policies.
 
-GDSF and size-aware LRFU (:mod:`catalog.cache.policies`) rank the resident, unpinned keys by a
-priority that changes on every hit, and evict the lowest. Re-sorting on every change would cost
-O(n); instead a change pushes a new entry and leaves the old one in the heap. An entry is live
-while its priority is its key's current one; stale entries are skipped when they reach the top
-(lazy deletion), and a push sweeps them out when they outnumber the live keys (plus 1024), so
-after a push the heap holds at most twice the live keys plus 1024 entries. Equal priorities
-pop in the order pushed.
+GDSF and size-aware LRFU (:mod:`catalog.cache.size_aware_policies`) rank the resident, unpinned
+keys by a priority that changes on every hit, and evict the lowest. Re-sorting on every change
+would cost O(n); instead a change pushes a new entry and leaves the old one in the heap. An entry
+is live while its priority is its key's current one; stale entries are skipped when they reach
+the top (lazy deletion), and a push sweeps them out when they outnumber the live keys (plus
+1024), so after a push the heap holds at most twice the live keys plus 1024 entries. Equal
+priorities pop in the order pushed.
 
 The compiled replays (:mod:`catalog.plan.compiled.greedy_dual`) mirror this exactly, down to
 the push sequence that breaks ties; a change here must be made there too.

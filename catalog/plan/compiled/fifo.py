@@ -1,5 +1,6 @@
 """LRU and S3-FIFO compiled: the same decisions as ``catalog.cache.policies.LRU`` and
-``S3FIFO`` (default parameters) under the replay protocol, over integer key ids.
+``S3FIFO`` (default parameters; defined in ``catalog.cache.recency_policies``) under the replay
+protocol, over integer key ids.
 
 Every replay takes ``(ids, charged, carried, capacity, start, log)``: per request its key id,
 what it charges against ``capacity`` (1 per slot, or bytes) and the bytes it carries; the first

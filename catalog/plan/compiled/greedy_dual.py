@@ -1,6 +1,6 @@
 """GDSF and size-aware LRFU compiled: the same decisions as ``catalog.cache.policies.GDSF`` and
-``SizeAwareLRFU`` (default parameters) under the replay protocol, over integer key ids
-(arguments as in ``fifo``).
+``SizeAwareLRFU`` (default parameters; defined in ``catalog.cache.size_aware_policies``) under
+the replay protocol, over integer key ids (arguments as in ``fifo``).
 
 Both rank resident keys in a heap with lazy deletion. The floating-point arithmetic is the
 Python policies', operation for operation (IEEE doubles, the same libm ``pow``), and the heap

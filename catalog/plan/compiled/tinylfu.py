@@ -1,5 +1,6 @@
 """W-TinyLFU compiled: the same decisions as ``catalog.cache.policies.WTinyLFU`` (default
-parameters) under the replay protocol, over integer key ids (arguments as in ``fifo``).
+parameters; defined in ``catalog.cache.tinylfu``) under the replay protocol, over integer key
+ids (arguments as in ``fifo``).
 
 The frequency table is the Python policy's exact ``FrequencyCounter`` (counts capped at 15,
 halved every ``10 x max(1024, resident items)`` counted requests) as one array over key ids, so
