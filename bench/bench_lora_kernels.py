@@ -247,11 +247,17 @@ def measure_group(
 
 
 def whole_configs(warps: tuple[int, ...]) -> Iterator[KernelConfig]:
-    for fused_max_k, block_k, chunk, num_warps, overlap in itertools.product(
-        (0, 1024, 2048, 8192, ALWAYS_FUSED), (64, 128, 256, 512), (256, 512, 1024), warps, (0, 1)
+    for fused_max_k, from_tokens, block_k, chunk, num_warps, overlap in itertools.product(
+        (0, 1024, 2048, 8192, ALWAYS_FUSED),
+        (0, 16),
+        (64, 128, 256, 512),
+        (256, 512, 1024),
+        warps,
+        (0, 1),
     ):
         yield KernelConfig(
             fused_max_k=fused_max_k,
+            split_from_tokens=from_tokens,
             fused_block_k=block_k,
             split_chunk=chunk,
             num_warps=num_warps,
@@ -260,10 +266,11 @@ def whole_configs(warps: tuple[int, ...]) -> Iterator[KernelConfig]:
 
 
 def step_us(
-    config: KernelConfig, layers: int, groups: list[Group], measured: dict[str, Any]
+    config: KernelConfig, case: Case, layers: int, groups: list[Group], measured: dict[str, Any]
 ) -> float | None:
-    """A whole config's time for one step's adapted linears (base and LoRA), from the
-    per-group variants (None where a group's variant was not measured, or was wrong)."""
+    """A whole config's time for one step's adapted linears (base and LoRA) in ``case``, from
+    the per-group variants (None where a group's variant was not measured, or was wrong)."""
+    split_rows = bool(config.split_from_tokens) and case.tokens >= config.split_from_tokens
     total = 0.0
     for group in groups:
         as_variant = (
@@ -272,7 +279,7 @@ def step_us(
                 fused_block_k=config.fused_block_k,
                 num_warps=config.num_warps,
             )
-            if group.k <= config.fused_max_k
+            if group.k <= config.fused_max_k and not split_rows
             else KernelConfig(
                 fused_max_k=0,
                 split_chunk=config.split_chunk,
@@ -402,7 +409,7 @@ def rank_whole_configs(
     for config in [default, *whole_configs(warps)]:
         ratios = {}
         for label, c in per_case.items():
-            with_lora_us = step_us(config, c["layers"], c["groups"], c["m"])
+            with_lora_us = step_us(config, c["case"], c["layers"], c["groups"], c["m"])
             if with_lora_us is None:
                 break
             base_us = sum(c["layers"] * c["m"][g.name]["base_us"] for g in c["groups"])

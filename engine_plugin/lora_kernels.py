@@ -62,7 +62,9 @@ class KernelConfig:
     """How ``add_lora_group`` launches its kernels on a device.
 
     ``fused_max_k``: inputs up to this many features take the fused kernel, wider ones the
-    split one (0: always split). ``fused_block_k``: features of the input a fused program
+    split one (0: always split). ``split_from_tokens``: rows of at least this many tokens
+    (prefill) take the split kernels whatever the width, so the shrink is not recomputed for
+    every output tile (0: never). ``fused_block_k``: features of the input a fused program
     reads per step of its shrink loop. ``split_chunk``: features each program of the split
     shrink reads, in steps of ``split_block_k``. ``num_warps``: per program, every launch.
     ``overlap`` (0 or 1): under CUDA graph capture, run the split shrink on a side stream
@@ -71,6 +73,7 @@ class KernelConfig:
     """
 
     fused_max_k: int = 1024
+    split_from_tokens: int = 0
     fused_block_k: int = 256
     split_chunk: int = 512
     split_block_k: int = 128
@@ -82,8 +85,9 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, not {value}")
-        if self.fused_max_k < 0:
-            raise ValueError(f"fused_max_k must be >= 0, not {self.fused_max_k}")
+        for name in ("fused_max_k", "split_from_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.split_chunk < self.split_block_k:
             raise ValueError(
                 f"split_chunk ({self.split_chunk}) must be >= split_block_k ({self.split_block_k})"
@@ -635,7 +639,9 @@ class _GroupLaunch:
         self.sb = _padded([t.stride(0) for t in lora_bts], 0)
         self.br = _padded([t.stride(1) for t in lora_bts], 0)
         self.out_tiles = (rows * self.m_blocks, sum(self.n_blocks))
-        self.fused = k_features <= config.fused_max_k
+        self.fused = k_features <= config.fused_max_k and not (
+            config.split_from_tokens and self.tokens >= config.split_from_tokens
+        )
         self.chunks = -(-k_features // config.split_chunk)
         self.partial: torch.Tensor | None = None
         if not self.fused:

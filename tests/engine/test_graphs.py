@@ -166,6 +166,7 @@ def test_kernels_match_the_reference(
         "fused_max_k=0,split_chunk=32,split_block_k=16,num_warps=2",
         "fused_max_k=4096,fused_block_k=32",  # a wide input through the fused kernel
         "fused_max_k=4096,fused_block_k=512,num_warps=8",
+        "fused_max_k=4096,split_from_tokens=16",  # long rows split, short ones fused
     ],
 )
 @pytest.mark.parametrize(("tokens", "k"), [(1, 96), (20, 1500)])
@@ -202,6 +203,7 @@ def test_every_kernel_config_matches_the_reference(
         ("split_chunk=64,split_block_k=128", "split_chunk"),
         ("num_warps=3", "num_warps"),
         ("fused_max_k=-1", "fused_max_k"),
+        ("split_from_tokens=-2", "split_from_tokens"),
         ("overlap=2", "overlap"),
         ("fused_max=1024", "field=value"),
         ("split_chunk", "field=value"),

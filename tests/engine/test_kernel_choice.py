@@ -17,6 +17,8 @@ from bench.bench_lora_kernels import (
 )
 from engine_plugin.lora_kernels import KernelConfig
 
+DECODE = Case("0.5b", 8, 1)
+
 
 def measured(times: dict[str, dict[str, float]], base_us: float = 10.0) -> dict[str, Any]:
     return {
@@ -71,10 +73,10 @@ def test_a_config_with_an_unmeasured_or_wrong_variant_is_not_scored() -> None:
     times[variant_key(KernelConfig(fused_max_k=ALWAYS_FUSED, fused_block_k=256))] = float("nan")
     m = measured({"g": times})
     fused_256 = KernelConfig(fused_max_k=ALWAYS_FUSED, fused_block_k=256)
-    assert step_us(fused_256, 1, groups, m) is None
-    assert step_us(KernelConfig(fused_max_k=0, split_chunk=512), 1, groups, m) == 6
+    assert step_us(fused_256, DECODE, 1, groups, m) is None
+    assert step_us(KernelConfig(fused_max_k=0, split_chunk=512), DECODE, 1, groups, m) == 6
     warps_8 = KernelConfig(fused_max_k=0, num_warps=8)
-    assert step_us(warps_8, 1, groups, m) is None
+    assert step_us(warps_8, DECODE, 1, groups, m) is None
 
 
 def test_the_overlapped_split_is_chosen_where_it_is_faster() -> None:
@@ -86,3 +88,17 @@ def test_the_overlapped_split_is_chosen_where_it_is_faster() -> None:
     assert (best.fused_max_k, best.overlap) == (0, 1)
     assert ranked["ratios"][ranked["best"]]["c"] == (2 + 4) / 20
     assert ranked["default_ratios"]["c"] == (2.5 + 5) / 20
+
+
+def test_prefill_rows_can_take_the_split_kernels_while_decode_stays_fused() -> None:
+    groups = [Group("g", 896, (896,))]
+    decode = measured({"g": timings(fused_us=3, split_us=6)})
+    prefill = measured({"g": timings(fused_us=9, split_us=5)})
+    per_case = {
+        "decode": {"case": DECODE, "layers": 1, "groups": groups, "m": decode},
+        "prefill": {"case": Case("0.5b", 8, 128), "layers": 1, "groups": groups, "m": prefill},
+    }
+    ranked = rank_whole_configs(per_case, argparse.Namespace(more_warps=()), quiet=True)
+    best = KernelConfig.parse(ranked["best"])
+    assert best.fused_max_k >= 896 and best.split_from_tokens == 16
+    assert ranked["ratios"][ranked["best"]] == {"decode": 2.5 / 10, "prefill": 5 / 10}
