@@ -181,7 +181,9 @@ class Maintenance(CatalogParts):
     def _restore_interrupted_swap(self) -> None:
         old_path = self.index_path.with_name(self.index_path.name + ".old")
         if not self.index_path.exists() and old_path.exists():
-            os.replace(old_path, self.index_path)
+            os.replace(old_path, self.index_path)  # died between the renames
+        else:  # died after both (or this is an older run's): the index in place is whole
+            shutil.rmtree(old_path, ignore_errors=True)
         shutil.rmtree(
             self.index_path.with_name(self.index_path.name + ".reindex"), ignore_errors=True
         )

@@ -4,7 +4,8 @@
 renames ``index`` to ``index.old`` and ``index.reindex`` to ``index``. A crash between the two
 renames leaves no ``index`` at all: the next open must put ``index.old`` back rather than start
 an empty index (which the service would then rebuild from the whole log, a slow start on a large
-store). A crash before the first rename leaves a finished ``index.reindex`` that the open drops.
+store). A crash before the first rename leaves a finished ``index.reindex`` that the open drops;
+one after both leaves ``index.old`` beside the new index, which the open removes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from catalog.storage import open_store
 # Runs a reindex in a child process and SIGKILLs it just before the rename whose source or
 # destination has the name given (os.replace is wrapped for the whole child: it dies anyway).
 _REINDEX_THEN_DIE = """
-import os, signal, sys
+import os, shutil, signal, sys
 from pathlib import Path
 from catalog.core import Catalog
 from catalog.index.lmdb_index import LmdbIndex
@@ -39,7 +40,16 @@ def replace_or_die(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real_replace(src, dst)
 
+real_rmtree = shutil.rmtree
+
+def rmtree_or_die(path, *args, **kwargs):
+    # "after": die when the swap, both renames done, comes to drop the old index
+    if die_at == "after" and Path(path).name == "index.old" and Path(path).exists():
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rmtree(path, *args, **kwargs)
+
 os.replace = replace_or_die
+shutil.rmtree = rmtree_or_die
 catalog = Catalog(open_store((root / "store").as_uri()), root / "index", LmdbIndex,
                   prefetch_workers=1)
 catalog.reindex()
@@ -69,8 +79,12 @@ def fill(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("die_at", "left_behind"),
-    [("index.reindex", {"index.old", "index.reindex"}), ("index.old", {"index", "index.reindex"})],
-    ids=["between-the-renames", "before-the-renames"],
+    [
+        ("index.reindex", {"index.old", "index.reindex"}),
+        ("index.old", {"index", "index.reindex"}),
+        ("after", {"index", "index.old"}),
+    ],
+    ids=["between-the-renames", "before-the-renames", "after-the-renames"],
 )
 def test_a_reindex_killed_inside_its_swap_leaves_the_index_it_had(
     tmp_path: Path, die_at: str, left_behind: set[str]
