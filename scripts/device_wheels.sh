@@ -8,17 +8,11 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:$PWD PYTHON=python3 scripts/gpu_check.sh "$OUT/gpu"
 #
-# The set is the one recorded as working in ../shared/ENVIRONMENT.md (2026-12-04). .whl/ is
+# The set (scripts/device_wheels.txt) is the one recorded as working in ../shared/ENVIRONMENT.md. .whl/ is
 # ignored by git, so the device call names it in carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-wheels=(
-  lmdb==3.0.0 zstandard==0.25.0 blake3==1.0.11 grpcio==1.85.3 protobuf==7.36.2
-  grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.3
-  googleapis-common-protos==1.76.0
-  # the NVMe tier's chunk checksums (catalog/cache/layout.py), since 2026-12-04
-  xxhash==4.1.0
-)
+mapfile -t wheels < <(grep -v '^#' scripts/device_wheels.txt | grep -v '^$')
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
   manylinux1_x86_64; do
