@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-import catalog.client.colocated as colocated
+import catalog.client.tier_reader as tier_reader
 from catalog.client import CatalogClient
 from catalog.digest import Digest
 from catalog.errors import CatalogError
@@ -67,7 +67,7 @@ def fetch_once(address: str, ref: str, user: str = "") -> None:
 
 
 def pause_mid_read(address: str, ref: str, ttl_s: float) -> None:
-    real_checksum = colocated.checksum
+    real_checksum = tier_reader.checksum
     paused = [False]
 
     def checksum_then_pause(chunk: bytes | memoryview, *fmt: int) -> bytes:
@@ -78,7 +78,7 @@ def pause_mid_read(address: str, ref: str, ttl_s: float) -> None:
             sys.stdin.readline()
         return value
 
-    colocated.checksum = checksum_then_pause  # type: ignore[assignment]
+    tier_reader.checksum = checksum_then_pause  # type: ignore[assignment]
     with CatalogClient(address) as client:
         path = client.colocated
         assert path is not None

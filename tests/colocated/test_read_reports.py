@@ -117,7 +117,7 @@ def test_one_reporter_thread_sends_batch_after_batch_and_ends_with_the_client(
 ) -> None:
     """The reports go out from one thread kept between batches (a thread started per batch
     cost every attach ~0.3 ms); it ends when idle for REPORTER_IDLE_S or on close."""
-    from catalog.client import colocated
+    from catalog.client import read_reports
 
     pack = big_pack(1, seed=53)
     with CatalogClient(served.address) as client:
@@ -137,21 +137,21 @@ def test_one_reporter_thread_sends_batch_after_batch_and_ends_with_the_client(
                 time.sleep(0.01)
 
         read_and_wait_for_report(1)
-        thread = path._reporter
+        thread = path.read_reports._thread
         assert thread is not None and thread.is_alive()
         read_and_wait_for_report(2)
-        assert path._reporter is thread  # the same thread sent the second batch
+        assert path.read_reports._thread is thread  # the same thread sent the second batch
         # Idle past REPORTER_IDLE_S: it ends, and the next read starts another.
-        monkeypatch.setattr(colocated, "REPORTER_IDLE_S", 0.05)
-        with path._lock:
-            path._report_wake.notify_all()
+        monkeypatch.setattr(read_reports, "REPORTER_IDLE_S", 0.05)
+        with path.read_reports._wake:
+            path.read_reports._wake.notify_all()
         read_and_wait_for_report(3)  # its wait from then on is the short one
         thread.join(10)
-        assert not thread.is_alive() and path._reporter is None
-        monkeypatch.setattr(colocated, "REPORTER_IDLE_S", 60.0)
+        assert not thread.is_alive() and path.read_reports._thread is None
+        monkeypatch.setattr(read_reports, "REPORTER_IDLE_S", 60.0)
         read_and_wait_for_report(4)
         assert reports.sent[3] == [f"acme/threads@{revision.digest}"]
-        last = path._reporter
+        last = path.read_reports._thread
         assert last is not None and last is not thread and last.is_alive()
     last.join(10)  # closing the client ends it
     assert not last.is_alive()
