@@ -16,7 +16,10 @@ Checked in inline code spans (single backticks, outside fenced blocks):
   defined in ``catalog`` or ``engine_plugin`` (or one of the few outside classes listed in
   ``OUTSIDE_CLASSES``) that has that attribute: on the class, as an annotated field, or assigned
   as ``self.attribute`` in the class's source. Only the first attribute is checked. Modules that
-  cannot be imported here (the vLLM resolver needs the vLLM venv) contribute no classes.
+  cannot be imported here (the vLLM resolver needs the vLLM venv) contribute no classes;
+- a bare CamelCase name (``HeapRankedPolicy``, ``References``) is a class of ours, or a word of
+  the code or the proto (an RPC, a message, a class of a library the code uses), so a renamed or
+  removed class is caught.
 
 README's layout block is checked against the tree: every directory it lists exists, every
 package under ``catalog/`` and ``engine_plugin/`` is listed, and every seam it names on the
@@ -51,6 +54,7 @@ HEADING = re.compile(r"^(#+)\s+(.*)$")
 HISTORICAL_HEADING = re.compile(r"\bpass \(issue \d+, \d{4}-\d{2}-\d{2}\b")
 BARE_FILE = re.compile(r"^[\w/]+\.(?:py|sh)$")
 CLASS_ATTRIBUTE = re.compile(r"^([A-Z]\w*)\.([A-Za-z_]\w*)(?:\.[\w.]+)?(?:\(.*\))?$")
+CAMEL_CASE = re.compile(r"^([A-Z][a-z0-9]+(?:[A-Z][a-z0-9]*)+)(?:\(.*\))?$")
 FILE_NAME = re.compile(r"^[\w/]+\.(?:md|py|sh|json|toml|txt|proto)$")  # README.md is no class
 CODE_ROOTS = ("catalog", "engine_plugin", "bench", "scripts", "tests", "proto")
 # Classes the docs name that are not ours, by the name the docs use.
@@ -228,6 +232,27 @@ def missing_class_attributes(spans: list[Span], classes: dict[str, list[type]]) 
     return stale
 
 
+def unknown_camel_case_names(spans: list[Span], classes: dict[str, list[type]]) -> list[str]:
+    """Spans naming a CamelCase word that is no class of ours and appears nowhere in the code."""
+    code = "\n".join(
+        path.read_text(errors="replace")
+        for top in CODE_ROOTS
+        for path in (ROOT / top).rglob("*")
+        # this file's planted stale names must not vouch for themselves
+        if path.is_file()
+        and path.suffix in (".py", ".proto", ".sh")
+        and path != Path(__file__).resolve()
+    )
+    words = set(re.findall(r"\b[A-Z]\w*", code))
+    return [
+        _where(span)
+        for span in spans
+        if (match := CAMEL_CASE.match(span.text)) is not None
+        and match.group(1) not in classes
+        and match.group(1) not in words
+    ]
+
+
 @pytest.fixture(scope="module")
 def classes() -> dict[str, list[type]]:
     return project_classes()
@@ -253,12 +278,17 @@ def test_every_backticked_class_attribute_exists(classes: dict[str, list[type]])
     assert not stale, "docs name class attributes that do not exist:\n" + "\n".join(stale)
 
 
+def test_every_backticked_camel_case_name_exists(classes: dict[str, list[type]]) -> None:
+    unknown = unknown_camel_case_names(all_spans(), classes)
+    assert not unknown, "docs name classes that exist nowhere in the code:\n" + "\n".join(unknown)
+
+
 STALE_DOC = """# A doc with stale names
 
 Lives in `catalog/cache/no_such_module.py`, run by `bench/bench_nothing.py --quick`; see
 `catalog.cache.pack_cache.NoSuchThing` and `catalog.no_such_module`, the file `no_such_file.py`
-and `Catalog.no_such_method(1)`. Current names pass: `catalog/core.py`, `catalog.pack`,
-`lmdb_reads.py`, `Catalog._append`.
+and `Catalog.no_such_method(1)`, `NoSuchPolicyClass`. Current names pass: `catalog/core.py`,
+`catalog.pack`, `lmdb_reads.py`, `Catalog._append`, `HeapRankedPolicy`, `FetchPack`.
 
 ```text
 catalog/inside_a_fence_is_not_checked.py
@@ -290,6 +320,7 @@ def test_stale_names_are_caught(tmp_path: Path, classes: dict[str, list[type]]) 
     ]
     assert missing_file_names(spans) == ["STALE.md:4: `no_such_file.py`"]
     assert missing_class_attributes(spans, classes) == ["STALE.md:5: `Catalog.no_such_method(1)`"]
+    assert unknown_camel_case_names(spans, classes) == ["STALE.md:5: `NoSuchPolicyClass`"]
     # In PERFORMANCE.md the dated pass section is skipped, and only it.
     assert missing_paths(code_spans(tmp_path / "PERFORMANCE.md")) == [
         "PERFORMANCE.md:3: `catalog/cache/no_such_module.py`",
