@@ -22,8 +22,8 @@ Checked in inline code spans (single backticks, outside fenced blocks):
   removed class is caught.
 
 README's layout block is checked against the tree: every directory it lists exists, every
-package under ``catalog/`` and ``engine_plugin/`` is listed, and every seam it names on the
-``core`` line is a module in ``catalog/``.
+package under ``catalog/`` and ``engine_plugin/`` is listed, every seam it names on the
+``core`` line is a module in ``catalog/``, and every mixin of ``Catalog`` is named there.
 
 One principled exception: docs/PERFORMANCE.md's dated ``pass`` sections (headings such as
 "Colocated read path, second pass (issue 14, 2026-12-04 evening)") record what was measured at
@@ -329,19 +329,20 @@ def test_stale_names_are_caught(tmp_path: Path, classes: dict[str, list[type]]) 
     ]
 
 
-def _readme_layout() -> list[str]:
-    lines = (ROOT / "README.md").read_text().splitlines()
+def readme_layout(readme: str) -> list[str]:
+    """The lines of the fenced block under README's "## Layout" heading."""
+    lines = readme.splitlines()
     start = lines.index("## Layout")
     opening = next(i for i in range(start, len(lines)) if FENCE.match(lines[i]))
     closing = next(i for i in range(opening + 1, len(lines)) if FENCE.match(lines[i]))
     return lines[opening + 1 : closing]
 
 
-def _layout_directories() -> set[str]:
+def layout_directories(layout: list[str]) -> set[str]:
     """Directories the layout lists, as repository paths (indented entries under their parent)."""
     directories: set[str] = set()
     parent = ""
-    for line in _readme_layout():
+    for line in layout:
         entry = re.match(r"^( *)(\S+/)\s", line + " ")
         if not entry:
             continue
@@ -353,35 +354,60 @@ def _layout_directories() -> set[str]:
     return directories
 
 
-def test_readme_layout_lists_directories_that_exist() -> None:
-    listed = _layout_directories()
-    assert "catalog/" in listed and "catalog/cache/" in listed
-    missing = sorted(d for d in listed if not (ROOT / d).is_dir())
-    assert not missing, f"README's layout lists directories that do not exist: {missing}"
+def layout_problems(layout: list[str]) -> list[str]:
+    """What the layout gets wrong about the tree: directories that do not exist, packages under
+    ``catalog/`` and ``engine_plugin/`` it leaves out, core seams that are not modules, and
+    mixins of ``Catalog`` it does not name as seams."""
+    from catalog.core import Catalog
 
-
-def test_readme_layout_lists_every_package() -> None:
-    listed = _layout_directories()
-    unlisted = sorted(
-        f"{package.relative_to(ROOT)}/"
+    listed = layout_directories(layout)
+    problems = [f"lists a missing directory {d}" for d in sorted(listed) if not (ROOT / d).is_dir()]
+    problems += [
+        f"leaves out the package {package.relative_to(ROOT)}/"
         for top in ("catalog", "engine_plugin")
-        for package in (ROOT / top).iterdir()
+        for package in sorted((ROOT / top).iterdir())
         if (package / "__init__.py").is_file()
         and not package.name.startswith("_")
         # test doubles and helpers for tests, not part of the product's layout
         and package.name != "testing"
         and f"{package.relative_to(ROOT)}/" not in listed
+    ]
+    seams_text = re.search(r"core \(with its seams: ([^)]*)\)", " ".join(x.strip() for x in layout))
+    if seams_text is None:
+        return [*problems, "no longer names core's seams"]
+    seams = [name.strip() for name in seams_text.group(1).split(",")]
+    problems += [
+        f"names a seam that is no module: {name}"
+        for name in seams
+        if not (ROOT / "catalog" / f"{name}.py").is_file()
+    ]
+    problems += [
+        f"leaves out core's seam {cls.__module__} ({cls.__name__})"
+        for cls in Catalog.__mro__[1:]
+        if cls.__module__.startswith("catalog.")
+        and cls.__module__ != "catalog.catalog_parts"  # the mixins' shared base, not a seam
+        and cls.__module__.removeprefix("catalog.") not in seams
+    ]
+    return problems
+
+
+def test_readme_layout_matches_the_tree() -> None:
+    layout = readme_layout((ROOT / "README.md").read_text())
+    assert {"catalog/", "catalog/cache/", "engine_plugin/vllm/"} <= layout_directories(layout)
+    problems = layout_problems(layout)
+    assert not problems, "README's layout:\n" + "\n".join(problems)
+
+
+def test_a_stale_layout_is_caught() -> None:
+    readme = (ROOT / "README.md").read_text()
+    stale = readme.replace("maintenance, pack_reads", "pack_reads").replace(
+        "  index/  ", "  indexes/"
     )
-    assert not unlisted, f"README's layout leaves out packages: {unlisted}"
-
-
-def test_readme_layout_core_seams_are_modules() -> None:
-    text = " ".join(line.strip() for line in _readme_layout())
-    seams = re.search(r"core \(with its seams: ([^)]*)\)", text)
-    assert seams, "README's layout no longer names core's seams"
-    names = [name.strip() for name in seams.group(1).split(",")]
-    missing = [name for name in names if not (ROOT / "catalog" / f"{name}.py").is_file()]
-    assert not missing, f"README's layout names seams that are not modules: {missing}"
+    assert stale != readme
+    problems = layout_problems(readme_layout(stale))
+    assert "lists a missing directory catalog/indexes/" in problems
+    assert "leaves out the package catalog/index/" in problems
+    assert "leaves out core's seam catalog.maintenance (Maintenance)" in problems
 
 
 @pytest.mark.parametrize(
