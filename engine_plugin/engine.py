@@ -133,7 +133,7 @@ class ResidentEngine:
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots and max_rank must be >= 1, got {num_slots}, {max_rank}")
-        self.catalog = catalog
+        self._catalog = catalog
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         config = getattr(model, "config", None)
@@ -227,6 +227,19 @@ class ResidentEngine:
             )
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def catalog(self) -> PackSource:
+        """Where references resolve and packs are fetched from. Setting it moves both (the
+        prefetcher and the stager follow); residency reports stay with the catalog the engine
+        registered with at construction."""
+        return self._catalog
+
+    @catalog.setter
+    def catalog(self, source: PackSource) -> None:
+        with self._cond:
+            self._catalog = source
+            self._stager.source = source
 
     def attach(self, ref: str) -> Revision:
         """Resolve ``ref`` through the catalog now and make that revision resident.

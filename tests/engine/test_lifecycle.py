@@ -339,3 +339,21 @@ def test_bindings_of_evicted_revisions_are_pruned_past_the_limit(
     # each new binding found the table full and dropped those whose revision left the slots
     assert set(engine.stats()["bindings"]) <= {"t/all-r4", "t/mlp-r16-rs"}
     assert "t/mlp-r16-rs" in engine.stats()["bindings"]
+
+
+def test_a_new_catalog_serves_resolves_and_fetches_alike(llama: Arch) -> None:
+    """Setting ``engine.catalog`` moves the fetches with the resolves: an adapter only the new
+    source holds attaches, with its own weights."""
+    from engine_plugin import LocalPackSource
+
+    first = LocalPackSource()
+    first.publish("t/qv-r8", llama.packs["t/qv-r8"])
+    engine = llama.engine(first, num_slots=2)
+    engine.attach("t/qv-r8")
+    other = LocalPackSource()  # holds bytes the first source does not
+    other.publish("u/moved", llama.packs["t/all-r4"])
+    engine.catalog = other
+    engine.attach("u/moved")
+    ids = make_ids(1, 4, seed=48)
+    logits = engine.forward(ids, ["u/moved"]).logits
+    assert rel_err(logits[0], llama.reference_logits("t/all-r4", ids)[0]) <= 1e-4
