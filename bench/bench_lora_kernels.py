@@ -107,6 +107,13 @@ def variants(warps: tuple[int, ...] = (4,)) -> Iterator[KernelConfig]:
             )
 
 
+def variant_kind(config: KernelConfig) -> str:
+    """``fused``, ``split`` or ``overlapped`` (split, the shrink beside the base)."""
+    if config.fused_max_k:
+        return "fused"
+    return "overlapped" if config.overlap else "split"
+
+
 def variant_key(config: KernelConfig) -> str:
     if config.fused_max_k == 0:
         overlapped = " overlapped" if config.overlap else ""
@@ -222,22 +229,20 @@ def measure_group(
     def try_variant(config: KernelConfig) -> None:
         got = with_lora(config)()
         err = max(rel_err(o, w) for o, w in zip(got, want, strict=True))
-        entry: dict[str, Any] = {"rel_err": err, "config": config.text()}
+        entry: dict[str, Any] = {
+            "rel_err": err,
+            "config": config.text(),
+            "kind": variant_kind(config),
+        }
         entry["us"] = timer(with_lora(config)) if err <= args.tolerance else float("nan")
         result["variants"][variant_key(config)] = entry
 
     for config in variants():
         try_variant(config)
     # Other warp counts for the best variant of each kind only (compiles are slow).
-    measured = result["variants"]
+    measured = result["variants"].values()
     for kind in ("fused", "split", "overlapped"):
-        mine = [
-            v
-            for key, v in measured.items()
-            if v["us"] == v["us"]
-            and (key.endswith(kind) if kind == "overlapped" else key.startswith(kind))
-            and not (kind == "split" and key.endswith("overlapped"))
-        ]
+        mine = [v for v in measured if v["kind"] == kind and v["us"] == v["us"]]
         if not mine:
             continue
         best = KernelConfig.parse(min(mine, key=lambda v: v["us"])["config"])
